@@ -1,0 +1,399 @@
+"""Channels: the shared record of a channel, its two ends, and the handle each end holds.
+
+How this works: a channel has exactly two ends, the opener (``agent``) and the ``target``.
+Each end that is attached (held by a local agent or a connection) has its own bounded trio
+memory channel, its inbox. Frames one end sends are chained and signed under the channel's
+:class:`~mux.frames.ChainHead`, handed to the channel's backend, and the backend may deliver
+them only through :meth:`ChannelContext.deliver`, which can reach nothing but the other end's
+inbox. No other path into an inbox exists: that is the isolation boundary.
+
+A :class:`Channel` is one end's handle: ``send``, ``receive``/``async for``, ``close``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from .bandwidth import TokenBucket
+from .errors import ChannelClosed, ChannelForbidden, ChannelFull, MuxError
+from .frames import ChainHead, Frame
+from .intents import Intent
+
+if TYPE_CHECKING:
+    from backends.base import Backend, Disposition
+
+    from .core import Endpoint, Mux
+
+__all__ = ["Channel", "ChannelContext", "ChannelState", "End", "Receipt"]
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the Unix epoch (frame ``ts``)."""
+    return time.time_ns() // 1_000_000
+
+
+@attrs.define(eq=False)
+class End:
+    """One end of a channel: the agent, and its inbox once attached."""
+
+    agent: str
+    capacity: int
+    holder: Endpoint | None = None
+    inbox_send: trio.MemorySendChannel[Frame] | None = None
+    inbox_recv: trio.MemoryReceiveChannel[Frame] | None = None
+    queued: int = 0
+    room: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+
+    @property
+    def attached(self) -> bool:
+        """True when someone holds this end and can receive on it."""
+        return self.inbox_send is not None
+
+    def attach(self, holder: Endpoint | None) -> None:
+        """Give this end an inbox (bounded by ``capacity``)."""
+        self.holder = holder
+        self.inbox_send, self.inbox_recv = trio.open_memory_channel[Frame](self.capacity)
+
+    def has_room(self) -> bool:
+        """True when the inbox can take one more frame."""
+        return self.inbox_send is not None and self.queued < self.capacity
+
+    def put(self, frame: Frame) -> bool:
+        """Put ``frame`` into the inbox without waiting; False if detached, closed or full."""
+        if self.inbox_send is None or self.queued >= self.capacity:
+            return False
+        try:
+            self.inbox_send.send_nowait(frame)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        self.queued += 1
+        return True
+
+    def shut(self) -> None:
+        """Close the inbox's sending side: the holder reads what is queued, then the end."""
+        if self.inbox_send is not None:
+            self.inbox_send.close()
+        self.room.unpark_all()
+
+
+@attrs.frozen
+class Receipt:
+    """The outcome of sending one frame: the signed frame and its disposition."""
+
+    frame: Frame
+    disposition: Disposition
+
+    @property
+    def delivered(self) -> bool:
+        """True when the frame reached the receiving end's buffer."""
+        return self.disposition.value == "delivered"
+
+
+@attrs.define(eq=False)
+class ChannelState:
+    """Everything the node knows about one channel; shared by both ends' handles."""
+
+    id: str
+    intent: Intent
+    agent: str
+    target: str
+    metadata: dict[str, Any]
+    chain: ChainHead
+    bucket: TokenBucket
+    ends: dict[str, End]
+    backend: Backend
+    backend_name: str
+    fallback: bool
+    opened_at: float
+    open_frame: Frame | None = None
+    close_frame: Frame | None = None
+    close_reason: str | None = None
+    frames: int = 0
+    bytes: int = 0
+    throttled: int = 0
+    dropped: int = 0
+    cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    ctx: ChannelContext | None = None
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def is_open(self) -> bool:
+        """True until the close frame is chained."""
+        return self.close_frame is None
+
+    @property
+    def state(self) -> str:
+        """``"open"`` or ``"closed"``."""
+        return "open" if self.is_open else "closed"
+
+    def route(self) -> dict[str, Any]:
+        """The seed's ``route`` object, plus which backend really serves the channel."""
+        out: dict[str, Any] = {"backend": self.intent.backend, "description": self.intent.route.description}
+        if self.fallback:
+            out["served_by"] = self.backend_name
+            out["fallback"] = True
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """JSON summary of the channel (``GET /channel/{id}``)."""
+        return {
+            "channel_id": self.id,
+            "intent": self.intent.name,
+            "route": self.route(),
+            "state": self.state,
+            "agent": self.agent,
+            "target": self.target,
+            "metadata": self.metadata,
+            "policy": self.intent.policy.to_dict(),
+            "opened_at": self.opened_at,
+            "tbz_hash": self.open_frame.tbz_hash if self.open_frame else None,
+            "head": self.chain.head,
+            "seq": self.chain.next_seq - 1,
+            "frames": self.frames,
+            "bytes": self.bytes,
+            "throttled": self.throttled,
+            "dropped": self.dropped,
+            "close_reason": self.close_reason,
+            **({"backend_state": self.extra} if self.extra else {}),
+        }
+
+
+@attrs.define(eq=False)
+class ChannelContext:
+    """What a backend may touch for one channel: its facts, its two ends, its chain."""
+
+    state: ChannelState
+    mux: Mux
+
+    @property
+    def channel_id(self) -> str:
+        """The channel id."""
+        return self.state.id
+
+    @property
+    def intent(self) -> Intent:
+        """The resolved intent."""
+        return self.state.intent
+
+    @property
+    def agent(self) -> str:
+        """The opener."""
+        return self.state.agent
+
+    @property
+    def target(self) -> str:
+        """The target agent."""
+        return self.state.target
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The metadata given at open."""
+        return self.state.metadata
+
+    def peer_of(self, agent: str) -> str:
+        """The other end of the channel from ``agent``."""
+        return self.state.target if agent == self.state.agent else self.state.agent
+
+    def require_room(self, agent: str) -> None:
+        """Raise ``ChannelFull`` if ``agent``'s end is attached and its inbox is full."""
+        end = self.state.ends[agent]
+        if end.attached and not end.has_room():
+            raise ChannelFull(
+                f"{agent}'s buffer for this channel is full", channel_id=self.state.id, wait_room=end.room.park
+            )
+
+    def deliver(self, frame: Frame) -> bool:
+        """Put ``frame`` into the inbox of its ``target`` end (one of this channel's ends).
+
+        Returns False (and counts a drop) when that end is not attached or its inbox is full.
+        """
+        end = self.state.ends.get(frame.target)
+        if frame.channel_id != self.state.id or end is None:
+            raise ChannelForbidden("a frame can only be delivered to its own channel's ends", channel_id=self.state.id)
+        if end.put(frame):
+            return True
+        self.state.dropped += 1
+        return False
+
+    def emit(self, payload: Any, *, to: str, sender: str | None = None) -> Frame:
+        """Chain and sign a frame made by the backend and deliver it to end ``to``.
+
+        ``sender`` defaults to the other end (the backend speaks for the side it serves).
+        """
+        if to not in self.state.ends:
+            raise ChannelForbidden(f"{to} is not an end of this channel", channel_id=self.state.id)
+        if not self.state.is_open:
+            raise ChannelClosed("channel is closed", channel_id=self.state.id)
+        frame = self.mux._chain(self.state, "data", sender or self.peer_of(to), to, payload)
+        self.deliver(frame)
+        return frame
+
+    async def close(self, reason: str) -> None:
+        """Close the channel with ``reason``."""
+        await self.mux._close(self.state, reason)
+
+
+class Channel:
+    """One end's handle on a channel: send to the other end, receive from it, close.
+
+    ``local`` is the agent holding this handle; ``peer`` the other end. Iterating yields the
+    frames the peer sent, in order, and stops when the channel closes (then ``close_reason``
+    and ``close_frame`` say how).
+    """
+
+    __slots__ = ("_end", "_mux", "_state")
+
+    def __init__(self, mux: Mux, state: ChannelState, end: End) -> None:
+        self._mux = mux
+        self._state = state
+        self._end = end
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.id} {self.intent} {self.local}->{self.peer} {self.state}>"
+
+    @property
+    def id(self) -> str:
+        """The channel id, ``ch-`` + 32 hex digits."""
+        return self._state.id
+
+    @property
+    def intent(self) -> str:
+        """The intent name as opened."""
+        return self._state.intent.name
+
+    @property
+    def agent(self) -> str:
+        """The opener of the channel."""
+        return self._state.agent
+
+    @property
+    def target(self) -> str:
+        """The target of the channel."""
+        return self._state.target
+
+    @property
+    def local(self) -> str:
+        """The agent holding this handle."""
+        return self._end.agent
+
+    @property
+    def peer(self) -> str:
+        """The other end."""
+        return self._state.target if self._end.agent == self._state.agent else self._state.agent
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Metadata given at open."""
+        return self._state.metadata
+
+    @property
+    def route(self) -> dict[str, Any]:
+        """The route object (backend, description)."""
+        return self._state.route()
+
+    @property
+    def state(self) -> str:
+        """``"open"`` or ``"closed"``."""
+        return self._state.state
+
+    @property
+    def open_frame(self) -> Frame:
+        """The signed open record (seq 0)."""
+        assert self._state.open_frame is not None
+        return self._state.open_frame
+
+    @property
+    def tbz_hash(self) -> str:
+        """Hash of the open frame (as in the seed's open response)."""
+        return self.open_frame.tbz_hash
+
+    @property
+    def close_frame(self) -> Frame | None:
+        """The signed close record, once closed."""
+        return self._state.close_frame
+
+    @property
+    def close_reason(self) -> str | None:
+        """Why the channel closed, once closed."""
+        return self._state.close_reason
+
+    def info(self) -> dict[str, Any]:
+        """JSON summary of the channel."""
+        return self._state.info()
+
+    def post_nowait(self, payload: Any) -> Receipt:
+        """Send ``payload`` (JSON value or bytes) without waiting; returns the receipt.
+
+        Raises ChannelClosed, ChannelThrottled (preemptible over budget) or ChannelFull
+        (receiver's buffer full; nothing was chained, retry later).
+        """
+        return self._mux._post(self._state, self._end.agent, payload)
+
+    async def post(self, payload: Any) -> Receipt:
+        """Send ``payload``, waiting while the receiver's buffer is full; returns the receipt."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                return self._mux._post(self._state, self._end.agent, payload)
+            except ChannelFull as exc:
+                if exc.wait_room is None:
+                    raise
+                await exc.wait_room()
+
+    async def send(self, payload: Any, *, wait: bool = True) -> Frame:
+        """Send ``payload`` and return the signed :class:`Frame`.
+
+        With ``wait`` (default) a full receiver buffer makes this wait; without, it raises
+        ChannelFull.
+        """
+        if wait:
+            return (await self.post(payload)).frame
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return self.post_nowait(payload).frame
+
+    async def receive(self) -> Frame:
+        """The next frame from the peer; raises ChannelClosed once closed and drained."""
+        end = self._end
+        if end.inbox_recv is None:
+            raise MuxError("this end is not attached", code="not_attached", channel_id=self.id)
+        try:
+            frame = await end.inbox_recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ChannelClosed(f"channel closed: {self._state.close_reason}", channel_id=self.id) from None
+        end.queued -= 1
+        end.room.unpark_all()
+        return frame
+
+    def receive_nowait(self) -> Frame | None:
+        """The next queued frame, or None if none is queued (raises ChannelClosed at the end)."""
+        end = self._end
+        if end.inbox_recv is None:
+            return None
+        try:
+            frame = end.inbox_recv.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ChannelClosed(f"channel closed: {self._state.close_reason}", channel_id=self.id) from None
+        end.queued -= 1
+        end.room.unpark_all()
+        return frame
+
+    def __aiter__(self) -> AsyncIterator[Frame]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Frame]:
+        while True:
+            try:
+                yield await self.receive()
+            except ChannelClosed:
+                return
+
+    async def close(self, reason: str = "closed") -> Frame:
+        """Close the channel (both ends) with ``reason``; returns the signed close frame."""
+        return await self._mux._close(self._state, reason, by=self._end.agent)

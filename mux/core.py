@@ -1,0 +1,566 @@
+"""The Mux: the intent router and the owner of every channel of a node.
+
+How this works: a :class:`Mux` lives inside a nursery (``open_mux``). ``open`` resolves the
+intent, picks the backend, chains and signs the channel's open frame, and starts the
+channel's task (``backend.run``) in that nursery under the channel's own cancel scope. An
+:class:`Endpoint` is an agent attached to the mux: it is told of channels opened to it
+(``accept`` / ``async for``) and holds the ends it opened or accepted. Sending goes
+``Channel.send`` -> ``Mux._post`` (size, room, budget) -> chain + sign -> ``backend.on_frame``.
+Closing chains a close frame, cancels the channel's task and ends both ends' inboxes.
+A backend failure closes its own channel with a reason and never reaches the node.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from os import PathLike
+from typing import Any
+
+import attrs
+import trio
+
+from backends.base import Backend, Disposition
+from backends.registry import get_backend_factory
+from backends.stream import StreamBackend
+
+from . import __version__
+from .agents import normalize_agent
+from .bandwidth import TokenBucket
+from .channel import Channel, ChannelContext, ChannelState, End, Receipt, now_ms
+from .errors import (
+    BadRequest,
+    ChannelClosed,
+    ChannelError,
+    ChannelForbidden,
+    ChannelFull,
+    ChannelLimit,
+    ChannelNotFound,
+    ChannelThrottled,
+    MuxError,
+)
+from .frames import ChainHead, Frame, canonical_json, payload_bytes
+from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry
+from .ledger import Ledger, MemoryLedger
+from .signing import NodeKey
+
+__all__ = ["Endpoint", "Mux", "MuxConfig", "open_mux"]
+
+log = logging.getLogger("mux")
+
+
+@attrs.define
+class MuxConfig:
+    """Limits and sizes of a Mux; units are in the names."""
+
+    max_channels_per_agent: int = 32
+    """Open channels an agent may have opened at once (the seed's limit)."""
+    channel_buffer_frames: int = 256
+    """Frames an end's inbox holds before senders wait (or are refused)."""
+    incoming_buffer_channels: int = 64
+    """Channels announced to an endpoint and not yet accepted."""
+    max_payload_bytes: int = 1 << 20
+    """Largest payload of one frame (encoded bytes)."""
+    max_metadata_bytes: int = 16 << 10
+    """Largest metadata object at open (canonical JSON bytes)."""
+    closed_retention: int = 1024
+    """Closed channels remembered for ``channel(id)`` lookups."""
+
+
+class Mux:
+    """A node's intent router and channel table. Create with :func:`open_mux`."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        agent: str = "mux-node",
+        key: NodeKey | None = None,
+        config: MuxConfig | None = None,
+        registry: IntentRegistry | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        self.agent = normalize_agent(agent)
+        self.key = key or NodeKey.generate()
+        self.config = config or MuxConfig()
+        self.registry = registry or IntentRegistry()
+        self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
+        self._nursery = nursery
+        self._channels: dict[str, ChannelState] = {}
+        self._closed: collections.OrderedDict[str, ChannelState] = collections.OrderedDict()
+        self._opened_by: collections.Counter[str] = collections.Counter()
+        self._endpoints: dict[str, Endpoint] = {}
+        self._backends: dict[str, Backend] = {}
+        self._started = time.time()
+        self._stats = collections.Counter[str]()
+        self._sign = self.key.sign
+
+    # ---- intents -------------------------------------------------------------------------
+
+    def register_intent(
+        self,
+        name: str,
+        backend: str = GENERIC_BACKEND,
+        description: str = "",
+        *,
+        policy: BandwidthPolicy | None = None,
+        delivery: str = "live",
+    ) -> Intent:
+        """Add a custom intent (e.g. ``iot:sensor`` -> backend ``mqtt``); returns it."""
+        return self.registry.register(name, backend=backend, description=description, policy=policy, delivery=delivery)
+
+    def resolve(self, intent: str) -> Intent:
+        """Resolve an intent name with this mux's table."""
+        return self.registry.resolve(intent)
+
+    def intents(self) -> list[dict[str, Any]]:
+        """Every intent this mux knows, with route, delivery and policy."""
+        return [i.to_dict() for i in self.registry.table()]
+
+    # ---- status and lookups --------------------------------------------------------------
+
+    @property
+    def public_key(self) -> str:
+        """The node's Ed25519 public key (hex): what verifiers of its frames need."""
+        return self.key.public_hex
+
+    def status(self) -> dict[str, Any]:
+        """Node status: identity, key, counts of channels, agents and frames."""
+        by_intent = collections.Counter(s.intent.name for s in self._channels.values())
+        return {
+            "agent": self.agent,
+            "version": __version__,
+            "public_key": self.public_key,
+            "signing": "ed25519",
+            "uptime_s": round(time.time() - self._started, 3),
+            "channels_open": len(self._channels),
+            "channels_total": self._stats["opened"],
+            "channels_by_intent": dict(by_intent),
+            "agents_attached": sorted(self._endpoints),
+            "frames": self._stats["frames"],
+            "bytes": self._stats["bytes"],
+            "throttled": self._stats["throttled"],
+            "dropped": self._stats["dropped"],
+            "intents": len(self.registry.routes),
+        }
+
+    def channel_state(self, channel_id: str, *, caller: str | None = None) -> ChannelState:
+        """Look up a channel (open or recently closed); with ``caller``, only its two ends."""
+        state = self._channels.get(channel_id) or self._closed.get(channel_id)
+        if state is None:
+            raise ChannelNotFound(
+                f"no channel {channel_id!r}", channel_id=channel_id if isinstance(channel_id, str) else None
+            )
+        if caller is not None and caller not in state.ends:
+            raise ChannelForbidden("not an end of this channel", channel_id=channel_id)
+        return state
+
+    def channels(self, agent: str | None = None, *, include_closed: bool = False) -> list[dict[str, Any]]:
+        """Summaries of open channels (and recently closed ones), optionally one agent's."""
+        states = list(self._channels.values())
+        if include_closed:
+            states += list(self._closed.values())
+        if agent is not None:
+            agent = normalize_agent(agent)
+            states = [s for s in states if agent in s.ends]
+        return [s.info() for s in states]
+
+    def handle(self, channel_id: str, agent: str) -> Channel:
+        """A handle on ``agent``'s end of an open channel (refused if not an end)."""
+        state = self.channel_state(channel_id, caller=normalize_agent(agent))
+        return Channel(self, state, state.ends[normalize_agent(agent)])
+
+    # ---- open ----------------------------------------------------------------------------
+
+    def _backend_for(self, intent: Intent) -> tuple[Backend, str, bool]:
+        name = intent.backend
+        backend = self._backends.get(name)
+        if backend is None:
+            factory = get_backend_factory(name)
+            if factory is None:
+                backend = self._backends.get(GENERIC_BACKEND) or StreamBackend(self)
+                self._backends[GENERIC_BACKEND] = backend
+                return backend, GENERIC_BACKEND, True
+            backend = factory(self)
+            self._backends[name] = backend
+        return backend, name, False
+
+    async def open(
+        self,
+        target: str,
+        intent: str = "stream",
+        metadata: dict[str, Any] | None = None,
+        agent: str | None = None,
+    ) -> Channel:
+        """Open a channel from ``agent`` (default: this mux's agent) to ``target``.
+
+        Returns the opener's :class:`Channel`. Raises BadRequest (bad names, metadata),
+        ChannelLimit (too many open channels), ChannelFull (target has too many unaccepted
+        channels), or the backend's refusal.
+        """
+        await trio.lowlevel.checkpoint()
+        return self.open_nowait(target, intent, metadata, agent)
+
+    def open_nowait(
+        self,
+        target: str,
+        intent: str = "stream",
+        metadata: dict[str, Any] | None = None,
+        agent: str | None = None,
+        *,
+        holder: Endpoint | None = None,
+    ) -> Channel:
+        """``open`` without a checkpoint; ``holder`` is the endpoint that holds the opener end."""
+        opener = normalize_agent(agent) if agent is not None else (holder.agent if holder else self.agent)
+        target = normalize_agent(target)
+        if opener == target:
+            raise BadRequest("a channel needs two different ends (agent == target)", code="bad_target")
+        resolved = self.registry.resolve(intent)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict):
+            raise BadRequest("metadata must be a JSON object", code="bad_metadata")
+        if len(canonical_json(metadata)) > self.config.max_metadata_bytes:
+            raise BadRequest(f"metadata over {self.config.max_metadata_bytes} bytes", code="bad_metadata")
+        limit = self.config.max_channels_per_agent
+        if self._opened_by[opener] >= limit:
+            raise ChannelLimit(f"{opener} already has {limit} open channels (max_channels_per_agent)")
+        target_ep = self._endpoints.get(target)
+        if target_ep is not None and not target_ep._has_room():
+            raise ChannelFull(f"{target} has too many channels waiting to be accepted")
+        backend, backend_name, fallback = self._backend_for(resolved)
+        channel_id = "ch-" + secrets.token_hex(16)
+        cap = self.config.channel_buffer_frames
+        policy = resolved.policy
+        state = ChannelState(
+            id=channel_id,
+            intent=resolved,
+            agent=opener,
+            target=target,
+            metadata=metadata,
+            chain=ChainHead(channel_id, resolved.name, self._sign),
+            bucket=TokenBucket(policy.rate, policy.burst),
+            ends={opener: End(opener, cap), target: End(target, cap)},
+            backend=backend,
+            backend_name=backend_name,
+            fallback=fallback,
+            opened_at=time.time(),
+        )
+        ctx = state.ctx = ChannelContext(state, self)
+        backend.check_open(ctx)
+        state.open_frame = self._chain(
+            state,
+            "open",
+            opener,
+            target,
+            {
+                "agent": opener,
+                "target": target,
+                "intent": resolved.name,
+                "route": state.route(),
+                "policy": policy.to_dict(),
+                "metadata": metadata,
+            },
+        )
+        self._channels[channel_id] = state
+        self._opened_by[opener] += 1
+        self._stats["opened"] += 1
+        self._nursery.start_soon(self._run_channel, state, name=f"mux-channel-{channel_id}")
+        opener_end = state.ends[opener]
+        opener_end.attach(holder)
+        handle = Channel(self, state, opener_end)
+        if holder is not None:
+            holder._held[channel_id] = handle
+        if target_ep is not None:
+            target_ep._announce(state)
+        return handle
+
+    async def _run_channel(self, state: ChannelState) -> None:
+        assert state.ctx is not None
+        with state.cancel_scope:
+            try:
+                await state.backend.run(state.ctx)
+                await trio.sleep_forever()
+            except MuxError as exc:
+                self._close_nowait(state, exc.code, detail=exc.detail)
+            except Exception as exc:
+                log.warning("backend %s failed on %s", state.backend_name, state.id, exc_info=True)
+                self._close_nowait(state, "backend_error", detail=f"{type(exc).__name__}: {exc}")
+
+    # ---- send ----------------------------------------------------------------------------
+
+    def _chain(
+        self,
+        state: ChannelState,
+        kind: str,
+        sender: str,
+        target: str,
+        payload: Any,
+        encoded: tuple[str, bytes] | None = None,
+    ) -> Frame:
+        frame = state.chain.append(kind, sender, target, payload, now_ms(), encoded)
+        self.ledger.append(frame)
+        return frame
+
+    def export(self, channel_id: str, *, caller: str | None = None, after_seq: int = -1) -> list[Frame]:
+        """The channel's signed frames from the ledger (with ``caller``: only its ends may)."""
+        self.channel_state(channel_id, caller=normalize_agent(caller) if caller is not None else None)
+        return self.ledger.chain(channel_id, after_seq)
+
+    def _post(self, state: ChannelState, sender: str, payload: Any) -> Receipt:
+        """Chain, sign and hand over one frame from ``sender``; never awaits."""
+        if state.close_frame is not None:
+            raise ChannelClosed(f"channel is closed ({state.close_reason})", channel_id=state.id)
+        encoded = payload_bytes(payload)
+        size = len(encoded[1])
+        if size > self.config.max_payload_bytes:
+            raise BadRequest(
+                f"payload is {size} bytes, over max_payload_bytes={self.config.max_payload_bytes}",
+                code="payload_too_large",
+                channel_id=state.id,
+            )
+        ctx = state.ctx
+        assert ctx is not None
+        state.backend.admit(ctx, sender, size)
+        if not state.bucket.take(size, trio.current_time()):
+            state.throttled += 1
+            self._stats["throttled"] += 1
+            if state.intent.policy.preemptible:
+                raise ChannelThrottled(
+                    f"over the {state.intent.name} budget of {state.intent.policy.rate} B/s", channel_id=state.id
+                )
+        frame = self._chain(
+            state, "data", sender, state.target if sender == state.agent else state.agent, payload, encoded
+        )
+        try:
+            disposition = state.backend.on_frame(ctx, frame)
+        except MuxError:
+            raise
+        except Exception as exc:
+            log.warning("backend %s failed on a frame of %s", state.backend_name, state.id, exc_info=True)
+            self._close_nowait(state, "backend_error", detail=f"{type(exc).__name__}: {exc}")
+            raise ChannelError(
+                f"backend failed: {type(exc).__name__}", code="backend_error", channel_id=state.id
+            ) from exc
+        state.frames += 1
+        state.bytes += size
+        self._stats["frames"] += 1
+        self._stats["bytes"] += size
+        if disposition is Disposition.DROPPED:
+            self._stats["dropped"] += 1
+        return Receipt(frame, disposition)
+
+    # ---- close ---------------------------------------------------------------------------
+
+    async def _close(self, state: ChannelState, reason: str, *, by: str | None = None) -> Frame:
+        await trio.lowlevel.checkpoint()
+        return self._close_nowait(state, reason, by=by)
+
+    def _close_nowait(self, state: ChannelState, reason: str, *, by: str | None = None, detail: str = "") -> Frame:
+        """Close ``state`` (idempotent): chain the close frame, stop the task, end the inboxes."""
+        if state.close_frame is not None:
+            return state.close_frame
+        if not isinstance(reason, str) or not reason or len(reason) > 200:
+            reason = "closed"
+        assert state.ctx is not None
+        try:
+            state.backend.on_close(state.ctx, reason)
+        except Exception:
+            log.warning("backend %s failed while closing %s", state.backend_name, state.id, exc_info=True)
+        sender = by if by in state.ends else self.agent
+        target = state.target if sender != state.target else state.agent
+        payload: dict[str, Any] = {"reason": reason, "by": sender}
+        if detail:
+            payload["detail"] = detail
+        state.close_reason = reason
+        state.close_frame = self._chain(state, "close", sender, target, payload)
+        state.cancel_scope.cancel()
+        self._channels.pop(state.id, None)
+        self._opened_by[state.agent] -= 1
+        if self._opened_by[state.agent] <= 0:
+            del self._opened_by[state.agent]
+        self._closed[state.id] = state
+        while len(self._closed) > self.config.closed_retention:
+            self._closed.popitem(last=False)
+        for end in state.ends.values():
+            end.shut()
+            if end.holder is not None:
+                end.holder._held.pop(state.id, None)
+        return state.close_frame
+
+    async def close_channel(self, channel_id: str, reason: str = "closed", *, by: str | None = None) -> Frame:
+        """Close a channel by id; with ``by``, only one of its ends may."""
+        state = self.channel_state(channel_id, caller=normalize_agent(by) if by is not None else None)
+        return await self._close(state, reason, by=normalize_agent(by) if by is not None else None)
+
+    async def aclose(self, reason: str = "mux_shutdown") -> None:
+        """Close every channel with ``reason`` and detach every endpoint."""
+        await trio.lowlevel.checkpoint()
+        for state in list(self._channels.values()):
+            self._close_nowait(state, reason)
+        for ep in list(self._endpoints.values()):
+            ep._detach()
+
+    # ---- endpoints -----------------------------------------------------------------------
+
+    def attach(self, agent: str) -> Endpoint:
+        """Attach ``agent`` to the mux as an :class:`Endpoint` (one per agent at a time).
+
+        The endpoint is told of channels opened to the agent, including ones already open.
+        """
+        name = normalize_agent(agent)
+        if name in self._endpoints:
+            raise ChannelError(f"agent {name} is already attached", code="agent_attached")
+        ep = Endpoint(self, name)
+        self._endpoints[name] = ep
+        for state in list(self._channels.values()):
+            if state.target == name and not state.ends[name].attached:
+                ep._announce(state)
+        return ep
+
+
+class Endpoint:
+    """An agent attached to a Mux: receives channels opened to it and opens its own.
+
+    Use ``async with mux.attach("gemini") as gemini:``; ``await gemini.accept()`` (or
+    ``async for ch in gemini``) gives each channel opened to it as a :class:`Channel`.
+    Leaving the block closes the channels it holds with reason ``detached``.
+    """
+
+    def __init__(self, mux: Mux, agent: str) -> None:
+        self.mux = mux
+        self.agent = agent
+        self._held: dict[str, Channel] = {}
+        self._incoming_send, self._incoming_recv = trio.open_memory_channel[Channel](
+            mux.config.incoming_buffer_channels
+        )
+        self._pending = 0
+        self.attached = True
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.agent} holding {len(self._held)} channels>"
+
+    def _has_room(self) -> bool:
+        return self._pending < self.mux.config.incoming_buffer_channels
+
+    def _announce(self, state: ChannelState) -> None:
+        end = state.ends[self.agent]
+        end.attach(self)
+        handle = Channel(self.mux, state, end)
+        self._held[state.id] = handle
+        self._incoming_send.send_nowait(handle)
+        self._pending += 1
+
+    @property
+    def channels(self) -> list[Channel]:
+        """The open channels this endpoint holds (opened or accepted)."""
+        return list(self._held.values())
+
+    async def accept(self) -> Channel:
+        """The next channel opened to this agent (raises ChannelClosed once detached)."""
+        try:
+            ch = await self._incoming_recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ChannelClosed(f"endpoint {self.agent} is detached") from None
+        self._pending -= 1
+        return ch
+
+    def accept_nowait(self) -> Channel | None:
+        """The next announced channel, or None when none is waiting."""
+        try:
+            ch = self._incoming_recv.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ChannelClosed(f"endpoint {self.agent} is detached") from None
+        self._pending -= 1
+        return ch
+
+    def __aiter__(self) -> AsyncIterator[Channel]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Channel]:
+        while True:
+            try:
+                yield await self.accept()
+            except ChannelClosed:
+                return
+
+    async def open(self, target: str, intent: str = "stream", metadata: dict[str, Any] | None = None) -> Channel:
+        """Open a channel from this agent; this endpoint holds the opener end."""
+        await trio.lowlevel.checkpoint()
+        return self.open_nowait(target, intent, metadata)
+
+    def open_nowait(self, target: str, intent: str = "stream", metadata: dict[str, Any] | None = None) -> Channel:
+        """``open`` without a checkpoint."""
+        if not self.attached:
+            raise ChannelClosed(f"endpoint {self.agent} is detached")
+        return self.mux.open_nowait(target, intent, metadata, holder=self)
+
+    def channel(self, channel_id: str) -> Channel:
+        """The handle of a channel this endpoint holds (ChannelNotFound/ChannelForbidden otherwise)."""
+        handle = self._held.get(channel_id)
+        if handle is None:
+            state = self.mux.channel_state(channel_id, caller=self.agent)
+            if not state.is_open:
+                raise ChannelClosed(f"channel is closed ({state.close_reason})", channel_id=channel_id)
+            raise ChannelForbidden("this connection does not hold that channel", channel_id=channel_id)
+        return handle
+
+    def close_all(self, reason: str) -> None:
+        """Close every channel this endpoint holds with ``reason``."""
+        for handle in list(self._held.values()):
+            self.mux._close_nowait(handle._state, reason, by=self.agent)
+
+    def _detach(self) -> None:
+        if not self.attached:
+            return
+        self.attached = False
+        self._incoming_send.close()
+        if self.mux._endpoints.get(self.agent) is self:
+            del self.mux._endpoints[self.agent]
+
+    async def aclose(self, reason: str = "detached") -> None:
+        """Close this endpoint's channels with ``reason`` and detach it."""
+        await trio.lowlevel.checkpoint()
+        self.close_all(reason)
+        self._detach()
+
+    async def __aenter__(self) -> Endpoint:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with trio.CancelScope(shield=True):
+            await self.aclose()
+
+
+@asynccontextmanager
+async def open_mux(
+    agent: str = "mux-node",
+    *,
+    data_dir: str | PathLike[str] | None = None,
+    key: NodeKey | None = None,
+    config: MuxConfig | None = None,
+    **limits: Any,
+) -> AsyncIterator[Mux]:
+    """Run a :class:`Mux` in a nursery of its own for the duration of the block.
+
+    ``data_dir`` holds the node key (created on first use); without it (and without ``key``)
+    the key lives in memory only. ``limits`` override :class:`MuxConfig` fields. On exit every
+    channel is closed with reason ``mux_shutdown`` (close frames signed) and its task ends.
+    """
+    if key is None:
+        key = NodeKey.load_or_create(data_dir) if data_dir is not None else NodeKey.generate()
+    cfg = attrs.evolve(config or MuxConfig(), **limits)
+    async with trio.open_nursery() as nursery:
+        mux = Mux(nursery, agent=agent, key=key, config=cfg)
+        try:
+            yield mux
+        finally:
+            with trio.CancelScope(shield=True):
+                await mux.aclose("mux_shutdown")
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,130 @@
+"""The errors mux raises, each carrying the wire ``code`` used in ``{"error": CODE}``.
+
+The tree::
+
+    MuxError                      base; ``code`` = "mux_error"
+    ├── BadRequest                malformed or invalid input ("bad_request", "invalid_json", ...)
+    ├── ChannelError              a channel operation failed ("channel_error")
+    │   ├── ChannelNotFound       unknown channel id ("unknown_channel")
+    │   ├── ChannelForbidden      the caller is not an end of the channel ("forbidden")
+    │   ├── ChannelClosed         the channel is closed ("channel_closed")
+    │   ├── ChannelLimit          too many open channels for an agent ("channel_limit")
+    │   └── ChannelThrottled      over the bandwidth budget ("throttled")
+    │       └── ChannelFull       the receiving end's buffer is full, retry ("receiver_full")
+    └── VerificationError         a frame or chain failed offline verification
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+__all__ = [
+    "BadRequest",
+    "ChannelClosed",
+    "ChannelError",
+    "ChannelForbidden",
+    "ChannelFull",
+    "ChannelLimit",
+    "ChannelNotFound",
+    "ChannelThrottled",
+    "MuxError",
+    "VerificationError",
+]
+
+
+class MuxError(Exception):
+    """Base of every mux error; ``code`` is the stable wire error code."""
+
+    code = "mux_error"
+
+    def __init__(self, detail: str = "", *, code: str | None = None, channel_id: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        self.channel_id = channel_id
+
+    def to_wire(self) -> dict[str, Any]:
+        """The error as a wire object: ``{"error": code, "detail": ..., "channel_id": ...}``."""
+        out: dict[str, Any] = {"error": self.code, "detail": self.detail}
+        if self.channel_id is not None:
+            out["channel_id"] = self.channel_id
+        return out
+
+
+class BadRequest(MuxError):
+    """The input was malformed or invalid; nothing was changed."""
+
+    code = "bad_request"
+
+
+class ChannelError(MuxError):
+    """A channel operation failed."""
+
+    code = "channel_error"
+
+
+class ChannelNotFound(ChannelError):
+    """No channel has this id (or it has been forgotten)."""
+
+    code = "unknown_channel"
+
+
+class ChannelForbidden(ChannelError):
+    """The caller is not one of the channel's two ends."""
+
+    code = "forbidden"
+
+
+class ChannelClosed(ChannelError):
+    """The channel is closed; nothing more can be sent on it."""
+
+    code = "channel_closed"
+
+
+class ChannelLimit(ChannelError):
+    """The agent already has the maximum number of open channels."""
+
+    code = "channel_limit"
+
+
+class ChannelThrottled(ChannelError):
+    """A preemptible channel went over its bandwidth budget; the frame was refused."""
+
+    code = "throttled"
+
+
+class ChannelFull(ChannelThrottled):
+    """The receiving end's bounded buffer is full; the frame was refused and may be retried.
+
+    ``wait_room`` (when set) is an async callable that returns once there may be room.
+    """
+
+    code = "receiver_full"
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        channel_id: str | None = None,
+        wait_room: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__(detail, channel_id=channel_id)
+        self.wait_room = wait_room
+
+
+class VerificationError(MuxError):
+    """A frame or chain did not verify; ``reason`` says precisely why.
+
+    Reasons: ``bad_hash``, ``bad_signature``, ``broken_link``, ``gap``, ``reorder``,
+    ``wrong_channel``, ``bad_start``, ``malformed``, ``duplicate``.
+    """
+
+    code = "verification_failed"
+
+    def __init__(self, reason: str, detail: str, *, index: int | None = None, seq: int | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.index = index
+        self.seq = seq

@@ -1,0 +1,240 @@
+"""Frames: the signed, hash-chained records of a channel's history.
+
+How this works: every event of a channel (its open, each payload, its close) is a
+:class:`Frame`. A frame's ``tbz_hash`` is SHA-256 over a canonical header (see
+``docs/frames.md``) that names the channel, the frame's place in it (``seq``, ``prev``), who
+sent it to whom, when, and the SHA-256 of its payload. ``prev`` is the ``tbz_hash`` of the
+channel's previous frame, so the frames of a channel form a hash chain from open to close.
+``sig`` is the node's Ed25519 signature over the 32 raw bytes of ``tbz_hash``.
+
+This module is pure: no I/O, no clock (``ts`` is passed in).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import orjson
+
+from .errors import BadRequest
+
+__all__ = [
+    "FRAME_VERSION",
+    "GENESIS",
+    "KINDS",
+    "ChainHead",
+    "Frame",
+    "canonical_json",
+    "frame_hash",
+    "payload_bytes",
+]
+
+FRAME_VERSION = 1
+GENESIS = "0" * 64
+"""``prev`` of a channel's first (open) frame."""
+KINDS = ("open", "data", "close")
+
+_sha256 = hashlib.sha256
+_SORT = orjson.OPT_SORT_KEYS
+
+
+def canonical_json(value: Any) -> bytes:
+    """Canonical JSON bytes: UTF-8, keys sorted, no whitespace (see ``docs/frames.md``)."""
+    try:
+        return orjson.dumps(value, option=_SORT)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise BadRequest(f"payload is not JSON-serializable: {exc}", code="bad_payload") from exc
+
+
+def payload_bytes(payload: Any) -> tuple[str, bytes]:
+    """The payload's encoding name and the exact bytes its hash covers."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return "bytes", bytes(payload)
+    return "json", canonical_json(payload)
+
+
+def frame_hash(
+    *,
+    channel_id: str,
+    seq: int,
+    kind: str,
+    sender: str,
+    target: str,
+    intent: str,
+    ts: int,
+    prev: str,
+    enc: str,
+    payload_sha256: str,
+) -> str:
+    """The ``tbz_hash`` (hex SHA-256) of a frame header, as specified in ``docs/frames.md``."""
+    header = {
+        "v": FRAME_VERSION,
+        "channel_id": channel_id,
+        "seq": seq,
+        "kind": kind,
+        "sender": sender,
+        "target": target,
+        "intent": intent,
+        "ts": ts,
+        "prev": prev,
+        "enc": enc,
+        "payload_sha256": payload_sha256,
+    }
+    return _sha256(orjson.dumps(header, option=_SORT)).hexdigest()
+
+
+@attrs.frozen
+class Frame:
+    """One signed record of a channel: open, data or close.
+
+    ``payload`` is a JSON value, or ``bytes`` for binary (media) frames. ``raw`` holds the
+    exact payload bytes the hash covers (canonical JSON, or the binary itself), so relaying a
+    frame never serializes its payload again.
+    """
+
+    channel_id: str
+    seq: int
+    kind: str
+    sender: str
+    target: str
+    intent: str
+    ts: int
+    prev: str
+    payload: Any
+    tbz_hash: str
+    sig: str
+    raw: bytes = attrs.field(repr=False, eq=False)
+
+    @property
+    def enc(self) -> str:
+        """``"bytes"`` for a binary payload, else ``"json"``."""
+        return "bytes" if isinstance(self.payload, bytes) else "json"
+
+    @property
+    def size(self) -> int:
+        """Payload size in bytes, as counted by bandwidth policies."""
+        return len(self.raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The exported form (one line of an exported chain); binary payloads as base64."""
+        binary = isinstance(self.payload, bytes)
+        return {
+            "v": FRAME_VERSION,
+            "channel_id": self.channel_id,
+            "seq": self.seq,
+            "kind": self.kind,
+            "sender": self.sender,
+            "target": self.target,
+            "intent": self.intent,
+            "ts": self.ts,
+            "prev": self.prev,
+            "enc": "bytes" if binary else "json",
+            "payload": base64.b64encode(self.payload).decode() if binary else self.payload,
+            "tbz_hash": self.tbz_hash,
+            "sig": self.sig,
+        }
+
+    def to_json(self) -> bytes:
+        """``to_dict`` as JSON bytes, reusing the canonical payload bytes."""
+        d = self.to_dict()
+        if not isinstance(self.payload, bytes):
+            d["payload"] = orjson.Fragment(self.raw)
+        return orjson.dumps(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Frame:
+        """Rebuild a frame from its exported form (no verification; see ``verify_frame``)."""
+        try:
+            enc = d.get("enc", "json")
+            payload = base64.b64decode(d["payload"], validate=True) if enc == "bytes" else d["payload"]
+            _, raw = payload_bytes(payload)
+            return cls(
+                channel_id=str(d["channel_id"]),
+                seq=int(d["seq"]),
+                kind=str(d["kind"]),
+                sender=str(d["sender"]),
+                target=str(d["target"]),
+                intent=str(d["intent"]),
+                ts=int(d["ts"]),
+                prev=str(d["prev"]),
+                payload=payload,
+                tbz_hash=str(d["tbz_hash"]),
+                sig=str(d.get("sig", "")),
+                raw=raw,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadRequest(f"malformed frame: {exc!r}", code="malformed_frame") from exc
+
+    def computed_hash(self) -> str:
+        """Recompute ``tbz_hash`` from the frame's fields."""
+        return frame_hash(
+            channel_id=self.channel_id,
+            seq=self.seq,
+            kind=self.kind,
+            sender=self.sender,
+            target=self.target,
+            intent=self.intent,
+            ts=self.ts,
+            prev=self.prev,
+            enc=self.enc,
+            payload_sha256=_sha256(self.raw).hexdigest(),
+        )
+
+
+@attrs.define
+class ChainHead:
+    """The growing end of one channel's chain: the next ``seq`` and the last hash.
+
+    ``append`` builds, hashes and signs the next frame; it never awaits, so frames of one
+    channel are chained in exactly the order ``append`` is called.
+    """
+
+    channel_id: str
+    intent: str
+    sign: Callable[[bytes], str]
+    next_seq: int = 0
+    head: str = GENESIS
+
+    def append(
+        self, kind: str, sender: str, target: str, payload: Any, ts: int, encoded: tuple[str, bytes] | None = None
+    ) -> Frame:
+        """Chain a new frame after the head and return it, signed.
+
+        ``encoded`` is ``payload_bytes(payload)`` when the caller already computed it.
+        """
+        enc, raw = encoded or payload_bytes(payload)
+        if enc == "bytes":
+            payload = raw
+        digest = frame_hash(
+            channel_id=self.channel_id,
+            seq=self.next_seq,
+            kind=kind,
+            sender=sender,
+            target=target,
+            intent=self.intent,
+            ts=ts,
+            prev=self.head,
+            enc=enc,
+            payload_sha256=_sha256(raw).hexdigest(),
+        )
+        frame = Frame(
+            self.channel_id,
+            self.next_seq,
+            kind,
+            sender,
+            target,
+            self.intent,
+            ts,
+            self.head,
+            payload,
+            digest,
+            self.sign(bytes.fromhex(digest)),
+            raw,
+        )
+        self.next_seq += 1
+        self.head = digest
+        return frame

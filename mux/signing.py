@@ -1,0 +1,166 @@
+"""The node's Ed25519 key, and offline verification of frames and chains.
+
+``verify_frame`` and ``verify_chain`` need only a frame's exported form (``Frame.to_dict``)
+and the node's public key; they never talk to a node. Each failure raises
+:class:`~mux.errors.VerificationError` whose ``reason`` names what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import nacl.exceptions
+import nacl.signing
+
+from .errors import BadRequest, VerificationError
+from .frames import GENESIS, KINDS, Frame
+
+__all__ = ["ChainReport", "NodeKey", "load_public_key", "verify_chain", "verify_frame"]
+
+KEY_FILE = "node.key"
+
+
+@attrs.frozen
+class NodeKey:
+    """A node's Ed25519 signing key (PyNaCl)."""
+
+    signing_key: nacl.signing.SigningKey
+
+    @classmethod
+    def generate(cls) -> NodeKey:
+        """A fresh random key (in-memory mode)."""
+        return cls(nacl.signing.SigningKey.generate())
+
+    @classmethod
+    def load_or_create(cls, data_dir: str | os.PathLike[str]) -> NodeKey:
+        """Load ``DATA_DIR/node.key`` (hex seed), creating it with mode 0600 if absent."""
+        path = Path(data_dir) / KEY_FILE
+        if path.exists():
+            seed = bytes.fromhex(path.read_text().strip())
+            return cls(nacl.signing.SigningKey(seed))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = nacl.signing.SigningKey.generate()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(bytes(key).hex() + "\n")
+        return cls(key)
+
+    @property
+    def public_hex(self) -> str:
+        """The public (verify) key, hex encoded: what verifiers need."""
+        return bytes(self.signing_key.verify_key).hex()
+
+    def sign(self, digest: bytes) -> str:
+        """Hex Ed25519 signature over ``digest`` (a frame's 32-byte ``tbz_hash``)."""
+        return self.signing_key.sign(digest).signature.hex()
+
+
+def load_public_key(key: str | bytes | nacl.signing.VerifyKey) -> nacl.signing.VerifyKey:
+    """Accept a public key as hex, raw 32 bytes or a VerifyKey."""
+    if isinstance(key, nacl.signing.VerifyKey):
+        return key
+    try:
+        raw = bytes.fromhex(key) if isinstance(key, str) else bytes(key)
+        return nacl.signing.VerifyKey(raw)
+    except (ValueError, TypeError, nacl.exceptions.CryptoError) as exc:
+        raise BadRequest(f"not an Ed25519 public key: {exc}", code="bad_key") from exc
+
+
+def _as_frame(frame: Frame | dict[str, Any], index: int | None) -> Frame:
+    if isinstance(frame, Frame):
+        return frame
+    try:
+        return Frame.from_dict(frame)
+    except BadRequest as exc:
+        raise VerificationError("malformed", exc.detail, index=index) from exc
+
+
+def verify_frame(
+    frame: Frame | dict[str, Any], public_key: str | bytes | nacl.signing.VerifyKey, *, index: int | None = None
+) -> Frame:
+    """Check one frame's hash and signature offline; return it as a :class:`Frame`.
+
+    Raises VerificationError with reason ``malformed``, ``bad_hash`` (a field or the payload
+    was changed) or ``bad_signature`` (not signed by this key).
+    """
+    f = _as_frame(frame, index)
+    if f.kind not in KINDS:
+        raise VerificationError("malformed", f"unknown kind {f.kind!r}", index=index, seq=f.seq)
+    if f.computed_hash() != f.tbz_hash:
+        raise VerificationError(
+            "bad_hash", f"seq {f.seq}: content does not match tbz_hash (frame was altered)", index=index, seq=f.seq
+        )
+    vk = load_public_key(public_key)
+    try:
+        vk.verify(bytes.fromhex(f.tbz_hash), bytes.fromhex(f.sig))
+    except (ValueError, nacl.exceptions.BadSignatureError) as exc:
+        raise VerificationError(
+            "bad_signature", f"seq {f.seq}: signature is not by key {bytes(vk).hex()[:16]}...", index=index, seq=f.seq
+        ) from exc
+    return f
+
+
+@attrs.frozen
+class ChainReport:
+    """What a verified chain holds: channel, frame count, first/last seq, head hash, closed."""
+
+    channel_id: str
+    frames: int
+    first_seq: int
+    last_seq: int
+    head: str
+    closed: bool
+
+
+def verify_chain(
+    frames: Iterable[Frame | dict[str, Any]],
+    public_key: str | bytes | nacl.signing.VerifyKey,
+    *,
+    require_open: bool = True,
+) -> ChainReport:
+    """Verify a channel's chain offline: every frame, every link, no gap, no reorder.
+
+    ``frames`` is the exported chain in order. With ``require_open`` (default) it must start
+    with the channel's open frame (seq 0, ``prev`` = genesis). Raises VerificationError with
+    reason ``bad_hash``, ``bad_signature``, ``wrong_channel``, ``bad_start``, ``gap``,
+    ``reorder``, ``duplicate``, ``broken_link``, ``after_close`` or ``empty``.
+    """
+    vk = load_public_key(public_key)
+    items = [_as_frame(f, i) for i, f in enumerate(frames)]
+    if not items:
+        raise VerificationError("empty", "no frames")
+    first = items[0]
+    seqs = {f.seq for f in items}
+    prev: Frame | None = None
+    for i, f in enumerate(items):
+        verify_frame(f, vk, index=i)
+        if f.channel_id != first.channel_id:
+            raise VerificationError(
+                "wrong_channel", f"frame {i} belongs to {f.channel_id}, chain is {first.channel_id}", index=i, seq=f.seq
+            )
+        if prev is None:
+            if require_open and (f.seq != 0 or f.kind != "open" or f.prev != GENESIS):
+                raise VerificationError("bad_start", "chain does not start with the channel's open frame", index=i)
+        else:
+            want = prev.seq + 1
+            if prev.kind == "close":
+                raise VerificationError("after_close", f"seq {f.seq} follows the close frame", index=i, seq=f.seq)
+            if f.seq == prev.seq:
+                raise VerificationError("duplicate", f"seq {f.seq} appears twice", index=i, seq=f.seq)
+            if f.seq < want:
+                raise VerificationError("reorder", f"seq {f.seq} comes after seq {prev.seq}", index=i, seq=f.seq)
+            if f.seq > want:
+                if want in seqs:
+                    raise VerificationError("reorder", f"seq {f.seq} comes before seq {want}", index=i, seq=f.seq)
+                raise VerificationError("gap", f"seq {want}..{f.seq - 1} missing (frames dropped)", index=i, seq=want)
+            if f.prev != prev.tbz_hash:
+                raise VerificationError(
+                    "broken_link", f"seq {f.seq}: prev does not match the hash of seq {prev.seq}", index=i, seq=f.seq
+                )
+        prev = f
+    assert prev is not None
+    return ChainReport(first.channel_id, len(items), first.seq, prev.seq, prev.tbz_hash, prev.kind == "close")

@@ -1,0 +1,1 @@
+"""Benchmarks (``nox -s bench``): real nodes and clients on loopback, numbers printed."""

@@ -1,0 +1,68 @@
+"""Token bucket and the throttling of both kinds of channel."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+import mux
+from mux.bandwidth import TokenBucket
+
+
+def test_bucket_refills_at_rate_up_to_burst() -> None:
+    b = TokenBucket(rate=1000, burst=500)
+    assert b.take(500, now=0.0)
+    assert not b.take(1, now=0.0)
+    assert not b.take(200, now=0.1)  # 100 bytes refilled
+    assert b.take(200, now=0.2)  # 200 refilled by now
+    assert b.take(500, now=100.0)  # never more than burst banked
+    assert not b.take(1, now=100.0)
+
+
+def test_unlimited_rate_and_oversize_frame() -> None:
+    assert all(TokenBucket(rate=0, burst=0).take(10**9, now=0.0) for _ in range(3))
+    b = TokenBucket(rate=10, burst=100)
+    assert b.take(1000, now=0.0)  # a full bucket lets one big frame through...
+    assert not b.take(1, now=1.0)  # ...and the debt holds back the next ones
+
+
+async def test_preemptible_over_budget_is_refused(node: mux.Mux) -> None:
+    async with node.attach("b") as b:
+        ch = await node.open("b", "task", agent="a")  # burst 50000, preemptible
+        blob = "x" * 30000
+        await ch.send(blob)
+        try:
+            await ch.send(blob)
+        except mux.ChannelThrottled as exc:
+            assert exc.code == "throttled" and exc.channel_id == ch.id
+        else:
+            raise AssertionError("second frame should have been throttled")
+        assert ch.state == "open" and ch.info()["throttled"] == 1
+        # the refused frame never entered the chain
+        assert [f.seq for f in node.export(ch.id)] == [0, 1]
+        got = await (await b.accept()).receive()
+        assert got.seq == 1
+
+
+async def test_non_preemptible_over_budget_passes_and_is_counted(node: mux.Mux) -> None:
+    ch = await node.open("b", "call:voice", agent="a")  # burst 32000, not preemptible
+    for _ in range(5):
+        await ch.send(b"\x00" * 16000)
+    info = ch.info()
+    assert info["frames"] == 5 and info["throttled"] == 3
+    assert node.status()["throttled"] == 3
+
+
+async def test_budget_refills_with_time(node: mux.Mux, autojump_clock: trio.testing.MockClock) -> None:
+    task = await node.open("b", "task", agent="a")  # 100000 B/s, burst 50000
+    await task.send("y" * 50000)
+    assert task.info()["throttled"] == 0
+    await trio.sleep(0.5)  # 100000 B/s * 0.5 s = 50000 refilled
+    await task.send("y" * 40000)
+    assert task.info()["throttled"] == 0
+    try:
+        await task.send("y" * 40000)
+    except mux.ChannelThrottled:
+        pass
+    else:
+        raise AssertionError("no time passed: the third frame must be throttled")
