@@ -119,6 +119,8 @@ class ChannelState:
     dropped: int = 0
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     ctx: ChannelContext | None = None
+    appended: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    """Woken whenever a frame is chained (long-poll readers wait here)."""
     extra: dict[str, Any] = attrs.field(factory=dict)
 
     @property

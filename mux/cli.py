@@ -108,6 +108,56 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run a node until SIGINT/SIGTERM (graceful: channels closed, clients told)."""
+    import logging
+
+    import trio
+
+    from .core import MuxConfig
+    from .server import serve
+    from .settings import NodeSettings
+
+    if bool(args.certfile) != bool(args.keyfile):
+        raise BadRequest("--certfile and --keyfile go together", code="bad_request")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = NodeSettings.from_env(
+        host=args.host,
+        port=args.port,
+        agent=args.agent,
+        data_dir=None if args.memory else args.data_dir,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        max_message_bytes=args.max_message_bytes,
+        mux=MuxConfig(max_channels_per_agent=args.max_channels),
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(
+                lambda task_status: serve(settings, handle_signals=True, task_status=task_status)
+            )
+            node_mux = info.node.require()
+            scheme = "TLS 1.3" if settings.tls else "plain HTTP (no --certfile: not for production)"
+            print(f"mux node {node_mux.agent} listening on {', '.join(info.urls)} [{scheme}]", flush=True)
+            print(f"public key {node_mux.public_key}", flush=True)
+
+    trio.run(main)
+    print("mux node stopped", flush=True)
+    return 0
+
+
+@command("cert")
+def cmd_cert(args: argparse.Namespace) -> int:
+    """Write a self-signed development certificate and key (PEM)."""
+    from .tls import write_self_signed
+
+    info = write_self_signed(args.certfile, args.keyfile, hosts=args.host, days=args.days)
+    emit(args, info, f"wrote {args.certfile} and {args.keyfile} for {', '.join(args.host)} ({args.days} days)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every sub-command."""
     parser = argparse.ArgumentParser(prog="python -m mux", description="mux: single-port channel multiplexer")
@@ -129,6 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("key", "print the node's public key (creating the key if absent)")
     p.add_argument("--data-dir", default="mux-data", help="node data directory (default: ./mux-data)")
 
+    p = add("serve", "run a mux node (Hypercorn, trio worker)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8443, help="port (default 8443; 0 picks a free one)")
+    p.add_argument("--agent", default="mux-node", help="the node's agent name")
+    p.add_argument("--data-dir", default="mux-data", help="node key and store directory (default ./mux-data)")
+    p.add_argument("--memory", action="store_true", help="keep the node key in memory only")
+    p.add_argument("--certfile", help="PEM certificate: enables TLS 1.3 (with --keyfile)")
+    p.add_argument("--keyfile", help="PEM private key of --certfile")
+    p.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest WebSocket message / REST body")
+    p.add_argument("--max-channels", type=int, default=32, help="open channels per agent")
+
+    p = add("cert", "make a self-signed development certificate (TLS 1.3 ready)")
+    p.add_argument("--certfile", default="mux-cert.pem")
+    p.add_argument("--keyfile", default="mux-key.pem")
+    p.add_argument("--host", action="append", default=None, help="name or IP for the certificate (repeatable)")
+    p.add_argument("--days", type=int, default=365)
+
     for extend in _EXTENSIONS:
         extend(sub, add)
     return parser
@@ -140,6 +207,8 @@ _EXTENSIONS: list[Callable[[Any, Callable[[str, str], argparse.ArgumentParser]],
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 failed check, 2 error)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "cert" and not args.host:
+        args.host = ["localhost", "127.0.0.1", "::1"]
     try:
         return _COMMANDS[args.command](args)
     except MuxError as exc:

@@ -213,8 +213,13 @@ class Mux:
         agent: str | None = None,
         *,
         holder: Endpoint | None = None,
+        attach: bool = True,
     ) -> Channel:
-        """``open`` without a checkpoint; ``holder`` is the endpoint that holds the opener end."""
+        """``open`` without a checkpoint; ``holder`` is the endpoint that holds the opener end.
+
+        With ``attach=False`` the opener end gets no inbox (a REST opener reads the ledger
+        instead), so live frames to it are dropped rather than queued for nobody.
+        """
         opener = normalize_agent(agent) if agent is not None else (holder.agent if holder else self.agent)
         target = normalize_agent(target)
         if opener == target:
@@ -271,7 +276,8 @@ class Mux:
         self._stats["opened"] += 1
         self._nursery.start_soon(self._run_channel, state, name=f"mux-channel-{channel_id}")
         opener_end = state.ends[opener]
-        opener_end.attach(holder)
+        if attach:
+            opener_end.attach(holder)
         handle = Channel(self, state, opener_end)
         if holder is not None:
             holder._held[channel_id] = handle
@@ -304,6 +310,8 @@ class Mux:
     ) -> Frame:
         frame = state.chain.append(kind, sender, target, payload, now_ms(), encoded)
         self.ledger.append(frame)
+        if state.appended:
+            state.appended.unpark_all()
         return frame
 
     def export(self, channel_id: str, *, caller: str | None = None, after_seq: int = -1) -> list[Frame]:

@@ -37,6 +37,8 @@ class MuxError(Exception):
     """Base of every mux error; ``code`` is the stable wire error code."""
 
     code = "mux_error"
+    ref: str | int | None = None
+    """The client's request reference, when the failing message carried one."""
 
     def __init__(self, detail: str = "", *, code: str | None = None, channel_id: str | None = None) -> None:
         super().__init__(detail)

@@ -1,0 +1,115 @@
+"""Serving a node with Hypercorn (trio worker): TLS 1.3, h2 + http/1.1, graceful shutdown.
+
+``serve(settings, task_status=...)`` runs until cancelled, SIGINT/SIGTERM or
+``shutdown_trigger`` returns; it reports ``ServeInfo`` (bound URLs and the running Node) to
+``nursery.start``. On shutdown every channel is closed with reason ``node_shutdown`` (its
+close frame signed), connected clients get their ``channel_closed`` events, then sockets
+close with 1001.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from .app import Node, create_app, create_blueprint
+from .settings import NodeSettings
+
+__all__ = ["ServeInfo", "Tls13Config", "create_app", "create_blueprint", "hypercorn_config", "serve"]
+
+log = logging.getLogger("mux.server")
+
+
+class Tls13Config(Config):
+    """Hypercorn config whose TLS context accepts TLS 1.3 only (ALPN h2, http/1.1)."""
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        """Hypercorn's context with the minimum version raised to TLS 1.3."""
+        context: ssl.SSLContext | None = super().create_ssl_context()
+        if context is not None:
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+        return context
+
+
+def hypercorn_config(settings: NodeSettings) -> Tls13Config:
+    """Hypercorn settings for a node: bind, TLS files, limits and timeouts."""
+    cfg = Tls13Config()
+    host = settings.host
+    cfg.bind = [f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"]
+    if settings.tls:
+        cfg.certfile = settings.certfile
+        cfg.keyfile = settings.keyfile
+    cfg.alpn_protocols = ["h2", "http/1.1"]
+    # Our own limit answers oversize messages with an error and keeps the socket; Hypercorn's
+    # hard cap (4x) only protects memory from absurd frames.
+    cfg.websocket_max_message_size = settings.max_message_bytes * 4
+    cfg.graceful_timeout = settings.graceful_timeout_s
+    cfg.keep_alive_timeout = 30
+    cfg.read_timeout = 60
+    cfg.accesslog = None
+    cfg.errorlog = "-"
+    cfg.loglevel = "WARNING"
+    return cfg
+
+
+@attrs.frozen
+class ServeInfo:
+    """What ``serve`` reports once listening: the bound URLs and the running node."""
+
+    urls: list[str]
+    node: Node
+
+    @property
+    def url(self) -> str:
+        """The first bound URL, e.g. ``http://127.0.0.1:8443``."""
+        return self.urls[0]
+
+
+async def _signal_trigger() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.warning("received %s: shutting down", signal.Signals(signum).name)
+            return
+
+
+async def serve(
+    settings: NodeSettings,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a node until cancelled, ``shutdown_trigger`` returns, or (with
+    ``handle_signals``) SIGINT/SIGTERM; then shut down gracefully."""
+    app = create_app(settings)
+    node: Node = app.extensions["mux"]
+
+    async def trigger() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def fire(wait: Callable[[], Awaitable[None]]) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            if shutdown_trigger is not None:
+                nursery.start_soon(fire, shutdown_trigger)
+            if handle_signals:
+                nursery.start_soon(fire, _signal_trigger)
+            if shutdown_trigger is None and not handle_signals:
+                nursery.start_soon(fire, trio.sleep_forever)
+        await node.shutdown("node_shutdown")
+
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            lambda task_status: hypercorn_serve(
+                app, hypercorn_config(settings), shutdown_trigger=trigger, task_status=task_status
+            )
+        )
+        task_status.started(ServeInfo(list(urls), node))

@@ -1,0 +1,137 @@
+"""One client connection's protocol state: actions in, events out, channels held.
+
+How this works: a :class:`WireSession` wraps the :class:`~mux.core.Endpoint` of the agent
+behind one socket. ``handle(message)`` parses a message (``mux.wire``), applies it to the
+Mux with the synchronous ``*_nowait`` operations and returns the messages to send back; it
+never raises for bad input (each failure becomes an error event for that message only).
+``run(outbox)`` is the session's background work: it announces channels opened to the agent
+and runs one forwarder task per held channel that turns the channel's frames into ``frame``
+events and its end into one ``channel_closed``. All outgoing messages go through ``outbox``,
+a bounded memory channel the transport drains: a client that stops reading fills it, which
+makes the forwarders wait, which fills the channels' bounded inboxes, which makes their
+senders wait or get ``receiver_full``. Nothing grows without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from . import wire
+from .channel import Channel
+from .core import Endpoint, Mux
+from .errors import BadRequest, ChannelError, ChannelNotFound, MuxError
+
+__all__ = ["Outgoing", "WireSession"]
+
+log = logging.getLogger("mux.session")
+
+Outgoing = str | bytes
+"""A message for the socket: text (JSON) or bytes (binary framing)."""
+
+
+class WireSession:
+    """The protocol state of one connection of ``endpoint.agent``."""
+
+    def __init__(self, mux: Mux, endpoint: Endpoint, *, max_message_bytes: int) -> None:
+        self.mux = mux
+        self.endpoint = endpoint
+        self.max_message_bytes = max_message_bytes
+        self._closed_told: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._outbox: trio.MemorySendChannel[Outgoing] | None = None
+
+    @property
+    def agent(self) -> str:
+        """The agent on the other side of this connection."""
+        return self.endpoint.agent
+
+    def hello(self) -> str:
+        """The first message of every connection."""
+        return wire.event(
+            "connected",
+            agent=self.agent,
+            node=self.mux.agent,
+            public_key=self.mux.public_key,
+            max_message_bytes=self.max_message_bytes,
+        )
+
+    # ---- actions ---------------------------------------------------------------------------
+
+    def handle(self, message: str | bytes) -> list[Outgoing]:
+        """Apply one client message; return the replies (an error event on bad input)."""
+        try:
+            action = wire.parse_message(message, self.max_message_bytes)
+        except MuxError as exc:
+            return [wire.error_event(exc)]
+        try:
+            return getattr(self, "_do_" + action.name)(action)  # type: ignore[no-any-return]
+        except MuxError as exc:
+            if exc.channel_id is None and isinstance(action.get("channel_id"), str):
+                exc.channel_id = action.get("channel_id")[:80]
+            return [wire.error_event(exc, action.ref)]
+
+    def _do_open(self, action: wire.Action) -> list[Outgoing]:
+        ch = self.endpoint.open_nowait(action.get("target"), action.get("intent", "stream"), action.get("metadata"))
+        self._watch(ch)
+        return [wire.channel_opened_event(ch._state, "opener", action.ref)]
+
+    def _held(self, channel_id: str) -> Channel:
+        if not channel_id.startswith("ch-") or len(channel_id) > 64:
+            raise ChannelNotFound(f"no channel {channel_id[:80]!r}")
+        return self.endpoint.channel(channel_id)
+
+    def _do_send(self, action: wire.Action) -> list[Outgoing]:
+        ch = self._held(action.get("channel_id"))
+        receipt = ch.post_nowait(action.get("payload"))
+        return [wire.frame_ack_event(receipt.frame, receipt.disposition.value, action.ref)]
+
+    def _do_close(self, action: wire.Action) -> list[Outgoing]:
+        ch = self._held(action.get("channel_id"))
+        reason = action.get("reason", "closed")
+        if not reason or len(reason) > 200:
+            raise BadRequest("close: reason must be 1-200 characters", code="bad_request")
+        self.mux._close_nowait(ch._state, reason, by=self.agent)
+        self._closed_told.add(ch.id)
+        return [wire.channel_closed_event(ch._state, action.ref)]
+
+    def _do_list(self, action: wire.Action) -> list[Outgoing]:
+        return [wire.event("channel_list", action.ref, channels=self.mux.channels(agent=self.agent))]
+
+    def _do_ping(self, action: wire.Action) -> list[Outgoing]:
+        return [wire.event("pong", action.ref, ts=trio.current_time())]
+
+    # ---- background ------------------------------------------------------------------------
+
+    def _watch(self, ch: Channel) -> None:
+        if self._nursery is None or self._outbox is None:
+            raise ChannelError("session is not running", code="not_running")
+        self._nursery.start_soon(self._forward, ch, self._outbox.clone(), name=f"mux-forward-{ch.id}")
+
+    async def run(self, outbox: trio.MemorySendChannel[Outgoing], *, task_status: trio.TaskStatus[None]) -> None:
+        """Announce incoming channels and forward every held channel's frames to ``outbox``."""
+        async with trio.open_nursery() as nursery, outbox:
+            self._nursery = nursery
+            self._outbox = outbox
+            task_status.started()
+            async for ch in self.endpoint:
+                await outbox.send(wire.channel_opened_event(ch._state, "target"))
+                self._watch(ch)
+
+    async def _forward(self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing]) -> None:
+        async with outbox:
+            try:
+                async for frame in ch:
+                    await outbox.send(wire.frame_message(frame))
+                if ch.id not in self._closed_told:
+                    self._closed_told.add(ch.id)
+                    await outbox.send(wire.channel_closed_event(ch._state))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        self._closed_told.discard(ch.id)
+
+    def close(self, reason: str = "ws_disconnect") -> None:
+        """The socket is gone: close every channel this session holds and detach."""
+        self.endpoint.close_all(reason)
+        self.endpoint._detach()

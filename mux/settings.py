@@ -1,0 +1,69 @@
+"""One typed settings object for a node: defaults with units in their names.
+
+Built from CLI flags (``python -m mux serve``), from ``MUX_*`` environment variables, or
+in code. The Mux's own limits live in the nested :class:`~mux.core.MuxConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+
+from .core import MuxConfig
+
+__all__ = ["NodeSettings"]
+
+
+@attrs.define
+class NodeSettings:
+    """Everything ``serve`` and the app need to run a node."""
+
+    agent: str = "mux-node"
+    """The node's own agent name (signs close frames it makes itself)."""
+    host: str = "127.0.0.1"
+    port: int = 8443
+    data_dir: str | None = "mux-data"
+    """Directory for the node key (and later the durable store); None = in memory only."""
+    certfile: str | None = None
+    keyfile: str | None = None
+    """PEM certificate and key: with both, the node speaks TLS 1.3 only (h2 and http/1.1)."""
+    prefix: str = "/api/mux"
+    max_message_bytes: int = 1 << 20
+    """Largest WebSocket message / REST body the node reads; larger gets ``message_too_large``."""
+    outbox_messages: int = 256
+    """Messages queued for one socket before its channels' forwarders wait."""
+    longpoll_max_s: float = 30.0
+    graceful_timeout_s: float = 5.0
+    """On SIGINT/SIGTERM: how long clients get to receive their channel_closed events."""
+    mux: MuxConfig = attrs.field(factory=MuxConfig)
+
+    @property
+    def tls(self) -> bool:
+        """True when a certificate and key are configured."""
+        return bool(self.certfile and self.keyfile)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> NodeSettings:
+        """Settings from ``MUX_HOST``, ``MUX_PORT``, ``MUX_AGENT``, ``MUX_DATA_DIR``,
+        ``MUX_CERTFILE``, ``MUX_KEYFILE``, ``MUX_MAX_MESSAGE_BYTES``, then ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            raw = env.get("MUX_" + field.name.upper())
+            if raw is None or field.name == "mux":
+                continue
+            values[field.name] = (
+                int(raw)
+                if field.type in ("int", int)
+                else float(raw)
+                if field.type
+                in (
+                    "float",
+                    float,
+                )
+                else raw
+            )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,247 @@
+"""The WebSocket protocol, sans I/O: parse client messages, build node messages.
+
+How this works: :func:`parse_message` turns one WebSocket message (text JSON, or the binary
+framing of ``docs/protocol.md``) into an :class:`Action`, or raises a
+:class:`~mux.errors.MuxError` whose code names what is wrong. The ``*_event`` builders turn
+node facts into the exact bytes/text to put on the socket. Nothing here touches a socket, a
+task or the clock; :class:`mux.session.WireSession` applies actions to a Mux.
+
+The field table ``ACTIONS`` says which fields each action needs and of which type.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+from typing import Any
+
+import attrs
+import orjson
+
+from .channel import ChannelState
+from .errors import BadRequest, MuxError
+from .frames import Frame
+
+__all__ = [
+    "ACTIONS",
+    "Action",
+    "MAX_REF_LEN",
+    "channel_closed_event",
+    "channel_opened_event",
+    "dumps",
+    "error_event",
+    "event",
+    "frame_ack_event",
+    "frame_message",
+    "pack_binary",
+    "parse_message",
+    "unpack_binary",
+]
+
+MAX_REF_LEN = 128
+_U32 = struct.Struct(">I")
+
+# action -> {field: (type(s), required)}
+ACTIONS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "open": {"target": ((str,), True), "intent": ((str,), False), "metadata": ((dict,), False)},
+    "send": {"channel_id": ((str,), True), "payload": ((object,), True), "enc": ((str,), False)},
+    "close": {"channel_id": ((str,), True), "reason": ((str,), False)},
+    "list": {},
+    "ping": {},
+}
+
+
+@attrs.frozen
+class Action:
+    """One parsed client action; ``fields`` holds the validated fields of its table row."""
+
+    name: str
+    ref: str | int | None
+    fields: dict[str, Any]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field's value, or ``default`` when absent."""
+        return self.fields.get(key, default)
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON text for the socket."""
+    return orjson.dumps(obj).decode()
+
+
+def _ref_of(msg: dict[str, Any]) -> str | int | None:
+    ref = msg.get("ref")
+    if ref is None:
+        return None
+    if isinstance(ref, bool) or not isinstance(ref, (str, int)) or (isinstance(ref, str) and len(ref) > MAX_REF_LEN):
+        raise BadRequest(f"ref must be a string (<= {MAX_REF_LEN} chars) or an integer", code="bad_request")
+    return ref
+
+
+def _validate(msg: dict[str, Any], ref: str | int | None) -> Action:
+    name = msg.get("action")
+    if not isinstance(name, str):
+        raise BadRequest('message has no "action" string', code="bad_request")
+    spec = ACTIONS.get(name)
+    if spec is None:
+        raise BadRequest(f"unknown action {name!r}; expected one of {', '.join(ACTIONS)}", code="unknown_action")
+    fields: dict[str, Any] = {}
+    for key, (types, required) in spec.items():
+        if key not in msg or (msg[key] is None and key != "payload"):
+            if required:
+                raise BadRequest(f"{name}: missing field {key!r}", code="bad_request")
+            continue
+        value = msg[key]
+        if types != (object,) and not isinstance(value, types):
+            raise BadRequest(f"{name}: field {key!r} must be {types[0].__name__}", code="bad_request")
+        fields[key] = value
+    if name == "send" and fields.get("enc") is not None:
+        if fields["enc"] != "base64" or not isinstance(fields["payload"], str):
+            raise BadRequest('send: "enc" may only be "base64" with a string payload', code="bad_payload")
+        try:
+            fields["payload"] = base64.b64decode(fields["payload"], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise BadRequest(f"send: payload is not valid base64: {exc}", code="bad_payload") from exc
+    return Action(name, ref, fields)
+
+
+def parse_message(data: str | bytes, max_bytes: int) -> Action:
+    """Parse one WebSocket message (text = JSON, bytes = binary framing) into an Action.
+
+    Raises MuxError (``message_too_large``, ``invalid_json``, ``bad_binary``,
+    ``bad_request``, ``unknown_action``, ``bad_payload``); its ``ref`` attribute is set when
+    the message named one, so the error can be matched to the request.
+    """
+    if len(data) > max_bytes:
+        raise BadRequest(f"message is {len(data)} bytes, over the limit of {max_bytes}", code="message_too_large")
+    if isinstance(data, bytes):
+        header, payload = unpack_binary(data)
+        ref = _ref_of(header)
+        try:
+            if header.get("action") != "send":
+                raise BadRequest("a binary message must carry a send action", code="bad_binary")
+            header = {**header, "payload": payload}
+            header.pop("enc", None)
+            return _validate(header, ref)
+        except MuxError as exc:
+            exc.ref = ref
+            raise
+    try:
+        msg = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(msg, dict):
+        raise BadRequest("a message must be a JSON object", code="invalid_json")
+    ref = None
+    try:
+        ref = _ref_of(msg)
+        return _validate(msg, ref)
+    except MuxError as exc:
+        exc.ref = ref
+        if isinstance(msg.get("channel_id"), str) and exc.channel_id is None:
+            exc.channel_id = msg["channel_id"][:80]
+        raise
+
+
+def pack_binary(header: dict[str, Any], payload: bytes) -> bytes:
+    """The binary framing: u32 big-endian header length, JSON header, payload bytes."""
+    head = orjson.dumps(header)
+    return _U32.pack(len(head)) + head + payload
+
+
+def unpack_binary(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """Split a binary message into its JSON header and payload (raises ``bad_binary``)."""
+    if len(data) < 4:
+        raise BadRequest("binary message shorter than its 4-byte header length", code="bad_binary")
+    (n,) = _U32.unpack_from(data)
+    if n > len(data) - 4:
+        raise BadRequest(f"binary header length {n} exceeds the message", code="bad_binary")
+    try:
+        header = orjson.loads(data[4 : 4 + n])
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"binary header is not JSON: {exc}", code="bad_binary") from exc
+    if not isinstance(header, dict):
+        raise BadRequest("binary header must be a JSON object", code="bad_binary")
+    return header, data[4 + n :]
+
+
+def event(name: str, ref: str | int | None = None, **fields: Any) -> str:
+    """A node event as JSON text: ``{"event": name, ...fields, "ref"?}``."""
+    out: dict[str, Any] = {"event": name, **fields}
+    if ref is not None:
+        out["ref"] = ref
+    return dumps(out)
+
+
+def error_event(exc: MuxError, ref: str | int | None = None) -> str:
+    """An error as JSON text: ``{"error": code, "detail": ..., "channel_id"?, "ref"?}``."""
+    out = exc.to_wire()
+    if ref is None:
+        ref = exc.ref
+    if ref is not None:
+        out["ref"] = ref
+    return dumps(out)
+
+
+def channel_opened_event(state: ChannelState, role: str, ref: str | int | None = None) -> str:
+    """``channel_opened`` for the opener (``role="opener"``) or the target (``"target"``)."""
+    assert state.open_frame is not None
+    return event(
+        "channel_opened",
+        ref,
+        channel_id=state.id,
+        intent=state.intent.name,
+        route=state.route(),
+        state=state.state,
+        agent=state.agent,
+        target=state.target,
+        tbz_hash=state.open_frame.tbz_hash,
+        seq=0,
+        policy=state.intent.policy.to_dict(),
+        metadata=state.metadata,
+        role=role,
+    )
+
+
+def frame_ack_event(frame: Frame, disposition: str, ref: str | int | None = None) -> str:
+    """``frame_ack``: the frame was chained and signed; ``delivered`` says if it reached the peer."""
+    return event(
+        "frame_ack",
+        ref,
+        channel_id=frame.channel_id,
+        seq=frame.seq,
+        tbz_hash=frame.tbz_hash,
+        sig=frame.sig,
+        delivered=disposition == "delivered",
+        disposition=disposition,
+    )
+
+
+def channel_closed_event(state: ChannelState, ref: str | int | None = None) -> str:
+    """``channel_closed`` with the reason and the signed close frame's seq and hash."""
+    close = state.close_frame
+    assert close is not None
+    return event(
+        "channel_closed",
+        ref,
+        channel_id=state.id,
+        reason=state.close_reason,
+        by=close.payload.get("by"),
+        seq=close.seq,
+        tbz_hash=close.tbz_hash,
+    )
+
+
+_FRAME_PREFIX = b'{"event":"frame",'
+
+
+def frame_message(frame: Frame) -> str | bytes:
+    """A ``frame`` event: JSON text for JSON payloads, the binary framing for bytes."""
+    d = frame.to_dict()
+    if isinstance(frame.payload, bytes):
+        del d["payload"]
+        d["event"] = "frame"
+        return pack_binary(d, frame.payload)
+    d["payload"] = orjson.Fragment(frame.raw)
+    return (_FRAME_PREFIX + orjson.dumps(d)[1:]).decode()
