@@ -80,8 +80,8 @@ class Node:
             await self.mux.aclose(reason)
         self.shutting_down.set()
         with trio.move_on_after(self.settings.graceful_timeout_s):
-            while self.sessions:
-                await trio.sleep(0.01)
+            while self.sessions:  # sockets leave as they flush; a bounded poll is simplest
+                await trio.sleep(0.01)  # noqa: ASYNC110
 
     def status(self) -> dict[str, Any]:
         """``Mux.status()`` plus transport facts."""
@@ -97,7 +97,11 @@ def _json(data: Any, status: int = 200) -> Response:
 
 
 def _error(exc: MuxError) -> Response:
-    return _json(exc.to_wire(), HTTP_STATUS.get(exc.code, 400))
+    response = _json(exc.to_wire(), HTTP_STATUS.get(exc.code, 400))
+    if exc.code == "message_too_large":
+        # the unread body is still on the wire: this connection cannot carry another request
+        response.headers["Connection"] = "close"
+    return response
 
 
 async def _body(limit: int) -> dict[str, Any]:
@@ -322,8 +326,9 @@ async def _serve_socket(node: Node) -> None:
         async with trio.open_nursery() as nursery:
             replies = out_send.clone()
             await nursery.start(session.run, out_send)
-            nursery.start_soon(_write, out_recv)
-            nursery.start_soon(_close_on_shutdown, node, out_recv, nursery.cancel_scope)
+            writer = _Writer(out_recv)
+            nursery.start_soon(writer.run)
+            nursery.start_soon(_close_on_shutdown, node, session, writer, nursery.cancel_scope)
             async with replies:
                 while True:
                     message = await websocket.receive()
@@ -334,19 +339,32 @@ async def _serve_socket(node: Node) -> None:
         node.sessions.discard(session)
 
 
-async def _write(out_recv: trio.MemoryReceiveChannel[Outgoing]) -> None:
-    async with out_recv:
-        async for message in out_recv:
-            await websocket.send(message)
+@attrs.define(eq=False)
+class _Writer:
+    """Drains a socket's outbox onto the WebSocket; knows when everything queued is sent."""
+
+    outbox: trio.MemoryReceiveChannel[Outgoing]
+    busy: bool = False
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing is queued or being written."""
+        return not self.busy and not self.outbox.statistics().current_buffer_used
+
+    async def run(self) -> None:
+        async with self.outbox:
+            async for message in self.outbox:
+                self.busy = True
+                await websocket.send(message)
+                self.busy = False
 
 
-async def _close_on_shutdown(
-    node: Node, out_recv: trio.MemoryReceiveChannel[Outgoing], scope: trio.CancelScope
-) -> None:
+async def _close_on_shutdown(node: Node, session: WireSession, writer: _Writer, scope: trio.CancelScope) -> None:
+    """On node shutdown: let the channel_closed events out (bounded), then close with 1001."""
     await node.shutting_down.wait()
     with trio.move_on_after(node.settings.graceful_timeout_s):
-        while out_recv.statistics().current_buffer_used:
-            await trio.sleep(0.01)
+        while session.forwarders or not writer.idle:  # bounded by the graceful timeout
+            await trio.sleep(0.005)  # noqa: ASYNC110
     await websocket.close(1001, "node shutting down")
     scope.cancel()
 

@@ -39,6 +39,8 @@ class WireSession:
         self.endpoint = endpoint
         self.max_message_bytes = max_message_bytes
         self._closed_told: set[str] = set()
+        self.forwarders = 0
+        """Channels whose frames are still being forwarded (0 once all have closed)."""
         self._nursery: trio.Nursery | None = None
         self._outbox: trio.MemorySendChannel[Outgoing] | None = None
 
@@ -120,6 +122,13 @@ class WireSession:
                 self._watch(ch)
 
     async def _forward(self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing]) -> None:
+        self.forwarders += 1
+        try:
+            await self._forward_frames(ch, outbox)
+        finally:
+            self.forwarders -= 1
+
+    async def _forward_frames(self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing]) -> None:
         async with outbox:
             try:
                 async for frame in ch:

@@ -6,6 +6,7 @@ with the signer replaced by a no-op, to show what Ed25519 signing costs per fram
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -47,7 +48,7 @@ def run(frames: int = 20_000) -> list[tuple[str, str]]:
     payload = {"text": "x" * 80}
     rows = []
     for sign in (True, False):
-        r = trio.run(lambda: bench_local_channel(frames, sign=sign, payload=payload))
+        r = trio.run(functools.partial(bench_local_channel, frames, sign=sign, payload=payload))
         rows.append(
             (
                 f"local channel a->b, {frames} frames, 100 B, {'signed' if sign else 'unsigned (no-op signer)'}",
