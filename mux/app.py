@@ -80,8 +80,8 @@ class Node:
             await self.mux.aclose(reason)
         self.shutting_down.set()
         with trio.move_on_after(self.settings.graceful_timeout_s):
-            while self.sessions:  # sockets leave as they flush; a bounded poll is simplest
-                await trio.sleep(0.01)  # noqa: ASYNC110
+            while self.sessions:  # noqa: ASYNC110  (sockets leave as they flush; bounded poll)
+                await trio.sleep(0.01)
 
     def status(self) -> dict[str, Any]:
         """``Mux.status()`` plus transport facts."""
@@ -363,8 +363,8 @@ async def _close_on_shutdown(node: Node, session: WireSession, writer: _Writer, 
     """On node shutdown: let the channel_closed events out (bounded), then close with 1001."""
     await node.shutting_down.wait()
     with trio.move_on_after(node.settings.graceful_timeout_s):
-        while session.forwarders or not writer.idle:  # bounded by the graceful timeout
-            await trio.sleep(0.005)  # noqa: ASYNC110
+        while session.forwarders or not writer.idle:  # noqa: ASYNC110  (bounded by the timeout)
+            await trio.sleep(0.005)
     await websocket.close(1001, "node shutting down")
     scope.cancel()
 
