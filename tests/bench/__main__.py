@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from . import core
+from . import core, server
 
-SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {"core": core.run}
+SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {"core": core.run, "server": server.run}
 
 
 def main(argv: list[str]) -> int:
