@@ -9,13 +9,18 @@ Built-ins are registered here; third parties register in code with
 from __future__ import annotations
 
 from .base import Backend, BackendFactory, Disposition
+from .ipoll import IpollBackend
 from .registry import available_backends, get_backend_factory, register_backend
 from .stream import StreamBackend
+
+register_backend("stream", StreamBackend)
+register_backend("ipoll", IpollBackend)
 
 __all__ = [
     "Backend",
     "BackendFactory",
     "Disposition",
+    "IpollBackend",
     "StreamBackend",
     "available_backends",
     "get_backend_factory",

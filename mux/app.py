@@ -9,6 +9,7 @@ nursery from startup to shutdown. Every failure is a JSON body ``{"error": CODE,
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -19,11 +20,12 @@ from quart_trio import QuartTrio
 
 from . import wire
 from .agents import normalize_agent
-from .core import Mux
+from .core import Mux, start_mux
 from .errors import BadRequest, MuxError
 from .session import Outgoing, WireSession
 from .settings import NodeSettings
 from .signing import NodeKey
+from .storage import STORE_FILE, MemoryStore, SqliteStore, Store
 
 __all__ = ["HTTP_STATUS", "Node", "create_app", "create_blueprint"]
 
@@ -66,7 +68,8 @@ class Node:
             return
         s = self.settings
         key = NodeKey.load_or_create(s.data_dir) if s.data_dir else NodeKey.generate()
-        self.mux = Mux(nursery, agent=s.agent, key=key, config=s.mux)
+        store: Store = SqliteStore(Path(s.data_dir) / STORE_FILE) if s.data_dir else MemoryStore()
+        self.mux = await start_mux(nursery, agent=s.agent, key=key, config=s.mux, store=store)
         self.owns_mux = True
 
     async def shutdown(self, reason: str = "node_shutdown") -> None:
@@ -218,10 +221,13 @@ def create_blueprint(
         caller = _caller(body, required=False)
         state = m.channel_state(channel_id, caller=caller)
         receipt = m._post(state, caller or state.agent, body["payload"])
+        if receipt.stored:
+            await m.store.flushed(receipt.position)
         f = receipt.frame
         return _json(
             {
                 "delivered": receipt.delivered,
+                "stored": receipt.stored,
                 "disposition": receipt.disposition.value,
                 "channel_id": f.channel_id,
                 "seq": f.seq,
@@ -250,6 +256,17 @@ def create_blueprint(
             }
         )
 
+    @bp.post("/ack")
+    async def ack() -> Response:
+        body = await _body(limit)
+        m = node.require()
+        agent = _caller(body, required=True)
+        assert agent is not None
+        channel_id = _field(body, "channel_id", str)
+        seq = _field(body, "seq", int)
+        removed = m.ack(agent, channel_id, seq)
+        return _json({"channel_id": channel_id, "seq": seq, "removed": removed})
+
     @bp.get("/channels")
     async def channels() -> Response:
         agent = _caller(required=True)
@@ -270,16 +287,16 @@ def create_blueprint(
         limit_n = _int_arg("limit", 100, 1, 1000)
         wait_s = min(float(_int_arg("wait", 0, 0, 3600)), node.settings.longpoll_max_s)
 
-        def pick() -> list[dict[str, Any]]:
-            return [f.to_dict() for f in m.ledger.chain(channel_id, after) if f.target == agent][:limit_n]
+        async def pick() -> list[dict[str, Any]]:
+            return [f.to_dict() for f in await m.store.chain(channel_id, after) if f.target == agent][:limit_n]
 
-        found = pick()
+        found = await pick()
         if not found and wait_s > 0 and state.is_open:
             with trio.move_on_after(wait_s):
                 while not found and state.is_open:
                     await state.appended.park()
-                    found = pick()
-            found = found or pick()
+                    found = await pick()
+            found = found or await pick()
         next_after = found[-1]["seq"] if found else after
         return _json({"channel_id": channel_id, "frames": found, "next_after": next_after, "state": state.state})
 
@@ -363,7 +380,7 @@ async def _close_on_shutdown(node: Node, session: WireSession, writer: _Writer, 
     """On node shutdown: let the channel_closed events out (bounded), then close with 1001."""
     await node.shutting_down.wait()
     with trio.move_on_after(node.settings.graceful_timeout_s):
-        while session.forwarders or not writer.idle:  # noqa: ASYNC110  (bounded by the timeout)
+        while not session.idle or not writer.idle:  # noqa: ASYNC110  (bounded by the timeout)
             await trio.sleep(0.005)
     await websocket.close(1001, "node shutting down")
     scope.cancel()

@@ -13,7 +13,7 @@ A :class:`Channel` is one end's handle: ``send``, ``receive``/``async for``, ``c
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -83,10 +83,13 @@ class End:
 
 @attrs.frozen
 class Receipt:
-    """The outcome of sending one frame: the signed frame and its disposition."""
+    """The outcome of sending one frame: the signed frame, its disposition, and for a
+    durable channel the store ``position`` to wait for (``Mux.store.flushed``)."""
 
     frame: Frame
     disposition: Disposition
+    stored: bool = False
+    position: int = 0
 
     @property
     def delivered(self) -> bool:
@@ -119,6 +122,10 @@ class ChannelState:
     dropped: int = 0
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     ctx: ChannelContext | None = None
+    durable: bool = False
+    """True when the backend stores frames until the receiver acknowledges them."""
+    on_room: Callable[[ChannelState, End], None] | None = None
+    """Called after an end took a frame from its inbox (durable channels refill it)."""
     appended: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     """Woken whenever a frame is chained (long-poll readers wait here)."""
     extra: dict[str, Any] = attrs.field(factory=dict)
@@ -351,12 +358,21 @@ class Channel:
         """Send ``payload`` and return the signed :class:`Frame`.
 
         With ``wait`` (default) a full receiver buffer makes this wait; without, it raises
-        ChannelFull.
+        ChannelFull. On a durable channel it returns once the frame is durably stored.
         """
         if wait:
-            return (await self.post(payload)).frame
-        await trio.lowlevel.checkpoint_if_cancelled()
-        return self.post_nowait(payload).frame
+            receipt = await self.post(payload)
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            receipt = self.post_nowait(payload)
+        if receipt.stored:
+            await self._mux.store.flushed(receipt.position)
+        return receipt.frame
+
+    async def ack(self, seq: int) -> int:
+        """Acknowledge durable frames of this channel up to ``seq`` (they leave the mailbox)."""
+        await trio.lowlevel.checkpoint()
+        return self._mux.ack(self._end.agent, self.id, seq)
 
     async def receive(self) -> Frame:
         """The next frame from the peer; raises ChannelClosed once closed and drained."""
@@ -369,6 +385,8 @@ class Channel:
             raise ChannelClosed(f"channel closed: {self._state.close_reason}", channel_id=self.id) from None
         end.queued -= 1
         end.room.unpark_all()
+        if self._state.on_room is not None:
+            self._state.on_room(self._state, end)
         return frame
 
     def receive_nowait(self) -> Frame | None:
@@ -384,6 +402,8 @@ class Channel:
             raise ChannelClosed(f"channel closed: {self._state.close_reason}", channel_id=self.id) from None
         end.queued -= 1
         end.room.unpark_all()
+        if self._state.on_room is not None:
+            self._state.on_room(self._state, end)
         return frame
 
     def __aiter__(self) -> AsyncIterator[Frame]:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -45,10 +47,11 @@ from .errors import (
 )
 from .frames import ChainHead, Frame, canonical_json, payload_bytes
 from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry
-from .ledger import Ledger, MemoryLedger
+from .mailbox import Mailbox
 from .signing import NodeKey
+from .storage import STORE_FILE, ChannelRow, MemoryStore, Snapshot, SqliteStore, Store
 
-__all__ = ["Endpoint", "Mux", "MuxConfig", "open_mux"]
+__all__ = ["Endpoint", "Mux", "MuxConfig", "open_mux", "start_mux"]
 
 log = logging.getLogger("mux")
 
@@ -69,6 +72,12 @@ class MuxConfig:
     """Largest metadata object at open (canonical JSON bytes)."""
     closed_retention: int = 1024
     """Closed channels remembered for ``channel(id)`` lookups."""
+    mailbox_max_frames: int = 10_000
+    """Unacknowledged durable frames one agent's mailbox holds before ``mailbox_full``."""
+    mailbox_max_bytes: int = 64 << 20
+    """Unacknowledged durable payload bytes one agent's mailbox holds before ``mailbox_full``."""
+    mailbox_max_age_s: float = 7 * 24 * 3600.0
+    """Unacknowledged durable frames older than this are expired (counted and logged)."""
 
 
 class Mux:
@@ -82,13 +91,14 @@ class Mux:
         key: NodeKey | None = None,
         config: MuxConfig | None = None,
         registry: IntentRegistry | None = None,
-        ledger: Ledger | None = None,
+        store: Store | None = None,
     ) -> None:
         self.agent = normalize_agent(agent)
         self.key = key or NodeKey.generate()
         self.config = config or MuxConfig()
         self.registry = registry or IntentRegistry()
-        self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
+        self.store: Store = store if store is not None else MemoryStore()
+        self.mailboxes: dict[str, Mailbox] = {}
         self._nursery = nursery
         self._channels: dict[str, ChannelState] = {}
         self._closed: collections.OrderedDict[str, ChannelState] = collections.OrderedDict()
@@ -98,6 +108,7 @@ class Mux:
         self._started = time.time()
         self._stats = collections.Counter[str]()
         self._sign = self.key.sign
+        self._last_expiry = time.monotonic()
 
     # ---- intents -------------------------------------------------------------------------
 
@@ -145,6 +156,9 @@ class Mux:
             "bytes": self._stats["bytes"],
             "throttled": self._stats["throttled"],
             "dropped": self._stats["dropped"],
+            "mailboxes": {"agents": len(self.mailboxes), "frames": sum(b.frames for b in self.mailboxes.values())},
+            "acked": self._stats["acked"],
+            "expired": self._stats["expired"],
             "intents": len(self.registry.routes),
         }
 
@@ -257,6 +271,12 @@ class Mux:
         )
         ctx = state.ctx = ChannelContext(state, self)
         backend.check_open(ctx)
+        if getattr(backend, "durable", False):
+            state.durable = True
+            state.on_room = self._pump
+        self.store.record_open(
+            ChannelRow(channel_id, resolved.name, opener, target, metadata, state.opened_at, False, None, None, None)
+        )
         state.open_frame = self._chain(
             state,
             "open",
@@ -309,15 +329,17 @@ class Mux:
         encoded: tuple[str, bytes] | None = None,
     ) -> Frame:
         frame = state.chain.append(kind, sender, target, payload, now_ms(), encoded)
-        self.ledger.append(frame)
+        self.store.append(frame)
         if state.appended:
             state.appended.unpark_all()
         return frame
 
-    def export(self, channel_id: str, *, caller: str | None = None, after_seq: int = -1) -> list[Frame]:
+    async def export(
+        self, channel_id: str, *, caller: str | None = None, after_seq: int = -1, limit: int | None = None
+    ) -> list[Frame]:
         """The channel's signed frames from the ledger (with ``caller``: only its ends may)."""
         self.channel_state(channel_id, caller=normalize_agent(caller) if caller is not None else None)
-        return self.ledger.chain(channel_id, after_seq)
+        return await self.store.chain(channel_id, after_seq, limit)
 
     def _post(self, state: ChannelState, sender: str, payload: Any) -> Receipt:
         """Chain, sign and hand over one frame from ``sender``; never awaits."""
@@ -333,6 +355,8 @@ class Mux:
             )
         ctx = state.ctx
         assert ctx is not None
+        if not self.store.has_room():
+            raise ChannelFull("the node's store is behind; retry shortly", code="store_busy", channel_id=state.id)
         state.backend.admit(ctx, sender, size)
         if not state.bucket.take(size, trio.current_time()):
             state.throttled += 1
@@ -360,7 +384,128 @@ class Mux:
         self._stats["bytes"] += size
         if disposition is Disposition.DROPPED:
             self._stats["dropped"] += 1
-        return Receipt(frame, disposition)
+        return Receipt(frame, disposition, state.durable, self.store.position)
+
+    # ---- mailboxes (durable delivery) ----------------------------------------------------
+
+    def mail_check(self, agent: str, size: int, channel_id: str) -> None:
+        """Raise ``mailbox_full`` if ``agent``'s mailbox cannot take a ``size``-byte frame."""
+        box = self.mailboxes.get(agent)
+        if box is not None:
+            cfg = self.config
+            box.check_room(size, cfg.mailbox_max_frames, cfg.mailbox_max_bytes, channel_id)
+
+    def mail_put(self, state: ChannelState, frame: Frame) -> bool:
+        """Put a durable frame in its target's mailbox (and store); True if delivered at once."""
+        box = self.mailboxes.get(frame.target)
+        if box is None:
+            box = self.mailboxes[frame.target] = Mailbox(frame.target)
+        self._expire_mail()
+        mail = box.put(state, frame)
+        self.store.mail_put(frame)
+        self._pump(state, state.ends[frame.target])
+        return mail.sent == len(mail.frames)
+
+    def _undelivered(self, state: ChannelState, agent: str) -> bool:
+        box = self.mailboxes.get(agent)
+        mail = box.channels.get(state.id) if box is not None else None
+        return mail is not None and mail.undelivered > 0
+
+    def _pump(self, state: ChannelState, end: End) -> None:
+        """Move ``end``'s waiting mail of this channel into its inbox while there is room;
+        end the inbox of a closed channel once everything is in."""
+        box = self.mailboxes.get(end.agent)
+        mail = box.channels.get(state.id) if box is not None else None
+        if mail is not None and end.attached and (end.holder is None or end.holder.attached):
+            frames = mail.frames
+            while mail.sent < len(frames) and end.put(frames[mail.sent]):
+                mail.sent += 1
+        if state.close_frame is not None and (mail is None or mail.undelivered == 0):
+            end.shut()
+
+    def ack(self, agent: str, channel_id: str, upto_seq: int) -> int:
+        """``agent`` acknowledges the channel's durable frames up to ``upto_seq``; returns
+        how many left its mailbox (0 for a repeated ack)."""
+        agent = normalize_agent(agent)
+        if not isinstance(upto_seq, int) or isinstance(upto_seq, bool) or upto_seq < 0:
+            raise BadRequest("ack: seq must be a non-negative integer", code="bad_request", channel_id=channel_id)
+        box = self.mailboxes.get(agent)
+        if box is None or channel_id not in box.channels:
+            self.channel_state(channel_id, caller=agent)  # unknown or foreign ids still fail clearly
+            return 0
+        removed = box.ack(channel_id, upto_seq)
+        if removed:
+            self.store.mail_ack(agent, channel_id, upto_seq)
+            self._stats["acked"] += removed
+        if not box.channels:
+            del self.mailboxes[agent]
+        return removed
+
+    def _expire_mail(self) -> None:
+        now = time.monotonic()
+        if now - self._last_expiry < 60.0:
+            return
+        self._last_expiry = now
+        cutoff = now_ms() - int(self.config.mailbox_max_age_s * 1000)
+        for agent, box in list(self.mailboxes.items()):
+            for frame in box.expire(cutoff):
+                log.warning("mailbox of %s: expired %s seq %d (retention)", agent, frame.channel_id, frame.seq)
+                self.store.mail_drop(agent, frame.channel_id, frame.seq)
+                self._stats["expired"] += 1
+            if not box.channels:
+                del self.mailboxes[agent]
+
+    # ---- restart ---------------------------------------------------------------------------
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Rebuild what a store kept: channels still open when the node stopped are closed
+        with reason ``node_restart`` (close frame signed now); mailboxes are refilled."""
+        states: dict[str, ChannelState] = {}
+        for row in snapshot.channels:
+            if row.first is None or row.last is None:
+                continue
+            resolved = self.registry.resolve(row.intent)
+            backend, backend_name, fallback = self._backend_for(resolved)
+            cap = self.config.channel_buffer_frames
+            state = ChannelState(
+                id=row.id,
+                intent=resolved,
+                agent=row.agent,
+                target=row.target,
+                metadata=row.metadata,
+                chain=ChainHead(row.id, resolved.name, self._sign, row.last.seq + 1, row.last.tbz_hash),
+                bucket=TokenBucket(resolved.policy.rate, resolved.policy.burst),
+                ends={row.agent: End(row.agent, cap), row.target: End(row.target, cap)},
+                backend=backend,
+                backend_name=backend_name,
+                fallback=fallback,
+                opened_at=row.opened_at,
+                open_frame=row.first,
+            )
+            state.ctx = ChannelContext(state, self)
+            if getattr(backend, "durable", False):
+                state.durable = True
+                state.on_room = self._pump
+            states[row.id] = state
+            if row.closed and row.last.kind == "close":
+                state.close_frame = row.last
+                state.close_reason = row.close_reason
+                self._closed[row.id] = state
+            else:
+                self._channels[row.id] = state
+                self._opened_by[row.agent] += 1
+        for frame in snapshot.mail:
+            owner = states.get(frame.channel_id)
+            if owner is None:
+                continue
+            box = self.mailboxes.get(frame.target)
+            if box is None:
+                box = self.mailboxes[frame.target] = Mailbox(frame.target)
+            box.put(owner, frame)
+        for state in list(self._channels.values()):
+            self._close_nowait(state, "node_restart")
+        self._stats["restored_channels"] = len(states)
+        self._stats["restored_mail"] = len(snapshot.mail)
 
     # ---- close ---------------------------------------------------------------------------
 
@@ -386,6 +531,7 @@ class Mux:
             payload["detail"] = detail
         state.close_reason = reason
         state.close_frame = self._chain(state, "close", sender, target, payload)
+        self.store.record_close(state.id, reason)
         state.cancel_scope.cancel()
         self._channels.pop(state.id, None)
         self._opened_by[state.agent] -= 1
@@ -395,7 +541,8 @@ class Mux:
         while len(self._closed) > self.config.closed_retention:
             self._closed.popitem(last=False)
         for end in state.ends.values():
-            end.shut()
+            if not self._undelivered(state, end.agent):
+                end.shut()
             if end.holder is not None:
                 end.holder._held.pop(state.id, None)
         return state.close_frame
@@ -425,6 +572,11 @@ class Mux:
             raise ChannelError(f"agent {name} is already attached", code="agent_attached")
         ep = Endpoint(self, name)
         self._endpoints[name] = ep
+        box = self.mailboxes.get(name)
+        if box is not None:
+            box.rewind()  # everything unacknowledged is delivered again
+            for mail in list(box.channels.values()):
+                ep._announce(mail.state)
         for state in list(self._channels.values()):
             if state.target == name and not state.ends[name].attached:
                 ep._announce(state)
@@ -443,9 +595,9 @@ class Endpoint:
         self.mux = mux
         self.agent = agent
         self._held: dict[str, Channel] = {}
-        self._incoming_send, self._incoming_recv = trio.open_memory_channel[Channel](
-            mux.config.incoming_buffer_channels
-        )
+        # unbounded here, bounded by the opens it admits (incoming_buffer_channels) and by the
+        # agent's own mailbox channels announced at attach
+        self._incoming_send, self._incoming_recv = trio.open_memory_channel[Channel](math.inf)
         self._pending = 0
         self.attached = True
 
@@ -459,9 +611,12 @@ class Endpoint:
         end = state.ends[self.agent]
         end.attach(self)
         handle = Channel(self.mux, state, end)
-        self._held[state.id] = handle
+        if state.is_open:
+            self._held[state.id] = handle
         self._incoming_send.send_nowait(handle)
         self._pending += 1
+        if state.on_room is not None:
+            state.on_room(state, end)
 
     @property
     def channels(self) -> list[Channel]:
@@ -557,18 +712,33 @@ async def open_mux(
 ) -> AsyncIterator[Mux]:
     """Run a :class:`Mux` in a nursery of its own for the duration of the block.
 
-    ``data_dir`` holds the node key (created on first use); without it (and without ``key``)
-    the key lives in memory only. ``limits`` override :class:`MuxConfig` fields. On exit every
+    ``data_dir`` holds the node key (created on first use) and the durable store
+    (``mux.sqlite3``: ledger, channels, mailboxes), restored on the next start; without it
+    the key and everything else live in memory only. ``limits`` override :class:`MuxConfig` fields. On exit every
     channel is closed with reason ``mux_shutdown`` (close frames signed) and its task ends.
     """
     if key is None:
         key = NodeKey.load_or_create(data_dir) if data_dir is not None else NodeKey.generate()
     cfg = attrs.evolve(config or MuxConfig(), **limits)
-    async with trio.open_nursery() as nursery:
-        mux = Mux(nursery, agent=agent, key=key, config=cfg)
-        try:
-            yield mux
-        finally:
-            with trio.CancelScope(shield=True):
-                await mux.aclose("mux_shutdown")
-            nursery.cancel_scope.cancel()
+    store: Store = SqliteStore(Path(data_dir) / STORE_FILE) if data_dir is not None else MemoryStore()
+    try:
+        async with trio.open_nursery() as nursery:
+            mux = await start_mux(nursery, agent=agent, key=key, config=cfg, store=store)
+            try:
+                yield mux
+            finally:
+                with trio.CancelScope(shield=True):
+                    await mux.aclose("mux_shutdown")
+                nursery.cancel_scope.cancel()
+    finally:
+        if isinstance(store, SqliteStore):
+            store.close()
+
+
+async def start_mux(nursery: trio.Nursery, *, agent: str, key: NodeKey, config: MuxConfig, store: Store) -> Mux:
+    """Start ``store``'s writer in ``nursery``, build a Mux on it and restore what the store
+    kept from before (channels, mailboxes)."""
+    await nursery.start(store.run)
+    mux = Mux(nursery, agent=agent, key=key, config=config, store=store)
+    mux.restore(await store.load())
+    return mux

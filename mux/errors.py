@@ -110,9 +110,10 @@ class ChannelFull(ChannelThrottled):
         detail: str = "",
         *,
         channel_id: str | None = None,
+        code: str | None = None,
         wait_room: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        super().__init__(detail, channel_id=channel_id)
+        super().__init__(detail, code=code, channel_id=channel_id)
         self.wait_room = wait_room
 
 

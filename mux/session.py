@@ -14,6 +14,7 @@ senders wait or get ``receiver_full``. Nothing grows without bound.
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import trio
@@ -39,6 +40,8 @@ class WireSession:
         self.endpoint = endpoint
         self.max_message_bytes = max_message_bytes
         self._closed_told: set[str] = set()
+        self._durable_acks: collections.deque[tuple[int, str]] = collections.deque()
+        self._ack_lot = trio.lowlevel.ParkingLot()
         self.forwarders = 0
         """Channels whose frames are still being forwarded (0 once all have closed)."""
         self._nursery: trio.Nursery | None = None
@@ -87,7 +90,18 @@ class WireSession:
     def _do_send(self, action: wire.Action) -> list[Outgoing]:
         ch = self._held(action.get("channel_id"))
         receipt = ch.post_nowait(action.get("payload"))
-        return [wire.frame_ack_event(receipt.frame, receipt.disposition.value, action.ref)]
+        ack = wire.frame_ack_event(receipt.frame, receipt.disposition.value, action.ref, stored=receipt.stored)
+        if receipt.stored:  # acknowledged once durable: the ack pump sends it after the commit
+            self._durable_acks.append((receipt.position, ack))
+            self._ack_lot.unpark_all()
+            return []
+        return [ack]
+
+    def _do_ack(self, action: wire.Action) -> list[Outgoing]:
+        removed = self.mux.ack(self.agent, action.get("channel_id"), action.get("seq"))
+        return [
+            wire.event("acked", action.ref, channel_id=action.get("channel_id"), seq=action.get("seq"), removed=removed)
+        ]
 
     def _do_close(self, action: wire.Action) -> list[Outgoing]:
         ch = self._held(action.get("channel_id"))
@@ -116,10 +130,27 @@ class WireSession:
         async with trio.open_nursery() as nursery, outbox:
             self._nursery = nursery
             self._outbox = outbox
+            nursery.start_soon(self._ack_pump, outbox.clone())
             task_status.started()
             async for ch in self.endpoint:
                 await outbox.send(wire.channel_opened_event(ch._state, "target"))
                 self._watch(ch)
+
+    async def _ack_pump(self, outbox: trio.MemorySendChannel[Outgoing]) -> None:
+        """Send durable ``frame_ack``s in order, each once the store has committed its frame."""
+        async with outbox:
+            while True:
+                while not self._durable_acks:
+                    await self._ack_lot.park()
+                position, ack = self._durable_acks[0]
+                await self.mux.store.flushed(position)
+                self._durable_acks.popleft()
+                await outbox.send(ack)
+
+    @property
+    def idle(self) -> bool:
+        """True when no durable ack is waiting and no channel is being forwarded."""
+        return not self._durable_acks and not self.forwarders
 
     async def _forward(self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing]) -> None:
         self.forwarders += 1

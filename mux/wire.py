@@ -47,6 +47,7 @@ ACTIONS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "open": {"target": ((str,), True), "intent": ((str,), False), "metadata": ((dict,), False)},
     "send": {"channel_id": ((str,), True), "payload": ((object,), True), "enc": ((str,), False)},
     "close": {"channel_id": ((str,), True), "reason": ((str,), False)},
+    "ack": {"channel_id": ((str,), True), "seq": ((int,), True)},
     "list": {},
     "ping": {},
 }
@@ -204,8 +205,9 @@ def channel_opened_event(state: ChannelState, role: str, ref: str | int | None =
     )
 
 
-def frame_ack_event(frame: Frame, disposition: str, ref: str | int | None = None) -> str:
-    """``frame_ack``: the frame was chained and signed; ``delivered`` says if it reached the peer."""
+def frame_ack_event(frame: Frame, disposition: str, ref: str | int | None = None, *, stored: bool = False) -> str:
+    """``frame_ack``: the frame was chained and signed (and with ``stored``, durably stored);
+    ``delivered`` says whether it also reached the receiver live."""
     return event(
         "frame_ack",
         ref,
@@ -214,6 +216,7 @@ def frame_ack_event(frame: Frame, disposition: str, ref: str | int | None = None
         tbz_hash=frame.tbz_hash,
         sig=frame.sig,
         delivered=disposition == "delivered",
+        stored=stored,
         disposition=disposition,
     )
 

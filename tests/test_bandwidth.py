@@ -39,7 +39,7 @@ async def test_preemptible_over_budget_is_refused(node: mux.Mux) -> None:
             raise AssertionError("second frame should have been throttled")
         assert ch.state == "open" and ch.info()["throttled"] == 1
         # the refused frame never entered the chain
-        assert [f.seq for f in node.export(ch.id)] == [0, 1]
+        assert [f.seq for f in await node.export(ch.id)] == [0, 1]
         got = await (await b.accept()).receive()
         assert got.seq == 1
 

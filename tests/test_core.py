@@ -36,8 +36,8 @@ async def test_quick_start_reads_naturally_in_trio() -> None:
         assert len(m.intents()) == 13
         m.register_intent("iot:sensor", backend="mqtt", description="IoT sensor data")
         assert len(m.intents()) == 14
-        mux.verify_chain(m.export(ch.id), m.public_key)
-        mux.verify_chain(m.export(voice.id), m.public_key)
+        mux.verify_chain(await m.export(ch.id), m.public_key)
+        mux.verify_chain(await m.export(voice.id), m.public_key)
 
 
 async def test_agent_names_normalized_as_in_seed(node: mux.Mux) -> None:
@@ -72,7 +72,7 @@ async def test_delivery_between_two_local_agents_both_ways(node: mux.Mux) -> Non
         assert close.kind == "close" and close.sender == "bob"
         assert [f async for f in a_ch] == []  # iteration ends at close
         assert a_ch.close_reason == "done"
-        report = mux.verify_chain(node.export(a_ch.id), node.public_key)
+        report = mux.verify_chain(await node.export(a_ch.id), node.public_key)
         assert report.frames == 28 and report.closed
 
 
@@ -99,13 +99,14 @@ async def test_third_agent_sees_and_touches_nothing(node: mux.Mux) -> None:
         for attempt in (
             lambda: x.channel(ch.id),
             lambda: node.handle(ch.id, "x"),
-            lambda: node.export(ch.id, caller="x"),
             lambda: node.channel_state(ch.id, caller="x"),
         ):
             with pytest.raises(mux.ChannelForbidden):
                 attempt()
         with pytest.raises(mux.ChannelForbidden):
             await node.close_channel(ch.id, by="x")
+        with pytest.raises(mux.ChannelForbidden):
+            await node.export(ch.id, caller="x")
         with pytest.raises(mux.ChannelNotFound):
             x.channel("ch-" + "0" * 32)
         assert ch.state == "open"
@@ -166,7 +167,7 @@ async def test_slow_receiver_makes_sender_wait_or_refuses() -> None:
         with pytest.raises(mux.ChannelFull) as info:
             await ch.send(99, wait=False)
         assert info.value.code == "receiver_full"
-        assert m.export(ch.id)[-1].seq == 4  # the refused frame was never chained
+        assert (await m.export(ch.id))[-1].seq == 4  # the refused frame was never chained
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ch.send, 4)  # waits for room
@@ -248,7 +249,7 @@ async def test_backend_failure_ends_only_its_own_channel(node: mux.Mux) -> None:
         await healthy.send(b"still fine")
         assert healthy.state == "open"
         for ch_id in (in_run.id, in_frame.id):
-            assert mux.verify_chain(node.export(ch_id), node.public_key).closed
+            assert mux.verify_chain(await node.export(ch_id), node.public_key).closed
 
 
 async def test_shutdown_closes_channels_with_signed_close_frames() -> None:
@@ -256,7 +257,7 @@ async def test_shutdown_closes_channels_with_signed_close_frames() -> None:
         ch = await m.open("t", "chat", agent="a")
         pk = m.public_key
     assert ch.state == "closed" and ch.close_reason == "mux_shutdown"
-    assert mux.verify_chain(m.export(ch.id), pk).closed
+    assert mux.verify_chain(await m.export(ch.id), pk).closed
 
 
 async def test_key_persists_in_data_dir(tmp_path: Any) -> None:

@@ -28,7 +28,7 @@ async def _make_chain() -> tuple[list[dict[str, Any]], str]:
         await peer.send([1, None, True])
         await ch.send("text")
         await ch.close("bye")
-        return [f.to_dict() for f in m.export(ch.id)], m.public_key
+        return [f.to_dict() for f in await m.export(ch.id)], m.public_key
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ def test_parse_errors_have_codes(message: str | bytes, code: str) -> None:
 
 async def test_session_pair_exchanges_frames(pair: tuple[Peer, Peer]) -> None:
     a, b = pair
-    [opened] = a.do(action="open", target="b", intent="chat", ref=1)
+    [opened] = a.do(action="open", target="b", intent="stream", ref=1)
     assert opened["event"] == "channel_opened" and opened["ref"] == 1
     cid = opened["channel_id"]
     told = await b.next()
@@ -109,3 +109,23 @@ async def test_errors_echo_ref_and_channel(pair: tuple[Peer, Peer]) -> None:
     assert err == {"error": "unknown_channel", "detail": err["detail"], "channel_id": "ch-" + "0" * 32, "ref": "x"}
     [err] = a.do(action="open", target="a", ref=9)
     assert (err["error"], err["ref"]) == ("bad_target", 9)
+
+
+async def test_durable_send_is_acked_after_the_store_and_acked_back(pair: tuple[Peer, Peer]) -> None:
+    a, b = pair
+    [opened] = a.do(action="open", target="b", intent="chat")
+    cid = opened["channel_id"]
+    await b.next()
+    assert a.do(action="send", channel_id=cid, payload={"m": 1}, ref="s1") == []  # not yet: waits for the store
+    ack = await a.next()
+    assert (ack["event"], ack["ref"], ack["stored"], ack["delivered"]) == ("frame_ack", "s1", True, True)
+    frame = await b.next()
+    assert frame["payload"] == {"m": 1}
+    [acked] = b.do(action="ack", channel_id=cid, seq=frame["seq"], ref=5)
+    assert (acked["event"], acked["removed"], acked["ref"]) == ("acked", 1, 5)
+    [again] = b.do(action="ack", channel_id=cid, seq=frame["seq"])
+    assert again["removed"] == 0
+    [err] = b.do(action="ack", channel_id="ch-" + "e" * 32, seq=1)
+    assert err["error"] == "unknown_channel"
+    [err] = b.do(action="ack", channel_id=cid, seq=-1)
+    assert err["error"] == "bad_request"

@@ -1,0 +1,350 @@
+"""Where a node keeps what must outlive a moment: the frame ledger, channels, mailboxes.
+
+How this works: the core calls the synchronous *record* methods (``append`` a frame,
+``record_open``/``record_close`` a channel, ``mail_put``/``mail_ack`` a mailbox entry) on its
+hot path; they never block. A store queues them in order and its writer task (``run``)
+applies them in batches, one transaction per batch (group commit). ``position`` counts what
+was recorded, ``await flushed(p)`` returns once everything up to ``p`` is durable: that is
+what a durable ``frame_ack`` waits for. ``has_room`` is False while the queue is over its
+bound, and the core then refuses new data frames with ``store_busy`` rather than grow.
+
+:class:`MemoryStore` is the in-process default (nothing survives a restart; the ledger is
+bounded). :class:`SqliteStore` keeps everything in ``DATA_DIR/mux.sqlite3`` (WAL mode),
+working in a worker thread so the event loop never waits on the disk. A Redis store for
+several nodes implements the same :class:`Store` protocol.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import orjson
+import trio
+
+from .frames import Frame
+
+__all__ = ["STORE_FILE", "ChannelRow", "MemoryStore", "Snapshot", "SqliteStore", "Store"]
+
+STORE_FILE = "mux.sqlite3"
+"""The store's file name inside a node's data directory."""
+
+
+@attrs.frozen
+class ChannelRow:
+    """A channel as stored: enough to rebuild it after a restart."""
+
+    id: str
+    intent: str
+    agent: str
+    target: str
+    metadata: dict[str, Any]
+    opened_at: float
+    closed: bool
+    close_reason: str | None
+    first: Frame | None
+    last: Frame | None
+
+
+@attrs.frozen
+class Snapshot:
+    """What a store holds at start-up: channels and unacknowledged mailbox frames, in order."""
+
+    channels: list[ChannelRow]
+    mail: list[Frame]
+
+
+class Store(Protocol):
+    """The storage seam. Record methods are sync and ordered; ``run`` applies them."""
+
+    position: int
+
+    def append(self, frame: Frame) -> None:
+        """Record a chained frame in the ledger."""
+
+    def record_open(self, row: ChannelRow) -> None:
+        """Record a new channel."""
+
+    def record_close(self, channel_id: str, reason: str) -> None:
+        """Record that a channel closed."""
+
+    def mail_put(self, frame: Frame) -> None:
+        """Record ``frame`` as waiting in ``frame.target``'s mailbox."""
+
+    def mail_ack(self, agent: str, channel_id: str, upto_seq: int) -> None:
+        """Drop ``agent``'s mailbox entries of ``channel_id`` with ``seq <= upto_seq``."""
+
+    def mail_drop(self, agent: str, channel_id: str, seq: int) -> None:
+        """Drop one mailbox entry (expired by the retention policy)."""
+
+    def has_room(self) -> bool:
+        """False while too much is queued for the writer."""
+
+    async def flushed(self, position: int) -> None:
+        """Return once everything recorded up to ``position`` is durable."""
+
+    async def chain(self, channel_id: str, after_seq: int = -1, limit: int | None = None) -> list[Frame]:
+        """The ledger's frames of a channel with ``seq > after_seq``, in order."""
+
+    async def load(self) -> Snapshot:
+        """What survived from before this start."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer task."""
+
+
+@attrs.define(eq=False)
+class MemoryStore:
+    """In-memory store: a bounded ledger (``max_channels`` chains of at most
+    ``max_frames_per_channel`` frames, oldest forgotten first); nothing survives a restart."""
+
+    max_channels: int = 4096
+    max_frames_per_channel: int = 100_000
+    position: int = 0
+    _chains: collections.OrderedDict[str, collections.deque[Frame]] = attrs.field(
+        factory=collections.OrderedDict, init=False
+    )
+
+    def append(self, frame: Frame) -> None:
+        """Keep ``frame``; forget the least recently started chain when over ``max_channels``."""
+        chain = self._chains.get(frame.channel_id)
+        if chain is None:
+            chain = self._chains[frame.channel_id] = collections.deque(maxlen=self.max_frames_per_channel)
+            while len(self._chains) > self.max_channels:
+                self._chains.popitem(last=False)
+        chain.append(frame)
+        self.position += 1
+
+    def record_open(self, row: ChannelRow) -> None:
+        """Nothing to persist in memory."""
+
+    def record_close(self, channel_id: str, reason: str) -> None:
+        """Nothing to persist in memory."""
+
+    def mail_put(self, frame: Frame) -> None:
+        """Mailboxes live in the Mux; nothing more to keep."""
+
+    def mail_ack(self, agent: str, channel_id: str, upto_seq: int) -> None:
+        """Nothing to persist in memory."""
+
+    def mail_drop(self, agent: str, channel_id: str, seq: int) -> None:
+        """Nothing to persist in memory."""
+
+    def has_room(self) -> bool:
+        """Always: appends are O(1) and bounded."""
+        return True
+
+    async def flushed(self, position: int) -> None:
+        """Memory is as durable as it gets here."""
+        await trio.lowlevel.checkpoint()
+
+    async def chain(self, channel_id: str, after_seq: int = -1, limit: int | None = None) -> list[Frame]:
+        """Frames of ``channel_id`` with ``seq > after_seq``."""
+        await trio.lowlevel.checkpoint()
+        chain = self._chains.get(channel_id)
+        if not chain:
+            return []
+        out = list(chain) if after_seq < chain[0].seq else [f for f in chain if f.seq > after_seq]
+        return out if limit is None else out[:limit]
+
+    async def load(self) -> Snapshot:
+        """A memory store starts empty."""
+        await trio.lowlevel.checkpoint()
+        return Snapshot([], [])
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """No writer needed."""
+        task_status.started()
+        await trio.sleep_forever()
+
+
+_SCHEMA = """
+PRAGMA journal_mode=WAL;
+CREATE TABLE IF NOT EXISTS frames (
+    channel_id TEXT NOT NULL, seq INTEGER NOT NULL, target TEXT NOT NULL, ts INTEGER NOT NULL,
+    frame BLOB NOT NULL, PRIMARY KEY (channel_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS channels (
+    id TEXT PRIMARY KEY, intent TEXT NOT NULL, agent TEXT NOT NULL, target TEXT NOT NULL,
+    metadata BLOB NOT NULL, opened_at REAL NOT NULL, closed INTEGER NOT NULL DEFAULT 0,
+    close_reason TEXT);
+CREATE TABLE IF NOT EXISTS mailbox (
+    agent TEXT NOT NULL, channel_id TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (agent, channel_id, seq)) WITHOUT ROWID;
+"""
+
+_OPS = {
+    "frame": "INSERT OR IGNORE INTO frames (channel_id, seq, target, ts, frame) VALUES (?, ?, ?, ?, ?)",
+    "open": "INSERT OR REPLACE INTO channels (id, intent, agent, target, metadata, opened_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)",
+    "close": "UPDATE channels SET closed = 1, close_reason = ? WHERE id = ?",
+    "mail": "INSERT OR IGNORE INTO mailbox (agent, channel_id, seq) VALUES (?, ?, ?)",
+    "ack": "DELETE FROM mailbox WHERE agent = ? AND channel_id = ? AND seq <= ?",
+    "drop": "DELETE FROM mailbox WHERE agent = ? AND channel_id = ? AND seq = ?",
+}
+
+
+class SqliteStore:
+    """Durable store in one SQLite file (WAL), written by a worker thread in batches.
+
+    ``synchronous="NORMAL"`` (default) survives a killed process; ``"FULL"`` also survives
+    power loss at some cost per commit. ``max_queue`` bounds what may wait for the writer.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL", max_queue: int = 50_000, batch: int = 2048
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be NORMAL or FULL")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._limiter = trio.CapacityLimiter(1)
+        self._queue: collections.deque[tuple[str, tuple[Any, ...], Frame | None]] = collections.deque()
+        self._wake = trio.Event()
+        self._done = trio.lowlevel.ParkingLot()
+        self.max_queue = max_queue
+        self.batch = batch
+        self.position = 0
+        self.durable = 0
+        self.failed: BaseException | None = None
+
+    def _put(self, op: str, args: tuple[Any, ...], frame: Frame | None = None) -> None:
+        self._queue.append((op, args, frame))
+        self.position += 1
+        self._wake.set()
+
+    def append(self, frame: Frame) -> None:
+        """Queue ``frame`` for the ledger table."""
+        self._put("frame", (frame.channel_id, frame.seq, frame.target, frame.ts, frame.to_json()), frame)
+
+    def record_open(self, row: ChannelRow) -> None:
+        """Queue a channel row."""
+        self._put("open", (row.id, row.intent, row.agent, row.target, orjson.dumps(row.metadata), row.opened_at))
+
+    def record_close(self, channel_id: str, reason: str) -> None:
+        """Queue a channel's close."""
+        self._put("close", (reason, channel_id))
+
+    def mail_put(self, frame: Frame) -> None:
+        """Queue a mailbox entry for ``frame.target``."""
+        self._put("mail", (frame.target, frame.channel_id, frame.seq))
+
+    def mail_ack(self, agent: str, channel_id: str, upto_seq: int) -> None:
+        """Queue the removal of acknowledged mailbox entries."""
+        self._put("ack", (agent, channel_id, upto_seq))
+
+    def mail_drop(self, agent: str, channel_id: str, seq: int) -> None:
+        """Queue the removal of one expired mailbox entry."""
+        self._put("drop", (agent, channel_id, seq))
+
+    def has_room(self) -> bool:
+        """False while more than ``max_queue`` operations wait for the writer."""
+        return len(self._queue) < self.max_queue
+
+    async def flushed(self, position: int) -> None:
+        """Wait until everything up to ``position`` is committed (raises if the writer died)."""
+        while self.durable < position:
+            if self.failed is not None:
+                raise RuntimeError(f"store writer failed: {self.failed!r}")
+            await self._done.park()
+
+    def _write(self, batch: list[tuple[str, tuple[Any, ...], Frame | None]]) -> None:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for op, args, _ in batch:
+                db.execute(_OPS[op], args)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer: take what is queued (up to ``batch``), commit it in one transaction."""
+        task_status.started()
+        try:
+            while True:
+                if not self._queue:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                n = min(len(self._queue), self.batch)
+                batch = [self._queue[i] for i in range(n)]
+                await trio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
+                for _ in range(n):
+                    self._queue.popleft()
+                self.durable += n
+                self._done.unpark_all()
+        except BaseException as exc:
+            self.failed = exc
+            self._done.unpark_all()
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._drain_on_exit()
+
+    async def _drain_on_exit(self) -> None:
+        if self._queue and self.failed is None:
+            batch = list(self._queue)
+            await trio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
+            self._queue.clear()
+            self.durable = self.position
+
+    async def chain(self, channel_id: str, after_seq: int = -1, limit: int | None = None) -> list[Frame]:
+        """Committed frames plus the ones still queued, in seq order, no duplicates."""
+        queued = [f for op, _, f in list(self._queue) if f is not None and f.channel_id == channel_id]
+
+        def read() -> list[bytes]:
+            rows = self._db.execute(
+                "SELECT frame FROM frames WHERE channel_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (channel_id, after_seq, -1 if limit is None else limit),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        stored = [Frame.from_dict(orjson.loads(b)) for b in await trio.to_thread.run_sync(read, limiter=self._limiter)]
+        seen = {f.seq for f in stored}
+        merged = stored + [f for f in queued if f.seq > after_seq and f.seq not in seen]
+        merged.sort(key=lambda f: f.seq)
+        return merged if limit is None else merged[:limit]
+
+    async def load(self) -> Snapshot:
+        """Channels with their last frame, and every mailbox entry, oldest first."""
+
+        def read() -> Snapshot:
+            db = self._db
+            channels = []
+            for cid, intent, agent, target, meta, opened_at, closed, reason in db.execute(
+                "SELECT id, intent, agent, target, metadata, opened_at, closed, close_reason FROM channels "
+                "WHERE closed = 0 OR id IN (SELECT channel_id FROM mailbox)"
+            ):
+                ends = [
+                    db.execute(
+                        f"SELECT frame FROM frames WHERE channel_id = ? ORDER BY seq {order} LIMIT 1", (cid,)
+                    ).fetchone()
+                    for order in ("ASC", "DESC")
+                ]
+                first, last = (Frame.from_dict(orjson.loads(e[0])) if e else None for e in ends)
+                channels.append(
+                    ChannelRow(
+                        cid, intent, agent, target, orjson.loads(meta), opened_at, bool(closed), reason, first, last
+                    )
+                )
+            mail = [
+                Frame.from_dict(orjson.loads(row[0]))
+                for row in db.execute(
+                    "SELECT f.frame FROM mailbox m JOIN frames f ON f.channel_id = m.channel_id AND f.seq = m.seq "
+                    "ORDER BY f.ts, m.channel_id, m.seq"
+                )
+            ]
+            return Snapshot(channels, mail)
+
+        return await trio.to_thread.run_sync(read, limiter=self._limiter)
+
+    def close(self) -> None:
+        """Close the database (after the writer has stopped)."""
+        self._db.close()
