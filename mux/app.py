@@ -300,6 +300,13 @@ def create_blueprint(
         next_after = found[-1]["seq"] if found else after
         return _json({"channel_id": channel_id, "frames": found, "next_after": next_after, "state": state.state})
 
+    @bp.get("/channel/<channel_id>/chain")
+    async def chain(channel_id: str) -> Response:
+        agent = _caller(required=True)
+        frames = await node.require().export(channel_id, caller=agent)
+        body = b"".join(f.to_json() + b"\n" for f in frames)
+        return Response(body, status=200, mimetype="application/x-ndjson")
+
     @bp.get("/intents")
     async def intents() -> Response:
         table = node.require().intents()

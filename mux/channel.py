@@ -13,7 +13,7 @@ A :class:`Channel` is one end's handle: ``send``, ``receive``/``async for``, ``c
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -58,6 +58,15 @@ class End:
         """Give this end an inbox (bounded by ``capacity``)."""
         self.holder = holder
         self.inbox_send, self.inbox_recv = trio.open_memory_channel[Frame](self.capacity)
+
+    def detach(self) -> None:
+        """Nobody holds this end any more: drop its inbox (durable frames stay in the mailbox)."""
+        if self.inbox_send is not None:
+            self.inbox_send.close()
+        self.holder = None
+        self.inbox_send = self.inbox_recv = None
+        self.queued = 0
+        self.room.unpark_all()
 
     def has_room(self) -> bool:
         """True when the inbox can take one more frame."""
@@ -255,12 +264,13 @@ class Channel:
     and ``close_frame`` say how).
     """
 
-    __slots__ = ("_end", "_mux", "_state")
+    __slots__ = ("_end", "_mux", "_recv", "_state")
 
     def __init__(self, mux: Mux, state: ChannelState, end: End) -> None:
         self._mux = mux
         self._state = state
         self._end = end
+        self._recv = end.inbox_recv  # this handle reads the inbox of its own attachment
 
     def __repr__(self) -> str:
         return f"<Channel {self.id} {self.intent} {self.local}->{self.peer} {self.state}>"
@@ -377,12 +387,14 @@ class Channel:
     async def receive(self) -> Frame:
         """The next frame from the peer; raises ChannelClosed once closed and drained."""
         end = self._end
-        if end.inbox_recv is None:
+        if self._recv is None:
             raise MuxError("this end is not attached", code="not_attached", channel_id=self.id)
         try:
-            frame = await end.inbox_recv.receive()
+            frame = await self._recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise ChannelClosed(f"channel closed: {self._state.close_reason}", channel_id=self.id) from None
+            raise ChannelClosed(self._ended(), channel_id=self.id) from None
+        if end.inbox_recv is not self._recv:  # detached meanwhile: nothing more to account
+            return frame
         end.queued -= 1
         end.room.unpark_all()
         if self._state.on_room is not None:
@@ -392,29 +404,40 @@ class Channel:
     def receive_nowait(self) -> Frame | None:
         """The next queued frame, or None if none is queued (raises ChannelClosed at the end)."""
         end = self._end
-        if end.inbox_recv is None:
+        if self._recv is None:
             return None
         try:
-            frame = end.inbox_recv.receive_nowait()
+            frame = self._recv.receive_nowait()
         except trio.WouldBlock:
             return None
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise ChannelClosed(f"channel closed: {self._state.close_reason}", channel_id=self.id) from None
+            raise ChannelClosed(self._ended(), channel_id=self.id) from None
+        if end.inbox_recv is not self._recv:
+            return frame
         end.queued -= 1
         end.room.unpark_all()
         if self._state.on_room is not None:
             self._state.on_room(self._state, end)
         return frame
 
-    def __aiter__(self) -> AsyncIterator[Frame]:
-        return self._iterate()
+    def _ended(self) -> str:
+        if self._state.close_frame is not None:
+            return f"channel closed: {self._state.close_reason}"
+        return "this end was detached (the channel is still open)"
 
-    async def _iterate(self) -> AsyncIterator[Frame]:
-        while True:
-            try:
-                yield await self.receive()
-            except ChannelClosed:
-                return
+    @property
+    def detached(self) -> bool:
+        """True when this handle's attachment ended while the channel stayed open."""
+        return self._end.inbox_recv is not self._recv
+
+    def __aiter__(self) -> Channel:
+        return self
+
+    async def __anext__(self) -> Frame:
+        try:
+            return await self.receive()
+        except ChannelClosed:
+            raise StopAsyncIteration from None
 
     async def close(self, reason: str = "closed") -> Frame:
         """Close the channel (both ends) with ``reason``; returns the signed close frame."""

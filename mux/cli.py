@@ -85,7 +85,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 @command("intents")
 def cmd_intents(args: argparse.Namespace) -> int:
-    """List the built-in intents (or resolve one name with ``--resolve``)."""
+    """List the built-in intents (or resolve one name with ``--resolve``; ``--url``: a node's)."""
+    if getattr(args, "url", None) and not args.resolve:
+        from .client import MuxClient
+
+        with MuxClient(args.url, "cli") as client:
+            rows = client.intents()["intents"]
+        lines = [f"{'intent':<12} {'backend':<8} {'prio':>4} {'rate B/s':>9} {'burst':>7} {'preempt':<7} delivery"]
+        for r in rows:
+            p = r["policy"]
+            preempt = "yes" if p["preemptible"] else "no"
+            lines.append(
+                f"{r['intent']:<12} {r['backend']:<8} {p['priority']:>4} {p['rate']:>9} {p['burst']:>7} "
+                f"{preempt:<7} {r['delivery']}"
+            )
+        emit(args, rows, "\n".join(lines))
+        return 0
     if args.resolve:
         i = resolve_intent(args.resolve)
         emit(args, i.to_dict(), f"{i.name} -> {i.matched} -> backend {i.backend} (priority {i.policy.priority})")
@@ -175,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("intents", "list the built-in intents and their policies")
     p.add_argument("--resolve", metavar="INTENT", help="resolve one intent name")
+    p.add_argument("--url", help="list a running node's intents instead (e.g. http://127.0.0.1:8443)")
 
     p = add("key", "print the node's public key (creating the key if absent)")
     p.add_argument("--data-dir", default="mux-data", help="node data directory (default: ./mux-data)")
@@ -217,3 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+
+
+from . import cli_remote  # noqa: F401,E402  (registers remote verbs)

@@ -643,15 +643,14 @@ class Endpoint:
         self._pending -= 1
         return ch
 
-    def __aiter__(self) -> AsyncIterator[Channel]:
-        return self._iterate()
+    def __aiter__(self) -> Endpoint:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[Channel]:
-        while True:
-            try:
-                yield await self.accept()
-            except ChannelClosed:
-                return
+    async def __anext__(self) -> Channel:
+        try:
+            return await self.accept()
+        except ChannelClosed:
+            raise StopAsyncIteration from None
 
     async def open(self, target: str, intent: str = "stream", metadata: dict[str, Any] | None = None) -> Channel:
         """Open a channel from this agent; this endpoint holds the opener end."""
@@ -675,9 +674,16 @@ class Endpoint:
         return handle
 
     def close_all(self, reason: str) -> None:
-        """Close every channel this endpoint holds with ``reason``."""
+        """The agent is leaving: close the channels it opened and the live ones it accepted
+        with ``reason``; durable channels opened to it stay open, their frames wait in its
+        mailbox for its next attachment."""
         for handle in list(self._held.values()):
-            self.mux._close_nowait(handle._state, reason, by=self.agent)
+            state = handle._state
+            if state.durable and handle.local == state.target:
+                handle._end.detach()
+                del self._held[state.id]
+            else:
+                self.mux._close_nowait(state, reason, by=self.agent)
 
     def _detach(self) -> None:
         if not self.attached:

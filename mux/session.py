@@ -164,7 +164,7 @@ class WireSession:
             try:
                 async for frame in ch:
                     await outbox.send(wire.frame_message(frame))
-                if ch.id not in self._closed_told:
+                if ch.id not in self._closed_told and ch.close_frame is not None:
                     self._closed_told.add(ch.id)
                     await outbox.send(wire.channel_closed_event(ch._state))
             except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -178,8 +178,7 @@ CREATE TABLE IF NOT EXISTS mailbox (
 
 _OPS = {
     "frame": "INSERT OR IGNORE INTO frames (channel_id, seq, target, ts, frame) VALUES (?, ?, ?, ?, ?)",
-    "open": "INSERT OR REPLACE INTO channels (id, intent, agent, target, metadata, opened_at) "
-    "VALUES (?, ?, ?, ?, ?, ?)",
+    "open": "INSERT OR IGNORE INTO channels (id, intent, agent, target, metadata, opened_at) VALUES (?, ?, ?, ?, ?, ?)",
     "close": "UPDATE channels SET closed = 1, close_reason = ? WHERE id = ?",
     "mail": "INSERT OR IGNORE INTO mailbox (agent, channel_id, seq) VALUES (?, ?, ?)",
     "ack": "DELETE FROM mailbox WHERE agent = ? AND channel_id = ? AND seq <= ?",
@@ -275,7 +274,8 @@ class SqliteStore:
                     await self._wake.wait()
                 n = min(len(self._queue), self.batch)
                 batch = [self._queue[i] for i in range(n)]
-                await trio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
+                with trio.CancelScope(shield=True):  # a batch is committed and dequeued as one
+                    await trio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
                 for _ in range(n):
                     self._queue.popleft()
                 self.durable += n

@@ -10,9 +10,9 @@ import orjson
 import pytest
 import trio
 from quart_trio import QuartTrio
-from trio_websocket import open_websocket_url
 
 import mux
+from mux.client import open_ws
 from mux.server import ServeInfo, create_blueprint, serve
 from mux.settings import NodeSettings
 from mux.wire import pack_binary
@@ -112,7 +112,10 @@ async def test_rest_bad_input_gets_json_errors(server: ServeInfo) -> None:
     with trio.fail_after(5):
         stream = await trio.open_tcp_stream(host, int(port))
         async with stream:
-            head = f"POST /api/mux/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {2 << 20}\r\n\r\n"
+            head = (
+                "POST /api/mux/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {2 << 20}\r\n\r\n"
+            )
             await stream.send_all(head.encode() + b"x" * 1000)
             answer = b""
             while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
@@ -129,8 +132,8 @@ async def test_two_agents_multiplex_many_channels_both_ways(server: ServeInfo) -
     async with httpx.AsyncClient() as c:
         key = (await c.get(server.url + "/api/mux/keys")).json()["keys"][0]["public_key"]
     async with (
-        open_websocket_url(ws_url(server.url, "alice")) as a,
-        open_websocket_url(ws_url(server.url, "bob")) as b,
+        open_ws(ws_url(server.url, "alice")) as a,
+        open_ws(ws_url(server.url, "bob")) as b,
     ):
         hello = await recv(a)
         assert hello["event"] == "connected" and hello["public_key"] == key
@@ -195,9 +198,9 @@ async def test_two_agents_multiplex_many_channels_both_ways(server: ServeInfo) -
 
 async def test_third_agent_cannot_see_or_use_channels(server: ServeInfo) -> None:
     async with (
-        open_websocket_url(ws_url(server.url, "a")) as a,
-        open_websocket_url(ws_url(server.url, "b")) as b,
-        open_websocket_url(ws_url(server.url, "x")) as x,
+        open_ws(ws_url(server.url, "a")) as a,
+        open_ws(ws_url(server.url, "b")) as b,
+        open_ws(ws_url(server.url, "x")) as x,
         httpx.AsyncClient(base_url=server.url + "/api/mux") as c,
     ):
         for ws in (a, b, x):
@@ -226,7 +229,7 @@ async def test_third_agent_cannot_see_or_use_channels(server: ServeInfo) -> None
 
 
 async def test_every_bad_message_fails_alone(server: ServeInfo) -> None:
-    async with open_websocket_url(ws_url(server.url, "a")) as a, open_websocket_url(ws_url(server.url, "b")) as b:
+    async with open_ws(ws_url(server.url, "a")) as a, open_ws(ws_url(server.url, "b")) as b:
         await recv(a)
         await recv(b)
         await send(a, action="open", target="b", intent="call:voice")
@@ -271,9 +274,9 @@ async def test_every_bad_message_fails_alone(server: ServeInfo) -> None:
 
 
 async def test_closed_socket_closes_its_channels(server: ServeInfo) -> None:
-    async with open_websocket_url(ws_url(server.url, "b")) as b:
+    async with open_ws(ws_url(server.url, "b")) as b:
         await recv(b)
-        async with open_websocket_url(ws_url(server.url, "a")) as a:
+        async with open_ws(ws_url(server.url, "a")) as a:
             await recv(a)
             await send(a, action="open", target="b", intent="stream")
             cid = (await recv(a))["channel_id"]
@@ -286,9 +289,9 @@ async def test_closed_socket_closes_its_channels(server: ServeInfo) -> None:
 
 
 async def test_second_socket_for_same_agent_is_refused(server: ServeInfo) -> None:
-    async with open_websocket_url(ws_url(server.url, "a")) as a:
+    async with open_ws(ws_url(server.url, "a")) as a:
         await recv(a)
-        async with open_websocket_url(ws_url(server.url, "a")) as again:
+        async with open_ws(ws_url(server.url, "a")) as again:
             err = await recv(again)
             assert err["error"] == "agent_attached"
         await send(a, action="ping", ref=1)
@@ -301,7 +304,7 @@ async def test_graceful_shutdown_tells_clients(nursery: trio.Nursery) -> None:
     info: ServeInfo = await nursery.start(
         lambda task_status: serve(settings, shutdown_trigger=stop.wait, task_status=task_status)
     )
-    async with open_websocket_url(ws_url(info.url, "a")) as a, open_websocket_url(ws_url(info.url, "b")) as b:
+    async with open_ws(ws_url(info.url, "a")) as a, open_ws(ws_url(info.url, "b")) as b:
         await recv(a)
         await recv(b)
         await send(a, action="open", target="b", intent="chat")
@@ -337,7 +340,7 @@ async def test_blueprint_mounts_in_a_user_app(nursery: trio.Nursery) -> None:
         assert (await c.get("/mux/status")).json()["channels_open"] == 0
         opened = (await c.post("/mux/open", json={"agent": "a", "target": "b"})).json()
         assert opened["channel_id"].startswith("ch-")
-    async with open_websocket_url(base.replace("http", "ws") + "/mux/ws?agent=b") as b:
+    async with open_ws(base.replace("http", "ws") + "/mux/ws?agent=b") as b:
         assert (await recv(b))["event"] == "connected"
         ev = await recv(b)  # told of the channel a opened before b connected
         assert ev["event"] == "channel_opened" and ev["channel_id"] == opened["channel_id"]
@@ -354,7 +357,7 @@ async def test_blueprint_can_serve_a_mux_you_own(nursery: trio.Nursery, given: b
         cfg = Config()
         cfg.bind = ["127.0.0.1:0"]
         urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))
-        async with open_websocket_url(urls[0].replace("http", "ws") + "/api/mux/ws?agent=remote") as r:
+        async with open_ws(urls[0].replace("http", "ws") + "/api/mux/ws?agent=remote") as r:
             assert (await recv(r))["node"] == "mine"
             await send(r, action="open", target="local", intent="chat")
             cid = (await recv(r))["channel_id"]

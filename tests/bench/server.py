@@ -12,13 +12,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import httpx
 import orjson
 import trio
-from trio_websocket import open_websocket_url
+
+from mux.client import open_ws
 
 __all__ = ["run"]
 
@@ -51,7 +52,7 @@ def _process(args: list[str], marker: str) -> Iterator[tuple[subprocess.Popen[st
 
 async def _relay(url: str, n: int, window: int, payload: dict[str, str]) -> float:
     ws = url.replace("http", "ws", 1) + "/api/mux/ws?agent="
-    async with open_websocket_url(ws + "bench-tx") as tx, open_websocket_url(ws + "bench-rx") as rx:
+    async with open_ws(ws + "bench-tx") as tx, open_ws(ws + "bench-rx") as rx:
         await tx.get_message()
         await rx.get_message()
         await tx.send_message(orjson.dumps({"action": "open", "target": "bench-rx", "intent": "stream"}).decode())
@@ -80,7 +81,7 @@ async def _relay(url: str, n: int, window: int, payload: dict[str, str]) -> floa
 
 
 async def _echo(url: str, n: int, window: int, payload: dict[str, str]) -> float:
-    async with open_websocket_url(url.replace("http", "ws", 1) + "/echo") as ws:
+    async with open_ws(url.replace("http", "ws", 1) + "/echo") as ws:
         msg = orjson.dumps({"action": "send", "channel_id": "ch-x", "payload": payload}).decode()
         credit = trio.Semaphore(window)
         t0 = time.perf_counter()

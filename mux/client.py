@@ -1,0 +1,807 @@
+"""Clients of a running mux node: a synchronous REST client and an async Trio WebSocket client.
+
+How this works:
+
+- :class:`MuxClient` wraps an :class:`httpx.Client` and speaks the REST half of
+  ``docs/protocol.md``: every call names the calling agent (body ``agent`` for POSTs,
+  ``?agent=`` for GETs), returns the node's JSON answer as a ``dict``, and turns an error
+  answer ``{"error": CODE, "detail": ..., "channel_id"?: ...}`` into the matching
+  :class:`~mux.errors.MuxError` subclass (:func:`error_from_wire`). Transport failures raise a
+  ``MuxError`` with code ``unreachable``. ``frames(..., wait=S)`` is the long-poll receive.
+- :func:`connect` opens one WebSocket (``/api/mux/ws?agent=...``) and yields a
+  :class:`MuxConnection`. One reader task owns the socket's receiving side and dispatches
+  every event: a ``frame`` goes to its channel's bounded inbox (when an inbox is full the
+  reader waits, which stops reading the socket: that is backpressure to the node; read your
+  channels), a ``channel_opened`` registers a :class:`ClientChannel` (and, with role
+  ``target``, queues it for :meth:`MuxConnection.accept`), a ``channel_closed`` ends that
+  channel's inbox, and any event carrying a ``ref`` answers the request that sent it.
+  Requests (``open``, ``send``, ``close``, ``list``, ``ping``) wait for their answer with a
+  timeout. Error events that answer nothing are logged and kept in ``MuxConnection.errors``.
+
+Binary payloads (``bytes``) travel as binary WebSocket messages (u32BE header length, JSON
+header, payload bytes); received binary frames carry the raw bytes as ``payload`` with
+``enc`` ``"bytes"``. :meth:`MuxConnection.verify` checks a received frame against the node's
+public key.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import itertools
+import logging
+import math
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, NoReturn
+
+import attrs
+import httpx
+import orjson
+import trio
+import trio_websocket
+
+from .errors import (
+    BadRequest,
+    ChannelClosed,
+    ChannelError,
+    ChannelForbidden,
+    ChannelFull,
+    ChannelLimit,
+    ChannelNotFound,
+    ChannelThrottled,
+    MuxError,
+)
+from .frames import Frame
+from .signing import verify_frame
+from .wire import pack_binary, unpack_binary
+
+__all__ = [
+    "API_PREFIX",
+    "ClientChannel",
+    "MuxClient",
+    "MuxConnection",
+    "api_url",
+    "connect",
+    "error_from_wire",
+    "open_ws",
+    "ws_url",
+]
+
+log = logging.getLogger("mux.client")
+
+API_PREFIX = "/api/mux"
+"""Where a node mounts its routes (``NodeSettings.prefix``)."""
+
+_ERRORS: dict[str, type[MuxError]] = {
+    "unknown_channel": ChannelNotFound,
+    "forbidden": ChannelForbidden,
+    "channel_closed": ChannelClosed,
+    "channel_limit": ChannelLimit,
+    "throttled": ChannelThrottled,
+    "receiver_full": ChannelFull,
+    "store_busy": ChannelFull,
+    "mailbox_full": ChannelError,
+    "agent_attached": ChannelError,
+    "backend_error": ChannelError,
+}
+_BAD_INPUT = frozenset(
+    {
+        "invalid_json",
+        "bad_request",
+        "unknown_action",
+        "bad_agent",
+        "bad_target",
+        "bad_intent",
+        "bad_metadata",
+        "bad_payload",
+        "bad_binary",
+        "message_too_large",
+        "payload_too_large",
+    }
+)
+"""Error codes of bad input (HTTP 400/413): they map to :class:`BadRequest`."""
+_FRAME_KEYS = ("v", "channel_id", "seq", "kind", "sender", "target", "intent", "ts", "prev", "enc", "payload")
+
+
+def error_from_wire(body: dict[str, Any], status: int | None = None) -> MuxError:
+    """The :class:`MuxError` for an error object ``{"error": CODE, "detail", "channel_id"?}``.
+
+    Channel codes map to their subclass (``unknown_channel`` -> ChannelNotFound,
+    ``forbidden`` -> ChannelForbidden, ``channel_closed`` -> ChannelClosed, ``channel_limit``
+    -> ChannelLimit, ``throttled`` -> ChannelThrottled, ``receiver_full``/``store_busy`` ->
+    ChannelFull); bad-input codes, or any code with HTTP status 400/413, give
+    :class:`BadRequest`; anything else a plain :class:`MuxError`. The instance always carries
+    the node's ``code``, ``detail`` and ``channel_id`` (and ``ref`` when present).
+    """
+    code = str(body.get("error") or "mux_error")
+    detail = str(body.get("detail") or "")
+    channel_id = body.get("channel_id")
+    if not isinstance(channel_id, str):
+        channel_id = None
+    cls = _ERRORS.get(code)
+    exc: MuxError
+    if cls is not None:
+        exc = cls(detail, channel_id=channel_id)
+    elif code in _BAD_INPUT or status in (400, 413):
+        exc = BadRequest(detail, channel_id=channel_id)
+    else:
+        exc = MuxError(detail, channel_id=channel_id)
+    exc.code = code
+    ref = body.get("ref")
+    if isinstance(ref, (str, int)) and not isinstance(ref, bool):
+        exc.ref = ref
+    return exc
+
+
+def _split_base(url: str) -> urllib.parse.SplitResult:
+    parts = urllib.parse.urlsplit(url.strip())
+    if not parts.scheme or not parts.netloc:
+        raise BadRequest(f"not a node URL: {url!r} (expected e.g. http://127.0.0.1:8443)", code="bad_url")
+    return parts
+
+
+def _api_path(path: str) -> str:
+    path = path.rstrip("/")
+    if path.endswith("/ws"):
+        path = path[: -len("/ws")]
+    return path if path.endswith(API_PREFIX) else path + API_PREFIX
+
+
+def api_url(base_url: str) -> str:
+    """The REST root for a node URL: ``http://h:p`` -> ``http://h:p/api/mux`` (kept if present)."""
+    parts = _split_base(base_url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("http", "https"):
+        raise BadRequest(f"unsupported URL scheme {parts.scheme!r}", code="bad_url")
+    return urllib.parse.urlunsplit((scheme, parts.netloc, _api_path(parts.path), "", ""))
+
+
+def ws_url(url: str, agent: str) -> str:
+    """The WebSocket URL for ``agent``: http(s) node URLs become ``ws(s)://.../api/mux/ws?agent=``.
+
+    A ``ws(s)://`` URL keeps its path (``/api/mux/ws`` is added when it has none); the
+    ``agent`` query parameter is set either way.
+    """
+    parts = _split_base(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise BadRequest(f"unsupported URL scheme {parts.scheme!r}", code="bad_url")
+    path = parts.path.rstrip("/")
+    if parts.scheme in ("http", "https") or not path:
+        path = _api_path(path) + "/ws"
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k != "agent"] + [("agent", agent)]
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, urllib.parse.urlencode(query), ""))
+
+
+# ---- synchronous REST client ---------------------------------------------------------------
+
+
+class MuxClient:
+    """A synchronous REST client of one node, acting as ``agent``.
+
+    ``base_url`` is the node URL (``http://127.0.0.1:8443``; a trailing ``/api/mux`` is
+    fine). ``token`` is sent as ``Authorization: Bearer``; ``verify`` is ``True`` (system
+    CAs), ``False``, a CA bundle path, or an :class:`ssl.SSLContext`. Every method returns
+    the node's JSON answer; errors raise :class:`~mux.errors.MuxError` subclasses. Use as a
+    context manager, or call :meth:`close_client` when done.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        agent: str,
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        verify: bool | str | ssl.SSLContext = True,
+    ) -> None:
+        self.base_url = api_url(base_url)
+        self.agent = agent
+        self.timeout = timeout
+        headers = {"Accept": "application/json", "User-Agent": "mux-client"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if isinstance(verify, str):
+            verify = ssl.create_default_context(cafile=verify)
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, verify=verify)
+
+    def __repr__(self) -> str:
+        return f"<MuxClient {self.agent} at {self.base_url}>"
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        try:
+            response = self._http.request(
+                method,
+                path,
+                content=orjson.dumps(body) if body is not None else None,
+                headers={"Content-Type": "application/json"} if body is not None else None,
+                params=params,
+                timeout=timeout if timeout is not None else self.timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise MuxError(
+                f"cannot reach the node at {self.base_url}: {_why(exc)}",
+                code="unreachable",
+            ) from exc
+        try:
+            data = orjson.loads(response.content) if response.content else {}
+        except orjson.JSONDecodeError:
+            data = None
+        if not response.is_success:
+            if isinstance(data, dict) and "error" in data:
+                raise error_from_wire(data, response.status_code)
+            raise MuxError(
+                f"HTTP {response.status_code} from {method} {path}: {response.text[:200]}",
+                code=f"http_{response.status_code}",
+            )
+        if not isinstance(data, dict):
+            raise MuxError(f"{method} {path}: the answer is not a JSON object", code="bad_response")
+        return data
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", path, body={"agent": self.agent, **body})
+
+    def _get(self, path: str, **params: Any) -> dict[str, Any]:
+        return self._request("GET", path, params={"agent": self.agent, **params})
+
+    def open(self, target: str, intent: str = "stream", metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Open a channel to ``target``: ``{channel_id, intent, route, state, agent, target, ...}``."""
+        return self._post("/open", {"target": target, "intent": intent, "metadata": metadata or {}})
+
+    def send(self, channel_id: str, payload: Any) -> dict[str, Any]:
+        """Send a JSON payload: ``{delivered, channel_id, seq, tbz_hash, sig, disposition, route}``."""
+        return self._post("/send", {"channel_id": channel_id, "payload": payload})
+
+    def close(self, channel_id: str, reason: str = "closed") -> dict[str, Any]:
+        """Close a channel: ``{channel_id, state: "closed", reason, seq, tbz_hash}``."""
+        return self._post("/close", {"channel_id": channel_id, "reason": reason})
+
+    def ack(self, channel_id: str, seq: int) -> dict[str, Any]:
+        """Acknowledge durable frames up to ``seq`` (cumulative): ``{channel_id, seq, removed}``."""
+        return self._post("/ack", {"channel_id": channel_id, "seq": seq})
+
+    def channels(self) -> dict[str, Any]:
+        """This agent's open channels: ``{agent, channels: [...], count}``."""
+        return self._get("/channels")
+
+    def channel(self, channel_id: str) -> dict[str, Any]:
+        """One channel's info (this agent must be one of its ends)."""
+        return self._get(f"/channel/{urllib.parse.quote(channel_id, safe='')}")
+
+    def frames(self, channel_id: str, after: int = 0, wait: float = 0.0, limit: int = 100) -> dict[str, Any]:
+        """Frames addressed to this agent with ``seq > after``: ``{channel_id, frames, next_after, state}``.
+
+        With ``wait`` > 0 the node holds the request until a frame arrives or ``wait``
+        seconds pass (long poll; the node caps it, 30 s by default). The node takes whole
+        seconds, so ``wait`` is rounded up.
+        """
+        wait_s = max(0, math.ceil(wait))
+        return self._request(
+            "GET",
+            f"/channel/{urllib.parse.quote(channel_id, safe='')}/frames",
+            params={"agent": self.agent, "after": after, "wait": wait_s, "limit": limit},
+            timeout=self.timeout + wait_s,
+        )
+
+    def intents(self) -> dict[str, Any]:
+        """The node's intent table: ``{intents: [...], count}``."""
+        return self._get("/intents")
+
+    def status(self) -> dict[str, Any]:
+        """Node status: ``{agent, version, public_key, signing, tls, uptime_s, channels_open, ...}``."""
+        return self._get("/status")
+
+    def keys(self) -> dict[str, Any]:
+        """The node's signing keys: ``{node, keys: [{kid, alg, public_key}]}``."""
+        return self._get("/keys")
+
+    def close_client(self) -> None:
+        """Close the HTTP connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> MuxClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close_client()
+
+
+# ---- async WebSocket client ----------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Pending:
+    """A request waiting for the event (or error) that carries its ``ref``."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    reply: dict[str, Any] | None = None
+    error: MuxError | None = None
+    channel: ClientChannel | None = None
+    """For ``open``: the channel the ``channel_opened`` answer registered."""
+
+    def resolve(self, reply: dict[str, Any] | None = None, error: MuxError | None = None) -> None:
+        if self.done.is_set():
+            return
+        self.reply, self.error = reply, error
+        self.done.set()
+
+
+def _frame_dict(msg: dict[str, Any]) -> dict[str, Any]:
+    """A ``frame`` event as ``Frame.to_dict()`` would give it: same keys, same order, no ``event``."""
+    msg.pop("event", None)
+    out = {k: msg.pop(k) for k in _FRAME_KEYS if k in msg}
+    out.update(msg)
+    return out
+
+
+def _why(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    text = str(exc) or (f"{type(cause).__name__}: {cause}" if cause is not None else "")
+    return f"{type(exc).__name__}: {text or 'no detail'}"
+
+
+class ClientChannel:
+    """One channel as seen by a :class:`MuxConnection`: send, receive, iterate, close.
+
+    ``role`` is ``"opener"`` for channels this connection opened and ``"target"`` for ones
+    another agent opened to it; ``peer`` is the other end. ``async for frame in ch`` yields
+    frame dicts until the channel is closed; then ``closed_reason`` says why.
+    """
+
+    def __init__(self, conn: MuxConnection, event: dict[str, Any], buffer_frames: int) -> None:
+        self._conn = conn
+        self.id: str = event["channel_id"]
+        self.intent: str = event.get("intent", "")
+        self.agent: str = event.get("agent", "")
+        self.target: str = event.get("target", "")
+        self.role: str = event.get("role", "opener")
+        self.route: dict[str, Any] = event.get("route") or {}
+        self.metadata: dict[str, Any] = event.get("metadata") or {}
+        self.policy: dict[str, Any] = event.get("policy") or {}
+        self.tbz_hash: str = event.get("tbz_hash", "")
+        self.closed_reason: str | None = None
+        self.closed_event: dict[str, Any] | None = None
+        """The ``channel_closed`` event, once the channel is closed."""
+        self._inbox_send, self._inbox_recv = trio.open_memory_channel[dict[str, Any]](buffer_frames)
+
+    def __repr__(self) -> str:
+        state = f"closed ({self.closed_reason})" if self.closed_reason else "open"
+        return f"<ClientChannel {self.id} {self.agent}->{self.target} {self.intent} {state}>"
+
+    @property
+    def peer(self) -> str:
+        """The other end of the channel."""
+        return self.target if self.agent == self._conn.agent else self.agent
+
+    @property
+    def is_open(self) -> bool:
+        """True until the node reports the channel closed."""
+        return self.closed_reason is None
+
+    def _closed(self, event: dict[str, Any]) -> None:
+        if self.closed_event is None:
+            self.closed_event = event
+            self.closed_reason = str(event.get("reason") or "closed")
+        self._inbox_send.close()
+
+    def _raise_closed(self) -> NoReturn:
+        raise ChannelClosed(f"channel is closed ({self.closed_reason})", channel_id=self.id)
+
+    async def send(self, payload: Any) -> dict[str, Any]:
+        """Send one payload (JSON value, or ``bytes`` as a binary message); returns the ``frame_ack``."""
+        if self.closed_reason is not None:
+            self._raise_closed()
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            return await self._conn._request(
+                {"action": "send", "channel_id": self.id}, binary=bytes(payload), expect="frame_ack"
+            )
+        return await self._conn._request(
+            {"action": "send", "channel_id": self.id, "payload": payload}, expect="frame_ack"
+        )
+
+    async def receive(self) -> dict[str, Any]:
+        """The next frame addressed to us (``Frame.to_dict()`` form; binary payloads as bytes).
+
+        Raises :class:`~mux.errors.ChannelClosed` once the channel is closed and drained.
+        """
+        try:
+            return await self._inbox_recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self._raise_closed()
+
+    def __aiter__(self) -> ClientChannel:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        try:
+            return await self._inbox_recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    async def ack(self, seq: int) -> dict[str, Any]:
+        """Acknowledge durable frames up to ``seq`` (cumulative); returns the ``acked`` event.
+
+        Durable intents (chat, push, task, sync, mail) redeliver unacknowledged frames on the
+        next connection; drop duplicates by ``(channel_id, seq)``.
+        """
+        return await self._conn._request({"action": "ack", "channel_id": self.id, "seq": seq}, expect="acked")
+
+    async def close(self, reason: str = "closed") -> dict[str, Any]:
+        """Close the channel (idempotent); returns the ``channel_closed`` event."""
+        if self.closed_event is not None:
+            return self.closed_event
+        try:
+            return await self._conn._request(
+                {"action": "close", "channel_id": self.id, "reason": reason}, expect="channel_closed"
+            )
+        except ChannelClosed:
+            if self.closed_event is not None:
+                return self.closed_event
+            raise
+
+
+@attrs.define
+class _Incoming:
+    """The async iterator of :meth:`MuxConnection.incoming` (a class, not a generator: safe to break)."""
+
+    recv: trio.MemoryReceiveChannel[ClientChannel]
+
+    def __aiter__(self) -> _Incoming:
+        return self
+
+    async def __anext__(self) -> ClientChannel:
+        try:
+            return await self.recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+
+class MuxConnection:
+    """One WebSocket to a node, created by :func:`connect`; many channels over it.
+
+    ``agent``, ``node`` and ``public_key`` come from the node's ``connected`` event.
+    ``errors`` keeps the most recent error events that answered no request.
+    """
+
+    def __init__(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        hello: dict[str, Any],
+        *,
+        buffer_frames: int = 256,
+        request_timeout: float | None = 30.0,
+    ) -> None:
+        self._ws = ws
+        self.agent: str = hello["agent"]
+        self.node: str = hello.get("node", "")
+        self.public_key: str = hello.get("public_key", "")
+        self.max_message_bytes: int = int(hello.get("max_message_bytes") or 0)
+        self.errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
+        self.request_timeout = request_timeout
+        self._buffer_frames = buffer_frames
+        self._channels: dict[str, ClientChannel] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._refs = itertools.count(1)
+        self._incoming_send, self._incoming_recv = trio.open_memory_channel[ClientChannel](64)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<MuxConnection {self.agent} to {self.node} with {len(self._channels)} channels>"
+
+    @property
+    def channels(self) -> list[ClientChannel]:
+        """The channels of this connection that are still open."""
+        return [ch for ch in self._channels.values() if ch.is_open]
+
+    @property
+    def closed(self) -> bool:
+        """True once the socket is gone."""
+        return self._closed
+
+    # ---- requests --------------------------------------------------------------------------
+
+    async def _call(self, message: dict[str, Any], binary: bytes | None = None) -> _Pending:
+        """Send one action with a fresh ``ref`` and wait for the event or error that echoes it."""
+        if self._closed:
+            raise MuxError("the connection to the node is closed", code="connection_closed")
+        ref = next(self._refs)
+        message = {**message, "ref": ref}
+        try:
+            data: str | bytes = pack_binary(message, binary) if binary is not None else orjson.dumps(message).decode()
+        except orjson.JSONEncodeError as exc:
+            raise BadRequest(f"payload is not JSON-serializable: {exc}", code="bad_payload") from exc
+        pending = self._pending[ref] = _Pending()
+        try:
+            try:
+                await self._ws.send_message(data)
+            except trio_websocket.ConnectionClosed as exc:
+                raise MuxError("the connection to the node is closed", code="connection_closed") from exc
+            with trio.fail_after(self.request_timeout if self.request_timeout is not None else math.inf):
+                await pending.done.wait()
+        except trio.TooSlowError:
+            raise MuxError(
+                f"no answer to {message['action']} within {self.request_timeout} s", code="timeout"
+            ) from None
+        finally:
+            self._pending.pop(ref, None)
+        if pending.error is not None:
+            raise pending.error
+        return pending
+
+    async def _request(
+        self, message: dict[str, Any], *, binary: bytes | None = None, expect: str | None = None
+    ) -> dict[str, Any]:
+        reply = (await self._call(message, binary)).reply
+        assert reply is not None
+        if expect is not None and reply.get("event") != expect:
+            raise MuxError(f"expected {expect}, got {reply.get('event')!r}", code="bad_response")
+        return reply
+
+    async def open(self, target: str, intent: str = "stream", metadata: dict[str, Any] | None = None) -> ClientChannel:
+        """Open a channel to ``target``; returns it once the node answered ``channel_opened``."""
+        msg: dict[str, Any] = {"action": "open", "target": target, "intent": intent}
+        if metadata is not None:
+            msg["metadata"] = metadata
+        pending = await self._call(msg)
+        if pending.channel is None:
+            raise MuxError(f"expected channel_opened, got {pending.reply!r:.200}", code="bad_response")
+        return pending.channel
+
+    async def accept(self) -> ClientChannel:
+        """The next channel another agent opened to us (MuxError ``connection_closed`` at the end)."""
+        try:
+            return await self._incoming_recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise MuxError("the connection to the node is closed", code="connection_closed") from None
+
+    def incoming(self) -> AsyncIterator[ClientChannel]:
+        """``async for ch in conn.incoming()``: channels opened to us, until the connection ends."""
+        return _Incoming(self._incoming_recv)
+
+    async def list(self) -> list[dict[str, Any]]:
+        """This agent's open channels, as the node sees them (channel info dicts)."""
+        reply = await self._request({"action": "list"}, expect="channel_list")
+        channels = reply.get("channels") or []
+        return list(channels)
+
+    async def ping(self) -> float:
+        """Round-trip time of one ``ping``/``pong``, in seconds."""
+        start = trio.current_time()
+        await self._request({"action": "ping"}, expect="pong")
+        return trio.current_time() - start
+
+    def verify(self, frame: dict[str, Any] | Frame) -> Frame:
+        """Verify a received frame's hash and signature with the node's key; return it as a Frame.
+
+        Raises :class:`~mux.errors.VerificationError` (``bad_hash``, ``bad_signature``, ...).
+        """
+        if isinstance(frame, dict) and isinstance(frame.get("payload"), (bytes, bytearray, memoryview)):
+            frame = {**frame, "enc": "bytes", "payload": base64.b64encode(bytes(frame["payload"])).decode()}
+        return verify_frame(frame, self.public_key)
+
+    # ---- the reader ------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    message = await self._ws.get_message()
+                except trio_websocket.ConnectionClosed:
+                    return
+                try:
+                    await self._dispatch(message)
+                except MuxError as exc:
+                    log.warning("%s: undecodable message from the node: %s", self.agent, exc)
+                    self.errors.append(exc.to_wire())
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        for pending in list(self._pending.values()):
+            pending.resolve(error=MuxError("the connection to the node is closed", code="connection_closed"))
+        self._incoming_send.close()
+        for ch in self._channels.values():
+            if ch.closed_reason is None:
+                ch.closed_reason = "connection_closed"
+            ch._inbox_send.close()
+        self._channels.clear()
+
+    async def _dispatch(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            header, payload = unpack_binary(message)
+            if header.get("event") != "frame":
+                raise BadRequest(f"binary message with event {header.get('event')!r}", code="bad_binary")
+            header["payload"] = payload
+            header["enc"] = "bytes"
+            await self._on_frame(_frame_dict(header))
+            return
+        try:
+            msg = orjson.loads(message)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"not JSON: {exc}", code="invalid_json") from exc
+        if not isinstance(msg, dict):
+            raise BadRequest("not a JSON object", code="invalid_json")
+        name = msg.get("event")
+        if name == "frame":
+            await self._on_frame(_frame_dict(msg))
+            return
+        ref = msg.get("ref")
+        pending = self._pending.get(ref) if isinstance(ref, int) and not isinstance(ref, bool) else None
+        if name is None and "error" in msg:
+            if pending is not None:
+                pending.resolve(error=error_from_wire(msg))
+            else:
+                log.warning("%s: error from the node: %s: %s", self.agent, msg.get("error"), msg.get("detail"))
+                self.errors.append(msg)
+            return
+        if name == "channel_opened":
+            ch = ClientChannel(self, msg, self._buffer_frames)
+            self._channels[ch.id] = ch
+            if pending is not None:
+                pending.channel = ch
+            if ch.role == "target":
+                await self._incoming_send.send(ch)
+        elif name == "channel_closed":
+            closing = self._channels.pop(msg.get("channel_id", ""), None)
+            if closing is not None:
+                closing._closed(msg)
+        if pending is not None:
+            pending.resolve(reply=msg)
+
+    async def _on_frame(self, frame: dict[str, Any]) -> None:
+        ch = self._channels.get(frame.get("channel_id", ""))
+        if ch is None or not ch.is_open:
+            log.warning("%s: frame for unknown channel %r dropped", self.agent, frame.get("channel_id"))
+            return
+        try:
+            await ch._inbox_send.send(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            log.debug("%s: frame for closed channel %s dropped", self.agent, ch.id)
+
+
+@asynccontextmanager
+async def connect(
+    url: str,
+    agent: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    token: str | None = None,
+    buffer_frames: int = 256,
+    request_timeout: float | None = 30.0,
+    connect_timeout: float = 10.0,
+    max_message_bytes: int = 4 << 20,
+) -> AsyncIterator[MuxConnection]:
+    """Connect ``agent`` to a node over WebSocket: ``async with connect(url, "alice") as conn:``.
+
+    ``url`` is the node URL (``http(s)://host:port``) or a full ``ws(s)://`` URL. The block
+    owns the connection and its reader task; leaving it closes the socket (the node then
+    closes this agent's channels with reason ``ws_disconnect``). ``buffer_frames`` bounds each
+    channel's inbox; ``request_timeout`` bounds each request's wait for its answer. A refused
+    connection (e.g. ``agent_attached``) raises the node's error; an unreachable node raises
+    MuxError ``unreachable``.
+    """
+    target = ws_url(url, agent)
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
+    if ssl_context is None and target.startswith("wss:"):
+        ssl_context = ssl.create_default_context()
+    body_error: Exception | None = None
+    try:
+        async with open_ws(
+            target,
+            ssl_context,
+            extra_headers=headers,
+            max_message_size=max_message_bytes,
+            connect_timeout=connect_timeout,
+            disconnect_timeout=5,
+        ) as ws:
+            with trio.fail_after(connect_timeout):
+                conn = await _greeting(ws, buffer_frames, request_timeout)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn._read_loop, name=f"mux-client-reader-{conn.agent}")
+                try:
+                    yield conn
+                except Exception as exc:  # re-raised below, outside the nursery: no ExceptionGroup
+                    body_error = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+            conn._shutdown()
+    except trio.TooSlowError as exc:
+        raise MuxError(f"no greeting from {target} within {connect_timeout} s", code="unreachable") from exc
+    except trio_websocket.DisconnectionTimeout:
+        log.info("%s: the node did not finish the closing handshake in time", agent)
+    except (OSError, trio_websocket.HandshakeError) as exc:
+        raise MuxError(f"cannot connect to {target}: {_why(exc)}", code="unreachable") from exc
+    if body_error is not None:
+        raise body_error
+
+
+@asynccontextmanager
+async def open_ws(
+    url: str,
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    max_message_size: int = 4 << 20,
+    connect_timeout: float = 10.0,
+    disconnect_timeout: float = 5.0,
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A trio-websocket client connection over a TCP/TLS stream this function owns.
+
+    Like ``trio_websocket.open_websocket_url``, but the socket is always closed on exit, also
+    when the server ended the connection first (trio-websocket 0.12 leaves it open then).
+    """
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "wss"
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise MuxError(f"not a WebSocket URL: {url!r}", code="bad_request")
+    host = parts.hostname
+    port = parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host_header = host if parts.port is None else f"{host}:{port}"
+    if ":" in host and not host.startswith("["):
+        host_header = f"[{host}]" if parts.port is None else f"[{host}]:{port}"
+    with trio.fail_after(connect_timeout):
+        tcp = await trio.open_tcp_stream(host, port)
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
+    if secure:
+        stream = trio.SSLStream(
+            tcp, ssl_context or ssl.create_default_context(), server_hostname=host, https_compatible=True
+        )
+    body_error: Exception | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(connect_timeout):
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery,
+                    stream,
+                    host_header,
+                    resource,
+                    extra_headers=extra_headers,
+                    max_message_size=max_message_size,
+                )
+            try:
+                yield ws
+            except Exception as exc:  # re-raised below, outside the nursery: no ExceptionGroup
+                body_error = exc
+            finally:
+                with trio.move_on_after(disconnect_timeout, shield=True):
+                    await ws.aclose()
+                await trio.aclose_forcefully(stream)  # ends trio-websocket's reader in any case
+    finally:
+        await trio.aclose_forcefully(stream)
+    if body_error is not None:
+        raise body_error
+
+
+async def _greeting(
+    ws: trio_websocket.WebSocketConnection, buffer_frames: int, request_timeout: float | None
+) -> MuxConnection:
+    """Read the node's first message: ``connected`` gives the connection, an error raises it."""
+    try:
+        first = await ws.get_message()
+    except trio_websocket.ConnectionClosed as exc:
+        raise MuxError(f"the node closed the connection: {exc.reason}", code="unreachable") from exc
+    try:
+        hello = orjson.loads(first)
+    except orjson.JSONDecodeError:
+        hello = None
+    if not isinstance(hello, dict) or hello.get("event") != "connected":
+        if isinstance(hello, dict) and "error" in hello:
+            raise error_from_wire(hello)
+        raise MuxError("the node did not greet with a connected event", code="bad_response")
+    return MuxConnection(ws, hello, buffer_frames=buffer_frames, request_timeout=request_timeout)
