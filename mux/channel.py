@@ -251,6 +251,18 @@ class ChannelContext:
         self.deliver(frame)
         return frame
 
+    async def send(self, payload: Any, *, to: str, sender: str | None = None) -> Frame:
+        """Like ``emit``, but wait while ``to``'s inbox is full: nothing is dropped (byte
+        streams such as tunnels need this). Raises ChannelClosed if the channel closes."""
+        end = self.state.ends[to]
+        while end.attached and not end.has_room() and self.state.is_open:
+            await end.room.park()
+        return self.emit(payload, to=to, sender=sender)
+
+    def options(self) -> dict[str, Any]:
+        """This backend's node options (``MuxConfig.backends[backend_name]``)."""
+        return dict(self.mux.config.backends.get(self.state.backend_name, {}))
+
     async def close(self, reason: str) -> None:
         """Close the channel with ``reason``."""
         await self.mux._close(self.state, reason)

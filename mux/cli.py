@@ -130,23 +130,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import trio
 
-    from .core import MuxConfig
     from .server import serve
     from .settings import NodeSettings
 
     if bool(args.certfile) != bool(args.keyfile):
         raise BadRequest("--certfile and --keyfile go together", code="bad_request")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = NodeSettings.from_env(
+    flags: dict[str, Any] = dict(
         host=args.host,
         port=args.port,
         agent=args.agent,
-        data_dir=None if args.memory else args.data_dir,
+        data_dir=args.data_dir,
         certfile=args.certfile,
         keyfile=args.keyfile,
         max_message_bytes=args.max_message_bytes,
-        mux=MuxConfig(max_channels_per_agent=args.max_channels),
     )
+    if args.config:
+        settings = NodeSettings.from_toml(args.config, **flags)
+    else:
+        settings = NodeSettings.from_env(**flags)
+    if args.memory:
+        settings.data_dir = None
+    if args.max_channels is not None:
+        settings.mux.max_channels_per_agent = args.max_channels
+    for spec in args.allow_tunnel or []:
+        settings.mux.backends.setdefault("overlay", {}).setdefault("allow", []).append(spec)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -196,15 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="mux-data", help="node data directory (default: ./mux-data)")
 
     p = add("serve", "run a mux node (Hypercorn, trio worker)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8443, help="port (default 8443; 0 picks a free one)")
-    p.add_argument("--agent", default="mux-node", help="the node's agent name")
-    p.add_argument("--data-dir", default="mux-data", help="node key and store directory (default ./mux-data)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help="port (default 8443; 0 picks a free one)")
+    p.add_argument("--agent", help="the node's agent name (default mux-node)")
+    p.add_argument("--data-dir", help="node key and store directory (default ./mux-data)")
     p.add_argument("--memory", action="store_true", help="keep the node key in memory only")
     p.add_argument("--certfile", help="PEM certificate: enables TLS 1.3 (with --keyfile)")
     p.add_argument("--keyfile", help="PEM private key of --certfile")
-    p.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest WebSocket message / REST body")
-    p.add_argument("--max-channels", type=int, default=32, help="open channels per agent")
+    p.add_argument("--max-message-bytes", type=int, help="largest WebSocket message / REST body (default 1 MiB)")
+    p.add_argument("--max-channels", type=int, default=None, help="open channels per agent (default 32)")
+    p.add_argument("--config", help="TOML settings file (fields, [mux], [backends.NAME])")
+    p.add_argument(
+        "--allow-tunnel",
+        action="append",
+        metavar="HOST:PORT",
+        help="let vpn:tunnel channels reach HOST:PORT (repeatable; PORT may be *); deny by default",
+    )
 
     p = add("cert", "make a self-signed development certificate (TLS 1.3 ready)")
     p.add_argument("--certfile", default="mux-cert.pem")

@@ -78,6 +78,9 @@ class MuxConfig:
     """Unacknowledged durable payload bytes one agent's mailbox holds before ``mailbox_full``."""
     mailbox_max_age_s: float = 7 * 24 * 3600.0
     """Unacknowledged durable frames older than this are expired (counted and logged)."""
+    backends: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    """Options per backend name, e.g. ``{"overlay": {"allow": ["127.0.0.1:8080"]}}``
+    (``[backends.NAME]`` tables of ``serve --config``)."""
 
 
 class Mux:

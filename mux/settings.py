@@ -7,6 +7,7 @@ in code. The Mux's own limits live in the nested :class:`~mux.core.MuxConfig`.
 from __future__ import annotations
 
 import os
+import tomllib
 from typing import Any
 
 import attrs
@@ -43,6 +44,23 @@ class NodeSettings:
     def tls(self) -> bool:
         """True when a certificate and key are configured."""
         return bool(self.certfile and self.keyfile)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> NodeSettings:
+        """Settings from a TOML file: top-level keys are field names; ``[mux]`` holds
+        MuxConfig fields; ``[backends.NAME]`` tables hold each backend's options."""
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        mux_fields = dict(data.pop("mux", {}))
+        backends = data.pop("backends", {})
+        if backends:
+            mux_fields["backends"] = backends
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown settings in {path}: {', '.join(sorted(unknown))}")
+        values = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(mux=MuxConfig(**mux_fields), **values)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> NodeSettings:
