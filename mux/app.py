@@ -9,6 +9,7 @@ nursery from startup to shutdown. Every failure is a JSON body ``{"error": CODE,
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,19 @@ def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, value))
 
 
+def _seconds_arg(name: str) -> float:
+    raw = request.args.get(name)
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"?{name}= must be a number of seconds", code="bad_request") from None
+    if not math.isfinite(value):
+        raise BadRequest(f"?{name}= must be finite", code="bad_request")
+    return max(0.0, value)
+
+
 def create_blueprint(
     mux: Mux | None = None,
     *,
@@ -285,7 +299,7 @@ def create_blueprint(
         state = m.channel_state(channel_id, caller=agent)
         after = _int_arg("after", 0, -1, 2**62)
         limit_n = _int_arg("limit", 100, 1, 1000)
-        wait_s = min(float(_int_arg("wait", 0, 0, 3600)), node.settings.longpoll_max_s)
+        wait_s = min(_seconds_arg("wait"), node.settings.longpoll_max_s)
 
         async def pick() -> list[dict[str, Any]]:
             return [f.to_dict() for f in await m.store.chain(channel_id, after) if f.target == agent][:limit_n]

@@ -1,4 +1,4 @@
-"""Command-line verbs against a running node: status, open, send, channels, close, listen.
+"""Command-line verbs against a running node: status, open, send, channels, close, export, listen.
 
 How this works: importing this module registers its handlers with ``mux.cli``'s ``@command``
 registry and appends :func:`extend` to ``mux.cli._EXTENSIONS``, which ``build_parser`` calls
@@ -131,6 +131,25 @@ def cmd_close(args: argparse.Namespace) -> int:
     with _client(args) as client:
         done = client.close(args.channel, args.reason)
     cli.emit(args, done, f"closed {done.get('channel_id')} ({done.get('reason')}) at seq {done.get('seq')}")
+    return 0
+
+
+@cli.command("export")
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a channel's signed chain as JSON lines (stdout or ``--output``), for ``verify``."""
+    with _client(args) as client:
+        frames = client.chain(args.channel)
+        key = client.keys()["keys"][0]["public_key"]
+    text = "".join(orjson.dumps(f).decode() + "\n" for f in frames)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        sys.stderr.write(
+            f"wrote {len(frames)} frames of {args.channel} to {args.output}; "
+            f"verify with: python -m mux verify {args.output} --key {key}\n"
+        )
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -270,6 +289,11 @@ def extend(sub: Any, add: Callable[[str, str], argparse.ArgumentParser]) -> None
     _remote_args(p)
     p.add_argument("--channel", required=True, help="channel id (ch-...)")
     p.add_argument("--reason", default="closed", help="close reason (default closed)")
+
+    p = add("export", "export a channel's signed chain as JSON lines (for verify)")
+    _remote_args(p)
+    p.add_argument("--channel", required=True, help="channel id (ch-...)")
+    p.add_argument("--output", "-o", help="file to write (default: stdout)")
 
     p = add("listen", "print channels opened to an agent and their frames (WebSocket)")
     _remote_args(p)

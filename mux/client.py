@@ -284,16 +284,28 @@ class MuxClient:
         """Frames addressed to this agent with ``seq > after``: ``{channel_id, frames, next_after, state}``.
 
         With ``wait`` > 0 the node holds the request until a frame arrives or ``wait``
-        seconds pass (long poll; the node caps it, 30 s by default). The node takes whole
-        seconds, so ``wait`` is rounded up.
+        seconds pass (long poll; the node caps it, 30 s by default).
         """
-        wait_s = max(0, math.ceil(wait))
+        wait_s = max(0.0, float(wait))
         return self._request(
             "GET",
             f"/channel/{urllib.parse.quote(channel_id, safe='')}/frames",
             params={"agent": self.agent, "after": after, "wait": wait_s, "limit": limit},
             timeout=self.timeout + wait_s,
         )
+
+    def chain(self, channel_id: str) -> list[dict[str, Any]]:
+        """The channel's whole signed chain (exported frames, open to close), for
+        :func:`mux.verify_chain`; this agent must be one of its ends."""
+        try:
+            response = self._http.get(
+                f"/channel/{urllib.parse.quote(channel_id, safe='')}/chain", params={"agent": self.agent}
+            )
+        except httpx.HTTPError as exc:
+            raise MuxError(f"cannot reach the node at {self.base_url}: {_why(exc)}", code="unreachable") from exc
+        if not response.is_success:
+            raise error_from_wire(orjson.loads(response.content), response.status_code)
+        return [orjson.loads(line) for line in response.content.splitlines() if line.strip()]
 
     def intents(self) -> dict[str, Any]:
         """The node's intent table: ``{intents: [...], count}``."""

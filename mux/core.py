@@ -340,8 +340,18 @@ class Mux:
     async def export(
         self, channel_id: str, *, caller: str | None = None, after_seq: int = -1, limit: int | None = None
     ) -> list[Frame]:
-        """The channel's signed frames from the ledger (with ``caller``: only its ends may)."""
-        self.channel_state(channel_id, caller=normalize_agent(caller) if caller is not None else None)
+        """The channel's signed frames from the ledger (with ``caller``: only its ends may).
+
+        Channels the node no longer keeps in memory are looked up in the store."""
+        who = normalize_agent(caller) if caller is not None else None
+        try:
+            self.channel_state(channel_id, caller=who)
+        except ChannelNotFound:
+            row = await self.store.channel_row(channel_id)
+            if row is None:
+                raise
+            if who is not None and who not in (row.agent, row.target):
+                raise ChannelForbidden("not an end of this channel", channel_id=channel_id) from None
         return await self.store.chain(channel_id, after_seq, limit)
 
     def _post(self, state: ChannelState, sender: str, payload: Any) -> Receipt:

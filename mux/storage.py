@@ -93,6 +93,9 @@ class Store(Protocol):
     async def load(self) -> Snapshot:
         """What survived from before this start."""
 
+    async def channel_row(self, channel_id: str) -> ChannelRow | None:
+        """The stored row of a channel (``first``/``last`` unset), or None."""
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task."""
 
@@ -155,6 +158,11 @@ class MemoryStore:
         """A memory store starts empty."""
         await trio.lowlevel.checkpoint()
         return Snapshot([], [])
+
+    async def channel_row(self, channel_id: str) -> ChannelRow | None:
+        """Memory keeps no channel rows (the Mux remembers recent channels itself)."""
+        await trio.lowlevel.checkpoint()
+        return None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """No writer needed."""
@@ -342,6 +350,24 @@ class SqliteStore:
                 )
             ]
             return Snapshot(channels, mail)
+
+        return await trio.to_thread.run_sync(read, limiter=self._limiter)
+
+    async def channel_row(self, channel_id: str) -> ChannelRow | None:
+        """The stored row of ``channel_id`` (for exports of long-closed channels)."""
+
+        def read() -> ChannelRow | None:
+            row = self._db.execute(
+                "SELECT id, intent, agent, target, metadata, opened_at, closed, close_reason "
+                "FROM channels WHERE id = ?",
+                (channel_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            cid, intent, agent, target, meta, opened_at, closed, reason = row
+            return ChannelRow(
+                cid, intent, agent, target, orjson.loads(meta), opened_at, bool(closed), reason, None, None
+            )
 
         return await trio.to_thread.run_sync(read, limiter=self._limiter)
 

@@ -150,3 +150,32 @@ async def test_listen_json_stops_after_seconds(server: ServeInfo) -> None:
     assert events == [
         {"event": "connected", "agent": "idle", "node": "node", "public_key": server.node.require().public_key}
     ]
+
+
+async def test_export_then_verify(server: ServeInfo, tmp_path: Any) -> None:
+    url = server.url
+    opened = as_json(
+        await run_cli("open", "--url", url, "--agent", "ex", "--target", "why", "--intent", "chat", "--json")
+    )
+    cid = opened["channel_id"]
+    for n in range(3):
+        assert (
+            await run_cli("send", "--url", url, "--agent", "ex", "--channel", cid, "--payload", f'{{"n":{n}}}')
+        ).returncode == 0
+    assert (await run_cli("close", "--url", url, "--agent", "ex", "--channel", cid)).returncode == 0
+    target = tmp_path / "chain.jsonl"
+    exported = await run_cli("export", "--url", url, "--agent", "why", "--channel", cid, "-o", str(target))
+    assert exported.returncode == 0, exported.stderr.decode()
+    key = server.node.require().public_key
+    assert f"--key {key}" in exported.stderr.decode()
+    checked = await run_cli("verify", str(target), "--key", key)
+    assert checked.returncode == 0 and out(checked).startswith("OK: 5 frames")
+    lines = target.read_text().splitlines()
+    edited = orjson.loads(lines[2])
+    edited["payload"]["n"] = 42
+    lines[2] = orjson.dumps(edited).decode()
+    target.write_text("\n".join(lines) + "\n")
+    checked = await run_cli("verify", str(target), "--key", key)
+    assert checked.returncode == 1 and "bad_hash" in out(checked) and "seq 2" in out(checked)
+    foreign = await run_cli("export", "--url", url, "--agent", "zed", "--channel", cid)
+    assert foreign.returncode == 2 and "forbidden" in foreign.stderr.decode()
