@@ -355,7 +355,13 @@ async def _serve_socket(node: Node) -> None:
         await websocket.send(wire.error_event(exc))
         await websocket.close(4409 if exc.code == "agent_attached" else 4400, exc.code)
         return
-    session = WireSession(m, endpoint, max_message_bytes=node.settings.max_message_bytes)
+    resumable = websocket.args.get("resumable", "") in ("1", "true", "yes")
+    session = WireSession(
+        m,
+        endpoint,
+        max_message_bytes=node.settings.max_message_bytes,
+        resume_grace_s=node.settings.resume_grace_s if resumable else None,
+    )
     node.sessions.add(session)
     out_send, out_recv = trio.open_memory_channel[Outgoing](node.settings.outbox_messages)
     try:

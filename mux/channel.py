@@ -48,6 +48,8 @@ class End:
     inbox_recv: trio.MemoryReceiveChannel[Frame] | None = None
     queued: int = 0
     room: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    reserved: str | None = None
+    """Resume token this end waits for (its connection dropped; see ``mux.resume``)."""
 
     @property
     def attached(self) -> bool:

@@ -45,9 +45,10 @@ from .errors import (
     ChannelThrottled,
     MuxError,
 )
-from .frames import ChainHead, Frame, canonical_json, payload_bytes
+from .frames import GENESIS, ChainHead, Frame, canonical_json, payload_bytes
 from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry
 from .mailbox import Mailbox
+from .resume import Resumes
 from .signing import NodeKey
 from .storage import STORE_FILE, ChannelRow, MemoryStore, Snapshot, SqliteStore, Store
 
@@ -112,6 +113,7 @@ class Mux:
         self._stats = collections.Counter[str]()
         self._sign = self.key.sign
         self._last_expiry = time.monotonic()
+        self.resumes = Resumes(self)
 
     # ---- intents -------------------------------------------------------------------------
 
@@ -231,11 +233,14 @@ class Mux:
         *,
         holder: Endpoint | None = None,
         attach: bool = True,
+        fork_of: ChannelState | None = None,
     ) -> Channel:
         """``open`` without a checkpoint; ``holder`` is the endpoint that holds the opener end.
 
         With ``attach=False`` the opener end gets no inbox (a REST opener reads the ledger
         instead), so live frames to it are dropped rather than queued for nobody.
+        ``fork_of`` starts the new channel's chain at that channel's head: its open frame's
+        ``prev`` is the parent's last hash and its payload names the parent (``fork_of``).
         """
         opener = normalize_agent(agent) if agent is not None else (holder.agent if holder else self.agent)
         target = normalize_agent(target)
@@ -264,7 +269,7 @@ class Mux:
             agent=opener,
             target=target,
             metadata=metadata,
-            chain=ChainHead(channel_id, resolved.name, self._sign),
+            chain=ChainHead(channel_id, resolved.name, self._sign, head=fork_of.chain.head if fork_of else GENESIS),
             bucket=TokenBucket(policy.rate, policy.burst),
             ends={opener: End(opener, cap), target: End(target, cap)},
             backend=backend,
@@ -292,6 +297,17 @@ class Mux:
                 "route": state.route(),
                 "policy": policy.to_dict(),
                 "metadata": metadata,
+                **(
+                    {
+                        "fork_of": {
+                            "channel_id": fork_of.id,
+                            "seq": fork_of.chain.next_seq - 1,
+                            "head": fork_of.chain.head,
+                        }
+                    }
+                    if fork_of is not None
+                    else {}
+                ),
             },
         )
         self._channels[channel_id] = state
@@ -591,7 +607,8 @@ class Mux:
             for mail in list(box.channels.values()):
                 ep._announce(mail.state)
         for state in list(self._channels.values()):
-            if state.target == name and not state.ends[name].attached:
+            end = state.ends.get(name)
+            if state.target == name and end is not None and not end.attached and end.reserved is None:
                 ep._announce(state)
         return ep
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from typing import Any
 
 import trio
 
@@ -23,6 +24,7 @@ from . import wire
 from .channel import Channel
 from .core import Endpoint, Mux
 from .errors import BadRequest, ChannelError, ChannelNotFound, MuxError
+from .resume import Resumed, new_token
 
 __all__ = ["Outgoing", "WireSession"]
 
@@ -35,10 +37,15 @@ Outgoing = str | bytes
 class WireSession:
     """The protocol state of one connection of ``endpoint.agent``."""
 
-    def __init__(self, mux: Mux, endpoint: Endpoint, *, max_message_bytes: int) -> None:
+    def __init__(
+        self, mux: Mux, endpoint: Endpoint, *, max_message_bytes: int, resume_grace_s: float | None = None
+    ) -> None:
         self.mux = mux
         self.endpoint = endpoint
         self.max_message_bytes = max_message_bytes
+        self.resume_grace_s = resume_grace_s
+        """With a grace period the connection is resumable: see ``mux.resume``."""
+        self.resume_token = new_token() if resume_grace_s else None
         self._closed_told: set[str] = set()
         self._durable_acks: collections.deque[tuple[int, str]] = collections.deque()
         self._ack_lot = trio.lowlevel.ParkingLot()
@@ -53,13 +60,17 @@ class WireSession:
         return self.endpoint.agent
 
     def hello(self) -> str:
-        """The first message of every connection."""
+        """The first message of every connection (with a resume token when resumable)."""
+        extra: dict[str, Any] = {}
+        if self.resume_token:
+            extra = {"resume_token": self.resume_token, "resume_grace_s": self.resume_grace_s}
         return wire.event(
             "connected",
             agent=self.agent,
             node=self.mux.agent,
             public_key=self.mux.public_key,
             max_message_bytes=self.max_message_bytes,
+            **extra,
         )
 
     # ---- actions ---------------------------------------------------------------------------
@@ -112,6 +123,29 @@ class WireSession:
         self._closed_told.add(ch.id)
         return [wire.channel_closed_event(ch._state, action.ref)]
 
+    def _do_resume(self, action: wire.Action) -> list[Outgoing]:
+        resumed, closed = self.mux.resumes.resume(self.endpoint, action.get("token"), action.get("last", {}))
+        report = []
+        for r in resumed:
+            self._watch(r.channel, replay=r)
+            report.append(
+                {"channel_id": r.channel.id, "replay": r.mode, "after_seq": r.after_seq, "head_seq": r.head_seq}
+            )
+        return [wire.event("resumed", action.ref, channels=report, closed=closed)]
+
+    def _do_fork(self, action: wire.Action) -> list[Outgoing]:
+        parent = self.mux.channel_state(action.get("channel_id"), caller=self.agent)
+        other = parent.target if parent.agent == self.agent else parent.agent
+        ch = self.mux.open_nowait(
+            action.get("target", other),
+            action.get("intent", parent.intent.name),
+            action.get("metadata"),
+            holder=self.endpoint,
+            fork_of=parent,
+        )
+        self._watch(ch)
+        return [wire.channel_opened_event(ch._state, "opener", action.ref)]
+
     def _do_list(self, action: wire.Action) -> list[Outgoing]:
         return [wire.event("channel_list", action.ref, channels=self.mux.channels(agent=self.agent))]
 
@@ -120,10 +154,10 @@ class WireSession:
 
     # ---- background ------------------------------------------------------------------------
 
-    def _watch(self, ch: Channel) -> None:
+    def _watch(self, ch: Channel, replay: Resumed | None = None) -> None:
         if self._nursery is None or self._outbox is None:
             raise ChannelError("session is not running", code="not_running")
-        self._nursery.start_soon(self._forward, ch, self._outbox.clone(), name=f"mux-forward-{ch.id}")
+        self._nursery.start_soon(self._forward, ch, self._outbox.clone(), replay, name=f"mux-forward-{ch.id}")
 
     async def run(self, outbox: trio.MemorySendChannel[Outgoing], *, task_status: trio.TaskStatus[None]) -> None:
         """Announce incoming channels and forward every held channel's frames to ``outbox``."""
@@ -152,16 +186,35 @@ class WireSession:
         """True when no durable ack is waiting and no channel is being forwarded."""
         return not self._durable_acks and not self.forwarders
 
-    async def _forward(self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing]) -> None:
+    async def _forward(
+        self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing], replay: Resumed | None = None
+    ) -> None:
         self.forwarders += 1
         try:
-            await self._forward_frames(ch, outbox)
+            await self._forward_frames(ch, outbox, replay)
         finally:
             self.forwarders -= 1
 
-    async def _forward_frames(self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing]) -> None:
+    async def _replay(self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing], replay: Resumed) -> None:
+        """Send what the agent missed while away (from the ledger), before live frames."""
+        if replay.mode == "mailbox" or replay.head_seq <= replay.after_seq:
+            return
+        for frame in await self.mux.store.chain(ch.id, replay.after_seq):
+            if frame.seq > replay.head_seq:
+                break
+            if frame.kind != "data" or frame.target != self.agent:
+                continue
+            if replay.mode == "signalling" and isinstance(frame.payload, bytes):
+                continue  # stale media is not replayed
+            await outbox.send(wire.frame_message(frame))
+
+    async def _forward_frames(
+        self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing], replay: Resumed | None
+    ) -> None:
         async with outbox:
             try:
+                if replay is not None:
+                    await self._replay(ch, outbox, replay)
                 async for frame in ch:
                     await outbox.send(wire.frame_message(frame))
                 if ch.id not in self._closed_told and ch.close_frame is not None:
@@ -172,6 +225,10 @@ class WireSession:
         self._closed_told.discard(ch.id)
 
     def close(self, reason: str = "ws_disconnect") -> None:
-        """The socket is gone: close every channel this session holds and detach."""
+        """The socket is gone: a resumable session's channels linger for its token (see
+        ``mux.resume``); otherwise close every channel this session holds and detach."""
+        if self.resume_token and self.resume_grace_s:
+            self.mux.resumes.linger(self.endpoint, self.resume_token, self.resume_grace_s)
+            return
         self.endpoint.close_all(reason)
         self.endpoint._detach()

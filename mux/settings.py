@@ -36,6 +36,8 @@ class NodeSettings:
     outbox_messages: int = 256
     """Messages queued for one socket before its channels' forwarders wait."""
     longpoll_max_s: float = 30.0
+    resume_grace_s: float = 30.0
+    """How long a dropped resumable connection's channels wait for ``resume``."""
     graceful_timeout_s: float = 5.0
     """On SIGINT/SIGTERM: how long clients get to receive their channel_closed events."""
     mux: MuxConfig = attrs.field(factory=MuxConfig)

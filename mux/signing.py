@@ -106,7 +106,8 @@ def verify_frame(
 
 @attrs.frozen
 class ChainReport:
-    """What a verified chain holds: channel, frame count, first/last seq, head hash, closed."""
+    """What a verified chain holds: channel, frame count, first/last seq, head hash, closed,
+    and the parent channel of a fork."""
 
     channel_id: str
     frames: int
@@ -114,6 +115,8 @@ class ChainReport:
     last_seq: int
     head: str
     closed: bool
+    fork_of: str | None = None
+    """The parent channel when this chain is a fork (its open frame continues the parent's head)."""
 
 
 def verify_chain(
@@ -143,8 +146,12 @@ def verify_chain(
                 "wrong_channel", f"frame {i} belongs to {f.channel_id}, chain is {first.channel_id}", index=i, seq=f.seq
             )
         if prev is None:
-            if require_open and (f.seq != 0 or f.kind != "open" or f.prev != GENESIS):
+            if require_open and (f.seq != 0 or f.kind != "open"):
                 raise VerificationError("bad_start", "chain does not start with the channel's open frame", index=i)
+            if require_open and f.prev != GENESIS and _fork_head(f) != f.prev:
+                raise VerificationError(
+                    "bad_start", "open frame's prev is neither genesis nor the head of the channel it forks", index=i
+                )
         else:
             want = prev.seq + 1
             if prev.kind == "close":
@@ -163,4 +170,19 @@ def verify_chain(
                 )
         prev = f
     assert prev is not None
-    return ChainReport(first.channel_id, len(items), first.seq, prev.seq, prev.tbz_hash, prev.kind == "close")
+    fork = first.payload.get("fork_of") if first.kind == "open" and isinstance(first.payload, dict) else None
+    return ChainReport(
+        first.channel_id,
+        len(items),
+        first.seq,
+        prev.seq,
+        prev.tbz_hash,
+        prev.kind == "close",
+        fork.get("channel_id") if isinstance(fork, dict) else None,
+    )
+
+
+def _fork_head(open_frame: Frame) -> str | None:
+    fork = open_frame.payload.get("fork_of") if isinstance(open_frame.payload, dict) else None
+    head = fork.get("head") if isinstance(fork, dict) else None
+    return head if isinstance(head, str) else None

@@ -50,6 +50,13 @@ ACTIONS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "ack": {"channel_id": ((str,), True), "seq": ((int,), True)},
     "list": {},
     "ping": {},
+    "resume": {"token": ((str,), True), "last": ((dict,), False)},
+    "fork": {
+        "channel_id": ((str,), True),
+        "target": ((str,), False),
+        "intent": ((str,), False),
+        "metadata": ((dict,), False),
+    },
 }
 
 

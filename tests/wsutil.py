@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 import trio
-from trio_websocket import WebSocketConnection
+from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from mux.wire import unpack_binary
 
-__all__ = ["recv", "recv_until", "send", "ws_url"]
+__all__ = ["open_cuttable_ws", "recv", "recv_until", "send", "ws_url"]
 
 
 def ws_url(base: str, agent: str) -> str:
@@ -42,3 +45,22 @@ async def recv_until(ws: WebSocketConnection, pred: Any, timeout: float = 5.0) -
             msg = await recv(ws, timeout)
             if pred(msg):
                 return msg
+
+
+@asynccontextmanager
+async def open_cuttable_ws(url: str) -> AsyncIterator[tuple[WebSocketConnection, trio.SocketStream]]:
+    """A WebSocket whose TCP stream the test can cut abruptly (``aclose_forcefully``)."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery, stream, f"{parts.hostname}:{parts.port}", f"{parts.path}?{parts.query}"
+            )
+            try:
+                yield ws, stream
+            finally:
+                await trio.aclose_forcefully(stream)
+    finally:
+        await trio.aclose_forcefully(stream)

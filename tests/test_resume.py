@@ -1,0 +1,159 @@
+"""Resume (phantom): a connection cut mid-stream gets exactly what it missed; fork."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+
+import mux
+from mux.client import open_ws
+from mux.server import ServeInfo, serve
+from mux.settings import NodeSettings
+
+from .wsutil import open_cuttable_ws, recv, recv_until, send, ws_url
+
+
+@pytest.fixture
+async def node_url(nursery: trio.Nursery) -> str:
+    settings = NodeSettings(port=0, data_dir=None, agent="node", resume_grace_s=1.0, graceful_timeout_s=1.0)
+    info: ServeInfo = await nursery.start(lambda task_status: serve(settings, task_status=task_status))
+    return info.url
+
+
+def resumable(url: str, agent: str) -> str:
+    return ws_url(url, agent) + "&resumable=1"
+
+
+async def _frames(ws: Any, count: int) -> list[dict[str, Any]]:
+    out = []
+    with trio.fail_after(5):
+        while len(out) < count:
+            msg = await recv(ws)
+            if msg.get("event") == "frame":
+                out.append(msg)
+    return out
+
+
+async def test_cut_connection_resumes_with_exactly_what_it_missed(node_url: str) -> None:
+    async with open_ws(ws_url(node_url, "alice")) as a:
+        await recv(a)
+        async with open_cuttable_ws(resumable(node_url, "bob")) as (b, stream):
+            hello = await recv(b)
+            token = hello["resume_token"]
+            assert hello["resume_grace_s"] == 1.0 and len(token) >= 32
+            chans = {}
+            for intent in ("stream", "call:voice", "chat"):
+                await send(a, action="open", target="bob", intent=intent)
+                chans[intent] = (await recv(a))["channel_id"]
+                await recv(b)
+            for i in range(3):
+                await send(a, action="send", channel_id=chans["stream"], payload={"i": i})
+            seen = await _frames(b, 3)
+            last_seen = seen[-1]["seq"]
+            await trio.aclose_forcefully(stream)  # the TCP connection is cut mid-stream
+        # while bob is away: more frames on every channel
+        for i in range(3, 10):
+            await send(a, action="send", channel_id=chans["stream"], payload={"i": i})
+        await send(a, action="send", channel_id=chans["call:voice"], payload={"type": "offer", "sdp": "v=0"})
+        await a.send_message(mux.wire.pack_binary({"action": "send", "channel_id": chans["call:voice"]}, b"\x00" * 40))
+        await send(a, action="send", channel_id=chans["chat"], payload={"text": "while you were away"})
+        acks = [await recv(a) for _ in range(10)]
+        assert all(ack["event"] == "frame_ack" for ack in acks), acks
+
+        async with open_ws(resumable(node_url, "bob")) as b2:
+            hello2 = await recv(b2)
+            assert hello2["resume_token"] != token
+            # before resuming, nothing of the lingering channels is announced again...
+            # ...except the durable chat channel, which redelivers through the mailbox
+            await send(b2, action="resume", token=token, last={chans["stream"]: last_seen}, ref="r")
+            resumed = await recv_until(b2, lambda m: m.get("event") == "resumed")
+            modes = {c["channel_id"]: c["replay"] for c in resumed["channels"]}
+            assert modes == {chans["stream"]: "ledger", chans["call:voice"]: "signalling"}
+            assert resumed["closed"] == []
+            await send(a, action="send", channel_id=chans["stream"], payload={"i": 10})  # live again
+            got: dict[str, list[Any]] = {cid: [] for cid in chans.values()}
+            with trio.fail_after(5):
+                while len(got[chans["stream"]]) < 8 or not got[chans["call:voice"]] or not got[chans["chat"]]:
+                    msg = await recv(b2)
+                    if msg.get("event") == "frame":
+                        got[msg["channel_id"]].append(msg["payload"])
+            assert [p["i"] for p in got[chans["stream"]]] == list(range(3, 11))  # exactly the missed, then live
+            assert got[chans["call:voice"]] == [{"type": "offer", "sdp": "v=0"}]  # no stale media replayed
+            assert got[chans["chat"]] == [{"text": "while you were away"}]
+            # the resumed channels work both ways
+            await send(b2, action="send", channel_id=chans["stream"], payload="back")
+            assert (await recv_until(a, lambda m: m.get("event") == "frame"))["payload"] == "back"
+
+
+async def test_unresumed_channels_close_after_grace(node_url: str) -> None:
+    async with open_ws(ws_url(node_url, "alice")) as a:
+        await recv(a)
+        async with open_ws(resumable(node_url, "bob")) as b:
+            token = (await recv(b))["resume_token"]
+            await send(a, action="open", target="bob", intent="stream")
+            cid = (await recv(a))["channel_id"]
+            await recv(b)
+        with trio.move_on_after(0.5):
+            msg = await recv(a)
+            raise AssertionError(f"closed before the grace period: {msg}")
+        closed = await recv_until(a, lambda m: m.get("event") == "channel_closed", timeout=3)
+        assert (closed["channel_id"], closed["reason"]) == (cid, "ws_disconnect")
+        async with open_ws(resumable(node_url, "bob")) as b:
+            await recv(b)
+            await send(b, action="resume", token=token, ref=1)
+            err = await recv(b)
+            assert (err["error"], err["ref"]) == ("resume_failed", 1)
+
+
+async def test_token_of_another_agent_is_refused(node_url: str) -> None:
+    async with open_ws(resumable(node_url, "bob")) as b:
+        token = (await recv(b))["resume_token"]
+        async with open_ws(ws_url(node_url, "alice")) as a:
+            await recv(a)
+            await send(a, action="open", target="bob", intent="stream")
+            await recv(a)
+    async with open_ws(ws_url(node_url, "mallory")) as m:
+        await recv(m)
+        await send(m, action="resume", token=token)
+        assert (await recv(m))["error"] == "resume_failed"
+
+
+async def test_fork_continues_the_parent_chain(node_url: str) -> None:
+    async with open_ws(ws_url(node_url, "alice")) as a, open_ws(ws_url(node_url, "bob")) as b:
+        await recv(a)
+        await recv(b)
+        await send(a, action="open", target="bob", intent="session")
+        parent = (await recv(a))["channel_id"]
+        await recv(b)
+        for i in range(3):
+            await send(a, action="send", channel_id=parent, payload={"i": i})
+            await recv(a)
+        await send(a, action="fork", channel_id=parent, ref="f")
+        forked = await recv_until(a, lambda m: m.get("event") == "channel_opened")
+        assert forked["ref"] == "f" and forked["intent"] == "session" and forked["target"] == "bob"
+        child = forked["channel_id"]
+        await send(a, action="send", channel_id=child, payload={"branch": True})
+        await recv(a)
+        await send(b, action="fork", channel_id="ch-" + "0" * 32)
+        assert (await recv_until(b, lambda m: "error" in m))["error"] == "unknown_channel"
+    async with httpx.AsyncClient() as c:
+        key = (await c.get(node_url + "/api/mux/keys")).json()["keys"][0]["public_key"]
+        chains = {}
+        for cid in (parent, child):
+            r = await c.get(node_url + f"/api/mux/channel/{cid}/chain", params={"agent": "alice"})
+            chains[cid] = [orjson.loads(line) for line in r.content.splitlines()]
+    report = mux.verify_chain(chains[child], key)
+    assert report.fork_of == parent
+    assert chains[child][0]["prev"] == chains[parent][3]["tbz_hash"]  # continues the parent's head
+    assert chains[child][0]["payload"]["fork_of"] == {
+        "channel_id": parent,
+        "seq": 3,
+        "head": chains[parent][3]["tbz_hash"],
+    }
+    tampered = [dict(chains[child][0], prev="f" * 64), *chains[child][1:]]
+    with pytest.raises(mux.VerificationError):
+        mux.verify_chain(tampered, key)
