@@ -8,8 +8,10 @@ nursery from startup to shutdown. Every failure is a JSON body ``{"error": CODE,
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,8 @@ from quart import Blueprint, Response, current_app, request, websocket
 from quart_trio import QuartTrio
 
 from . import wire
-from .agents import normalize_agent
+from .auth import REVOKED_FILE, Authenticator, Grant, Revocations
+from .bandwidth import TokenBucket
 from .core import Mux, start_mux
 from .errors import BadRequest, MuxError
 from .session import Outgoing, WireSession
@@ -33,6 +36,14 @@ __all__ = ["HTTP_STATUS", "Node", "create_app", "create_blueprint"]
 log = logging.getLogger("mux.app")
 
 HTTP_STATUS: dict[str, int] = {
+    "unauthenticated": 401,
+    "bad_token": 401,
+    "token_expired": 401,
+    "token_revoked": 401,
+    "agent_mismatch": 403,
+    "intent_forbidden": 403,
+    "rate_limited": 429,
+    "too_many_connections": 503,
     "forbidden": 403,
     "unknown_channel": 404,
     "channel_closed": 409,
@@ -56,6 +67,45 @@ class Node:
     owns_mux: bool = False
     sessions: set[WireSession] = attrs.field(factory=set)
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
+    _auth: Authenticator | None = None
+    _rest_buckets: collections.OrderedDict[str, TokenBucket] = attrs.field(factory=collections.OrderedDict)
+
+    @property
+    def auth(self) -> Authenticator:
+        """Token checking with this node's key (open mode when ``settings.open_mode``)."""
+        if self._auth is None:
+            m = self.require()
+            revoked = Path(self.settings.data_dir) / REVOKED_FILE if self.settings.data_dir else None
+            self._auth = Authenticator(m.key, Revocations(revoked), open_mode=self.settings.open_mode)
+        return self._auth
+
+    def caller(self, body: dict[str, Any] | None = None, *, required: bool = True) -> Grant | None:
+        """The authenticated caller of this REST request (rate-limited per agent).
+
+        The token comes from ``Authorization: Bearer`` or ``?token=``; a named agent (body
+        ``agent``, ``?agent=``, ``X-Mux-Agent``) must be the token's. In open mode an unnamed
+        caller of a call that does not require one is None (the seed's behaviour)."""
+        claimed = (body or {}).get("agent") or request.args.get("agent") or request.headers.get("X-Mux-Agent")
+        if claimed is not None and not isinstance(claimed, str):
+            raise BadRequest("agent must be a string", code="bad_agent")
+        token = _bearer(request.headers.get("Authorization")) or request.args.get("token")
+        if self.settings.open_mode and claimed is None and not required:
+            return None
+        grant = self.auth.authenticate(token, claimed)
+        self._rate_check(grant.agent)
+        return grant
+
+    def _rate_check(self, agent: str) -> None:
+        s = self.settings
+        if s.rate_messages_per_s <= 0:
+            return
+        bucket = self._rest_buckets.get(agent)
+        if bucket is None:
+            bucket = self._rest_buckets[agent] = TokenBucket(int(s.rate_messages_per_s), s.rate_burst)
+            while len(self._rest_buckets) > 10_000:
+                self._rest_buckets.popitem(last=False)
+        if not bucket.take(1, trio.current_time()):
+            raise MuxError(f"over {s.rate_messages_per_s:g} requests/s for {agent}; slow down", code="rate_limited")
 
     def require(self) -> Mux:
         """The Mux, or a clear error when the app is not serving."""
@@ -123,14 +173,15 @@ async def _body(limit: int) -> dict[str, Any]:
     return data
 
 
-def _caller(body: dict[str, Any] | None = None, *, required: bool) -> str | None:
-    """The agent making the request: body ``agent``, ``?agent=``, or ``X-Mux-Agent``."""
-    name = (body or {}).get("agent") or request.args.get("agent") or request.headers.get("X-Mux-Agent")
-    if name is None:
-        if required:
-            raise BadRequest("name the calling agent (?agent=, body agent or X-Mux-Agent)", code="bad_request")
-        return None
-    return normalize_agent(name)
+def _bearer(header: str | None) -> str | None:
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
+
+
+def _agent(grant: Grant | None) -> str:
+    assert grant is not None
+    return grant.agent
 
 
 def _field(body: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
@@ -202,12 +253,15 @@ def create_blueprint(
     async def open_channel() -> Response:
         body = await _body(limit)
         m = node.require()
-        agent = _caller(body, required=True)
+        grant = node.caller(body)
+        assert grant is not None
+        intent = _field(body, "intent", str, "stream")
+        grant.check_intent(intent)
         ch = m.open_nowait(
             _field(body, "target", str),
-            _field(body, "intent", str, "stream"),
+            intent,
             _field(body, "metadata", dict, {}),
-            agent,
+            grant.agent,
             attach=False,
         )
         s = ch._state
@@ -232,7 +286,8 @@ def create_blueprint(
         channel_id = _field(body, "channel_id", str)
         if "payload" not in body:
             raise BadRequest("missing field 'payload'", code="bad_request", channel_id=channel_id[:80])
-        caller = _caller(body, required=False)
+        grant = node.caller(body, required=False)
+        caller = grant.agent if grant else None
         state = m.channel_state(channel_id, caller=caller)
         receipt = m._post(state, caller or state.agent, body["payload"])
         if receipt.stored:
@@ -257,7 +312,8 @@ def create_blueprint(
         m = node.require()
         channel_id = _field(body, "channel_id", str)
         reason = _field(body, "reason", str, "closed")
-        caller = _caller(body, required=False)
+        grant = node.caller(body, required=False)
+        caller = grant.agent if grant else None
         state = m.channel_state(channel_id, caller=caller)
         frame = m._close_nowait(state, reason, by=caller or state.agent)
         return _json(
@@ -274,8 +330,7 @@ def create_blueprint(
     async def ack() -> Response:
         body = await _body(limit)
         m = node.require()
-        agent = _caller(body, required=True)
-        assert agent is not None
+        agent = _agent(node.caller(body))
         channel_id = _field(body, "channel_id", str)
         seq = _field(body, "seq", int)
         removed = m.ack(agent, channel_id, seq)
@@ -283,18 +338,18 @@ def create_blueprint(
 
     @bp.get("/channels")
     async def channels() -> Response:
-        agent = _caller(required=True)
+        agent = _agent(node.caller())
         found = node.require().channels(agent=agent)
         return _json({"agent": agent, "channels": found, "count": len(found)})
 
     @bp.get("/channel/<channel_id>")
     async def channel(channel_id: str) -> Response:
-        agent = _caller(required=True)
+        agent = _agent(node.caller())
         return _json(node.require().channel_state(channel_id, caller=agent).info())
 
     @bp.get("/channel/<channel_id>/frames")
     async def frames(channel_id: str) -> Response:
-        agent = _caller(required=True)
+        agent = _agent(node.caller())
         m = node.require()
         state = m.channel_state(channel_id, caller=agent)
         after = _int_arg("after", 0, -1, 2**62)
@@ -316,7 +371,7 @@ def create_blueprint(
 
     @bp.get("/channel/<channel_id>/chain")
     async def chain(channel_id: str) -> Response:
-        agent = _caller(required=True)
+        agent = _agent(node.caller())
         frames = await node.require().export(channel_id, caller=agent)
         body = b"".join(f.to_json() + b"\n" for f in frames)
         return Response(body, status=200, mimetype="application/x-ndjson")
@@ -347,31 +402,41 @@ def create_blueprint(
 async def _serve_socket(node: Node) -> None:
     """One WebSocket: hello, then actions in and events out until either side goes away."""
     m = node.require()
+    settings = node.settings
+    token, subprotocol = _socket_token()
     try:
-        agent = normalize_agent(websocket.args.get("agent", ""))
-        endpoint = m.attach(agent)
+        if len(node.sessions) >= settings.max_connections:
+            raise MuxError(
+                f"the node holds its maximum of {settings.max_connections} connections", code="too_many_connections"
+            )
+        grant = node.auth.authenticate(token, websocket.args.get("agent"))
+        endpoint = m.attach(grant.agent)
     except MuxError as exc:
-        await websocket.accept()
+        await websocket.accept(subprotocol=subprotocol)
         await websocket.send(wire.error_event(exc))
-        await websocket.close(4409 if exc.code == "agent_attached" else 4400, exc.code)
+        await websocket.close(_CLOSE_CODES.get(exc.code, 4400), exc.code)
         return
     resumable = websocket.args.get("resumable", "") in ("1", "true", "yes")
     session = WireSession(
         m,
         endpoint,
-        max_message_bytes=node.settings.max_message_bytes,
-        resume_grace_s=node.settings.resume_grace_s if resumable else None,
+        max_message_bytes=settings.max_message_bytes,
+        resume_grace_s=settings.resume_grace_s if resumable else None,
+        grant=grant,
+        rate=(settings.rate_messages_per_s, settings.rate_burst),
     )
     node.sessions.add(session)
     out_send, out_recv = trio.open_memory_channel[Outgoing](node.settings.outbox_messages)
     try:
-        await websocket.accept()
+        await websocket.accept(subprotocol=subprotocol)
         await websocket.send(session.hello())
         async with trio.open_nursery() as nursery:
             replies = out_send.clone()
             await nursery.start(session.run, out_send)
-            writer = _Writer(out_recv)
+            writer = _Writer(out_recv, settings.send_timeout_s, nursery.cancel_scope, endpoint.agent)
             nursery.start_soon(writer.run)
+            if grant.exp:
+                nursery.start_soon(_expire_with_token, grant, nursery.cancel_scope)
             nursery.start_soon(_close_on_shutdown, node, session, writer, nursery.cancel_scope)
             async with replies:
                 while True:
@@ -388,6 +453,9 @@ class _Writer:
     """Drains a socket's outbox onto the WebSocket; knows when everything queued is sent."""
 
     outbox: trio.MemoryReceiveChannel[Outgoing]
+    send_timeout_s: float
+    connection: trio.CancelScope
+    agent: str
     busy: bool = False
 
     @property
@@ -396,11 +464,55 @@ class _Writer:
         return not self.busy and not self.outbox.statistics().current_buffer_used
 
     async def run(self) -> None:
+        """Send each message; a client that takes none for ``send_timeout_s`` is dropped
+        (slow consumer): its queue never grows past the outbox bound."""
         async with self.outbox:
             async for message in self.outbox:
                 self.busy = True
-                await websocket.send(message)
+                with trio.move_on_after(self.send_timeout_s) as waited:
+                    await websocket.send(message)
+                if waited.cancelled_caught:
+                    log.warning(
+                        "%s: not reading for %.1f s, disconnected (slow consumer)", self.agent, self.send_timeout_s
+                    )
+                    self.connection.cancel()
+                    return
                 self.busy = False
+
+
+async def _expire_with_token(grant: Grant, scope: trio.CancelScope) -> None:
+    """End the connection when its token expires."""
+    await trio.sleep(max(0.0, grant.exp / 1000 - time.time()))
+    with trio.move_on_after(2):
+        await websocket.send(wire.error_event(MuxError("the connection's token expired", code="token_expired")))
+        await websocket.close(4401, "token_expired")
+    scope.cancel()
+
+
+_CLOSE_CODES = {
+    "agent_attached": 4409,
+    "unauthenticated": 4401,
+    "bad_token": 4401,
+    "token_expired": 4401,
+    "token_revoked": 4401,
+    "agent_mismatch": 4403,
+    "too_many_connections": 1013,
+}
+"""WebSocket close codes for refused connections (4400 for anything else)."""
+
+
+def _socket_token() -> tuple[str | None, str | None]:
+    """The bearer token of a WebSocket handshake, and the subprotocol to answer with.
+
+    Browsers cannot set headers: besides ``Authorization: Bearer`` and ``?token=``, a client
+    may offer the subprotocol ``mux.token.<TOKEN>`` (beside ``mux.v1``, which is selected)."""
+    token = _bearer(websocket.headers.get("Authorization")) or websocket.args.get("token")
+    offered = list(websocket.requested_subprotocols or [])
+    for proto in offered:
+        if proto.startswith("mux.token."):
+            token = token or proto[len("mux.token.") :]
+    selected = "mux.v1" if "mux.v1" in offered else next((p for p in offered if p.startswith("mux.token.")), None)
+    return token, selected
 
 
 async def _close_on_shutdown(node: Node, session: WireSession, writer: _Writer, scope: trio.CancelScope) -> None:

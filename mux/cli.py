@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -151,6 +152,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = NodeSettings.from_env(**flags)
     if args.memory:
         settings.data_dir = None
+    if args.open:
+        settings.open_mode = True
+    if args.behind_proxy is not None:
+        settings.trusted_proxy_hops = args.behind_proxy
     if args.max_channels is not None:
         settings.mux.max_channels_per_agent = args.max_channels
     for spec in args.allow_tunnel or []:
@@ -163,12 +168,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             node_mux = info.node.require()
             scheme = "TLS 1.3" if settings.tls else "plain HTTP (no --certfile: not for production)"
+            if settings.open_mode:
+                logging.getLogger("mux").warning(
+                    "OPEN MODE: no authentication; any caller may claim any agent name (--open)"
+                )
             print(f"mux node {node_mux.agent} listening on {', '.join(info.urls)} [{scheme}]", flush=True)
             print(f"public key {node_mux.public_key}", flush=True)
 
     trio.run(main)
     print("mux node stopped", flush=True)
     return 0
+
+
+@command("token")
+def cmd_token(args: argparse.Namespace) -> int:
+    """Issue or revoke the node's bearer tokens (needs the node's data directory)."""
+    from .auth import REVOKED_FILE, Revocations, issue_token
+
+    key = NodeKey.load_or_create(args.data_dir)
+    if args.action == "revoke":
+        if not args.jti:
+            raise BadRequest("token revoke needs --jti", code="bad_request")
+        Revocations(Path(args.data_dir) / REVOKED_FILE).revoke(args.jti)
+        emit(args, {"revoked": args.jti}, f"revoked {args.jti} (the node refuses it from its next check)")
+        return 0
+    if not args.agent:
+        raise BadRequest("token issue needs --agent", code="bad_request")
+    intents = [p.strip() for p in args.intents.split(",") if p.strip()] if args.intents else None
+    token, claims = issue_token(key, args.agent, ttl_s=_duration(args.ttl), intents=intents, agent_key=args.agent_key)
+    emit(args, {"token": token, **claims}, token)
+    return 0
+
+
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise BadRequest(f"not a duration: {text!r} (e.g. 3600, 15m, 12h, 7d)", code="bad_request") from None
 
 
 @command("cert")
@@ -214,12 +254,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, help="largest WebSocket message / REST body (default 1 MiB)")
     p.add_argument("--max-channels", type=int, default=None, help="open channels per agent (default 32)")
     p.add_argument("--config", help="TOML settings file (fields, [mux], [backends.NAME])")
+    p.add_argument("--open", action="store_true", help="no authentication (callers name themselves); logs a warning")
+    p.add_argument(
+        "--behind-proxy",
+        type=int,
+        metavar="HOPS",
+        help="trust X-Forwarded-For/-Proto from this many TLS-terminating proxies (real client address)",
+    )
     p.add_argument(
         "--allow-tunnel",
         action="append",
         metavar="HOST:PORT",
         help="let vpn:tunnel channels reach HOST:PORT (repeatable; PORT may be *); deny by default",
     )
+
+    p = add("token", "issue or revoke bearer tokens signed by the node key")
+    p.add_argument("action", choices=["issue", "revoke"])
+    p.add_argument("--agent", help="issue: the agent the token names")
+    p.add_argument("--ttl", default="24h", help="issue: lifetime, e.g. 3600, 15m, 12h, 7d (default 24h)")
+    p.add_argument("--intents", help="issue: comma-separated intents it may open, e.g. 'iot:*,chat'")
+    p.add_argument("--agent-key", help="issue: the agent's Ed25519 public key (hex), for agent-signed frames")
+    p.add_argument("--jti", help="revoke: the token id to revoke")
+    p.add_argument("--data-dir", default="mux-data", help="node data directory (default ./mux-data)")
 
     p = add("cert", "make a self-signed development certificate (TLS 1.3 ready)")
     p.add_argument("--certfile", default="mux-cert.pem")
@@ -250,4 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-from . import cli_remote  # noqa: F401,E402  (registers remote verbs)
+# the modules below register their verbs with this registry when imported
+from . import (  # noqa: E402
+    cli_remote,  # noqa: F401  (status, open, send, channels, close, export, listen)
+)

@@ -21,6 +21,8 @@ from typing import Any
 import trio
 
 from . import wire
+from .auth import Grant
+from .bandwidth import TokenBucket
 from .channel import Channel
 from .core import Endpoint, Mux
 from .errors import BadRequest, ChannelError, ChannelNotFound, MuxError
@@ -38,10 +40,20 @@ class WireSession:
     """The protocol state of one connection of ``endpoint.agent``."""
 
     def __init__(
-        self, mux: Mux, endpoint: Endpoint, *, max_message_bytes: int, resume_grace_s: float | None = None
+        self,
+        mux: Mux,
+        endpoint: Endpoint,
+        *,
+        max_message_bytes: int,
+        resume_grace_s: float | None = None,
+        grant: Grant | None = None,
+        rate: tuple[float, int] = (0.0, 0),
     ) -> None:
         self.mux = mux
         self.endpoint = endpoint
+        self.grant = grant or Grant(endpoint.agent)
+        """What the connection's credentials allow (intents, agent key)."""
+        self._bucket = TokenBucket(int(rate[0]), rate[1]) if rate[0] > 0 else None
         self.max_message_bytes = max_message_bytes
         self.resume_grace_s = resume_grace_s
         """With a grace period the connection is resumable: see ``mux.resume``."""
@@ -77,6 +89,8 @@ class WireSession:
 
     def handle(self, message: str | bytes) -> list[Outgoing]:
         """Apply one client message; return the replies (an error event on bad input)."""
+        if self._bucket is not None and not self._bucket.take(1, trio.current_time()):
+            return [wire.error_event(MuxError("too many messages; slow down", code="rate_limited"))]
         try:
             action = wire.parse_message(message, self.max_message_bytes)
         except MuxError as exc:
@@ -89,7 +103,9 @@ class WireSession:
             return [wire.error_event(exc, action.ref)]
 
     def _do_open(self, action: wire.Action) -> list[Outgoing]:
-        ch = self.endpoint.open_nowait(action.get("target"), action.get("intent", "stream"), action.get("metadata"))
+        intent = action.get("intent", "stream")
+        self.grant.check_intent(intent)
+        ch = self.endpoint.open_nowait(action.get("target"), intent, action.get("metadata"))
         self._watch(ch)
         return [wire.channel_opened_event(ch._state, "opener", action.ref)]
 
@@ -136,6 +152,7 @@ class WireSession:
     def _do_fork(self, action: wire.Action) -> list[Outgoing]:
         parent = self.mux.channel_state(action.get("channel_id"), caller=self.agent)
         other = parent.target if parent.agent == self.agent else parent.agent
+        self.grant.check_intent(action.get("intent", parent.intent.name))
         ch = self.mux.open_nowait(
             action.get("target", other),
             action.get("intent", parent.intent.name),

@@ -35,6 +35,18 @@ class NodeSettings:
     """Largest WebSocket message / REST body the node reads; larger gets ``message_too_large``."""
     outbox_messages: int = 256
     """Messages queued for one socket before its channels' forwarders wait."""
+    open_mode: bool = False
+    """No authentication: callers name themselves (the seed's behaviour). ``serve --open``."""
+    max_connections: int = 10_000
+    """WebSocket connections the node holds at once; more get ``too_many_connections``."""
+    rate_messages_per_s: float = 500.0
+    """Messages per second one WebSocket (or one agent over REST) may send; 0 = unlimited."""
+    rate_burst: int = 1000
+    """Messages a connection may send in a burst above the rate."""
+    send_timeout_s: float = 15.0
+    """A client that does not take a message for this long is disconnected (slow consumer)."""
+    trusted_proxy_hops: int = 0
+    """TLS-terminating proxies in front of the node whose X-Forwarded-For/-Proto to trust."""
     longpoll_max_s: float = 30.0
     resume_grace_s: float = 30.0
     """How long a dropped resumable connection's channels wait for ``resume``."""

@@ -35,7 +35,7 @@ class NodeProcess:
 @asynccontextmanager
 async def node_process(data_dir: Path, *extra: str, timeout: float = 20.0) -> AsyncIterator[NodeProcess]:
     """Start ``python -m mux serve`` on a free loopback port; yield once it listens."""
-    args = [sys.executable, "-m", "mux", "serve", "--host", "127.0.0.1", "--port", "0", "--agent", "node"]
+    args = [sys.executable, "-m", "mux", "serve", "--host", "127.0.0.1", "--port", "0", "--agent", "node", "--open"]
     args += ["--data-dir", str(data_dir), *extra]
     process = await trio.lowlevel.open_process(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert process.stdout is not None

@@ -138,7 +138,7 @@ async def test_two_agents_multiplex_many_channels_both_ways(server: ServeInfo) -
         hello = await recv(a)
         assert hello["event"] == "connected" and hello["public_key"] == key
         await recv(b)
-        intents = ["chat", "call:voice", "file:sync", "stream"]
+        intents = ["chat", "session", "iot:sensor", "stream"]
         for i, intent in enumerate(intents):
             await send(a, action="open", target="bob", intent=intent, ref=i)
         opened = {}
@@ -232,7 +232,7 @@ async def test_every_bad_message_fails_alone(server: ServeInfo) -> None:
     async with open_ws(ws_url(server.url, "a")) as a, open_ws(ws_url(server.url, "b")) as b:
         await recv(a)
         await recv(b)
-        await send(a, action="open", target="b", intent="call:voice")
+        await send(a, action="open", target="b", intent="session")
         cid = (await recv(a))["channel_id"]
         await recv(b)
         bad: list[tuple[str | bytes, str]] = [
@@ -266,7 +266,7 @@ async def test_every_bad_message_fails_alone(server: ServeInfo) -> None:
             err = await recv(a)
             assert err.get("error") == code, (message[:60], err)
             assert err["detail"]
-            # ...and the same socket, and the voice channel, work normally right after
+            # ...and the same socket, and the channel, work normally right after
             await send(a, action="send", channel_id=cid, payload={"ok": True})
             ack = await recv(a)
             assert ack["event"] == "frame_ack", ack
@@ -300,7 +300,7 @@ async def test_second_socket_for_same_agent_is_refused(server: ServeInfo) -> Non
 
 async def test_graceful_shutdown_tells_clients(nursery: trio.Nursery) -> None:
     stop = trio.Event()
-    settings = NodeSettings(port=0, data_dir=None, graceful_timeout_s=2.0)
+    settings = NodeSettings(open_mode=True, port=0, data_dir=None, graceful_timeout_s=2.0)
     info: ServeInfo = await nursery.start(
         lambda task_status: serve(settings, shutdown_trigger=stop.wait, task_status=task_status)
     )
@@ -330,7 +330,7 @@ async def test_blueprint_mounts_in_a_user_app(nursery: trio.Nursery) -> None:
     async def hello() -> str:
         return "hi from the user app"
 
-    app.register_blueprint(create_blueprint(prefix="/mux"))
+    app.register_blueprint(create_blueprint(prefix="/mux", settings=NodeSettings(open_mode=True, data_dir=None)))
     cfg = Config()
     cfg.bind = ["127.0.0.1:0"]
     urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))
@@ -353,7 +353,7 @@ async def test_blueprint_can_serve_a_mux_you_own(nursery: trio.Nursery, given: b
 
     async with mux.open_mux(agent="mine") as m, m.attach("local") as local:
         app = QuartTrio("user_app")
-        app.register_blueprint(create_blueprint(m))
+        app.register_blueprint(create_blueprint(m, settings=NodeSettings(open_mode=True, data_dir=None)))
         cfg = Config()
         cfg.bind = ["127.0.0.1:0"]
         urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))

@@ -46,7 +46,13 @@ async def tls_server(nursery: trio.Nursery, cert: tuple[str, str]) -> AsyncItera
     """A real in-process Hypercorn node speaking TLS 1.3 on a free loopback port."""
     certfile, keyfile = cert
     settings = NodeSettings(
-        host="127.0.0.1", port=0, data_dir=None, certfile=certfile, keyfile=keyfile, graceful_timeout_s=1.0
+        open_mode=True,
+        host="127.0.0.1",
+        port=0,
+        data_dir=None,
+        certfile=certfile,
+        keyfile=keyfile,
+        graceful_timeout_s=1.0,
     )
     info: ServeInfo = await nursery.start(lambda task_status: serve(settings, task_status=task_status))
     yield info
@@ -305,7 +311,7 @@ async def node_process(cert: tuple[str, str], tmp_path: Path) -> AsyncIterator[t
     certfile, keyfile = cert
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env = {k: v for k, v in env.items() if not k.startswith("MUX_")}
-    argv = [sys.executable, "-m", "mux", "serve", "--host", "127.0.0.1", "--port", "0", "--memory"]
+    argv = [sys.executable, "-m", "mux", "serve", "--host", "127.0.0.1", "--port", "0", "--memory", "--open"]
     argv += ["--certfile", certfile, "--keyfile", keyfile]
     async with await trio.open_file(tmp_path / "node.stderr", "wb") as errlog:
         proc = await trio.lowlevel.open_process(

@@ -129,7 +129,9 @@ def run(n: int = 5000, window: int = 64) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     py = sys.executable
     with (
-        _process([py, "-m", "mux", "serve", "--port", "0", "--memory", "--agent", "bench"], "listening on") as (
+        _process(
+            [py, "-m", "mux", "serve", "--port", "0", "--memory", "--agent", "bench", "--open"], "listening on"
+        ) as (
             node,
             node_url,
         ),
