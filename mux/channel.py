@@ -251,14 +251,15 @@ class ChannelContext:
             raise ChannelClosed("channel is closed", channel_id=self.state.id)
         frame = self.mux._chain(self.state, "data", sender or self.peer_of(to), to, payload)
         self.deliver(frame)
+        self.mux._count(self.state, frame.size)
         return frame
 
     async def send(self, payload: Any, *, to: str, sender: str | None = None) -> Frame:
         """Like ``emit``, but wait while ``to``'s inbox is full: nothing is dropped (byte
         streams such as tunnels need this). Raises ChannelClosed if the channel closes."""
         end = self.state.ends[to]
-        while end.attached and not end.has_room() and self.state.is_open:
-            await end.room.park()
+        while (end.reserved is not None or (end.attached and not end.has_room())) and self.state.is_open:
+            await end.room.park()  # a dropped resumable end waits too: nothing piles up meanwhile
         return self.emit(payload, to=to, sender=sender)
 
     def options(self) -> dict[str, Any]:

@@ -308,5 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # the modules below register their verbs with this registry when imported
 from . import (  # noqa: E402
+    cli_files,  # noqa: F401  (send-file and receive-files)
+    cli_net,  # noqa: F401  (tunnel and ping)
     cli_remote,  # noqa: F401  (status, open, send, channels, close, export, listen)
 )

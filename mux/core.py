@@ -17,7 +17,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from os import PathLike
 from pathlib import Path
@@ -45,11 +45,11 @@ from .errors import (
     ChannelThrottled,
     MuxError,
 )
-from .frames import GENESIS, ChainHead, Frame, canonical_json, payload_bytes
+from .frames import GENESIS, AgentSignature, ChainHead, Frame, canonical_json, payload_bytes
 from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry
 from .mailbox import Mailbox
 from .resume import Resumes
-from .signing import NodeKey
+from .signing import NodeKey, check_agent_signature
 from .storage import STORE_FILE, ChannelRow, MemoryStore, Snapshot, SqliteStore, Store
 
 __all__ = ["Endpoint", "Mux", "MuxConfig", "open_mux", "start_mux"]
@@ -346,8 +346,9 @@ class Mux:
         target: str,
         payload: Any,
         encoded: tuple[str, bytes] | None = None,
+        agent: AgentSignature | None = None,
     ) -> Frame:
-        frame = state.chain.append(kind, sender, target, payload, now_ms(), encoded)
+        frame = state.chain.append(kind, sender, target, payload, now_ms(), encoded, agent)
         self.store.append(frame)
         if state.appended:
             state.appended.unpark_all()
@@ -370,8 +371,11 @@ class Mux:
                 raise ChannelForbidden("not an end of this channel", channel_id=channel_id) from None
         return await self.store.chain(channel_id, after_seq, limit)
 
-    def _post(self, state: ChannelState, sender: str, payload: Any) -> Receipt:
-        """Chain, sign and hand over one frame from ``sender``; never awaits."""
+    def _post(self, state: ChannelState, sender: str, payload: Any, agent: AgentSignature | None = None) -> Receipt:
+        """Chain, sign and hand over one frame from ``sender``; never awaits.
+
+        ``agent`` is the sender's own signature over the payload: checked here (refused with
+        ``bad_agent_signature``), then kept in the frame for the receiver to verify."""
         if state.close_frame is not None:
             raise ChannelClosed(f"channel is closed ({state.close_reason})", channel_id=state.id)
         encoded = payload_bytes(payload)
@@ -382,6 +386,8 @@ class Mux:
                 code="payload_too_large",
                 channel_id=state.id,
             )
+        if agent is not None:
+            check_agent_signature(state.id, sender, encoded[1], agent)
         ctx = state.ctx
         assert ctx is not None
         if not self.store.has_room():
@@ -395,7 +401,7 @@ class Mux:
                     f"over the {state.intent.name} budget of {state.intent.policy.rate} B/s", channel_id=state.id
                 )
         frame = self._chain(
-            state, "data", sender, state.target if sender == state.agent else state.agent, payload, encoded
+            state, "data", sender, state.target if sender == state.agent else state.agent, payload, encoded, agent
         )
         try:
             disposition = state.backend.on_frame(ctx, frame)
@@ -407,13 +413,21 @@ class Mux:
             raise ChannelError(
                 f"backend failed: {type(exc).__name__}", code="backend_error", channel_id=state.id
             ) from exc
+        self._count(state, size)
+        if disposition is Disposition.DROPPED:
+            self._stats["dropped"] += 1
+        return Receipt(frame, disposition, state.durable, self.store.position)
+
+    def start_task(self, async_fn: Callable[..., Awaitable[object]], *args: object, name: str | None = None) -> None:
+        """Run a backend's node-level task (one that outlives a channel) in the mux nursery;
+        it is cancelled at shutdown and must handle its own errors."""
+        self._nursery.start_soon(async_fn, *args, name=name)
+
+    def _count(self, state: ChannelState, size: int) -> None:
         state.frames += 1
         state.bytes += size
         self._stats["frames"] += 1
         self._stats["bytes"] += size
-        if disposition is Disposition.DROPPED:
-            self._stats["dropped"] += 1
-        return Receipt(frame, disposition, state.durable, self.store.position)
 
     # ---- mailboxes (durable delivery) ----------------------------------------------------
 
@@ -597,6 +611,8 @@ class Mux:
         The endpoint is told of channels opened to the agent, including ones already open.
         """
         name = normalize_agent(agent)
+        if name == self.agent:
+            raise ChannelError("the node's own agent name cannot attach", code="bad_agent")
         if name in self._endpoints:
             raise ChannelError(f"agent {name} is already attached", code="agent_attached")
         ep = Endpoint(self, name)

@@ -23,7 +23,10 @@ import orjson
 from .errors import BadRequest
 
 __all__ = [
+    "AGENT_CONTEXT",
     "FRAME_VERSION",
+    "AgentSignature",
+    "agent_signed_bytes",
     "GENESIS",
     "KINDS",
     "ChainHead",
@@ -69,9 +72,10 @@ def frame_hash(
     prev: str,
     enc: str,
     payload_sha256: str,
+    agent: AgentSignature | None = None,
 ) -> str:
     """The ``tbz_hash`` (hex SHA-256) of a frame header, as specified in ``docs/frames.md``."""
-    header = {
+    header: dict[str, Any] = {
         "v": FRAME_VERSION,
         "channel_id": channel_id,
         "seq": seq,
@@ -84,7 +88,31 @@ def frame_hash(
         "enc": enc,
         "payload_sha256": payload_sha256,
     }
+    if agent is not None:
+        header.update(agent_key=agent.key, agent_nonce=agent.nonce, agent_sig=agent.sig)
     return _sha256(orjson.dumps(header, option=_SORT)).hexdigest()
+
+
+@attrs.frozen
+class AgentSignature:
+    """An agent's own Ed25519 signature over a payload it sent (see ``docs/frames.md``):
+    ``key`` its public key (hex), ``nonce`` its own unique string, ``sig`` hex."""
+
+    key: str
+    nonce: str
+    sig: str
+
+
+AGENT_CONTEXT = b"mux-agent-v1."
+
+
+def agent_signed_bytes(channel_id: str, sender: str, nonce: str, payload_sha256: str) -> bytes:
+    """The bytes an agent signs: ``b"mux-agent-v1." + canonical_json({channel_id, nonce,
+    payload_sha256, sender})``."""
+    return AGENT_CONTEXT + orjson.dumps(
+        {"channel_id": channel_id, "nonce": nonce, "payload_sha256": payload_sha256, "sender": sender},
+        option=_SORT,
+    )
 
 
 @attrs.frozen
@@ -108,6 +136,8 @@ class Frame:
     tbz_hash: str
     sig: str
     raw: bytes = attrs.field(repr=False, eq=False)
+    agent: AgentSignature | None = None
+    """The sender's own signature, when it signed the payload."""
 
     @property
     def enc(self) -> str:
@@ -136,6 +166,11 @@ class Frame:
             "payload": base64.b64encode(self.payload).decode() if binary else self.payload,
             "tbz_hash": self.tbz_hash,
             "sig": self.sig,
+            **(
+                {"agent_key": self.agent.key, "agent_nonce": self.agent.nonce, "agent_sig": self.agent.sig}
+                if self.agent is not None
+                else {}
+            ),
         }
 
     def to_json(self) -> bytes:
@@ -165,6 +200,9 @@ class Frame:
                 tbz_hash=str(d["tbz_hash"]),
                 sig=str(d.get("sig", "")),
                 raw=raw,
+                agent=AgentSignature(str(d["agent_key"]), str(d["agent_nonce"]), str(d["agent_sig"]))
+                if "agent_sig" in d
+                else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadRequest(f"malformed frame: {exc!r}", code="malformed_frame") from exc
@@ -182,6 +220,7 @@ class Frame:
             prev=self.prev,
             enc=self.enc,
             payload_sha256=_sha256(self.raw).hexdigest(),
+            agent=self.agent,
         )
 
 
@@ -200,7 +239,14 @@ class ChainHead:
     head: str = GENESIS
 
     def append(
-        self, kind: str, sender: str, target: str, payload: Any, ts: int, encoded: tuple[str, bytes] | None = None
+        self,
+        kind: str,
+        sender: str,
+        target: str,
+        payload: Any,
+        ts: int,
+        encoded: tuple[str, bytes] | None = None,
+        agent: AgentSignature | None = None,
     ) -> Frame:
         """Chain a new frame after the head and return it, signed.
 
@@ -220,6 +266,7 @@ class ChainHead:
             prev=self.head,
             enc=enc,
             payload_sha256=_sha256(raw).hexdigest(),
+            agent=agent,
         )
         frame = Frame(
             self.channel_id,
@@ -234,6 +281,7 @@ class ChainHead:
             digest,
             self.sign(bytes.fromhex(digest)),
             raw,
+            agent,
         )
         self.next_seq += 1
         self.head = digest

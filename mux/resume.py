@@ -96,6 +96,7 @@ class Resumes:
         for channel_id in record.channel_ids:
             state = self.mux._channels.get(channel_id)
             if state is not None and state.ends[record.agent].reserved == token:
+                state.ends[record.agent].reserved = None
                 self.mux._close_nowait(state, "ws_disconnect", by=record.agent)
 
     def resume(self, endpoint: Endpoint, token: str, last: dict[str, int]) -> tuple[list[Resumed], list[str]]:
@@ -116,6 +117,7 @@ class Resumes:
             end = state.ends[endpoint.agent]
             end.reserved = None
             end.attach(endpoint)
+            end.room.unpark_all()  # backends waiting to send to this end may go on
             handle = Channel(self.mux, state, end)
             endpoint._held[channel_id] = handle
             after = last.get(channel_id, 0)

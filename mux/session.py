@@ -26,6 +26,7 @@ from .bandwidth import TokenBucket
 from .channel import Channel
 from .core import Endpoint, Mux
 from .errors import BadRequest, ChannelError, ChannelNotFound, MuxError
+from .frames import AgentSignature
 from .resume import Resumed, new_token
 
 __all__ = ["Outgoing", "WireSession"]
@@ -89,12 +90,12 @@ class WireSession:
 
     def handle(self, message: str | bytes) -> list[Outgoing]:
         """Apply one client message; return the replies (an error event on bad input)."""
-        if self._bucket is not None and not self._bucket.take(1, trio.current_time()):
-            return [wire.error_event(MuxError("too many messages; slow down", code="rate_limited"))]
         try:
             action = wire.parse_message(message, self.max_message_bytes)
         except MuxError as exc:
             return [wire.error_event(exc)]
+        if self._bucket is not None and not self._bucket.take(1, trio.current_time()):
+            return [wire.error_event(MuxError("too many messages; slow down", code="rate_limited"), action.ref)]
         try:
             return getattr(self, "_do_" + action.name)(action)  # type: ignore[no-any-return]
         except MuxError as exc:
@@ -116,7 +117,15 @@ class WireSession:
 
     def _do_send(self, action: wire.Action) -> list[Outgoing]:
         ch = self._held(action.get("channel_id"))
-        receipt = ch.post_nowait(action.get("payload"))
+        agent = None
+        if action.get("agent_sig") is not None:
+            if not self.grant.agent_key:
+                raise MuxError(
+                    "agent_sig given but no agent key is registered for this agent (token agent_key)",
+                    code="no_agent_key",
+                )
+            agent = AgentSignature(self.grant.agent_key, action.get("agent_nonce") or "", action.get("agent_sig"))
+        receipt = self.mux._post(ch._state, self.agent, action.get("payload"), agent)
         ack = wire.frame_ack_event(receipt.frame, receipt.disposition.value, action.ref, stored=receipt.stored)
         if receipt.stored:  # acknowledged once durable: the ack pump sends it after the commit
             self._durable_acks.append((receipt.position, ack))

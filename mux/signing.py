@@ -7,6 +7,7 @@ and the node's public key; they never talk to a node. Each failure raises
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,10 +17,19 @@ import attrs
 import nacl.exceptions
 import nacl.signing
 
-from .errors import BadRequest, VerificationError
-from .frames import GENESIS, KINDS, Frame
+from .errors import BadRequest, MuxError, VerificationError
+from .frames import GENESIS, KINDS, AgentSignature, Frame, agent_signed_bytes, payload_bytes
 
-__all__ = ["ChainReport", "NodeKey", "load_public_key", "verify_chain", "verify_frame"]
+__all__ = [
+    "ChainReport",
+    "NodeKey",
+    "check_agent_signature",
+    "load_public_key",
+    "sign_as_agent",
+    "verify_agent_frame",
+    "verify_chain",
+    "verify_frame",
+]
 
 KEY_FILE = "node.key"
 
@@ -102,6 +112,47 @@ def verify_frame(
             "bad_signature", f"seq {f.seq}: signature is not by key {bytes(vk).hex()[:16]}...", index=index, seq=f.seq
         ) from exc
     return f
+
+
+def check_agent_signature(channel_id: str, sender: str, payload: bytes, agent: AgentSignature) -> None:
+    """Raise ``bad_agent_signature`` unless ``agent.sig`` is ``agent.key``'s signature over
+    the payload (``payload`` = the exact payload bytes of the frame)."""
+    if not (1 <= len(agent.nonce) <= 128):
+        raise MuxError("agent_nonce must be 1-128 characters", code="bad_agent_signature", channel_id=channel_id)
+    message = agent_signed_bytes(channel_id, sender, agent.nonce, hashlib.sha256(payload).hexdigest())
+    try:
+        load_public_key(agent.key).verify(message, bytes.fromhex(agent.sig))
+    except (ValueError, BadRequest, nacl.exceptions.BadSignatureError) as exc:
+        raise MuxError(
+            f"the payload's agent signature does not verify with {sender}'s key",
+            code="bad_agent_signature",
+            channel_id=channel_id,
+        ) from exc
+
+
+def verify_agent_frame(frame: Frame | dict[str, Any], agent_key: str | None = None) -> Frame:
+    """End-to-end check of who wrote a frame: its ``agent_sig`` must verify with the frame's
+    ``agent_key`` (and that must equal ``agent_key`` when you pass the key you trust).
+    Check the node's signature with :func:`verify_frame` too: it attests the key was the
+    sender's. Raises VerificationError ``not_agent_signed``, ``wrong_agent_key`` or
+    ``bad_agent_signature``."""
+    f = _as_frame(frame, None)
+    if f.agent is None:
+        raise VerificationError("not_agent_signed", f"seq {f.seq} carries no agent signature", seq=f.seq)
+    if agent_key is not None and agent_key.lower() != f.agent.key.lower():
+        raise VerificationError("wrong_agent_key", f"seq {f.seq} was signed by another key", seq=f.seq)
+    try:
+        check_agent_signature(f.channel_id, f.sender, f.raw, f.agent)
+    except MuxError as exc:
+        raise VerificationError("bad_agent_signature", exc.detail, seq=f.seq) from exc
+    return f
+
+
+def sign_as_agent(key: nacl.signing.SigningKey, channel_id: str, sender: str, payload: Any, nonce: str) -> str:
+    """What an agent sends as ``agent_sig``: hex Ed25519 over ``agent_signed_bytes``."""
+    _, raw = payload_bytes(payload)
+    message = agent_signed_bytes(channel_id, sender, nonce, hashlib.sha256(raw).hexdigest())
+    return key.sign(message).signature.hex()
 
 
 @attrs.frozen

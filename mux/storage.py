@@ -103,23 +103,33 @@ class Store(Protocol):
 @attrs.define(eq=False)
 class MemoryStore:
     """In-memory store: a bounded ledger (``max_channels`` chains of at most
-    ``max_frames_per_channel`` frames, oldest forgotten first); nothing survives a restart."""
+    ``max_frames_per_channel`` frames and ``max_bytes_per_channel`` payload bytes, oldest
+    forgotten first); nothing survives a restart."""
 
     max_channels: int = 4096
     max_frames_per_channel: int = 100_000
+    max_bytes_per_channel: int = 8 << 20
+    """Payload bytes kept per chain; older frames are forgotten first (partial export)."""
     position: int = 0
+    _bytes: dict[str, int] = attrs.field(factory=dict, init=False)
     _chains: collections.OrderedDict[str, collections.deque[Frame]] = attrs.field(
         factory=collections.OrderedDict, init=False
     )
 
     def append(self, frame: Frame) -> None:
         """Keep ``frame``; forget the least recently started chain when over ``max_channels``."""
-        chain = self._chains.get(frame.channel_id)
+        cid = frame.channel_id
+        chain = self._chains.get(cid)
         if chain is None:
-            chain = self._chains[frame.channel_id] = collections.deque(maxlen=self.max_frames_per_channel)
+            chain = self._chains[cid] = collections.deque()
+            self._bytes[cid] = 0
             while len(self._chains) > self.max_channels:
-                self._chains.popitem(last=False)
+                self._bytes.pop(self._chains.popitem(last=False)[0], None)
         chain.append(frame)
+        held = self._bytes[cid] + frame.size
+        while len(chain) > 1 and (held > self.max_bytes_per_channel or len(chain) > self.max_frames_per_channel):
+            held -= chain.popleft().size
+        self._bytes[cid] = held
         self.position += 1
 
     def record_open(self, row: ChannelRow) -> None:

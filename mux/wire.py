@@ -45,7 +45,13 @@ _U32 = struct.Struct(">I")
 # action -> {field: (type(s), required)}
 ACTIONS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "open": {"target": ((str,), True), "intent": ((str,), False), "metadata": ((dict,), False)},
-    "send": {"channel_id": ((str,), True), "payload": ((object,), True), "enc": ((str,), False)},
+    "send": {
+        "channel_id": ((str,), True),
+        "payload": ((object,), True),
+        "enc": ((str,), False),
+        "agent_sig": ((str,), False),
+        "agent_nonce": ((str,), False),
+    },
     "close": {"channel_id": ((str,), True), "reason": ((str,), False)},
     "ack": {"channel_id": ((str,), True), "seq": ((int,), True)},
     "list": {},

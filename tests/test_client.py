@@ -177,7 +177,7 @@ async def test_ws_two_agents_three_channels_both_ways(server: ServeInfo) -> None
                 status = await in_thread(probe.status)
             assert alice.public_key == bob.public_key == status["public_key"]
 
-            intents = ["stream", "chat", "call:voice"]
+            intents = ["stream", "chat", "session"]
             opened = [await alice.open("bob", intent, {"n": n}) for n, intent in enumerate(intents)]
             accepted = {}
             for _ in intents:

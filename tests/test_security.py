@@ -226,3 +226,49 @@ def test_cli_issues_a_token_the_node_accepts(data_dir: Path, key: NodeKey) -> No
     grant, claims = read_token(data["token"], key)
     assert grant.agent == "robot" and grant.intents == ("iot:*", "chat")
     assert 14 * 60_000 < claims["exp"] - claims["iat"] <= 15 * 60_000
+
+
+async def test_agent_signed_frames_verify_end_to_end(nursery: trio.Nursery, data_dir: Path, key: NodeKey) -> None:
+    import nacl.signing
+
+    import mux
+    from mux.signing import sign_as_agent, verify_agent_frame
+
+    url = await start(nursery, data_dir)
+    alice_sk = nacl.signing.SigningKey.generate()
+    alice_pk = bytes(alice_sk.verify_key).hex()
+    ta = token(key, "alice", agent_key=alice_pk)
+    base = url.replace("http", "ws", 1) + "/api/mux/ws?token="
+    async with open_ws(base + ta) as a, open_ws(base + token(key, "bob")) as b:
+        await recv(a)
+        await recv(b)
+        await send(a, action="open", target="bob", intent="stream")
+        cid = (await recv(a))["channel_id"]
+        await recv(b)
+        payload = {"order": 66, "note": "signed by alice"}
+        sig = sign_as_agent(alice_sk, cid, "alice", payload, "n-1")
+        await send(a, action="send", channel_id=cid, payload=payload, agent_sig=sig, agent_nonce="n-1", ref=1)
+        assert (await recv(a))["event"] == "frame_ack"
+        event = await recv(b)
+        frame = {k: v for k, v in event.items() if k != "event"}
+        assert (frame["agent_key"], frame["agent_nonce"]) == (alice_pk, "n-1")
+        mux.verify_frame(frame, key.public_hex)  # the node attests the key was alice's
+        assert verify_agent_frame(frame, alice_pk).payload == payload  # and alice wrote it
+        with pytest.raises(mux.VerificationError) as info:
+            verify_agent_frame(frame, bytes(nacl.signing.SigningKey.generate().verify_key).hex())
+        assert info.value.reason == "wrong_agent_key"
+        with pytest.raises(mux.VerificationError) as info:
+            mux.verify_frame({**frame, "agent_sig": "00" * 64}, key.public_hex)
+        assert info.value.reason == "bad_hash"  # the node's hash covers the agent signature
+
+        forged = sign_as_agent(nacl.signing.SigningKey.generate(), cid, "alice", payload, "n-2")
+        await send(a, action="send", channel_id=cid, payload=payload, agent_sig=forged, agent_nonce="n-2", ref=2)
+        err = await recv(a)
+        assert (err["error"], err["ref"]) == ("bad_agent_signature", 2)
+        other = sign_as_agent(alice_sk, cid, "alice", {"order": 67}, "n-3")  # signature of another payload
+        await send(a, action="send", channel_id=cid, payload=payload, agent_sig=other, agent_nonce="n-3", ref=3)
+        assert (await recv(a))["error"] == "bad_agent_signature"
+        await send(b, action="send", channel_id=cid, payload=1, agent_sig="00" * 64, agent_nonce="x", ref=4)
+        assert (await recv(b))["error"] == "no_agent_key"  # bob registered no key
+        await send(a, action="send", channel_id=cid, payload={"plain": True}, ref=5)
+        assert (await recv(a))["event"] == "frame_ack"  # unsigned frames still allowed
