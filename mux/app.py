@@ -26,7 +26,8 @@ from .auth import REVOKED_FILE, Authenticator, Grant, Revocations
 from .bandwidth import TokenBucket
 from .core import Mux, start_mux
 from .errors import BadRequest, MuxError
-from .session import Outgoing, WireSession
+from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
+from .session import WireSession
 from .settings import NodeSettings
 from .signing import NodeKey
 from .storage import STORE_FILE, MemoryStore, SqliteStore, Store
@@ -426,23 +427,23 @@ async def _serve_socket(node: Node) -> None:
         rate=(settings.rate_messages_per_s, settings.rate_burst),
     )
     node.sessions.add(session)
-    out_send, out_recv = trio.open_memory_channel[Outgoing](node.settings.outbox_messages)
+    batching = websocket.args.get("batch", "") in ("1", "true", "yes")
     try:
         await websocket.accept(subprotocol=subprotocol)
         await websocket.send(session.hello())
         async with trio.open_nursery() as nursery:
-            replies = out_send.clone()
-            await nursery.start(session.run, out_send)
-            writer = _Writer(out_recv, settings.send_timeout_s, nursery.cancel_scope, endpoint.agent)
+            await nursery.start(session.run)
+            writer = _Writer(session.outbox, settings.send_timeout_s, nursery.cancel_scope, endpoint.agent, batching)
             nursery.start_soon(writer.run)
             if grant.exp:
                 nursery.start_soon(_expire_with_token, grant, nursery.cancel_scope)
             nursery.start_soon(_close_on_shutdown, node, session, writer, nursery.cancel_scope)
-            async with replies:
-                while True:
-                    message = await websocket.receive()
-                    for reply in session.handle(message):
-                        await replies.send(reply)
+            outbox = session.outbox
+            while True:
+                message = await websocket.receive()
+                replies = session.handle(message)
+                if replies:
+                    await outbox.put(CONTROL, CONTROL_URGENCY, *replies)
     finally:
         session.close("ws_disconnect")
         node.sessions.discard(session)
@@ -452,32 +453,49 @@ async def _serve_socket(node: Node) -> None:
 class _Writer:
     """Drains a socket's outbox onto the WebSocket; knows when everything queued is sent."""
 
-    outbox: trio.MemoryReceiveChannel[Outgoing]
+    outbox: Outbox
     send_timeout_s: float
     connection: trio.CancelScope
     agent: str
+    batching: bool = False
+    """The client asked (``?batch=1``) for queued JSON events in one ``batch`` message."""
     busy: bool = False
 
     @property
     def idle(self) -> bool:
         """True when nothing is queued or being written."""
-        return not self.busy and not self.outbox.statistics().current_buffer_used
+        return not self.busy and self.outbox.empty
+
+    def _coalesce(self, first: str) -> str:
+        """``first`` plus whatever JSON is ready next (in urgency order), as one batch."""
+        items = [first]
+        size = len(first)
+        while size < 65536 and len(items) < 128:
+            nxt = self.outbox.get_nowait()
+            if nxt is None:
+                break
+            if isinstance(nxt, bytes):  # binary keeps its own message: put it back in front
+                self.outbox.put_nowait(CONTROL, CONTROL_URGENCY - 1, nxt)
+                break
+            items.append(nxt)
+            size += len(nxt)
+        return items[0] if len(items) == 1 else wire.batch_event(items)
 
     async def run(self) -> None:
         """Send each message; a client that takes none for ``send_timeout_s`` is dropped
-        (slow consumer): its queue never grows past the outbox bound."""
-        async with self.outbox:
-            async for message in self.outbox:
-                self.busy = True
-                with trio.move_on_after(self.send_timeout_s) as waited:
-                    await websocket.send(message)
-                if waited.cancelled_caught:
-                    log.warning(
-                        "%s: not reading for %.1f s, disconnected (slow consumer)", self.agent, self.send_timeout_s
-                    )
-                    self.connection.cancel()
-                    return
-                self.busy = False
+        (slow consumer): nothing queues past the outbox bounds meanwhile."""
+        while True:
+            message: Outgoing = await self.outbox.get()
+            if self.batching and isinstance(message, str):
+                message = self._coalesce(message)
+            self.busy = True
+            with trio.move_on_after(self.send_timeout_s) as waited:
+                await websocket.send(message)
+            if waited.cancelled_caught:
+                log.warning("%s: not reading for %.1f s, disconnected (slow consumer)", self.agent, self.send_timeout_s)
+                self.connection.cancel()
+                return
+            self.busy = False
 
 
 async def _expire_with_token(grant: Grant, scope: trio.CancelScope) -> None:

@@ -507,6 +507,7 @@ class MuxConnection:
         self._buffer_frames = buffer_frames
         self._channels: dict[str, ClientChannel] = {}
         self._pending: dict[int, _Pending] = {}
+        self._parts: dict[tuple[str, int], tuple[dict[str, Any], list[bytes]]] = {}
         self._refs = itertools.count(1)
         self._incoming_send, self._incoming_recv = trio.open_memory_channel[ClientChannel](64)
         self._closed = False
@@ -636,8 +637,12 @@ class MuxConnection:
     async def _dispatch(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
             header, payload = unpack_binary(message)
-            if header.get("event") != "frame":
-                raise BadRequest(f"binary message with event {header.get('event')!r}", code="bad_binary")
+            event = header.get("event")
+            if event == "frame_part":
+                await self._on_part(header, payload)
+                return
+            if event != "frame":
+                raise BadRequest(f"binary message with event {event!r}", code="bad_binary")
             header["payload"] = payload
             header["enc"] = "bytes"
             await self._on_frame(_frame_dict(header))
@@ -648,6 +653,34 @@ class MuxConnection:
             raise BadRequest(f"not JSON: {exc}", code="invalid_json") from exc
         if not isinstance(msg, dict):
             raise BadRequest("not a JSON object", code="invalid_json")
+        if msg.get("event") == "batch" and isinstance(msg.get("items"), list):
+            for item in msg["items"]:
+                if isinstance(item, dict):
+                    await self._dispatch_obj(item)
+            return
+        await self._dispatch_obj(msg)
+
+    async def _on_part(self, header: dict[str, Any], data: bytes) -> None:
+        """Reassemble a large frame sent as ``frame_part`` pieces (docs/protocol.md)."""
+        key = (str(header.get("channel_id")), int(header.get("seq", -1)))
+        part, parts = int(header.get("part", -1)), int(header.get("parts", 0))
+        if part == 0:
+            if not isinstance(header.get("frame"), dict) or parts < 1:
+                raise BadRequest("first frame_part without its frame header", code="bad_binary")
+            self._parts[key] = (header["frame"], [data])
+        else:
+            got = self._parts.get(key)
+            if got is None or len(got[1]) != part:
+                self._parts.pop(key, None)
+                raise BadRequest(f"frame_part {part} of {key} out of order", code="bad_binary")
+            got[1].append(data)
+        if part == parts - 1:
+            frame, chunks = self._parts.pop(key)
+            raw = b"".join(chunks)
+            frame["payload"] = raw if frame.get("enc") == "bytes" else orjson.loads(raw)
+            await self._on_frame(_frame_dict(frame))
+
+    async def _dispatch_obj(self, msg: dict[str, Any]) -> None:
         name = msg.get("event")
         if name == "frame":
             await self._on_frame(_frame_dict(msg))

@@ -27,14 +27,12 @@ from .channel import Channel
 from .core import Endpoint, Mux
 from .errors import BadRequest, ChannelError, ChannelNotFound, MuxError
 from .frames import AgentSignature
+from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
 from .resume import Resumed, new_token
 
-__all__ = ["Outgoing", "WireSession"]
+__all__ = ["WireSession"]
 
 log = logging.getLogger("mux.session")
-
-Outgoing = str | bytes
-"""A message for the socket: text (JSON) or bytes (binary framing)."""
 
 
 class WireSession:
@@ -49,12 +47,17 @@ class WireSession:
         resume_grace_s: float | None = None,
         grant: Grant | None = None,
         rate: tuple[float, int] = (0.0, 0),
+        outbox_per_channel: int = 64,
+        chunk_bytes: int = wire.CHUNK_BYTES,
     ) -> None:
         self.mux = mux
         self.endpoint = endpoint
         self.grant = grant or Grant(endpoint.agent)
         """What the connection's credentials allow (intents, agent key)."""
         self._bucket = TokenBucket(int(rate[0]), rate[1]) if rate[0] > 0 else None
+        self.outbox = Outbox(per_key=outbox_per_channel)
+        """What this connection sends, scheduled by urgency (``mux.outbox``)."""
+        self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
         self.resume_grace_s = resume_grace_s
         """With a grace period the connection is resumable: see ``mux.resume``."""
@@ -65,7 +68,6 @@ class WireSession:
         self.forwarders = 0
         """Channels whose frames are still being forwarded (0 once all have closed)."""
         self._nursery: trio.Nursery | None = None
-        self._outbox: trio.MemorySendChannel[Outgoing] | None = None
 
     @property
     def agent(self) -> str:
@@ -94,14 +96,30 @@ class WireSession:
             action = wire.parse_message(message, self.max_message_bytes)
         except MuxError as exc:
             return [wire.error_event(exc)]
-        if self._bucket is not None and not self._bucket.take(1, trio.current_time()):
+        cost = len(action.get("items")) if action.name == "batch" else 1
+        if self._bucket is not None and not self._bucket.take(max(1, cost), trio.current_time()):
             return [wire.error_event(MuxError("too many messages; slow down", code="rate_limited"), action.ref)]
+        return self._apply(action)
+
+    def _apply(self, action: wire.Action) -> list[Outgoing]:
         try:
             return getattr(self, "_do_" + action.name)(action)  # type: ignore[no-any-return]
         except MuxError as exc:
             if exc.channel_id is None and isinstance(action.get("channel_id"), str):
                 exc.channel_id = action.get("channel_id")[:80]
             return [wire.error_event(exc, action.ref)]
+
+    def _do_batch(self, action: wire.Action) -> list[Outgoing]:
+        """Apply each item in order; answer with one ``batch`` event of the replies."""
+        replies: list[str] = []
+        for item in wire.batch_items(action):
+            if isinstance(item, MuxError):
+                replies.append(wire.error_event(item))
+                continue
+            for reply in self._apply(item):
+                assert isinstance(reply, str)  # replies to actions are JSON
+                replies.append(reply)
+        return [wire.batch_event(replies)] if replies else []
 
     def _do_open(self, action: wire.Action) -> list[Outgoing]:
         intent = action.get("intent", "stream")
@@ -181,47 +199,43 @@ class WireSession:
     # ---- background ------------------------------------------------------------------------
 
     def _watch(self, ch: Channel, replay: Resumed | None = None) -> None:
-        if self._nursery is None or self._outbox is None:
+        if self._nursery is None:
             raise ChannelError("session is not running", code="not_running")
-        self._nursery.start_soon(self._forward, ch, self._outbox.clone(), replay, name=f"mux-forward-{ch.id}")
+        self._nursery.start_soon(self._forward, ch, replay, name=f"mux-forward-{ch.id}")
 
-    async def run(self, outbox: trio.MemorySendChannel[Outgoing], *, task_status: trio.TaskStatus[None]) -> None:
-        """Announce incoming channels and forward every held channel's frames to ``outbox``."""
-        async with trio.open_nursery() as nursery, outbox:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Announce incoming channels and forward every held channel's frames to the outbox."""
+        async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self._outbox = outbox
-            nursery.start_soon(self._ack_pump, outbox.clone())
+            nursery.start_soon(self._ack_pump)
             task_status.started()
             async for ch in self.endpoint:
-                await outbox.send(wire.channel_opened_event(ch._state, "target"))
+                await self.outbox.put(CONTROL, CONTROL_URGENCY, wire.channel_opened_event(ch._state, "target"))
                 self._watch(ch)
 
-    async def _ack_pump(self, outbox: trio.MemorySendChannel[Outgoing]) -> None:
+    async def _ack_pump(self) -> None:
         """Send durable ``frame_ack``s in order, each once the store has committed its frame."""
-        async with outbox:
-            while True:
-                while not self._durable_acks:
-                    await self._ack_lot.park()
-                position, ack = self._durable_acks[0]
-                await self.mux.store.flushed(position)
-                self._durable_acks.popleft()
-                await outbox.send(ack)
+        while True:
+            while not self._durable_acks:
+                await self._ack_lot.park()
+            position, ack = self._durable_acks[0]
+            await self.mux.store.flushed(position)
+            self._durable_acks.popleft()
+            await self.outbox.put(CONTROL, CONTROL_URGENCY, ack)
 
     @property
     def idle(self) -> bool:
-        """True when no durable ack is waiting and no channel is being forwarded."""
-        return not self._durable_acks and not self.forwarders
+        """True when no durable ack is waiting, no channel is being forwarded, nothing queued."""
+        return not self._durable_acks and not self.forwarders and self.outbox.empty
 
-    async def _forward(
-        self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing], replay: Resumed | None = None
-    ) -> None:
+    async def _forward(self, ch: Channel, replay: Resumed | None = None) -> None:
         self.forwarders += 1
         try:
-            await self._forward_frames(ch, outbox, replay)
+            await self._forward_frames(ch, replay)
         finally:
             self.forwarders -= 1
 
-    async def _replay(self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing], replay: Resumed) -> None:
+    async def _replay(self, ch: Channel, urgency: int, replay: Resumed) -> None:
         """Send what the agent missed while away (from the ledger), before live frames."""
         if replay.mode == "mailbox" or replay.head_seq <= replay.after_seq:
             return
@@ -232,22 +246,19 @@ class WireSession:
                 continue
             if replay.mode == "signalling" and isinstance(frame.payload, bytes):
                 continue  # stale media is not replayed
-            await outbox.send(wire.frame_message(frame))
+            await self.outbox.put(ch.id, urgency, *wire.frame_messages(frame, self.chunk_bytes))
 
-    async def _forward_frames(
-        self, ch: Channel, outbox: trio.MemorySendChannel[Outgoing], replay: Resumed | None
-    ) -> None:
-        async with outbox:
-            try:
-                if replay is not None:
-                    await self._replay(ch, outbox, replay)
-                async for frame in ch:
-                    await outbox.send(wire.frame_message(frame))
-                if ch.id not in self._closed_told and ch.close_frame is not None:
-                    self._closed_told.add(ch.id)
-                    await outbox.send(wire.channel_closed_event(ch._state))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+    async def _forward_frames(self, ch: Channel, replay: Resumed | None) -> None:
+        """A channel's frames go out under its own key at its intent's urgency; its
+        ``channel_closed`` follows them in the same queue, so it never overtakes them."""
+        urgency = ch._state.intent.policy.priority
+        if replay is not None:
+            await self._replay(ch, urgency, replay)
+        async for frame in ch:
+            await self.outbox.put(ch.id, urgency, *wire.frame_messages(frame, self.chunk_bytes))
+        if ch.id not in self._closed_told and ch.close_frame is not None:
+            self._closed_told.add(ch.id)
+            await self.outbox.put(ch.id, urgency, wire.channel_closed_event(ch._state))
         self._closed_told.discard(ch.id)
 
     def close(self, reason: str = "ws_disconnect") -> None:

@@ -25,7 +25,11 @@ from .frames import Frame
 
 __all__ = [
     "ACTIONS",
+    "CHUNK_BYTES",
+    "MAX_BATCH_ITEMS",
     "Action",
+    "batch_event",
+    "batch_items",
     "MAX_REF_LEN",
     "channel_closed_event",
     "channel_opened_event",
@@ -34,6 +38,7 @@ __all__ = [
     "event",
     "frame_ack_event",
     "frame_message",
+    "frame_messages",
     "pack_binary",
     "parse_message",
     "unpack_binary",
@@ -57,6 +62,7 @@ ACTIONS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "list": {},
     "ping": {},
     "resume": {"token": ((str,), True), "last": ((dict,), False)},
+    "batch": {"items": ((list,), True)},
     "fork": {
         "channel_id": ((str,), True),
         "target": ((str,), False),
@@ -158,6 +164,36 @@ def parse_message(data: str | bytes, max_bytes: int) -> Action:
         raise
 
 
+MAX_BATCH_ITEMS = 256
+
+
+def batch_items(action: Action) -> list[Action | MuxError]:
+    """The actions inside a ``batch`` action, in order; a malformed item becomes its error
+    (with the item's ``ref``), so one bad item fails alone."""
+    items = action.get("items")
+    if len(items) > MAX_BATCH_ITEMS:
+        raise BadRequest(f"a batch holds at most {MAX_BATCH_ITEMS} items", code="bad_request")
+    out: list[Action | MuxError] = []
+    for item in items:
+        ref = None
+        try:
+            if not isinstance(item, dict):
+                raise BadRequest("a batch item must be a JSON object", code="bad_request")
+            ref = _ref_of(item)
+            if item.get("action") == "batch":
+                raise BadRequest("batches do not nest", code="bad_request")
+            out.append(_validate(item, ref))
+        except MuxError as exc:
+            exc.ref = ref
+            out.append(exc)
+    return out
+
+
+def batch_event(replies: list[str]) -> str:
+    """Several JSON replies as one message: ``{"event": "batch", "items": [...]}``."""
+    return '{"event":"batch","items":[' + ",".join(replies) + "]}"
+
+
 def pack_binary(header: dict[str, Any], payload: bytes) -> bytes:
     """The binary framing: u32 big-endian header length, JSON header, payload bytes."""
     head = orjson.dumps(header)
@@ -247,6 +283,39 @@ def channel_closed_event(state: ChannelState, ref: str | int | None = None) -> s
         seq=close.seq,
         tbz_hash=close.tbz_hash,
     )
+
+
+CHUNK_BYTES = 16 << 10
+"""Frames with a larger payload go out as ``frame_part`` pieces of at most this size."""
+
+
+def frame_messages(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> list[str | bytes]:
+    """The message(s) carrying ``frame``: one ``frame`` event, or ``frame_part`` pieces.
+
+    Pieces use the binary framing; each header is ``{"event": "frame_part", "channel_id",
+    "seq", "part", "parts"}`` and the first also carries ``"frame"``: the frame's exported
+    form without ``payload``. Joined in order, the pieces' bytes are the payload bytes (the
+    binary payload, or the canonical JSON of a JSON payload, as ``frame.enc`` says)."""
+    raw = frame.raw
+    if len(raw) <= chunk_bytes:
+        return [frame_message(frame)]
+    d = frame.to_dict()
+    del d["payload"]
+    parts = (len(raw) + chunk_bytes - 1) // chunk_bytes
+    out: list[str | bytes] = []
+    view = memoryview(raw)
+    for i in range(parts):
+        header: dict[str, Any] = {
+            "event": "frame_part",
+            "channel_id": frame.channel_id,
+            "seq": frame.seq,
+            "part": i,
+            "parts": parts,
+        }
+        if i == 0:
+            header["frame"] = d
+        out.append(pack_binary(header, bytes(view[i * chunk_bytes : (i + 1) * chunk_bytes])))
+    return out
 
 
 _FRAME_PREFIX = b'{"event":"frame",'

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 import mux
-from mux.session import Outgoing, WireSession
+from mux.session import WireSession
 from mux.wire import ACTIONS, pack_binary, parse_message, unpack_binary
 
 
@@ -18,14 +18,13 @@ class Peer:
 
     def __init__(self, m: mux.Mux, agent: str) -> None:
         self.session = WireSession(m, m.attach(agent), max_message_bytes=4096)
-        self.send, self.recv = trio.open_memory_channel[Outgoing](64)
 
     def do(self, **action: Any) -> list[dict[str, Any]]:
         return [orjson.loads(r) for r in self.session.handle(orjson.dumps(action).decode())]
 
     async def next(self) -> dict[str, Any]:
         with trio.fail_after(2):
-            raw = await self.recv.receive()
+            raw = await self.session.outbox.get()
         if isinstance(raw, bytes):
             header, payload = unpack_binary(raw)
             return {**header, "payload": payload}
@@ -37,7 +36,7 @@ class Peer:
 async def pair(node: mux.Mux, nursery: trio.Nursery) -> tuple[Peer, Peer]:
     a, b = Peer(node, "a"), Peer(node, "b")
     for p in (a, b):
-        await nursery.start(p.session.run, p.send)
+        await nursery.start(p.session.run)
     return a, b
 
 
@@ -99,7 +98,7 @@ async def test_session_pair_exchanges_frames(pair: tuple[Peer, Peer]) -> None:
     assert told["event"] == "channel_closed" and told["reason"] == "bye" and told["by"] == "a"
     # the closer is told once (by its reply), not again by its forwarder
     with trio.move_on_after(0.1):
-        extra = await a.recv.receive()
+        extra = await a.session.outbox.get()
         raise AssertionError(f"unexpected {extra!r}")
 
 

@@ -1,0 +1,127 @@
+"""A connection's send queue: urgent first, fair among equals, bounded per channel.
+
+How this works (RFC 9218-style urgency, as on one HTTP/2 connection): every outgoing
+message is queued under a *key* (a channel id, or ``CONTROL`` for replies and channel
+events) with an *urgency* (``CONTROL_URGENCY`` for control, else the intent's priority:
+0 = voice ... 8 = bulk). The writer always takes the next message of the most urgent key
+that has one ready, and keys of the same urgency take turns (round robin), so a voice frame
+waits at most for the message already on the wire. A frame whose payload is larger than
+``chunk_bytes`` is queued as several ``frame_part`` messages (see ``docs/protocol.md``) so
+that "the message on the wire" is never a whole 1 MiB bulk payload.
+
+Each key's queue holds at most ``per_key`` messages: a forwarder of a channel whose queue is
+full waits (backpressure on that channel only, via its bounded inbox), the others go on.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import attrs
+import trio
+
+__all__ = ["CONTROL", "CONTROL_URGENCY", "Outbox", "Outgoing"]
+
+Outgoing = str | bytes
+"""A message for the socket: text (JSON) or bytes (binary framing)."""
+
+CONTROL = "*control*"
+"""The key of replies, acks and channel events."""
+CONTROL_URGENCY = -1
+
+
+@attrs.define(eq=False)
+class _Queue:
+    urgency: int
+    items: collections.deque[Outgoing] = attrs.field(factory=collections.deque)
+    room: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    scheduled: bool = False
+
+
+class Outbox:
+    """Per-connection scheduler of outgoing messages (see the module docstring)."""
+
+    def __init__(self, *, per_key: int = 64, control: int = 1024) -> None:
+        self.per_key = per_key
+        self.control_limit = control
+        self._queues: dict[str, _Queue] = {}
+        self._rings: dict[int, collections.deque[str]] = {}
+        self._ready = trio.lowlevel.ParkingLot()
+        self.queued = 0
+
+    def _limit(self, key: str) -> int:
+        return self.control_limit if key == CONTROL else self.per_key
+
+    def _queue(self, key: str, urgency: int) -> _Queue:
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = _Queue(urgency)
+        return q
+
+    def has_room(self, key: str, n: int = 1) -> bool:
+        """True when ``key``'s queue can take ``n`` more messages."""
+        q = self._queues.get(key)
+        return q is None or len(q.items) + n <= max(self._limit(key), n)
+
+    def put_nowait(self, key: str, urgency: int, *messages: Outgoing) -> None:
+        """Queue ``messages`` under ``key`` without waiting (callers check ``has_room``)."""
+        q = self._queue(key, urgency)
+        q.items.extend(messages)
+        self.queued += len(messages)
+        if not q.scheduled:
+            q.scheduled = True
+            self._rings.setdefault(q.urgency, collections.deque()).append(key)
+        self._ready.unpark_all()
+
+    async def put(self, key: str, urgency: int, *messages: Outgoing) -> None:
+        """Queue ``messages`` under ``key``, waiting while its queue is full."""
+        while not self.has_room(key, len(messages)):
+            await self._queue(key, urgency).room.park()
+        self.put_nowait(key, urgency, *messages)
+
+    def get_nowait(self) -> Outgoing | None:
+        """The next message by urgency and turn, or None if nothing is queued."""
+        if not self.queued:
+            return None
+        for urgency in sorted(self._rings):
+            ring = self._rings[urgency]
+            if not ring:
+                continue
+            key = ring.popleft()
+            q = self._queues[key]
+            message = q.items.popleft()
+            self.queued -= 1
+            if q.items:
+                ring.append(key)
+            else:
+                q.scheduled = False
+                if key != CONTROL:
+                    del self._queues[key]
+            q.room.unpark_all()
+            return message
+        return None
+
+    async def get(self) -> Outgoing:
+        """Wait for and return the next message."""
+        while True:
+            message = self.get_nowait()
+            if message is not None:
+                return message
+            await self._ready.park()
+
+    def forget(self, key: str) -> None:
+        """Drop what is queued under ``key`` (its channel is gone) and wake its waiters."""
+        q = self._queues.pop(key, None)
+        if q is None:
+            return
+        self.queued -= len(q.items)
+        if q.scheduled:
+            ring = self._rings.get(q.urgency)
+            if ring is not None and key in ring:
+                ring.remove(key)
+        q.room.unpark_all()
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing is queued."""
+        return not self.queued

@@ -1,0 +1,138 @@
+"""Scheduling on one connection: urgency first, turns among equals, bounded queues,
+large frames in pieces, batching both ways."""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+
+import orjson
+import trio
+
+import mux
+from mux.client import connect, open_ws
+from mux.outbox import CONTROL, CONTROL_URGENCY, Outbox
+from mux.server import ServeInfo
+from mux.session import WireSession
+from mux.wire import frame_messages, unpack_binary
+
+from .wsutil import recv, send, ws_url
+
+
+def test_most_urgent_first_and_turns_among_equals() -> None:
+    box = Outbox(per_key=100)
+    for i in range(5):
+        box.put_nowait("bulk", 8, f"bulk{i}")
+    box.put_nowait("b", 4, "b0", "b1", "b2")
+    box.put_nowait("c", 4, "c0", "c1")
+    box.put_nowait("voice", 0, "v0")
+    box.put_nowait(CONTROL, CONTROL_URGENCY, "ack")
+    order = []
+    while (m := box.get_nowait()) is not None:
+        order.append(m)
+    assert order == ["ack", "v0", "b0", "c0", "b1", "c1", "b2", "bulk0", "bulk1", "bulk2", "bulk3", "bulk4"]
+    assert box.empty
+
+
+async def test_a_full_channel_queue_waits_alone() -> None:
+    box = Outbox(per_key=3)
+    await box.put("bulk", 8, "x", "y", "z")
+    with trio.move_on_after(0.05) as waited:
+        await box.put("bulk", 8, "w")  # full: waits (backpressure for this channel only)
+    assert waited.cancelled_caught
+    await box.put("voice", 0, "v")  # another channel is not held up
+    assert box.get_nowait() == "v"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.put, "bulk", 8, "w")
+        await trio.sleep(0.01)
+        assert box.get_nowait() == "x"  # room: the waiting put goes in
+    assert [box.get_nowait() for _ in range(3)] == ["y", "z", "w"]
+
+
+async def test_large_frames_go_in_pieces_that_rebuild_and_verify(node: mux.Mux) -> None:
+    ch = await node.open("b", "stream", agent="a")
+    blob = os.urandom(40_000)
+    frame = await ch.send(blob)
+    pieces = frame_messages(frame, 16384)
+    assert len(pieces) == 3 and all(isinstance(p, bytes) for p in pieces)
+    headers = [unpack_binary(p) for p in pieces]  # type: ignore[arg-type]
+    assert [h["part"] for h, _ in headers] == [0, 1, 2] and all(len(d) <= 16384 for _, d in headers)
+    exported = headers[0][0]["frame"]
+    exported["payload"] = base64.b64encode(b"".join(d for _, d in headers)).decode()
+    assert mux.verify_frame(exported, node.public_key).payload == blob
+    big_json = await ch.send({"text": "y" * 30_000})
+    h0, _ = unpack_binary(frame_messages(big_json)[0])  # type: ignore[arg-type]
+    assert h0["frame"]["enc"] == "json"
+    assert frame_messages(await ch.send(b"small")) and len(frame_messages(await ch.send(b"small"))) == 1
+
+
+async def test_voice_overtakes_a_queued_bulk_flood(node: mux.Mux, nursery: trio.Nursery) -> None:
+    """The receiver's outbox holds a bulk flood; a voice frame sent after it goes out next."""
+    sender = node.attach("alice")
+    receiver = WireSession(node, node.attach("bob"), max_message_bytes=1 << 20)
+    await nursery.start(receiver.run)
+    bulk = await sender.open("bob", "stream")
+    voice = await sender.open("bob", "tibet:ping:voiceish")  # priority 2, live relay
+    opened = [await receiver.outbox.get() for _ in range(2)]
+    assert all(orjson.loads(m)["event"] == "channel_opened" for m in opened)
+    for _ in range(40):
+        await bulk.send(os.urandom(20_000))  # 2 pieces each
+    await trio.sleep(0.05)  # the forwarder fills the bulk queue (64 messages), then waits
+    assert receiver.outbox.queued >= 64
+    await voice.send({"type": "ping", "nonce": "n", "t0": 1})
+    await trio.sleep(0.01)
+    nxt = await receiver.outbox.get()
+    assert isinstance(nxt, str) and orjson.loads(nxt)["channel_id"] == voice.id
+    got = 0
+    with trio.fail_after(5):
+        while got < 80:  # every bulk piece still arrives, in order
+            m = await receiver.outbox.get()
+            assert isinstance(m, bytes)
+            header, _ = unpack_binary(m)
+            assert header["seq"] == 1 + got // 2 and header["part"] == got % 2
+            got += 1
+
+
+async def test_batch_action_and_batched_events(server: ServeInfo) -> None:
+    async with open_ws(ws_url(server.url, "alice")) as a, open_ws(ws_url(server.url, "bob") + "&batch=1") as b:
+        await recv(a)
+        await recv(b)
+        await send(a, action="open", target="bob", intent="stream")
+        cid = (await recv(a))["channel_id"]
+        await recv(b)
+        items: list[dict[str, Any]] = [
+            {"action": "send", "channel_id": cid, "payload": {"n": i}, "ref": i} for i in range(30)
+        ]
+        items.insert(5, {"action": "teleport", "ref": "bad"})
+        items.append({"action": "ping", "ref": "p"})
+        await send(a, action="batch", items=items, ref="B")
+        answer = await recv(a)
+        assert answer["event"] == "batch" and len(answer["items"]) == 32
+        assert answer["items"][5] == {"error": "unknown_action", "detail": answer["items"][5]["detail"], "ref": "bad"}
+        assert [x["ref"] for x in answer["items"] if x.get("event") == "frame_ack"] == list(range(30))
+        assert answer["items"][-1]["event"] == "pong"
+        frames: list[Any] = []
+        messages = 0
+        with trio.fail_after(5):
+            while len(frames) < 30:
+                msg = await recv(b)
+                messages += 1
+                frames += [x["payload"]["n"] for x in (msg["items"] if msg["event"] == "batch" else [msg])]
+        assert frames == list(range(30)) and messages < 30  # fewer messages than frames
+        await send(a, action="batch", items=[{"action": "batch", "items": []}])
+        assert (await recv(a))["items"][0]["error"] == "bad_request"
+        await send(a, action="batch", items=[{"action": "ping"}] * 300)
+        assert (await recv(a))["error"] == "bad_request"
+
+
+async def test_client_rebuilds_large_frames(server: ServeInfo) -> None:
+    async with connect(server.url, "alice") as alice, connect(server.url, "bob") as bob:
+        ch = await alice.open("bob", "stream")
+        theirs = await bob.accept()
+        blob = os.urandom(100_000)
+        await ch.send(blob)
+        await ch.send({"text": "z" * 50_000})
+        first, second = await theirs.receive(), await theirs.receive()
+        assert first["payload"] == blob and bob.verify(first).payload == blob
+        assert second["payload"] == {"text": "z" * 50_000} and bob.verify(second).seq == 2
