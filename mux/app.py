@@ -386,6 +386,17 @@ def create_blueprint(
     async def status() -> Response:
         return _json(node.status())
 
+    @bp.get("/whoami")
+    async def whoami() -> Response:
+        token = _bearer(request.headers.get("Authorization")) or request.args.get("token")
+        who: str | None = None
+        if token or node.settings.open_mode:
+            try:
+                who = _agent(node.caller())
+            except MuxError:
+                who = None
+        return _json({"agent": who, "remote_addr": request.remote_addr, "scheme": request.scheme})
+
     @bp.get("/keys")
     async def keys() -> Response:
         m = node.require()
@@ -417,6 +428,7 @@ async def _serve_socket(node: Node) -> None:
         await websocket.send(wire.error_event(exc))
         await websocket.close(_CLOSE_CODES.get(exc.code, 4400), exc.code)
         return
+    log.info("%s connected from %s", grant.agent, websocket.remote_addr)
     resumable = websocket.args.get("resumable", "") in ("1", "true", "yes")
     session = WireSession(
         m,

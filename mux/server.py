@@ -13,10 +13,12 @@ import logging
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 import trio
 from hypercorn.config import Config
+from hypercorn.middleware import ProxyFixMiddleware
 from hypercorn.trio import serve as hypercorn_serve
 
 from .app import Node, create_app, create_blueprint
@@ -106,10 +108,13 @@ async def serve(
                 nursery.start_soon(fire, trio.sleep_forever)
         await node.shutdown("node_shutdown")
 
+    asgi: Any = app
+    if settings.trusted_proxy_hops > 0:  # behind TLS-terminating proxies: trust their X-Forwarded-*
+        asgi = ProxyFixMiddleware(app, mode="legacy", trusted_hops=settings.trusted_proxy_hops)
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(
             lambda task_status: hypercorn_serve(
-                app, hypercorn_config(settings), shutdown_trigger=trigger, task_status=task_status
+                asgi, hypercorn_config(settings), shutdown_trigger=trigger, task_status=task_status
             )
         )
         task_status.started(ServeInfo(list(urls), node))

@@ -272,3 +272,14 @@ async def test_agent_signed_frames_verify_end_to_end(nursery: trio.Nursery, data
         assert (await recv(b))["error"] == "no_agent_key"  # bob registered no key
         await send(a, action="send", channel_id=cid, payload={"plain": True}, ref=5)
         assert (await recv(a))["event"] == "frame_ack"  # unsigned frames still allowed
+
+
+async def test_real_client_address_behind_a_tls_terminating_proxy(nursery: trio.Nursery, data_dir: Path) -> None:
+    proxied = await start(nursery, data_dir / "p", open_mode=True, trusted_proxy_hops=1)
+    direct = await start(nursery, data_dir / "d", open_mode=True)
+    headers = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    async with httpx.AsyncClient() as c:
+        seen = (await c.get(proxied + "/api/mux/whoami", params={"agent": "a"}, headers=headers)).json()
+        assert (seen["remote_addr"], seen["scheme"], seen["agent"]) == ("203.0.113.7", "https", "a")
+        spoofed = (await c.get(direct + "/api/mux/whoami", headers=headers)).json()
+        assert spoofed["remote_addr"] == "127.0.0.1" and spoofed["scheme"] == "http"  # untrusted headers ignored
