@@ -138,6 +138,8 @@ class ChannelState:
     on_room: Callable[[ChannelState, End], None] | None = None
     """Called after an end took a frame from its inbox (durable channels refill it)."""
     appended: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    extra_seal: Frame | None = None
+    """The newest seal frame handed to a library receiver."""
     """Woken whenever a frame is chained (long-poll readers wait here)."""
     extra: dict[str, Any] = attrs.field(factory=dict)
 
@@ -400,7 +402,22 @@ class Channel:
         return self._mux.ack(self._end.agent, self.id, seq)
 
     async def receive(self) -> Frame:
-        """The next frame from the peer; raises ChannelClosed once closed and drained."""
+        """The next frame from the peer; raises ChannelClosed once closed and drained.
+
+        ``seal`` frames (signatures for a node that signs chain heads) are not returned:
+        the newest is kept as ``last_seal``."""
+        while True:
+            frame = await self._receive_any()
+            if frame.kind != "seal":
+                return frame
+            self._state.extra_seal = frame
+
+    @property
+    def last_seal(self) -> Frame | None:
+        """The newest signed ``seal`` frame received on this channel (see docs/frames.md)."""
+        return self._state.extra_seal
+
+    async def _receive_any(self) -> Frame:
         end = self._end
         if self._recv is None:
             raise MuxError("this end is not attached", code="not_attached", channel_id=self.id)

@@ -386,6 +386,8 @@ class ClientChannel:
         self.policy: dict[str, Any] = event.get("policy") or {}
         self.tbz_hash: str = event.get("tbz_hash", "")
         self.closed_reason: str | None = None
+        self.last_seal: dict[str, Any] | None = None
+        """The newest ``seal`` frame (a node signing chain heads sends these; see docs/frames.md)."""
         self.closed_event: dict[str, Any] | None = None
         """The ``channel_closed`` event, once the channel is closed."""
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[dict[str, Any]](buffer_frames)
@@ -712,6 +714,9 @@ class MuxConnection:
         ch = self._channels.get(frame.get("channel_id", ""))
         if ch is None or not ch.is_open:
             log.warning("%s: frame for unknown channel %r dropped", self.agent, frame.get("channel_id"))
+            return
+        if frame.get("kind") == "seal":  # a node signing chain heads covers earlier frames with it
+            ch.last_seal = frame
             return
         try:
             await ch._inbox_send.send(frame)

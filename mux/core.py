@@ -79,6 +79,12 @@ class MuxConfig:
     """Unacknowledged durable payload bytes one agent's mailbox holds before ``mailbox_full``."""
     mailbox_max_age_s: float = 7 * 24 * 3600.0
     """Unacknowledged durable frames older than this are expired (counted and logged)."""
+    sign_every: int = 1
+    """Sign every N-th data frame of a channel (1 = every frame). Unsigned frames are covered
+    by the next signed frame of their chain (hash links), within N frames or
+    ``sign_within_ms`` plus half that (the sealer's tick), whichever comes first."""
+    sign_within_ms: float = 100.0
+    """With ``sign_every`` > 1: the longest a frame waits for a covering signature."""
     backends: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     """Options per backend name, e.g. ``{"overlay": {"allow": ["127.0.0.1:8080"]}}``
     (``[backends.NAME]`` tables of ``serve --config``)."""
@@ -114,6 +120,8 @@ class Mux:
         self._sign = self.key.sign
         self._last_expiry = time.monotonic()
         self.resumes = Resumes(self)
+        if self.config.sign_every > 1:
+            nursery.start_soon(self._sealer, name="mux-sealer")
 
     # ---- intents -------------------------------------------------------------------------
 
@@ -269,7 +277,7 @@ class Mux:
             agent=opener,
             target=target,
             metadata=metadata,
-            chain=ChainHead(channel_id, resolved.name, self._sign, head=fork_of.chain.head if fork_of else GENESIS),
+            chain=self._new_chain(channel_id, resolved.name, head=fork_of.chain.head if fork_of else GENESIS),
             bucket=TokenBucket(policy.rate, policy.burst),
             ends={opener: End(opener, cap), target: End(target, cap)},
             backend=backend,
@@ -423,6 +431,39 @@ class Mux:
         it is cancelled at shutdown and must handle its own errors."""
         self._nursery.start_soon(async_fn, *args, name=name)
 
+    def _new_chain(self, channel_id: str, intent: str, *, next_seq: int = 0, head: str = GENESIS) -> ChainHead:
+        cfg = self.config
+        return ChainHead(
+            channel_id,
+            intent,
+            self._sign,
+            next_seq,
+            head,
+            sign_every=cfg.sign_every,
+            sign_within_ms=int(cfg.sign_within_ms),
+        )
+
+    async def _sealer(self) -> None:
+        """With ``sign_every`` > 1: a channel whose newest frames wait for a signature longer
+        than ``sign_within_ms`` gets a signed ``seal`` frame (delivered to both ends), so no
+        frame stays uncovered by a signature for long, even on an idle channel."""
+        within = self.config.sign_within_ms
+        while True:
+            await trio.sleep(within / 2000)
+            cutoff = now_ms() - within
+            for state in list(self._channels.values()):
+                chain = state.chain
+                if chain.unsigned and chain.unsigned_since <= cutoff and state.is_open:
+                    self.seal(state)
+
+    def seal(self, state: ChannelState) -> Frame:
+        """Chain a signed ``seal`` frame covering the channel's unsigned head; both attached
+        ends receive it."""
+        frame = self._chain(state, "seal", self.agent, state.target, {"covers": state.chain.next_seq - 1})
+        for end in state.ends.values():
+            end.put(frame)
+        return frame
+
     def _count(self, state: ChannelState, size: int) -> None:
         state.frames += 1
         state.bytes += size
@@ -516,7 +557,7 @@ class Mux:
                 agent=row.agent,
                 target=row.target,
                 metadata=row.metadata,
-                chain=ChainHead(row.id, resolved.name, self._sign, row.last.seq + 1, row.last.tbz_hash),
+                chain=self._new_chain(row.id, resolved.name, next_seq=row.last.seq + 1, head=row.last.tbz_hash),
                 bucket=TokenBucket(resolved.policy.rate, resolved.policy.burst),
                 ends={row.agent: End(row.agent, cap), row.target: End(row.target, cap)},
                 backend=backend,

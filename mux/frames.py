@@ -39,7 +39,7 @@ __all__ = [
 FRAME_VERSION = 1
 GENESIS = "0" * 64
 """``prev`` of a channel's first (open) frame."""
-KINDS = ("open", "data", "close")
+KINDS = ("open", "data", "close", "seal")
 
 _sha256 = hashlib.sha256
 _SORT = orjson.OPT_SORT_KEYS
@@ -229,7 +229,10 @@ class ChainHead:
     """The growing end of one channel's chain: the next ``seq`` and the last hash.
 
     ``append`` builds, hashes and signs the next frame; it never awaits, so frames of one
-    channel are chained in exactly the order ``append`` is called.
+    channel are chained in exactly the order ``append`` is called. With ``sign_every`` N > 1
+    only every N-th data frame is signed (open, close and seal frames always are), and a
+    data frame is also signed when the oldest unsigned one is ``sign_within_ms`` old: each
+    frame is covered by a signature on a later frame of its chain (see docs/frames.md).
     """
 
     channel_id: str
@@ -237,6 +240,12 @@ class ChainHead:
     sign: Callable[[bytes], str]
     next_seq: int = 0
     head: str = GENESIS
+    sign_every: int = 1
+    sign_within_ms: int = 0
+    unsigned: int = 0
+    """Data frames since the last signed frame."""
+    unsigned_since: int = 0
+    """``ts`` of the oldest of them."""
 
     def append(
         self,
@@ -268,6 +277,18 @@ class ChainHead:
             payload_sha256=_sha256(raw).hexdigest(),
             agent=agent,
         )
+        signed = (
+            kind != "data"
+            or self.sign_every <= 1
+            or self.unsigned + 1 >= self.sign_every
+            or (self.unsigned > 0 and ts - self.unsigned_since >= self.sign_within_ms)
+        )
+        if signed:
+            self.unsigned = 0
+        else:
+            if not self.unsigned:
+                self.unsigned_since = ts
+            self.unsigned += 1
         frame = Frame(
             self.channel_id,
             self.next_seq,
@@ -279,7 +300,7 @@ class ChainHead:
             self.head,
             payload,
             digest,
-            self.sign(bytes.fromhex(digest)),
+            self.sign(bytes.fromhex(digest)) if signed else "",
             raw,
             agent,
         )

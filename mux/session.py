@@ -25,7 +25,7 @@ from .auth import Grant
 from .bandwidth import TokenBucket
 from .channel import Channel
 from .core import Endpoint, Mux
-from .errors import BadRequest, ChannelError, ChannelNotFound, MuxError
+from .errors import BadRequest, ChannelClosed, ChannelError, ChannelNotFound, MuxError
 from .frames import AgentSignature
 from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
 from .resume import Resumed, new_token
@@ -254,7 +254,11 @@ class WireSession:
         urgency = ch._state.intent.policy.priority
         if replay is not None:
             await self._replay(ch, urgency, replay)
-        async for frame in ch:
+        while True:
+            try:
+                frame = await ch._receive_any()  # seals too: the client may verify with them
+            except ChannelClosed:
+                break
             await self.outbox.put(ch.id, urgency, *wire.frame_messages(frame, self.chunk_bytes))
         if ch.id not in self._closed_told and ch.close_frame is not None:
             self._closed_told.add(ch.id)

@@ -90,12 +90,18 @@ def _as_frame(frame: Frame | dict[str, Any], index: int | None) -> Frame:
 
 
 def verify_frame(
-    frame: Frame | dict[str, Any], public_key: str | bytes | nacl.signing.VerifyKey, *, index: int | None = None
+    frame: Frame | dict[str, Any],
+    public_key: str | bytes | nacl.signing.VerifyKey,
+    *,
+    index: int | None = None,
+    unsigned_ok: bool = False,
 ) -> Frame:
     """Check one frame's hash and signature offline; return it as a :class:`Frame`.
 
     Raises VerificationError with reason ``malformed``, ``bad_hash`` (a field or the payload
-    was changed) or ``bad_signature`` (not signed by this key).
+    was changed), ``bad_signature`` (not signed by this key) or ``unsigned`` (a node that
+    signs chain heads left this frame to a later frame's signature: verify the chain, or the
+    frames up to the next signed one, with ``verify_chain``).
     """
     f = _as_frame(frame, index)
     if f.kind not in KINDS:
@@ -105,6 +111,15 @@ def verify_frame(
             "bad_hash", f"seq {f.seq}: content does not match tbz_hash (frame was altered)", index=index, seq=f.seq
         )
     vk = load_public_key(public_key)
+    if not f.sig and not unsigned_ok:
+        raise VerificationError(
+            "unsigned",
+            f"seq {f.seq} is covered by the signature of a later frame of its chain: verify the chain",
+            index=index,
+            seq=f.seq,
+        )
+    if not f.sig:
+        return f
     try:
         vk.verify(bytes.fromhex(f.tbz_hash), bytes.fromhex(f.sig))
     except (ValueError, nacl.exceptions.BadSignatureError) as exc:
@@ -181,7 +196,9 @@ def verify_chain(
     ``frames`` is the exported chain in order. With ``require_open`` (default) it must start
     with the channel's open frame (seq 0, ``prev`` = genesis). Raises VerificationError with
     reason ``bad_hash``, ``bad_signature``, ``wrong_channel``, ``bad_start``, ``gap``,
-    ``reorder``, ``duplicate``, ``broken_link``, ``after_close`` or ``empty``.
+    ``reorder``, ``duplicate``, ``broken_link``, ``after_close``, ``unsigned_tail`` or
+    ``empty``. Unsigned frames are accepted when a later frame is signed: every hash links
+    to the next, so the later signature covers them.
     """
     vk = load_public_key(public_key)
     items = [_as_frame(f, i) for i, f in enumerate(frames)]
@@ -191,7 +208,7 @@ def verify_chain(
     seqs = {f.seq for f in items}
     prev: Frame | None = None
     for i, f in enumerate(items):
-        verify_frame(f, vk, index=i)
+        verify_frame(f, vk, index=i, unsigned_ok=True)
         if f.channel_id != first.channel_id:
             raise VerificationError(
                 "wrong_channel", f"frame {i} belongs to {f.channel_id}, chain is {first.channel_id}", index=i, seq=f.seq
@@ -221,6 +238,14 @@ def verify_chain(
                 )
         prev = f
     assert prev is not None
+    if not prev.sig:
+        raise VerificationError(
+            "unsigned_tail",
+            f"seq {prev.seq} and the frames before it back to the last signature are not yet covered by a "
+            "signature (export again after the node's next signed frame or seal)",
+            index=len(items) - 1,
+            seq=prev.seq,
+        )
     fork = first.payload.get("fork_of") if first.kind == "open" and isinstance(first.payload, dict) else None
     return ChainReport(
         first.channel_id,
