@@ -9,8 +9,11 @@ node, shared by its channels). For each channel the core then:
    the channel stays open, when it raises the channel (and only it) is closed with reason
    ``backend_error``; the task is cancelled when the channel closes;
 3. for every frame an end sends: ``backend.admit(ctx, sender, size)`` (raise ``ChannelFull``
-   to refuse it before it is chained), then, once signed and chained,
-   ``backend.on_frame(ctx, frame)`` which decides its fate and returns a :class:`Disposition`.
+   to refuse it before it is chained), then the optional ``backend.check_frame(ctx, draft)``
+   (a :class:`~mux.channel.Draft` with sender, target and payload: raise a ``MuxError`` to
+   refuse a frame by its content, before it is chained, so refusals never leave gaps in a
+   chain), then, once signed and chained, ``backend.on_frame(ctx, frame)`` which decides its
+   fate and returns a :class:`Disposition`.
 
 ``admit`` and ``on_frame`` are synchronous (no awaits): a channel's frames are chained and
 handed over in exactly the order they were sent. A backend that needs to do I/O per frame

@@ -49,7 +49,7 @@ from mux.errors import BadRequest, ChannelError, ChannelFull
 from .base import Disposition
 
 if TYPE_CHECKING:
-    from mux.channel import ChannelContext
+    from mux.channel import ChannelContext, Draft
     from mux.frames import Frame
 
 __all__ = ["SIGNAL_TYPES", "MediaBackend", "VoiceBackend", "WebRTCBackend"]
@@ -70,6 +70,8 @@ class _Call:
     """Deferred signalling per receiving end, in order."""
     closing: str | None = None
     wake: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    checked: str | None = None
+    """The signal type ``check_frame`` found in the frame being chained."""
 
     def deferred(self) -> int:
         """How many signalling messages wait for room."""
@@ -167,11 +169,8 @@ class MediaBackend:
             if not delivered:
                 extra["media_dropped"] += 1
             return Disposition.DELIVERED if delivered else Disposition.DROPPED
-        kind = self._check(ctx, call, frame)
+        kind, call.checked = call.checked, None  # validated by check_frame before chaining
         queue = call.backlog.setdefault(frame.target, collections.deque())
-        limit = int(ctx.options().get("signalling_backlog", 64))
-        if len(queue) >= limit:
-            raise self._refuse(ctx, "signalling_backlog_full", f"{limit} signalling messages wait for the receiver")
         if kind is None:
             extra["data_messages"] += 1
         else:
@@ -188,7 +187,17 @@ class MediaBackend:
         call.wake.unpark_all()
         return Disposition.CONSUMED
 
-    def _check(self, ctx: ChannelContext, call: _Call, frame: Frame) -> str | None:
+    def check_frame(self, ctx: ChannelContext, draft: Draft) -> None:
+        """Refuse malformed or out-of-order signalling before it is chained (media pass)."""
+        call = self._calls.get(ctx.channel_id)
+        if call is None or isinstance(draft.payload, bytes):
+            return
+        call.checked = self._check(ctx, call, draft)
+        limit = int(ctx.options().get("signalling_backlog", 64))
+        if len(call.backlog.get(draft.target, ())) >= limit:
+            raise self._refuse(ctx, "signalling_backlog_full", f"{limit} signalling messages wait for the receiver")
+
+    def _check(self, ctx: ChannelContext, call: _Call, frame: Draft) -> str | None:
         """Validate a signalling message against the call state; return its type (None for
         JSON that is not signalling: no object with a ``type``)."""
         payload = frame.payload

@@ -45,7 +45,7 @@ from mux.errors import BadRequest, ChannelError
 from .base import Disposition
 
 if TYPE_CHECKING:
-    from mux.channel import ChannelContext
+    from mux.channel import ChannelContext, Draft
     from mux.frames import Frame
 
 __all__ = ["HEADER_MAX_BYTES", "SyncBackend", "chunk_count", "chunk_length", "valid_file_name"]
@@ -92,6 +92,8 @@ class _Transfer:
     """Length of the chunk whose bytes are due next (after its header), else None."""
     close_reason: str = "file_synced"
     finished: trio.Event = attrs.field(factory=trio.Event)
+    apply: Callable[[], None] | None = None
+    """The progress update of the frame checked last, applied once it is chained."""
 
 
 class SyncBackend:
@@ -170,20 +172,26 @@ class SyncBackend:
                 raise self._refuse(ctx, "chunk_too_large", f"a {size}-byte frame is over chunk_size={t.chunk_size}")
         ctx.require_room(ctx.peer_of(sender))
 
-    def on_frame(self, ctx: ChannelContext, frame: Frame) -> Disposition:
-        """Check the frame against the protocol (raise to refuse it), relay it, track progress."""
+    def check_frame(self, ctx: ChannelContext, draft: Draft) -> None:
+        """Check a frame against the protocol before it is chained (raise to refuse it)."""
         t = self._transfers.get(ctx.channel_id)
-        if t is None:  # not opened through check_open (cannot happen on a live channel)
-            return Disposition.DELIVERED if ctx.deliver(frame) else Disposition.DROPPED
-        if frame.sender == ctx.agent:
-            apply = self._from_sender(ctx, t, frame)
+        if t is None:
+            return
+        if draft.sender == ctx.agent:
+            t.apply = self._from_sender(ctx, t, draft)
         else:
-            apply = self._from_receiver(ctx, t, frame)
+            t.apply = self._from_receiver(ctx, t, draft)
+
+    def on_frame(self, ctx: ChannelContext, frame: Frame) -> Disposition:
+        """Relay the checked frame and track progress."""
+        t = self._transfers.get(ctx.channel_id)
         delivered = ctx.deliver(frame)
-        apply()
+        if t is not None and t.apply is not None:
+            apply, t.apply = t.apply, None
+            apply()
         return Disposition.DELIVERED if delivered else Disposition.DROPPED
 
-    def _from_sender(self, ctx: ChannelContext, t: _Transfer, frame: Frame) -> Callable[[], None]:
+    def _from_sender(self, ctx: ChannelContext, t: _Transfer, frame: Draft) -> Callable[[], None]:
         extra = ctx.state.extra
         if t.phase in ("done", "failed"):
             raise self._refuse(ctx, "transfer_finished", f"the transfer is {t.phase}")
@@ -231,7 +239,7 @@ class SyncBackend:
 
         return header_done
 
-    def _from_receiver(self, ctx: ChannelContext, t: _Transfer, frame: Frame) -> Callable[[], None]:
+    def _from_receiver(self, ctx: ChannelContext, t: _Transfer, frame: Draft) -> Callable[[], None]:
         extra = ctx.state.extra
         payload = frame.payload
         kind = payload.get("type") if isinstance(payload, dict) else None

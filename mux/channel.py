@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from .core import Endpoint, Mux
 
-__all__ = ["Channel", "ChannelContext", "ChannelState", "End", "Receipt"]
+__all__ = ["Channel", "ChannelContext", "ChannelState", "Draft", "End", "Receipt"]
 
 
 def now_ms() -> int:
@@ -90,6 +90,15 @@ class End:
         if self.inbox_send is not None:
             self.inbox_send.close()
         self.room.unpark_all()
+
+
+@attrs.frozen
+class Draft:
+    """A frame about to be chained, as ``Backend.check_frame`` sees it: who sends what to whom."""
+
+    sender: str
+    target: str
+    payload: Any
 
 
 @attrs.frozen

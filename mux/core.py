@@ -33,7 +33,7 @@ from backends.stream import StreamBackend
 from . import __version__
 from .agents import normalize_agent
 from .bandwidth import TokenBucket
-from .channel import Channel, ChannelContext, ChannelState, End, Receipt, now_ms
+from .channel import Channel, ChannelContext, ChannelState, Draft, End, Receipt, now_ms
 from .errors import (
     BadRequest,
     ChannelClosed,
@@ -401,6 +401,16 @@ class Mux:
         if not self.store.has_room():
             raise ChannelFull("the node's store is behind; retry shortly", code="store_busy", channel_id=state.id)
         state.backend.admit(ctx, sender, size)
+        check = getattr(state.backend, "check_frame", None)
+        if check is not None:
+            check(
+                ctx,
+                Draft(
+                    sender,
+                    state.target if sender == state.agent else state.agent,
+                    encoded[1] if encoded[0] == "bytes" else payload,
+                ),
+            )
         if not state.bucket.take(size, trio.current_time()):
             state.throttled += 1
             self._stats["throttled"] += 1

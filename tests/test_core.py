@@ -266,3 +266,26 @@ async def test_key_persists_in_data_dir(tmp_path: Any) -> None:
     async with mux.open_mux(data_dir=tmp_path) as m2:
         assert m2.public_key == k1
     assert (tmp_path / "node.key").stat().st_mode & 0o077 == 0
+
+
+class _Picky(_Exploding):
+    """Refuses payloads by content in check_frame, before they are chained."""
+
+    name = "picky"
+
+    def check_frame(self, ctx: ChannelContext, draft: Any) -> None:
+        if draft.payload == {"bad": True}:
+            raise mux.ChannelError("no bad payloads", code="bad_payload")
+
+
+async def test_check_frame_refuses_before_chaining(node: mux.Mux) -> None:
+    register_backend("picky", _Picky)
+    node.register_intent("picky", backend="picky")
+    ch = await node.open("b", "picky", agent="a")
+    await ch.send({"ok": 1})
+    with pytest.raises(mux.ChannelError) as info:
+        await ch.send({"bad": True})
+    assert info.value.code == "bad_payload" and ch.state == "open"
+    await ch.send({"ok": 2})
+    assert [f.seq for f in await node.export(ch.id)] == [0, 1, 2]  # no gap where the refusal was
+    mux.verify_chain(await node.export(ch.id), node.public_key, require_open=True)
