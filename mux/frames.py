@@ -57,7 +57,9 @@ def payload_bytes(payload: Any) -> tuple[str, bytes]:
     """The payload's encoding name and the exact bytes its hash covers."""
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return "bytes", bytes(payload)
-    return "json", canonical_json(payload)
+    # orjson hands back a buffer with about 4 KiB of slack; frames keep these bytes (ledger,
+    # mailboxes), so keep an exact-size copy
+    return "json", bytes(memoryview(canonical_json(payload)))
 
 
 def frame_hash(

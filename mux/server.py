@@ -54,7 +54,10 @@ def hypercorn_config(settings: NodeSettings) -> Tls13Config:
     cfg.websocket_max_message_size = settings.max_message_bytes * 4
     cfg.graceful_timeout = settings.graceful_timeout_s
     cfg.keep_alive_timeout = 30
-    cfg.read_timeout = 60
+    # No read timeout: Hypercorn would apply it to WebSockets too and drop quiet listeners
+    # (a node's typical client). Idle HTTP connections end after keep_alive_timeout; a
+    # WebSocket client that stops reading is dropped by the writer's send_timeout_s.
+    cfg.read_timeout = None
     cfg.accesslog = None
     cfg.errorlog = "-"
     cfg.loglevel = "WARNING"

@@ -1,161 +1,335 @@
-"""Server benchmarks: a real node (subprocess) and real clients on loopback.
+"""Server throughput benchmarks: a real node (subprocess) and real clients on loopback.
 
-Prints, side by side in one run: WebSocket relay sender -> node -> receiver (frames/s and
-node CPU per frame), REST ``POST /send`` requests/s, and the same-stack WebSocket echo as the
-ceiling. Node CPU is read from ``/proc/PID/stat`` of the server process, so the numbers do
-not depend on the (single, Python) client's own speed.
+Run: ``python -m tests.bench server`` (part of ``nox -s bench``). Prints, side by side:
+
+- (f) a raw WebSocket echo on the same stack as a node (Quart-Trio on Hypercorn): the ceiling;
+- (a) ``send`` -> ``frame_ack`` on one connection with 8 channels, at most ``window`` (64)
+  unacknowledged sends in flight, 100-byte JSON payloads: acks/s and ack latency p50/p99;
+- (b) relay sender -> node -> receiver on two connections (1 channel): at most 64 frames sent
+  and not yet received (end to end, so a receiver slower than the sender is never pushed into
+  ``receiver_full``); frames/s at the receiver and delivery latency p50/p99;
+- (c) the same with batching: ``batch`` actions of 16 sends (still 64 frames in flight) and
+  both sockets connected with ``?batch=1`` (events delivered in ``batch`` messages); "n/a"
+  when the node answers a probe ``batch`` with ``unknown_action``;
+- REST ``POST /send`` with 8 concurrent keep-alive clients.
+
+How this works: one Python client drives each run with raw trio-websocket connections
+(``mux.client.open_ws``) and pre-formatted JSON text, so the client's own overhead stays
+small; even so it is often the bottleneck, so every row also gives the node's CPU per frame
+(``/proc/PID/stat``, whole process) and its CPU use in % of one core. Latency is measured with
+``time.perf_counter_ns`` in the client: the send time travels in the payload (``"t"``) and
+in the action's ``ref`` (an index into the send-time table).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import collections
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from typing import Any
 
+import attrs
 import httpx
 import orjson
 import trio
+import trio_websocket
 
 from mux.client import open_ws
 
-__all__ = ["run"]
+from .common import Meter, Proc, events, fmt_ms, json_payload, node_process, process
 
-_TICK = os.sysconf("SC_CLK_TCK")
+__all__ = ["RelayResult", "echo_run", "expect", "relay_run", "run"]
 
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-@contextmanager
-def _process(args: list[str], marker: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if marker in line:
-                url = next(w for w in line.split() if w.startswith("http")).rstrip(",")
-                yield proc, url
-                return
-        raise RuntimeError(f"{args} did not start")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+PAYLOAD_BYTES = 100
+WINDOW = 64
+BATCH = 16
+RUN_TIMEOUT_S = 60.0
 
 
-async def _relay(url: str, n: int, window: int, payload: dict[str, str]) -> float:
-    ws = url.replace("http", "ws", 1) + "/api/mux/ws?agent="
-    async with open_ws(ws + "bench-tx") as tx, open_ws(ws + "bench-rx") as rx:
-        await tx.get_message()
-        await rx.get_message()
-        await tx.send_message(orjson.dumps({"action": "open", "target": "bench-rx", "intent": "stream"}).decode())
-        cid = orjson.loads(await tx.get_message())["channel_id"]
-        await rx.get_message()
-        msg = orjson.dumps({"action": "send", "channel_id": cid, "payload": payload}).decode()
+async def expect(ws: trio_websocket.WebSocketConnection, name: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The next event called ``name`` on ``ws`` (others are skipped); an error event raises."""
+    with trio.fail_after(timeout):
+        while True:
+            for ev in events(await ws.get_message()):
+                if ev.get("event") == name:
+                    return ev
+                if "error" in ev and ev.get("event") is None:
+                    raise RuntimeError(f"expected {name}, got error {ev.get('error')}: {ev.get('detail')}")
+
+
+@attrs.define
+class RelayResult:
+    """What one relay run measured."""
+
+    sent: int = 0
+    ok: int = 0
+    received: int = 0
+    refused: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    ack_lat: list[float] = attrs.field(factory=list)
+    rx_lat: list[float] = attrs.field(factory=list)
+    t_first: int = 0
+    t_last_ack: int = 0
+    t_last_rx: int = 0
+    meter: Meter | None = None
+    batch_supported: bool | None = None
+    batch_probe: str = ""
+
+    @property
+    def ack_rate(self) -> float:
+        """Acknowledged frames per second (first send to last ack)."""
+        return self.ok / max(1e-9, (self.t_last_ack - self.t_first) / 1e9)
+
+    @property
+    def rx_rate(self) -> float:
+        """Frames received per second (first send to last frame received)."""
+        return self.received / max(1e-9, (self.t_last_rx - self.t_first) / 1e9)
+
+    def refusals(self) -> str:
+        """``refused: code n, …`` or an empty string."""
+        if not self.refused:
+            return ""
+        return "  refused: " + ", ".join(f"{k} {v}" for k, v in self.refused.most_common())
+
+
+async def _probe_batch(tx: trio_websocket.WebSocketConnection) -> tuple[bool, str]:
+    """Send one ``batch`` (a ping inside); True if answered by a ``batch`` event."""
+    await tx.send_message(orjson.dumps({"action": "batch", "ref": "probe", "items": [{"action": "ping"}]}).decode())
+    with trio.fail_after(10):
+        while True:
+            msg = await tx.get_message()
+            body = orjson.loads(msg) if isinstance(msg, str) else {}
+            if body.get("event") == "batch":
+                return True, "batch"
+            if body.get("error") and body.get("ref") == "probe":
+                return False, str(body["error"])
+
+
+async def relay_run(
+    node: Proc,
+    tag: str,
+    *,
+    n: int,
+    window: int = WINDOW,
+    channels: int = 1,
+    batch: int = 0,
+    payload_bytes: int = PAYLOAD_BYTES,
+    end_to_end: bool = False,
+) -> RelayResult:
+    """Send ``n`` frames tx -> rx over ``channels`` channels and measure acks and delivery.
+
+    With ``batch`` > 0 the sends go ``batch`` at a time in one ``batch`` action and both
+    sockets ask for batched events (``?batch=1``). At most ``window`` sends are unacknowledged,
+    or with ``end_to_end`` not yet received (a refused send frees its place at its error).
+    """
+    res = RelayResult()
+    query = {"batch": "1"} if batch else {}
+    async with open_ws(node.ws(f"{tag}-tx", **query)) as tx, open_ws(node.ws(f"{tag}-rx", **query)) as rx:
+        await expect(tx, "connected")
+        await expect(rx, "connected")
+        if batch:
+            res.batch_supported, res.batch_probe = await _probe_batch(tx)
+            if not res.batch_supported:
+                return res
+        prefixes = []
+        for _ in range(channels):
+            await tx.send_message(orjson.dumps({"action": "open", "target": f"{tag}-rx", "intent": "stream"}).decode())
+            cid = (await expect(tx, "channel_opened"))["channel_id"]
+            await expect(rx, "channel_opened")
+            prefixes.append(f'{{"action":"send","channel_id":"{cid}","ref":')
+        sent_at = [0] * n
         credit = trio.Semaphore(window)
-        t0 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
+        acks_done = False
+        finished = trio.Event()
 
-            async def acks() -> None:
-                for _ in range(n):
-                    await tx.get_message()
-                    credit.release()
+        def check_finished() -> None:
+            if acks_done and res.received >= res.ok:
+                finished.set()
 
-            async def receive() -> None:
-                for _ in range(n):
-                    await rx.get_message()
+        async def sender() -> None:
+            i = 0
+            step = max(1, batch)
+            while i < n:
+                k = min(step, n - i)
+                for _ in range(k):
+                    await credit.acquire()
+                t = time.perf_counter_ns()
+                items = [
+                    f'{prefixes[j % channels]}{j},"payload":{json_payload(payload_bytes, t)}}}' for j in range(i, i + k)
+                ]
+                for j in range(i, i + k):
+                    sent_at[j] = t
+                await tx.send_message(items[0] if not batch else '{"action":"batch","items":[' + ",".join(items) + "]}")
+                res.sent += k
+                i += k
 
-            nursery.start_soon(acks)
-            nursery.start_soon(receive)
-            for _ in range(n):
-                await credit.acquire()
-                await tx.send_message(msg)
-        return time.perf_counter() - t0
+        async def acks() -> None:
+            nonlocal acks_done
+            answered = 0
+            while answered < n:
+                msg = await tx.get_message()
+                now = time.perf_counter_ns()
+                for ev in events(msg):
+                    ref = ev.get("ref")
+                    if not isinstance(ref, int) or isinstance(ref, bool) or not 0 <= ref < n:
+                        continue
+                    if ev.get("event") == "frame_ack":
+                        res.ok += 1
+                        res.ack_lat.append((now - sent_at[ref]) / 1e9)
+                        if not end_to_end:
+                            credit.release()
+                    elif "error" in ev:
+                        res.refused[str(ev["error"])] += 1
+                        credit.release()
+                    else:
+                        continue
+                    answered += 1
+                res.t_last_ack = now
+            acks_done = True
+            check_finished()
+
+        async def receive() -> None:
+            while True:
+                msg = await rx.get_message()
+                now = time.perf_counter_ns()
+                for ev in events(msg):
+                    if ev.get("event") == "frame":
+                        payload = ev.get("payload")
+                        if isinstance(payload, dict) and isinstance(payload.get("t"), int):
+                            res.rx_lat.append((now - payload["t"]) / 1e9)
+                        res.received += 1
+                        if end_to_end:
+                            credit.release()
+                res.t_last_rx = now
+                check_finished()
+
+        with Meter(node) as meter, trio.fail_after(RUN_TIMEOUT_S):
+            res.t_first = time.perf_counter_ns()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender)
+                nursery.start_soon(acks)
+                nursery.start_soon(receive)
+                await finished.wait()
+                nursery.cancel_scope.cancel()
+        res.meter = meter
+    return res
 
 
-async def _echo(url: str, n: int, window: int, payload: dict[str, str]) -> float:
-    async with open_ws(url.replace("http", "ws", 1) + "/echo") as ws:
-        msg = orjson.dumps({"action": "send", "channel_id": "ch-x", "payload": payload}).decode()
+async def echo_run(echo: Proc, n: int, window: int = WINDOW) -> tuple[float, list[float], Meter]:
+    """``n`` send actions (100-byte payload) through the echo server; rate, RTTs, meter."""
+    rtt: list[float] = []
+    async with open_ws(echo.url.replace("http", "ws", 1) + "/echo") as ws:
+        prefix = '{"action":"send","channel_id":"ch-00000000000000000000000000000000","ref":'
+        sent_at = [0] * n
         credit = trio.Semaphore(window)
-        t0 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
 
-            async def back() -> None:
-                for _ in range(n):
-                    await ws.get_message()
-                    credit.release()
-
-            nursery.start_soon(back)
+        async def back() -> None:
             for _ in range(n):
-                await credit.acquire()
-                await ws.send_message(msg)
-        return time.perf_counter() - t0
+                msg = await ws.get_message()
+                ref = orjson.loads(msg)["ref"]
+                rtt.append((time.perf_counter_ns() - sent_at[ref]) / 1e9)
+                credit.release()
+
+        with Meter(echo) as meter, trio.fail_after(RUN_TIMEOUT_S):
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(back)
+                for i in range(n):
+                    await credit.acquire()
+                    t = sent_at[i] = time.perf_counter_ns()
+                    await ws.send_message(f'{prefix}{i},"payload":{json_payload(PAYLOAD_BYTES, t)}}}')
+            wall = time.perf_counter() - t0
+    return n / wall, rtt, meter
 
 
-async def _rest(url: str, n: int, concurrency: int, payload: dict[str, str]) -> float:
-    async with httpx.AsyncClient(base_url=url + "/api/mux") as c:
-        cid = (await c.post("/open", json={"agent": "bench-a", "target": "bench-b"})).json()["channel_id"]
-        body = orjson.dumps({"channel_id": cid, "payload": payload})
+async def rest_run(node: Proc, n: int, concurrency: int) -> tuple[float, Meter]:
+    """``n`` REST ``POST /send`` over ``concurrency`` keep-alive clients; req/s and meter."""
+    async with httpx.AsyncClient(base_url=node.url + "/api/mux") as c:
+        cid = (await c.post("/open", json={"agent": "bench-ra", "target": "bench-rb"})).json()["channel_id"]
+        body = orjson.dumps({"channel_id": cid, "payload": orjson.loads(json_payload(PAYLOAD_BYTES, 0))})
         headers = {"content-type": "application/json"}
-        t0 = time.perf_counter()
+        failed = 0
 
         async def worker(count: int) -> None:
+            nonlocal failed
             for _ in range(count):
                 r = await c.post("/send", content=body, headers=headers)
-                assert r.status_code == 200, r.text
+                failed += r.status_code != 200
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(concurrency):
-                nursery.start_soon(worker, n // concurrency)
-        return time.perf_counter() - t0
-
-
-def _measure(pid: int, fn: object, *args: object) -> tuple[float, float]:
-    c0 = _cpu_s(pid)
-    wall = trio.run(fn, *args)  # type: ignore[arg-type]
-    return wall, _cpu_s(pid) - c0
+        with Meter(node) as meter, trio.fail_after(RUN_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                for _ in range(concurrency):
+                    nursery.start_soon(worker, n // concurrency)
+        if failed:
+            raise RuntimeError(f"{failed} REST sends failed")
+    return n / meter.wall, meter
 
 
-def run(n: int = 5000, window: int = 64) -> list[tuple[str, str]]:
-    """Start a node and an echo server, measure each, return printable rows."""
-    payload = {"text": "x" * 80}
+def _go(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return trio.run(lambda: fn(*args, **kwargs))
+
+
+def run(n: int = 10_000, window: int = WINDOW) -> list[tuple[str, str]]:
+    """Start a node and an echo server, measure (f), (a), (b), (c) and REST; return rows."""
+    import sys
+
     rows: list[tuple[str, str]] = []
-    py = sys.executable
-    with (
-        _process(
-            [py, "-m", "mux", "serve", "--port", "0", "--memory", "--agent", "bench", "--open"], "listening on"
-        ) as (
-            node,
-            node_url,
-        ),
-        _process([py, "-m", "tests.bench.echo_app"], "http://") as (echo, echo_url),
-    ):
-        wall, cpu = _measure(echo.pid, _echo, echo_url, n, window, payload)
+    with node_process() as node, process([sys.executable, "-m", "tests.bench.echo_app"], "http://") as echo:
+        _go(relay_run, node, "bench-warm", n=1000, channels=8)  # warm-up, not reported
+        rate, rtt, m = _go(echo_run, echo, n, window)
         rows.append(
             (
-                f"raw WS echo, Quart-Trio on Hypercorn (ceiling), window {window}",
-                f"{n / wall:>9.0f} msg/s     {cpu / n * 1e6:6.1f} us server CPU/msg",
+                f"(f) raw WS echo, same stack (ceiling), {n} msgs, window {window}",
+                f"{rate:>8.0f} msg/s     RTT {fmt_ms(rtt)}   {m.per(n).replace('node', 'srv ')}",
             )
         )
-        wall, cpu = _measure(node.pid, _relay, node_url, n, window, payload)
+        r: RelayResult = _go(relay_run, node, "bench-ack", n=n, channels=8, window=window)
+        assert r.meter is not None
         rows.append(
             (
-                f"WS relay sender->node->receiver, 1 channel, window {window}",
-                f"{n / wall:>9.0f} frames/s  {cpu / n * 1e6:6.1f} us node CPU/frame",
+                f"(a) send->frame_ack, 1 conn, 8 channels, window {window}, {n}x100 B",
+                f"{r.ack_rate:>8.0f} acks/s    ack {fmt_ms(r.ack_lat)}   {r.meter.per(r.ok)}{r.refusals()}",
             )
         )
-        wall, cpu = _measure(node.pid, _rest, node_url, n // 5, 8, payload)
+        single: RelayResult = _go(relay_run, node, "bench-relay", n=n, window=window, end_to_end=True)
+        assert single.meter is not None
         rows.append(
             (
-                "REST POST /send, 8 concurrent keep-alive clients",
-                f"{n / 5 / wall:>9.0f} req/s     {cpu / (n / 5) * 1e6:6.1f} us node CPU/req",
+                f"(b) relay tx->node->rx, 2 conns, 1 channel, {n}x100 B, {window} in flight e2e",
+                f"{single.rx_rate:>8.0f} frames/s  e2e {fmt_ms(single.rx_lat)}   "
+                f"{single.meter.per(single.received)}{single.refusals()}",
+            )
+        )
+        batched: RelayResult = _go(relay_run, node, "bench-batch", n=n, window=window, batch=BATCH, end_to_end=True)
+        label = f"(c) = (b) with batching: {n} frames, {BATCH} sends per batch action, ?batch=1"
+        if not batched.batch_supported:
+            rows.append((label, f"n/a (node has no batch action: probe answered {batched.batch_probe})"))
+        else:
+            assert batched.meter is not None
+            rows.append(
+                (
+                    label,
+                    f"{batched.rx_rate:>8.0f} frames/s  e2e {fmt_ms(batched.rx_lat)}   "
+                    f"{batched.meter.per(batched.received)}{batched.refusals()}",
+                )
+            )
+            rows.append(
+                (
+                    "    batching speed-up over (b)",
+                    f"{batched.rx_rate / max(1.0, single.rx_rate):>8.2f}x",
+                )
+            )
+        rows.append(
+            (
+                "    (b) relay as a fraction of the echo ceiling (f)",
+                f"{single.rx_rate / max(1.0, rate) * 100:>8.0f} %",
+            )
+        )
+        rest_n = max(800, n // 10)
+        rest_rate, rm = _go(rest_run, node, rest_n, 8)
+        rows.append(
+            (
+                f"REST POST /send, {rest_n} reqs, 8 concurrent keep-alive clients",
+                f"{rest_rate:>8.0f} req/s     {rm.per(rest_n).replace('/frame', '/req  ')}",
             )
         )
     return rows

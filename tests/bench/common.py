@@ -1,0 +1,231 @@
+"""Shared pieces of the server benchmarks: node subprocess, /proc readings, wire helpers.
+
+How this works: :func:`node_process` starts ``python -m mux serve --port 0 --memory --open``
+(authentication off, per-connection message rate limit off via ``MUX_RATE_MESSAGES_PER_S=0``)
+as a child process, waits for its "listening on" line and yields a :class:`Proc` whose
+``cpu_s()`` and ``rss_kib()`` read ``/proc/PID/stat`` and ``/proc/PID/status``: the node's
+numbers do not depend on how fast the (single, Python) benchmark client is. :class:`Meter`
+brackets a measured run (wall time, node CPU, client CPU). :func:`events` flattens one
+WebSocket message of the node (a JSON event, a ``batch`` of events, or a binary ``frame`` /
+``frame_part``) into event dicts, so the benchmarks read old and new nodes alike. Every wait
+is bounded; all traffic goes to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO, Any
+
+import attrs
+import orjson
+
+from mux.wire import unpack_binary
+
+__all__ = [
+    "NODE_ENV",
+    "Meter",
+    "Proc",
+    "events",
+    "fmt_ms",
+    "json_payload",
+    "node_process",
+    "percentile",
+    "process",
+    "raise_nofile",
+]
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+NODE_ENV = {"MUX_RATE_MESSAGES_PER_S": "0"}
+"""Environment of the benchmark node: the per-connection message rate limit is off."""
+
+
+@attrs.define(eq=False)
+class Proc:
+    """A running child process (node or echo server) and where it listens."""
+
+    popen: subprocess.Popen[str]
+    url: str
+    stderr: IO[str]
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self.popen.pid
+
+    def ws(self, agent: str, **query: str) -> str:
+        """The node's WebSocket URL for ``agent`` (extra query parameters appended)."""
+        extra = "".join(f"&{k}={v}" for k, v in query.items())
+        return self.url.replace("http", "ws", 1) + f"/api/mux/ws?agent={agent}{extra}"
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the process (all threads), from ``/proc/PID/stat``."""
+        with open(f"/proc/{self.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+
+    def rss_kib(self) -> int:
+        """Resident set size in KiB (``VmRSS`` of ``/proc/PID/status``)."""
+        with open(f"/proc/{self.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        with open(f"/proc/{self.pid}/statm") as fh:  # pragma: no cover - kernels without VmRSS
+            return int(fh.read().split()[1]) * _PAGE_KIB
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the process wrote to stderr (for error reports)."""
+        self.stderr.flush()
+        self.stderr.seek(0)
+        return "".join(self.stderr.readlines()[-lines:])
+
+
+def raise_nofile(wanted: int) -> tuple[int, int]:
+    """Raise this process's soft ``RLIMIT_NOFILE`` towards ``wanted`` (capped by the hard
+    limit); returns the (soft, hard) limits now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+@contextmanager
+def process(
+    args: Sequence[str], marker: str, *, env: dict[str, str] | None = None, nofile: int | None = None
+) -> Iterator[Proc]:
+    """Run ``args``; yield once a stdout line contains ``marker`` (its first http URL is the
+    address). ``nofile`` raises the child's open-file soft limit. The child is terminated
+    (then killed) on exit; its stderr goes to a temporary file."""
+
+    def preexec() -> None:
+        if nofile is not None:
+            raise_nofile(nofile)
+
+    with tempfile.TemporaryFile("w+") as err:
+        popen = subprocess.Popen(
+            list(args),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=os.getcwd(),
+            env={**os.environ, **(env or {})},
+            preexec_fn=preexec,
+        )
+        try:
+            assert popen.stdout is not None
+            deadline = time.monotonic() + 30
+            url = None
+            while time.monotonic() < deadline and popen.poll() is None:
+                ready, _, _ = select.select([popen.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    break
+                line = popen.stdout.readline()
+                if marker in line:
+                    url = next(w for w in line.split() if w.startswith("http")).rstrip(",")
+                    break
+            proc = Proc(popen, url or "", err)
+            if url is None:
+                raise RuntimeError(f"{' '.join(args)} did not start:\n{proc.log_tail()}")
+            yield proc
+        finally:
+            popen.terminate()
+            try:
+                popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait(timeout=10)
+            if popen.stdout is not None:
+                popen.stdout.close()
+
+
+@contextmanager
+def node_process(*extra: str, nofile: int | None = None, env: dict[str, str] | None = None) -> Iterator[Proc]:
+    """A benchmark node: ``python -m mux serve --port 0 --memory --open --agent bench``."""
+    args = [sys.executable, "-m", "mux", "serve", "--port", "0", "--memory", "--open", "--agent", "bench", *extra]
+    with process(args, "listening on", env={**NODE_ENV, **(env or {})}, nofile=nofile) as proc:
+        yield proc
+
+
+@attrs.define
+class Meter:
+    """Wall time, the node's CPU and this (client) process's CPU over a ``with`` block."""
+
+    proc: Proc
+    wall: float = 0.0
+    node_cpu: float = 0.0
+    client_cpu: float = 0.0
+    _t0: float = 0.0
+    _n0: float = 0.0
+    _c0: float = 0.0
+
+    def __enter__(self) -> Meter:
+        self._t0, self._n0, self._c0 = time.perf_counter(), self.proc.cpu_s(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._t0
+        self.node_cpu = self.proc.cpu_s() - self._n0
+        self.client_cpu = time.process_time() - self._c0
+
+    def per(self, n: int) -> str:
+        """``node X us CPU/frame (Y% of a core), client Z us/frame`` for ``n`` units."""
+        n = max(n, 1)
+        pct = 100 * self.node_cpu / self.wall if self.wall else 0.0
+        return (
+            f"node {self.node_cpu / n * 1e6:6.1f} us CPU/frame ({pct:3.0f}% core)"
+            f"  client {self.client_cpu / n * 1e6:5.1f} us"
+        )
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (nearest rank) of ``samples``; NaN when empty."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def fmt_ms(samples: Sequence[float]) -> str:
+    """``p50 X ms p99 Y ms`` of latencies given in seconds."""
+    return f"p50 {percentile(samples, 50) * 1e3:6.2f} ms  p99 {percentile(samples, 99) * 1e3:6.2f} ms"
+
+
+def json_payload(size: int, t_ns: int) -> str:
+    """A JSON object of exactly ``size`` bytes carrying the send time ``t_ns``: ``{"t":…,"p":"xx…"}``."""
+    head = f'{{"t":{t_ns},"p":"'
+    return head + "x" * max(0, size - len(head) - 2) + '"}'
+
+
+def events(message: str | bytes) -> Iterator[dict[str, Any]]:
+    """The events in one message from the node.
+
+    JSON text gives its object, or each item of a ``{"event":"batch","items":[…]}``. A
+    binary message gives its header with ``_payload`` (the bytes) added.
+    """
+    if isinstance(message, bytes):
+        header, payload = unpack_binary(message)
+        header["_payload"] = payload
+        yield header
+        return
+    msg = orjson.loads(message)
+    if isinstance(msg, dict) and msg.get("event") == "batch" and isinstance(msg.get("items"), list):
+        for item in msg["items"]:
+            if isinstance(item, dict):
+                yield item
+    elif isinstance(msg, dict):
+        yield msg

@@ -1,0 +1,318 @@
+"""Voice latency benchmark: a call alone, and while the same connection floods bulk channels.
+
+Run: ``python -m tests.bench voice`` (part of ``nox -s bench``).
+
+How this works: a node subprocess and two raw WebSocket connections on loopback, the caller
+(``bench-caller``) and the callee (``bench-callee``). The caller opens a ``call:voice``
+channel and sends the signalling ``offer`` (``{"type":"offer","sdp":"v=0"}``); the callee
+answers (``{"type":"answer","sdp":"v=0"}``), as the voice backend enforces that order. The
+caller also opens two bulk channels to the callee on the same connection: ``stream`` and
+``bulk:test`` (an unknown intent: the generic relay with the default, preemptible budget).
+
+Phase 1 ("alone"): the caller sends ``VOICE_FRAMES`` media frames, one every 20 ms: binary
+frames of 200 bytes whose first bytes are the frame index, the send time
+(``time.perf_counter_ns``) and the phase. Phase 2 ("flood"): the same, while the caller
+floods both bulk channels with 16 KiB binary frames (at most ``FLOOD_WINDOW`` unacknowledged
+per channel; a refused frame, ``receiver_full`` or ``throttled``, frees its place and the
+flood backs off ``FLOOD_BACKOFF_S``). The callee's one reader takes everything (voice and
+bulk) off its socket; a voice frame's latency is its receive time minus the send time in its
+payload. The rows give p50/p99 in each phase, their p99 ratio, every voice frame refused or
+dropped (the targets: none refused, the connection never closed), the bulk bytes delivered,
+and whether either connection or the voice channel was closed; both sockets must answer a
+``ping`` at the end.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+import time
+from typing import Any
+
+import attrs
+import orjson
+import trio
+import trio_websocket
+
+from mux.client import open_ws
+from mux.wire import pack_binary
+
+from .common import Meter, Proc, events, fmt_ms, node_process, percentile
+from .server import expect
+
+__all__ = ["VoiceResult", "run", "voice_run"]
+
+VOICE_FRAMES = 500
+VOICE_BYTES = 200
+TICK_S = 0.020
+FLOOD_BYTES = 16 << 10
+FLOOD_WINDOW = 8
+FLOOD_BACKOFF_S = 0.002
+FLOOD_WARMUP_S = 1.0
+FLOOD_MAX_FRAMES = 200_000
+FLOOD_INTENTS = ("stream", "bulk:test")
+PINGS = 100
+_STAMP = struct.Struct("<IqB")
+
+
+@attrs.define
+class Phase:
+    """The voice frames of one phase."""
+
+    sent: int = 0
+    received: int = 0
+    lat: list[float] = attrs.field(factory=list)
+    ack_lat: list[float] = attrs.field(factory=list)
+    """Send -> ``frame_ack`` on the caller's socket: the way in, without the way out."""
+    sent_ns: dict[int, int] = attrs.field(factory=dict)
+    lateness: list[float] = attrs.field(factory=list)
+    """How late the client's 20 ms ticker sent each frame (client-side jitter)."""
+    dispositions: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    refused: collections.Counter[str] = attrs.field(factory=collections.Counter)
+
+
+@attrs.define
+class Flood:
+    """One bulk channel's flood."""
+
+    intent: str
+    channel_id: str = ""
+    sent: int = 0
+    ok: int = 0
+    refused: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    rx_bytes: int = 0
+    credit: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(FLOOD_WINDOW))
+    backoff: bool = False
+
+
+@attrs.define
+class VoiceResult:
+    """What the voice benchmark measured."""
+
+    phases: list[Phase] = attrs.field(factory=lambda: [Phase(), Phase()])
+    floods: list[Flood] = attrs.field(factory=list)
+    flood_s: float = 0.0
+    flood_meter: Meter | None = None
+    alone_meter: Meter | None = None
+    closed_connections: list[str] = attrs.field(factory=list)
+    closed_channels: list[str] = attrs.field(factory=list)
+    errors: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    alive: dict[str, bool] = attrs.field(factory=dict)
+    ping_rtt: list[float] = attrs.field(factory=list)
+
+
+async def _send_json(ws: trio_websocket.WebSocketConnection, msg: dict[str, Any]) -> None:
+    await ws.send_message(orjson.dumps(msg).decode())
+
+
+async def _open(ws: trio_websocket.WebSocketConnection, target: str, intent: str) -> str:
+    await _send_json(ws, {"action": "open", "target": target, "intent": intent})
+    return str((await expect(ws, "channel_opened"))["channel_id"])
+
+
+async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult:
+    """Set up the call and the bulk channels, run both phases, return the measurements."""
+    res = VoiceResult()
+    async with open_ws(node.ws("bench-caller")) as caller, open_ws(node.ws("bench-callee")) as callee:
+        await expect(caller, "connected")
+        await expect(callee, "connected")
+        for _ in range(PINGS):  # the floor: an idle round trip through the node, same spacing as voice
+            t0 = time.perf_counter_ns()
+            await _send_json(caller, {"action": "ping"})
+            await expect(caller, "pong")
+            res.ping_rtt.append((time.perf_counter_ns() - t0) / 1e9)
+            await trio.sleep(TICK_S)
+        voice = await _open(caller, "bench-callee", "call:voice")
+        await expect(callee, "channel_opened")
+        await _send_json(
+            caller, {"action": "send", "channel_id": voice, "ref": "offer", "payload": {"type": "offer", "sdp": "v=0"}}
+        )
+        await expect(caller, "frame_ack")
+        offer = await expect(callee, "frame")
+        if offer.get("payload", {}).get("type") != "offer":
+            raise RuntimeError(f"callee expected the offer, got {offer!r:.200}")
+        await _send_json(
+            callee,
+            {"action": "send", "channel_id": voice, "ref": "answer", "payload": {"type": "answer", "sdp": "v=0"}},
+        )
+        await expect(callee, "frame_ack")
+        await expect(caller, "frame")
+        for intent in FLOOD_INTENTS:
+            flood = Flood(intent)
+            flood.channel_id = await _open(caller, "bench-callee", intent)
+            await expect(callee, "channel_opened")
+            res.floods.append(flood)
+        by_id = {f.channel_id: f for f in res.floods}
+        by_key = {f"f{k}": f for k, f in enumerate(res.floods)}
+
+        async def caller_reader() -> None:
+            try:
+                while True:
+                    for ev in events(await caller.get_message()):
+                        ref = ev.get("ref")
+                        name = ev.get("event")
+                        if name == "pong":
+                            res.alive["caller"] = True
+                            continue
+                        if name == "channel_closed":
+                            res.closed_channels.append(f"{ev.get('channel_id')}: {ev.get('reason')}")
+                        if not isinstance(ref, str):
+                            if "error" in ev:
+                                res.errors[str(ev["error"])] += 1
+                            continue
+                        if ref.startswith("v"):
+                            phase = res.phases[int(ref[1])]
+                            if name == "frame_ack":
+                                phase.dispositions[str(ev.get("disposition"))] += 1
+                                sent_ns = phase.sent_ns.get(int(ref.split(":", 1)[1]))
+                                if sent_ns is not None:
+                                    phase.ack_lat.append((time.perf_counter_ns() - sent_ns) / 1e9)
+                            elif "error" in ev:
+                                phase.refused[str(ev["error"])] += 1
+                        elif (flood := by_key.get(ref.split(":", 1)[0])) is not None:
+                            if name == "frame_ack":
+                                flood.ok += 1
+                            elif "error" in ev:
+                                flood.refused[str(ev["error"])] += 1
+                                flood.backoff = True
+                            flood.credit.release()
+            except trio_websocket.ConnectionClosed as exc:
+                res.closed_connections.append(f"caller: {exc.reason}")
+
+        async def callee_reader() -> None:
+            try:
+                while True:
+                    msg = await callee.get_message()
+                    now = time.perf_counter_ns()
+                    for ev in events(msg):
+                        name = ev.get("event")
+                        cid = ev.get("channel_id")
+                        if name in ("frame", "frame_part") and isinstance(ev.get("_payload"), bytes):
+                            payload: bytes = ev["_payload"]
+                            if cid == voice and name == "frame":
+                                _, t, p = _STAMP.unpack_from(payload)
+                                phase = res.phases[p]
+                                phase.received += 1
+                                phase.lat.append((now - t) / 1e9)
+                            elif (flood := by_id.get(str(cid))) is not None:
+                                flood.rx_bytes += len(payload)
+                        elif name == "pong":
+                            res.alive["callee"] = True
+                        elif name == "channel_closed":
+                            res.closed_channels.append(f"{cid}: {ev.get('reason')}")
+                        elif "error" in ev and name is None:
+                            res.errors[str(ev["error"])] += 1
+            except trio_websocket.ConnectionClosed as exc:
+                res.closed_connections.append(f"callee: {exc.reason}")
+
+        async def talk(p: int) -> None:
+            phase = res.phases[p]
+            pad = bytes(VOICE_BYTES - _STAMP.size)
+            start = trio.current_time() + TICK_S
+            for i in range(voice_frames):
+                due = start + i * TICK_S
+                await trio.sleep_until(due)
+                phase.lateness.append(trio.current_time() - due)
+                t = phase.sent_ns[i] = time.perf_counter_ns()
+                payload = _STAMP.pack(i, t, p) + pad
+                await caller.send_message(
+                    pack_binary({"action": "send", "channel_id": voice, "ref": f"v{p}:{i}"}, payload)
+                )
+                phase.sent += 1
+
+        async def flood_channel(key: str, flood: Flood) -> None:
+            blob = bytes(FLOOD_BYTES)
+            for i in range(FLOOD_MAX_FRAMES):
+                await flood.credit.acquire()
+                if flood.backoff:
+                    flood.backoff = False
+                    await trio.sleep(FLOOD_BACKOFF_S)
+                await caller.send_message(
+                    pack_binary({"action": "send", "channel_id": flood.channel_id, "ref": f"{key}:{i}"}, blob)
+                )
+                flood.sent += 1
+
+        budget = 2 * voice_frames * TICK_S + FLOOD_WARMUP_S + 30
+        with trio.fail_after(budget):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(caller_reader)
+                nursery.start_soon(callee_reader)
+                with Meter(node) as res.alone_meter:
+                    await talk(0)
+                await trio.sleep(0.2)
+                with Meter(node) as res.flood_meter:
+                    async with trio.open_nursery() as floods:
+                        for key, flood in by_key.items():
+                            floods.start_soon(flood_channel, key, flood)
+                        await trio.sleep(FLOOD_WARMUP_S)
+                        await talk(1)
+                        floods.cancel_scope.cancel()
+                res.flood_s = res.flood_meter.wall
+                with trio.move_on_after(3):  # the last voice frames may still be on their way
+                    while res.phases[1].received + sum(res.phases[1].refused.values()) < res.phases[1].sent:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                res.alive = {"caller": False, "callee": False}
+                for ws in (caller, callee):
+                    if ws.closed is None:
+                        await _send_json(ws, {"action": "ping", "ref": "alive"})
+                with trio.move_on_after(5):
+                    while not all(res.alive.values()):  # noqa: ASYNC110  (bounded; the readers set it)
+                        await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+    return res
+
+
+def _phase_row(phase: Phase) -> str:
+    missing = phase.sent - phase.received
+    refused = sum(phase.refused.values())
+    dropped = phase.dispositions.get("dropped", 0)
+    return (
+        f"{fmt_ms(phase.lat)}   received {phase.received}/{phase.sent}, refused {refused}, dropped {dropped},"
+        f" lost {missing - refused}; caller's frame_ack {fmt_ms(phase.ack_lat)}"
+    )
+
+
+def run(voice_frames: int = VOICE_FRAMES) -> list[tuple[str, str]]:
+    """Start a node, run the voice benchmark, return printable rows."""
+    with node_process() as node:
+        r = trio.run(voice_run, node, voice_frames)
+    alone, flood = r.phases
+    p99a, p99f = percentile(alone.lat, 99), percentile(flood.lat, 99)
+    refused = sum(alone.refused.values()) + sum(flood.refused.values())
+    rows = [
+        (f"    floor: idle ping->pong round trip, {PINGS} pings 20 ms apart", fmt_ms(r.ping_rtt)),
+        (f"(d) voice {VOICE_BYTES} B every 20 ms, {voice_frames} frames, alone", _phase_row(alone)),
+        (
+            "(d) voice, same conn also flooding stream + bulk:test 16 KiB",
+            _phase_row(flood) + f"   p99 ratio {p99f / p99a:.2f}x (target <= 1.5x)",
+        ),
+    ]
+    for f in r.floods:
+        refusals = ", ".join(f"{k} {v}" for k, v in f.refused.most_common()) or "none"
+        rows.append(
+            (
+                f"    flood {f.intent}: window {FLOOD_WINDOW}, backoff {FLOOD_BACKOFF_S * 1e3:.0f} ms on refusal",
+                f"{f.rx_bytes / max(r.flood_s, 1e-9) / 1e6:8.1f} MB/s delivered  sent {f.sent}, acked {f.ok},"
+                f" refused: {refusals}",
+            )
+        )
+    if r.alone_meter and r.flood_meter:
+        rows.append(
+            (
+                "    node CPU: voice alone / under flood",
+                f"{100 * r.alone_meter.node_cpu / r.alone_meter.wall:5.0f}% / "
+                f"{100 * r.flood_meter.node_cpu / r.flood_meter.wall:3.0f}% of a core;"
+                f" client ticker lateness p99 {percentile(alone.lateness, 99) * 1e3:.2f} /"
+                f" {percentile(flood.lateness, 99) * 1e3:.2f} ms",
+            )
+        )
+    closed = r.closed_connections or ["no"]
+    rows.append(
+        (
+            "    voice frames refused (target 0); connection closed?",
+            f"{refused:8d}        closed: {'; '.join(closed)}; channels closed: {len(r.closed_channels)};"
+            f" ping after: {'ok' if r.alive and all(r.alive.values()) else 'FAILED'}"
+            + (f"; other errors: {dict(r.errors)}" if r.errors else ""),
+        )
+    )
+    return rows

@@ -1,0 +1,313 @@
+"""Memory benchmark: 2,000 WebSocket connections holding 10,000 open channels.
+
+Run: ``python -m tests.bench memory`` (part of ``nox -s bench``).
+
+How this works: a fresh node subprocess (its open-file limit raised through ``preexec_fn``,
+this process's with ``resource.setrlimit``) and ``CONNECTIONS`` raw WebSocket connections
+from this process, one agent each. The node's default ``max_channels_per_agent`` is 32, so
+the channels are spread: each of the first ``OPENERS`` agents opens ``PER_OPENER`` ``stream``
+channels to its own partner among the next ``OPENERS`` agents (400 x 25 = 10,000 channels,
+both ends attached). Every connection has a reader task that takes every event off its
+socket. The node's resident memory (``VmRSS`` of ``/proc/PID/status``) is read after a
+small warm-up (the baseline), with all connections open, with all channels open, after
+every channel is closed, and after every connection is gone (each reading after the node's
+``/status`` agrees and a short settle); the whole cycle runs twice, so the second shows
+whether memory is reused rather than grown. Per-connection and per-channel figures are the
+differences divided by the counts. The node's ``/status`` confirms the counts it holds.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from typing import Any
+
+import attrs
+import httpx
+import orjson
+import trio
+import trio_websocket
+
+from mux.client import open_ws
+
+from .common import Proc, events, node_process, raise_nofile
+from .server import expect
+
+__all__ = ["Cycle", "memory_run", "run"]
+
+CONNECTIONS = 2000
+OPENERS = 400
+PER_OPENER = 25
+CONNECT_PARALLEL = 64
+SETTLE_S = 1.0
+CYCLES = 2
+PHASE_TIMEOUT_S = 90.0
+KEEPALIVE_S = 20.0
+MEMORY_TIMEOUT_S = 330.0
+SECOND_CYCLE_IF_UNDER_S = 110.0
+"""The second cycle runs only when the first took less than this (keeps the suite bounded)."""
+
+
+@attrs.define(eq=False)
+class Conn:
+    """One benchmark connection and what its reader saw."""
+
+    agent: str
+    ws: trio_websocket.WebSocketConnection | None = None
+    expected: int = 0
+    opened: list[str] = attrs.field(factory=list)
+    answered: int = 0
+    all_answered: trio.Event = attrs.field(factory=trio.Event)
+    closed_mine: int = 0
+    all_closed: trio.Event = attrs.field(factory=trio.Event)
+    target_opened: int = 0
+    target_closed: int = 0
+    errors: collections.Counter[str] = attrs.field(factory=collections.Counter)
+
+    def on_message(self, message: str | bytes) -> None:
+        """Account for one message from the node."""
+        for ev in events(message):
+            name = ev.get("event")
+            if name == "channel_opened":
+                if ev.get("role") == "opener":
+                    self.opened.append(str(ev["channel_id"]))
+                    self._answer()
+                else:
+                    self.target_opened += 1
+            elif name == "channel_closed":
+                if ev.get("channel_id") in self.opened:
+                    self.closed_mine += 1
+                    if self.closed_mine >= len(self.opened):
+                        self.all_closed.set()
+                else:
+                    self.target_closed += 1
+            elif "error" in ev and name is None:
+                self.errors[str(ev["error"])] += 1
+                if ev.get("ref") == "open":
+                    self._answer()
+
+    def _answer(self) -> None:
+        self.answered += 1
+        if self.answered >= self.expected:
+            self.all_answered.set()
+
+
+@attrs.define
+class Cycle:
+    """RSS readings (KiB) and timings of one open/close cycle."""
+
+    rss_conns: int = 0
+    rss_channels: int = 0
+    rss_closed: int = 0
+    rss_gone: int = 0
+    connect_s: float = 0.0
+    open_s: float = 0.0
+    open_cpu_s: float = 0.0
+    channels_open: int = 0
+    connections: int = 0
+    opened: int = 0
+    errors: collections.Counter[str] = attrs.field(factory=collections.Counter)
+
+
+async def _status(http: httpx.AsyncClient) -> dict[str, Any]:
+    return dict(orjson.loads((await http.get("/status")).content))
+
+
+def _progress(text: str) -> None:
+    print(f"[bench]   memory: {text}", file=sys.stderr, flush=True)
+
+
+async def _settle(node: Proc, http: httpx.AsyncClient, *, connections: int, channels: int) -> int:
+    """Wait (bounded) until the node reports these counts, then a little more; return RSS KiB."""
+    st: dict[str, Any] = {}
+    with trio.move_on_after(30) as waited:
+        while True:
+            st = await _status(http)
+            if st.get("connections") == connections and st.get("channels_open") == channels:
+                break
+            await trio.sleep(0.1)
+    if waited.cancelled_caught:
+        _progress(
+            f"node still reports {st.get('connections')} connections, {st.get('channels_open')} channels"
+            f" (expected {connections}, {channels})"
+        )
+    await trio.sleep(SETTLE_S)
+    return node.rss_kib()
+
+
+async def _cycle(
+    node: Proc, http: httpx.AsyncClient, tag: str, connections: int, openers: int, per_opener: int
+) -> Cycle:
+    """Connect, open, hold, close and disconnect once; read RSS at each step."""
+    cyc = Cycle()
+    conns = [Conn(f"{tag}-{i:05d}") for i in range(connections)]
+    for i in range(openers):
+        conns[i].expected = per_opener
+    ready = trio.Semaphore(CONNECT_PARALLEL)
+    connected = 0
+    all_connected = trio.Event()
+    release = trio.Event()
+
+    async def hold(conn: Conn) -> None:
+        nonlocal connected
+        await ready.acquire()
+        released = False
+        try:
+            async with open_ws(node.ws(conn.agent), connect_timeout=30) as ws:
+                await expect(ws, "connected", timeout=30)
+                conn.ws = ws
+                ready.release()
+                released = True
+                connected += 1
+                if connected == connections:
+                    all_connected.set()
+                async with trio.open_nursery() as nursery:
+
+                    async def read() -> None:
+                        try:
+                            while True:
+                                conn.on_message(await ws.get_message())
+                        except trio_websocket.ConnectionClosed as exc:
+                            conn.errors[f"connection_closed_{exc.reason.code if exc.reason else None}"] += 1
+
+                    nursery.start_soon(read)
+                    nursery.start_soon(keepalive, ws)
+                    await release.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if not released:
+                ready.release()
+
+    async def keepalive(ws: trio_websocket.WebSocketConnection) -> None:
+        # The node (Hypercorn read_timeout) drops a socket that sends nothing for 60 s.
+        while True:
+            await trio.sleep(KEEPALIVE_S)
+            await ws.send_message('{"action":"ping"}')
+
+    async def open_all(i: int) -> None:
+        conn = conns[i]
+        assert conn.ws is not None
+        msg = orjson.dumps(
+            {"action": "open", "target": conns[openers + i].agent, "intent": "stream", "ref": "open"}
+        ).decode()
+        for _ in range(per_opener):
+            await conn.ws.send_message(msg)
+        await conn.all_answered.wait()
+
+    async def close_all(conn: Conn) -> None:
+        assert conn.ws is not None
+        for cid in conn.opened:
+            await conn.ws.send_message(orjson.dumps({"action": "close", "channel_id": cid}).decode())
+        await conn.all_closed.wait()
+
+    async with trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        with trio.fail_after(PHASE_TIMEOUT_S):
+            for conn in conns:
+                nursery.start_soon(hold, conn)
+            await all_connected.wait()
+        cyc.connect_s = trio.current_time() - t0
+        _progress(f"{tag}: {connections} connected in {cyc.connect_s:.1f} s")
+        cyc.rss_conns = await _settle(node, http, connections=connections, channels=0)
+        cyc.connections = (await _status(http)).get("connections", 0)
+
+        t0, c0 = trio.current_time(), node.cpu_s()
+        with trio.fail_after(PHASE_TIMEOUT_S):
+            async with trio.open_nursery() as openers_nursery:
+                for i in range(openers):
+                    openers_nursery.start_soon(open_all, i)
+        cyc.open_s, cyc.open_cpu_s = trio.current_time() - t0, node.cpu_s() - c0
+        _progress(f"{tag}: {sum(len(c.opened) for c in conns)} channels opened in {cyc.open_s:.1f} s")
+        cyc.opened = sum(len(c.opened) for c in conns)
+        cyc.rss_channels = await _settle(node, http, connections=connections, channels=cyc.opened)
+        cyc.channels_open = (await _status(http)).get("channels_open", 0)
+
+        with trio.fail_after(PHASE_TIMEOUT_S):
+            async with trio.open_nursery() as closers:
+                for conn in conns[:openers]:
+                    if conn.opened:
+                        closers.start_soon(close_all, conn)
+        _progress(f"{tag}: channels closed")
+        cyc.rss_closed = await _settle(node, http, connections=connections, channels=0)
+        release.set()
+    _progress(f"{tag}: disconnected")
+    cyc.rss_gone = await _settle(node, http, connections=0, channels=0)
+    for conn in conns:
+        cyc.errors.update(conn.errors)
+    return cyc
+
+
+@attrs.define
+class MemoryResult:
+    """The baseline and every cycle."""
+
+    baseline: int = 0
+    cycles: list[Cycle] = attrs.field(factory=list)
+
+
+async def memory_run(
+    node: Proc, connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int = PER_OPENER
+) -> MemoryResult:
+    """Warm up, read the baseline, run ``CYCLES`` cycles."""
+    res = MemoryResult()
+    with trio.fail_after(MEMORY_TIMEOUT_S):
+        await _memory_cycles(node, res, connections, openers, per_opener)
+    return res
+
+
+async def _memory_cycles(node: Proc, res: MemoryResult, connections: int, openers: int, per_opener: int) -> None:
+    async with httpx.AsyncClient(base_url=node.url + "/api/mux", timeout=10) as http:
+        await _cycle(node, http, "warm", 20, 10, 2)  # imports, caches, first allocations
+        res.baseline = await _settle(node, http, connections=0, channels=0)
+        started = trio.current_time()
+        for c in range(CYCLES):
+            if c and trio.current_time() - started > SECOND_CYCLE_IF_UNDER_S:
+                _progress(f"cycle {c + 1} skipped: cycle 1 took {trio.current_time() - started:.0f} s")
+                break
+            res.cycles.append(await _cycle(node, http, f"m{c}", connections, openers, per_opener))
+
+
+def run(connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int = PER_OPENER) -> list[tuple[str, str]]:
+    """Start a node with a raised open-file limit, run the memory benchmark, return rows."""
+    need = connections + 1024
+    soft, _ = raise_nofile(need)
+    if soft < need:
+        return [("(e) memory", f"n/a: open-file limit {soft} < {need} (raise the hard limit: ulimit -Hn)")]
+    with node_process(nofile=need) as node:
+        r = trio.run(memory_run, node, connections, openers, per_opener)
+    rows: list[tuple[str, str]] = []
+    base = r.baseline
+    c = r.cycles[0]
+    per_conn = (c.rss_conns - base) * 1024 / max(1, connections)
+    per_chan = (c.rss_channels - c.rss_conns) * 1024 / max(1, c.opened)
+    errors = f"; errors: {dict(c.errors)}" if c.errors else ""
+    rows += [
+        (
+            f"(e) {connections} WS connections held (node /status: {c.connections})",
+            f"{per_conn / 1024:8.1f} KiB/connection  RSS {base / 1024:.1f} -> {c.rss_conns / 1024:.1f} MiB,"
+            f" connected in {c.connect_s:.1f} s",
+        ),
+        (
+            f"(e) + {c.opened} channels ({openers} agents x {per_opener}; node /status: {c.channels_open})",
+            f"{per_chan / 1024:8.2f} KiB/channel     RSS -> {c.rss_channels / 1024:.1f} MiB, opened in"
+            f" {c.open_s:.1f} s, node {c.open_cpu_s / max(1, c.opened) * 1e6:.0f} us CPU/open{errors}",
+        ),
+        (
+            "(e) RSS after the channels close / the connections close",
+            f"{c.rss_closed / 1024:8.1f} / {c.rss_gone / 1024:.1f} MiB = {(c.rss_closed - base) / base * 100:+.0f}% /"
+            f" {(c.rss_gone - base) / base * 100:+.0f}% vs baseline {base / 1024:.1f} MiB (target within 5%)",
+        ),
+    ]
+    if len(r.cycles) > 1:
+        c2 = r.cycles[1]
+        errors = f"; errors: {dict(c2.errors)}" if c2.errors else ""
+        rows.append(
+            (
+                "(e) cycle 2, same again: peak RSS / RSS after all closed",
+                f"{c2.rss_channels / 1024:8.1f} / {c2.rss_gone / 1024:.1f} MiB (cycle 1: {c.rss_channels / 1024:.1f} /"
+                f" {c.rss_gone / 1024:.1f}): {(c2.rss_gone - c.rss_gone) / 1024:+.1f} MiB kept per cycle{errors}",
+            )
+        )
+    else:
+        rows.append(("(e) cycle 2", "skipped (cycle 1 too slow for the time budget)"))
+    return rows
