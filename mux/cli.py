@@ -160,6 +160,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.mux.max_channels_per_agent = args.max_channels
     for spec in args.allow_tunnel or []:
         settings.mux.backends.setdefault("overlay", {}).setdefault("allow", []).append(spec)
+    from .core import configured_registry
+
+    configured_registry(settings.mux)  # a bad [mux.intent_policies] fails here with a clear error
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -52,7 +52,7 @@ from .resume import Resumes
 from .signing import NodeKey, check_agent_signature
 from .storage import STORE_FILE, ChannelRow, MemoryStore, Snapshot, SqliteStore, Store
 
-__all__ = ["Endpoint", "Mux", "MuxConfig", "open_mux", "start_mux"]
+__all__ = ["Endpoint", "Mux", "MuxConfig", "configured_registry", "open_mux", "start_mux"]
 
 log = logging.getLogger("mux")
 
@@ -79,6 +79,9 @@ class MuxConfig:
     """Unacknowledged durable payload bytes one agent's mailbox holds before ``mailbox_full``."""
     mailbox_max_age_s: float = 7 * 24 * 3600.0
     """Unacknowledged durable frames older than this are expired (counted and logged)."""
+    intent_policies: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    """Per-intent policy overrides, e.g. ``{"file:sync": {"rate": 0}}`` (TOML
+    ``[mux.intent_policies."file:sync"]``): fields of :class:`BandwidthPolicy`."""
     sign_every: int = 1
     """Sign every N-th data frame of a channel (1 = every frame). Unsigned frames are covered
     by the next signed frame of their chain (hash links), within N frames or
@@ -88,6 +91,25 @@ class MuxConfig:
     backends: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     """Options per backend name, e.g. ``{"overlay": {"allow": ["127.0.0.1:8080"]}}``
     (``[backends.NAME]`` tables of ``serve --config``)."""
+
+
+def configured_registry(config: MuxConfig) -> IntentRegistry:
+    """The built-in intents with ``config.intent_policies`` applied (raises ``bad_config``)."""
+    registry = IntentRegistry()
+    for name, fields in config.intent_policies.items():
+        current = registry.resolve(name)
+        try:
+            policy = attrs.evolve(current.policy, **fields)
+        except TypeError as exc:
+            raise BadRequest(f"intent_policies[{name!r}]: {exc}", code="bad_config") from None
+        registry.register(
+            name,
+            backend=current.backend,
+            description=current.route.description,
+            policy=policy,
+            delivery=current.delivery,
+        )
+    return registry
 
 
 class Mux:
@@ -106,7 +128,7 @@ class Mux:
         self.agent = normalize_agent(agent)
         self.key = key or NodeKey.generate()
         self.config = config or MuxConfig()
-        self.registry = registry or IntentRegistry()
+        self.registry = registry or configured_registry(self.config)
         self.store: Store = store if store is not None else MemoryStore()
         self.mailboxes: dict[str, Mailbox] = {}
         self._nursery = nursery
@@ -823,6 +845,7 @@ async def open_mux(
     if key is None:
         key = NodeKey.load_or_create(data_dir) if data_dir is not None else NodeKey.generate()
     cfg = attrs.evolve(config or MuxConfig(), **limits)
+    configured_registry(cfg)  # a bad configuration fails here, before anything starts
     store: Store = SqliteStore(Path(data_dir) / STORE_FILE) if data_dir is not None else MemoryStore()
     try:
         async with trio.open_nursery() as nursery:

@@ -175,6 +175,14 @@ async def _send(ch: ClientChannel, payload: Any, rate: int) -> dict[str, Any]:
             await trio.sleep(wait)
 
 
+def _ended(exc: BaseException) -> bool:
+    """True for a send refused because the transfer ended under it: the channel closed, the
+    connection is gone, or the receiver already answered (``transfer_finished``)."""
+    return isinstance(exc, ChannelClosed) or (
+        isinstance(exc, MuxError) and exc.code in ("connection_closed", "transfer_finished")
+    )
+
+
 async def _next_message(ch: ClientChannel) -> dict[str, Any] | None:
     """The next JSON message on ``ch`` (binary frames are skipped); None once it closed."""
     while True:
@@ -313,11 +321,10 @@ async def send_file(
                             code="timeout",
                             channel_id=ch.id,
                         )
-                    except ChannelClosed as exc:
-                        failure = exc
-                        return  # the receiver's answer (or the close) still reaches the main task
                     except MuxError as exc:
                         failure = exc
+                        if _ended(exc):
+                            return  # the receiver's answer (or the close) still reaches the main task
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(pump)
@@ -328,7 +335,7 @@ async def send_file(
                 await trio.to_thread.run_sync(reader.close)
         if final is not None and final.get("type") == "error":
             raise _receiver_error(ch, final)
-        if failure is not None and (final is None or not isinstance(failure, ChannelClosed)):
+        if failure is not None and not _ended(failure):
             raise failure
         if final is None:
             raise _closed_error(ch, "the receiver's done")

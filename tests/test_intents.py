@@ -77,3 +77,14 @@ async def test_custom_intent_registration(node: mux.Mux) -> None:
     # the backend is not installed: the channel is served by the generic relay and says so
     ch = await node.open(target="thermo", intent="iot:sensor", agent="hub")
     assert ch.route == {"backend": "mqtt", "description": "IoT sensor data", "served_by": "stream", "fallback": True}
+
+
+async def test_node_can_override_an_intent_policy() -> None:
+    async with mux.open_mux(agent="n", intent_policies={"file:sync": {"rate": 0}, "chat": {"burst": 99}}) as m:
+        fs = m.resolve("file:sync")
+        assert (fs.backend, fs.policy.rate, fs.policy.priority) == ("sync", 0, 7)
+        assert m.resolve("chat").policy == mux.BandwidthPolicy(3, 50000, 99, False)
+        assert m.resolve("chat").delivery == "durable"
+    with pytest.raises(mux.BadRequest):
+        async with mux.open_mux(agent="n", intent_policies={"chat": {"speed": 1}}):
+            pass

@@ -2,8 +2,9 @@
 
 Sections (default: all, in this order): ``core`` (library, no network), ``server`` (echo
 ceiling, ack, relay, batching, REST), ``voice`` (voice latency alone and under a bulk flood
-on the same connection), ``memory`` (10,000 channels over 2,000 connections). Each server
-section starts its own node subprocess. Progress goes to stderr while the sections run; the
+on the same connection), ``memory`` (10,000 channels over 2,000 connections), ``transfer``
+(tunnel and file transfer MB/s next to a direct TCP copy). Each server section starts its
+own node subprocess. Progress goes to stderr while the sections run; the
 table of every number is printed at the end, after a header naming the machine. A section
 that fails prints its error in the table (and its traceback on stderr); the others still run.
 """
@@ -17,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from . import core, latency, memory, server
+from . import core, latency, memory, server, transfer
 
 __all__ = ["SECTIONS", "main"]
 
@@ -26,6 +27,7 @@ SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "server": server.run,
     "voice": latency.run,
     "memory": memory.run,
+    "transfer": transfer.run,
 }
 """Section name -> function returning (label, value) rows."""
 
