@@ -20,12 +20,14 @@ import orjson
 import trio
 from quart import Blueprint, Response, current_app, request, websocket
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from . import wire
 from .auth import REVOKED_FILE, Authenticator, Grant, Revocations
 from .bandwidth import TokenBucket
 from .core import Mux, start_mux
 from .errors import BadRequest, MuxError
+from .frames import Frame
 from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
 from .session import WireSession
 from .settings import NodeSettings
@@ -206,6 +208,15 @@ def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, value))
 
 
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "message_too_large"}
+
+
+async def _http_error(exc: HTTPException) -> Response:
+    """Quart's own HTTP errors (routing, methods, sizes) as JSON bodies with a code."""
+    status = exc.code or 400
+    return _json({"error": _HTTP_CODES.get(status, "bad_request"), "detail": exc.description or ""}, status)
+
+
 def _seconds_arg(name: str) -> float:
     raw = request.args.get(name)
     if raw is None:
@@ -249,6 +260,13 @@ def create_blueprint(
     @bp.errorhandler(MuxError)
     async def _mux_error(exc: MuxError) -> Response:
         return _error(exc)
+
+    bp.register_error_handler(HTTPException, _http_error)
+
+    @bp.errorhandler(Exception)
+    async def _internal_error(exc: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return _json({"error": "internal_error", "detail": "the node failed on this request (logged)"}, 500)
 
     @bp.post("/open")
     async def open_channel() -> Response:
@@ -357,8 +375,8 @@ def create_blueprint(
         limit_n = _int_arg("limit", 100, 1, 1000)
         wait_s = min(_seconds_arg("wait"), node.settings.longpoll_max_s)
 
-        async def pick() -> list[dict[str, Any]]:
-            return [f.to_dict() for f in await m.store.chain(channel_id, after) if f.target == agent][:limit_n]
+        async def pick() -> list[Frame]:
+            return [f for f in await m.store.chain(channel_id, after) if f.target == agent][:limit_n]
 
         found = await pick()
         if not found and wait_s > 0 and state.is_open:
@@ -367,8 +385,9 @@ def create_blueprint(
                     await state.appended.park()
                     found = await pick()
             found = found or await pick()
-        next_after = found[-1]["seq"] if found else after
-        return _json({"channel_id": channel_id, "frames": found, "next_after": next_after, "state": state.state})
+        next_after = found[-1].seq if found else after
+        frames = [orjson.Fragment(f.to_json()) for f in found]  # payloads as chained, not re-encoded
+        return _json({"channel_id": channel_id, "frames": frames, "next_after": next_after, "state": state.state})
 
     @bp.get("/channel/<channel_id>/chain")
     async def chain(channel_id: str) -> Response:
@@ -453,6 +472,8 @@ async def _serve_socket(node: Node) -> None:
             outbox = session.outbox
             while True:
                 message = await websocket.receive()
+                if message is None:  # quart-trio hands an empty binary message over as None
+                    message = b""
                 replies = session.handle(message)
                 if replies:
                     await outbox.put(CONTROL, CONTROL_URGENCY, *replies)
@@ -556,7 +577,7 @@ async def _close_on_shutdown(node: Node, session: WireSession, writer: _Writer, 
 
 
 def create_app(settings: NodeSettings | None = None, *, mux: Mux | None = None) -> QuartTrio:
-    """The standalone node app: the blueprint at ``settings.prefix`` plus JSON 404/405/413."""
+    """The standalone node app: the blueprint at ``settings.prefix``; every HTTP error JSON."""
     settings = settings or NodeSettings()
     app = QuartTrio("mux")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes
@@ -564,10 +585,5 @@ def create_app(settings: NodeSettings | None = None, *, mux: Mux | None = None) 
     app.register_blueprint(bp)
     app.extensions["mux"] = bp.node  # type: ignore[attr-defined]
 
-    for status, code in ((404, "not_found"), (405, "method_not_allowed"), (413, "message_too_large")):
-
-        async def handler(exc: Exception, _status: int = status, _code: str = code) -> Response:
-            return _json({"error": _code, "detail": str(getattr(exc, "description", exc))}, _status)
-
-        app.register_error_handler(status, handler)
+    app.register_error_handler(HTTPException, _http_error)
     return app

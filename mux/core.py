@@ -93,6 +93,18 @@ class MuxConfig:
     (``[backends.NAME]`` tables of ``serve --config``)."""
 
 
+MAX_METADATA_DEPTH = 32
+"""Metadata is echoed inside other JSON documents (channel info, events): keep it shallow."""
+
+
+def _depth(value: Any, limit: int = MAX_METADATA_DEPTH + 1) -> int:
+    """Nesting depth of a JSON value, counted up to ``limit``."""
+    if limit <= 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in children), default=0)
+
+
 def configured_registry(config: MuxConfig) -> IntentRegistry:
     """The built-in intents with ``config.intent_policies`` applied (raises ``bad_config``)."""
     registry = IntentRegistry()
@@ -283,6 +295,8 @@ class Mux:
             raise BadRequest("metadata must be a JSON object", code="bad_metadata")
         if len(canonical_json(metadata)) > self.config.max_metadata_bytes:
             raise BadRequest(f"metadata over {self.config.max_metadata_bytes} bytes", code="bad_metadata")
+        if _depth(metadata) > MAX_METADATA_DEPTH:
+            raise BadRequest(f"metadata nested deeper than {MAX_METADATA_DEPTH} levels", code="bad_metadata")
         limit = self.config.max_channels_per_agent
         if self._opened_by[opener] >= limit:
             raise ChannelLimit(f"{opener} already has {limit} open channels (max_channels_per_agent)")

@@ -271,5 +271,8 @@ class WireSession:
         if self.resume_token and self.resume_grace_s:
             self.mux.resumes.linger(self.endpoint, self.resume_token, self.resume_grace_s)
             return
+        held = list(self.endpoint._held.values())
         self.endpoint.close_all(reason)
         self.endpoint._detach()
+        for handle in held:  # nobody will read what was queued for this socket: let it go
+            handle._end.detach()

@@ -103,15 +103,18 @@ class Store(Protocol):
 @attrs.define(eq=False)
 class MemoryStore:
     """In-memory store: a bounded ledger (``max_channels`` chains of at most
-    ``max_frames_per_channel`` frames and ``max_bytes_per_channel`` payload bytes, oldest
-    forgotten first); nothing survives a restart."""
+    ``max_frames_per_channel`` frames and ``max_bytes_per_channel`` payload bytes, at most
+    ``max_total_bytes`` in all, oldest forgotten first); nothing survives a restart."""
 
     max_channels: int = 4096
     max_frames_per_channel: int = 100_000
-    max_bytes_per_channel: int = 8 << 20
+    max_bytes_per_channel: int = 4 << 20
     """Payload bytes kept per chain; older frames are forgotten first (partial export)."""
+    max_total_bytes: int = 64 << 20
+    """Payload bytes kept in all; the chains begun longest ago are forgotten first."""
     position: int = 0
     _bytes: dict[str, int] = attrs.field(factory=dict, init=False)
+    _total: int = attrs.field(default=0, init=False)
     _chains: collections.OrderedDict[str, collections.deque[Frame]] = attrs.field(
         factory=collections.OrderedDict, init=False
     )
@@ -123,13 +126,16 @@ class MemoryStore:
         if chain is None:
             chain = self._chains[cid] = collections.deque()
             self._bytes[cid] = 0
-            while len(self._chains) > self.max_channels:
-                self._bytes.pop(self._chains.popitem(last=False)[0], None)
         chain.append(frame)
         held = self._bytes[cid] + frame.size
+        before = held
         while len(chain) > 1 and (held > self.max_bytes_per_channel or len(chain) > self.max_frames_per_channel):
             held -= chain.popleft().size
         self._bytes[cid] = held
+        self._total += frame.size - (before - held)
+        while len(self._chains) > 1 and (len(self._chains) > self.max_channels or self._total > self.max_total_bytes):
+            oldest, _ = self._chains.popitem(last=False)
+            self._total -= self._bytes.pop(oldest, 0)
         self.position += 1
 
     def record_open(self, row: ChannelRow) -> None:
