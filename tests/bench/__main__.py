@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from . import core, latency, memory, server, transfer
+from . import core, durable, latency, memory, server, transfer
 
 __all__ = ["SECTIONS", "main"]
 
@@ -28,6 +28,7 @@ SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "voice": latency.run,
     "memory": memory.run,
     "transfer": transfer.run,
+    "durable": durable.run,
 }
 """Section name -> function returning (label, value) rows."""
 
