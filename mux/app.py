@@ -466,6 +466,7 @@ async def _serve_socket(node: Node) -> None:
             await nursery.start(session.run)
             writer = _Writer(session.outbox, settings.send_timeout_s, nursery.cancel_scope, endpoint.agent, batching)
             nursery.start_soon(writer.run)
+            nursery.start_soon(writer.watch, node, session)
             if grant.exp:
                 nursery.start_soon(_expire_with_token, grant, nursery.cancel_scope)
             nursery.start_soon(_close_on_shutdown, node, session, writer, nursery.cancel_scope)
@@ -493,6 +494,7 @@ class _Writer:
     batching: bool = False
     """The client asked (``?batch=1``) for queued JSON events in one ``batch`` message."""
     busy: bool = False
+    since: float = 0.0
 
     @property
     def idle(self) -> bool:
@@ -521,14 +523,25 @@ class _Writer:
             message: Outgoing = await self.outbox.get()
             if self.batching and isinstance(message, str):
                 message = self._coalesce(message)
-            self.busy = True
-            with trio.move_on_after(self.send_timeout_s) as waited:
-                await websocket.send(message)
-            if waited.cancelled_caught:
+            self.busy, self.since = True, trio.current_time()
+            await websocket.send(message)
+            self.busy = False
+
+    async def watch(self, node: Node, session: WireSession) -> None:
+        """Drop a slow consumer: a send that has not completed for ``send_timeout_s``.
+
+        Hypercorn writes to the socket in a shielded scope, so a send to a client that stopped
+        reading cannot be cancelled: the agent leaves the mux here (its channels close with
+        ``slow_consumer``, every frame queued for it is released), and the one message on the
+        wire stays with the connection until the peer goes away."""
+        while True:
+            await trio.sleep(min(1.0, self.send_timeout_s / 4))
+            if self.busy and trio.current_time() - self.since > self.send_timeout_s:
                 log.warning("%s: not reading for %.1f s, disconnected (slow consumer)", self.agent, self.send_timeout_s)
+                session.close("slow_consumer")
+                node.sessions.discard(session)
                 self.connection.cancel()
                 return
-            self.busy = False
 
 
 async def _expire_with_token(grant: Grant, scope: trio.CancelScope) -> None:

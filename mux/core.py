@@ -826,11 +826,19 @@ class Endpoint:
         if self.mux._endpoints.get(self.agent) is self:
             del self.mux._endpoints[self.agent]
 
-    async def aclose(self, reason: str = "detached") -> None:
-        """Close this endpoint's channels with ``reason`` and detach it."""
-        await trio.lowlevel.checkpoint()
+    def leave(self, reason: str) -> None:
+        """The agent goes away: ``close_all(reason)``, detach, and let go of every frame still
+        queued for it (nobody will read those; durable ones stay in its mailbox)."""
+        held = list(self._held.values())
         self.close_all(reason)
         self._detach()
+        for handle in held:
+            handle._end.detach()
+
+    async def aclose(self, reason: str = "detached") -> None:
+        """Close this endpoint's channels with ``reason`` and detach it (see ``leave``)."""
+        await trio.lowlevel.checkpoint()
+        self.leave(reason)
 
     async def __aenter__(self) -> Endpoint:
         return self

@@ -10,14 +10,16 @@ close with 1001.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 import trio
-from hypercorn.config import Config
+from hypercorn.config import Config, Sockets
 from hypercorn.middleware import ProxyFixMiddleware
 from hypercorn.trio import serve as hypercorn_serve
 
@@ -30,7 +32,21 @@ log = logging.getLogger("mux.server")
 
 
 class Tls13Config(Config):
-    """Hypercorn config whose TLS context accepts TLS 1.3 only (ALPN h2, http/1.1)."""
+    """Hypercorn config whose TLS context accepts TLS 1.3 only (ALPN h2, http/1.1), and whose
+    TCP sockets give up on a peer that takes no data for ``tcp_user_timeout_s``."""
+
+    tcp_user_timeout_s: float = 0.0
+
+    def create_sockets(self) -> Sockets:
+        """Hypercorn's sockets with ``TCP_USER_TIMEOUT`` set (inherited by accepted ones):
+        a write to a client that stopped reading fails after the timeout, so its connection
+        and buffers go too (Hypercorn's own writes cannot be cancelled)."""
+        sockets: Sockets = super().create_sockets()
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if option is not None and self.tcp_user_timeout_s > 0:
+            for sock in sockets.secure_sockets + sockets.insecure_sockets:
+                sock.setsockopt(socket.IPPROTO_TCP, option, int(self.tcp_user_timeout_s * 1000))
+        return sockets
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
         """Hypercorn's context with the minimum version raised to TLS 1.3."""
@@ -58,6 +74,7 @@ def hypercorn_config(settings: NodeSettings) -> Tls13Config:
     # (a node's typical client). Idle HTTP connections end after keep_alive_timeout; a
     # WebSocket client that stops reading is dropped by the writer's send_timeout_s.
     cfg.read_timeout = None
+    cfg.tcp_user_timeout_s = settings.send_timeout_s + 2.0  # after the watchdog: it names the reason
     cfg.accesslog = None
     cfg.errorlog = "-"
     cfg.loglevel = "WARNING"
@@ -84,6 +101,21 @@ async def _signal_trigger() -> None:
             return
 
 
+async def _hard_stop(node: Node, after_s: float) -> None:
+    """Process mode only: end the process if shutdown is still stuck ``after_s`` later.
+
+    Hypercorn writes to sockets in shielded scopes, so a connection whose peer stopped
+    reading can hold a graceful shutdown forever. By now every channel is closed and its
+    close frame recorded; wait for the store, then leave."""
+    await trio.sleep(after_s)
+    m = node.mux
+    if m is not None:
+        with trio.move_on_after(5):
+            await m.store.flushed(m.store.position)
+    log.warning("connections still blocked in writes %.0f s after shutdown began: exiting", after_s)
+    os._exit(0)
+
+
 async def serve(
     settings: NodeSettings,
     *,
@@ -92,7 +124,9 @@ async def serve(
     task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a node until cancelled, ``shutdown_trigger`` returns, or (with
-    ``handle_signals``) SIGINT/SIGTERM; then shut down gracefully."""
+    ``handle_signals``) SIGINT/SIGTERM; then shut down gracefully. With ``handle_signals``
+    (the process mode of ``python -m mux serve``) a shutdown stuck on a peer that stopped
+    reading ends the process after ``graceful_timeout_s`` + 2 s."""
     app = create_app(settings)
     node: Node = app.extensions["mux"]
 
@@ -110,14 +144,17 @@ async def serve(
             if shutdown_trigger is None and not handle_signals:
                 nursery.start_soon(fire, trio.sleep_forever)
         await node.shutdown("node_shutdown")
+        if handle_signals:
+            outer.start_soon(_hard_stop, node, settings.graceful_timeout_s + 2.0)
 
     asgi: Any = app
     if settings.trusted_proxy_hops > 0:  # behind TLS-terminating proxies: trust their X-Forwarded-*
         asgi = ProxyFixMiddleware(app, mode="legacy", trusted_hops=settings.trusted_proxy_hops)
-    async with trio.open_nursery() as nursery:
-        urls = await nursery.start(
-            lambda task_status: hypercorn_serve(
-                asgi, hypercorn_config(settings), shutdown_trigger=trigger, task_status=task_status
-            )
-        )
+
+    async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+        await hypercorn_serve(asgi, hypercorn_config(settings), shutdown_trigger=trigger, task_status=task_status)
+        outer.cancel_scope.cancel()  # served and shut down: no hard stop needed any more
+
+    async with trio.open_nursery() as outer:
+        urls = await outer.start(run)
         task_status.started(ServeInfo(list(urls), node))

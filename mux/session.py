@@ -66,6 +66,7 @@ class WireSession:
         self._durable_acks: collections.deque[tuple[int, str]] = collections.deque()
         self._ack_lot = trio.lowlevel.ParkingLot()
         self.forwarders = 0
+        self._closed = False
         """Channels whose frames are still being forwarded (0 once all have closed)."""
         self._nursery: trio.Nursery | None = None
 
@@ -267,12 +268,12 @@ class WireSession:
 
     def close(self, reason: str = "ws_disconnect") -> None:
         """The socket is gone: a resumable session's channels linger for its token (see
-        ``mux.resume``); otherwise close every channel this session holds and detach."""
-        if self.resume_token and self.resume_grace_s:
+        ``mux.resume``); otherwise close every channel this session holds and detach.
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.resume_token and self.resume_grace_s and reason == "ws_disconnect":
             self.mux.resumes.linger(self.endpoint, self.resume_token, self.resume_grace_s)
             return
-        held = list(self.endpoint._held.values())
-        self.endpoint.close_all(reason)
-        self.endpoint._detach()
-        for handle in held:  # nobody will read what was queued for this socket: let it go
-            handle._end.detach()
+        self.endpoint.leave(reason)
