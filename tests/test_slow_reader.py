@@ -20,7 +20,8 @@ channel closes with ``slow_consumer``; the node then serves normal requests, and
 stops cleanly on SIGTERM while a stuck TCP connection is open and unread. The figures (RSS
 baseline, peak and end, time to drop) are printed (``pytest -s``). A second test checks that
 the dropped client's TCP connection is closed as well (counted in ``/proc/PID/fd``), a third,
-in process, with tracemalloc, that a receiver that left takes its queued frames with it.
+in process, with tracemalloc, that a receiver that left takes its queued frames with it, and a
+fourth that a slow ``?batch=1`` reader gets flat ``batch`` events (never a batch in a batch).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from mux.client import open_ws
+from mux.server import ServeInfo
 from mux.wire import pack_binary, unpack_binary
 
 from .procs import node_process
@@ -146,8 +148,9 @@ class Flooder:
 
 
 @asynccontextmanager
-async def stuck_client(url: str, agent: str) -> AsyncIterator[WebSocketConnection]:
-    """A WebSocket whose TCP receive buffer is tiny and whose messages are never read."""
+async def stuck_client(url: str, agent: str, query: str = "") -> AsyncIterator[WebSocketConnection]:
+    """A WebSocket whose TCP receive buffer is tiny and whose messages are not read (unless
+    the test calls ``get_message``); ``query`` is appended to the URL (``&batch=1``)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -158,7 +161,7 @@ async def stuck_client(url: str, agent: str) -> AsyncIterator[WebSocketConnectio
         stream = trio.SocketStream(sock)
         async with trio.open_nursery() as nursery:
             ws = await wrap_client_stream(
-                nursery, stream, f"{host}:{port}", f"/api/mux/ws?agent={agent}", message_queue_size=1
+                nursery, stream, f"{host}:{port}", f"/api/mux/ws?agent={agent}{query}", message_queue_size=1
             )
             try:
                 yield ws
@@ -383,3 +386,23 @@ async def test_a_receiver_that_left_leaves_no_frames_behind(nursery: trio.Nurser
     await m.aclose()
     print(f"\n{RECEIVERS} receivers left with full inboxes: {kept:.1f} MiB of Python memory kept")
     assert kept < LEAK_BOUND_MIB, f"{kept:.1f} MiB kept after {RECEIVERS} receivers left"
+
+
+async def test_a_slow_batching_reader_gets_flat_batches(server: ServeInfo) -> None:
+    """With ``?batch=1`` the node coalesces what is ready into one ``batch`` event; the
+    answers to ``batch`` actions queued behind a slow reader must be spliced in, not nested
+    (a batch inside a batch, which clients that expand one level lose)."""
+    async with stuck_client(server.url, "batcher", "&batch=1") as ws:
+        for i in range(200):
+            pings = ",".join(f'{{"action":"ping","ref":{i * 4 + k}}}' for k in range(4))
+            await ws.send_message(f'{{"action":"batch","items":[{pings}]}}')
+        await trio.sleep(0.5)  # the answers queue up behind the unread socket
+        refs: list[int] = []
+        with trio.fail_after(10):
+            while len(refs) < 800:
+                msg: dict[str, Any] = orjson.loads(await ws.get_message())
+                items: list[dict[str, Any]] = msg["items"] if msg.get("event") == "batch" else [msg]
+                nested = [item for item in items if item.get("event") == "batch"]
+                assert not nested, f"a batch inside a batch: {str(nested[0])[:200]}"
+                refs += [item["ref"] for item in items if item.get("event") == "pong"]
+        assert refs == list(range(800))
