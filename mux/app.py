@@ -483,6 +483,17 @@ async def _serve_socket(node: Node) -> None:
         node.sessions.discard(session)
 
 
+_BATCH_HEAD = '{"event":"batch","items":['
+
+
+def _unbatch(message: str) -> str:
+    """The comma-joined items of a ``batch`` event (as ``wire.batch_event`` writes it), or
+    ``message`` itself."""
+    if message.startswith(_BATCH_HEAD) and message.endswith("]}"):
+        return message[len(_BATCH_HEAD) : -2]
+    return message
+
+
 @attrs.define(eq=False)
 class _Writer:
     """Drains a socket's outbox onto the WebSocket; knows when everything queued is sent."""
@@ -502,8 +513,9 @@ class _Writer:
         return not self.busy and self.outbox.empty
 
     def _coalesce(self, first: str) -> str:
-        """``first`` plus whatever JSON is ready next (in urgency order), as one batch."""
-        items = [first]
+        """``first`` plus whatever JSON is ready next (in urgency order), as one flat batch
+        (the items of a ``batch`` reply are spliced in, never nested)."""
+        items = [_unbatch(first)]
         size = len(first)
         while size < 65536 and len(items) < 128:
             nxt = self.outbox.get_nowait()
@@ -512,9 +524,11 @@ class _Writer:
             if isinstance(nxt, bytes):  # binary keeps its own message: put it back in front
                 self.outbox.put_nowait(CONTROL, CONTROL_URGENCY - 1, nxt)
                 break
-            items.append(nxt)
+            items.append(_unbatch(nxt))
             size += len(nxt)
-        return items[0] if len(items) == 1 else wire.batch_event(items)
+        if len(items) == 1:
+            return first
+        return wire.batch_event([item for item in items if item])
 
     async def run(self) -> None:
         """Send each message; a client that takes none for ``send_timeout_s`` is dropped

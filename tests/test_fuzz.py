@@ -207,6 +207,8 @@ _chars = st.characters(codec="utf-8")  # no lone surrogates: they are not UTF-8
 texts = st.text(_chars, max_size=24)
 ints64 = st.integers(-(2**63), 2**63 - 1)
 scalars = st.none() | st.booleans() | ints64 | st.floats() | texts
+
+
 def _nested(kids: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.lists(kids, max_size=4) | st.dictionaries(texts, kids, max_size=4)
 
