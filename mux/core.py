@@ -213,9 +213,8 @@ class Mux:
         """Look up a channel (open or recently closed); with ``caller``, only its two ends."""
         state = self._channels.get(channel_id) or self._closed.get(channel_id)
         if state is None:
-            raise ChannelNotFound(
-                f"no channel {channel_id!r}", channel_id=channel_id if isinstance(channel_id, str) else None
-            )
+            shown = channel_id[:80] if isinstance(channel_id, str) else None
+            raise ChannelNotFound(f"no channel {shown!r}", channel_id=shown)
         if caller is not None and caller not in state.ends:
             raise ChannelForbidden("not an end of this channel", channel_id=channel_id)
         return state

@@ -120,7 +120,7 @@ class WireSession:
             for reply in self._apply(item):
                 assert isinstance(reply, str)  # replies to actions are JSON
                 replies.append(reply)
-        return [wire.batch_event(replies)] if replies else []
+        return [wire.batch_event(replies)]
 
     def _do_open(self, action: wire.Action) -> list[Outgoing]:
         intent = action.get("intent", "stream")

@@ -124,6 +124,8 @@ async def test_batch_action_and_batched_events(server: ServeInfo) -> None:
         assert (await recv(a))["items"][0]["error"] == "bad_request"
         await send(a, action="batch", items=[{"action": "ping"}] * 300)
         assert (await recv(a))["error"] == "bad_request"
+        await send(a, action="batch", items=[], ref="empty")
+        assert await recv(a) == {"event": "batch", "items": []}  # always answered
 
 
 async def test_client_rebuilds_large_frames(server: ServeInfo) -> None:
