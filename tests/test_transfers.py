@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +39,16 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 import mux
-from mux.client import MuxConnection, connect
+from mux.client import connect
 from mux.core import MuxConfig
 from mux.errors import MuxError
 from mux.filesync import PARTIAL_DIR, FileSyncError, Progress, SyncResult, receive_files, send_file
 from mux.intents import BandwidthPolicy
 from mux.server import ServeInfo, serve
 from mux.settings import NodeSettings
-from mux.tunnel import TunnelListener, TunnelResult, serve_tunnel
+
+from .test_filesync import agent
+from .test_overlay import start_tunnel
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 MB = 1 << 20
@@ -78,21 +78,6 @@ async def start_node(nursery: trio.Nursery, allow: list[str]) -> ServeInfo:
         policy=BandwidthPolicy(builtin.policy.priority, 0, 0, builtin.policy.preemptible),
     )
     return info
-
-
-@asynccontextmanager
-async def agent(url: str, name: str) -> AsyncIterator[MuxConnection]:
-    """Connect ``name``, retrying while the node still holds its previous connection."""
-    for _ in range(100):
-        try:
-            async with connect(url, name) as conn:
-                yield conn
-                return
-        except MuxError as exc:
-            if exc.code != "agent_attached":
-                raise
-        await trio.sleep(0.02)
-    raise AssertionError(f"{name} stayed attached")
 
 
 # ---- real servers --------------------------------------------------------------------------------
@@ -142,20 +127,6 @@ async def start_tcp(nursery: trio.Nursery, handler: Handler) -> int:
     await nursery.start(trio.serve_listeners, handler, listeners)
     port: int = listeners[0].socket.getsockname()[1]
     return port
-
-
-async def start_tunnel(
-    nursery: trio.Nursery, conn: MuxConnection, port: int
-) -> tuple[TunnelListener, trio.MemoryReceiveChannel[TunnelResult]]:
-    """``serve_tunnel`` from a free local port to 127.0.0.1:``port``; finished connections'
-    results arrive on the returned channel."""
-    send, recv = trio.open_memory_channel[TunnelResult](math.inf)
-    listener: TunnelListener = await nursery.start(
-        lambda task_status: serve_tunnel(
-            conn, ("127.0.0.1", 0), ("127.0.0.1", port), on_connection=send.send_nowait, task_status=task_status
-        )
-    )
-    return listener, recv
 
 
 # ---- a TCP relay that can kill or corrupt the sender's connection -------------------------------
