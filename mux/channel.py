@@ -144,6 +144,8 @@ class ChannelState:
     ctx: ChannelContext | None = None
     durable: bool = False
     """True when the backend stores frames until the receiver acknowledges them."""
+    check_frame: Callable[[ChannelContext, Draft], None] | None = None
+    """The backend's optional content check, run before a frame is chained."""
     on_room: Callable[[ChannelState, End], None] | None = None
     """Called after an end took a frame from its inbox (durable channels refill it)."""
     appended: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)

@@ -57,7 +57,7 @@ from .errors import (
 )
 from .frames import Frame
 from .signing import verify_frame
-from .wire import pack_binary, unpack_binary
+from .wire import decode_object, pack_binary, unpack_binary
 
 __all__ = [
     "API_PREFIX",
@@ -649,12 +649,7 @@ class MuxConnection:
             header["enc"] = "bytes"
             await self._on_frame(_frame_dict(header))
             return
-        try:
-            msg = orjson.loads(message)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"not JSON: {exc}", code="invalid_json") from exc
-        if not isinstance(msg, dict):
-            raise BadRequest("not a JSON object", code="invalid_json")
+        msg = decode_object(message)
         if msg.get("event") == "batch" and isinstance(msg.get("items"), list):
             for item in msg["items"]:
                 if isinstance(item, dict):

@@ -320,11 +320,8 @@ class Mux:
             fallback=fallback,
             opened_at=time.time(),
         )
-        ctx = state.ctx = ChannelContext(state, self)
+        ctx = self._bind(state)
         backend.check_open(ctx)
-        if getattr(backend, "durable", False):
-            state.durable = True
-            state.on_room = self._pump
         self.store.record_open(
             ChannelRow(channel_id, resolved.name, opener, target, metadata, state.opened_at, False, None, None, None)
         )
@@ -366,6 +363,16 @@ class Mux:
         if target_ep is not None:
             target_ep._announce(state)
         return handle
+
+    def _bind(self, state: ChannelState) -> ChannelContext:
+        """Give a new channel its context and what its backend is, once, not per frame."""
+        backend = state.backend
+        state.ctx = ChannelContext(state, self)
+        state.check_frame = getattr(backend, "check_frame", None)
+        if getattr(backend, "durable", False):
+            state.durable = True
+            state.on_room = self._pump
+        return state.ctx
 
     async def _run_channel(self, state: ChannelState) -> None:
         assert state.ctx is not None
@@ -436,7 +443,7 @@ class Mux:
         if not self.store.has_room():
             raise ChannelFull("the node's store is behind; retry shortly", code="store_busy", channel_id=state.id)
         state.backend.admit(ctx, sender, size)
-        check = getattr(state.backend, "check_frame", None)
+        check = state.check_frame
         if check is not None:
             check(
                 ctx,
@@ -611,10 +618,7 @@ class Mux:
                 opened_at=row.opened_at,
                 open_frame=row.first,
             )
-            state.ctx = ChannelContext(state, self)
-            if getattr(backend, "durable", False):
-                state.durable = True
-                state.on_room = self._pump
+            self._bind(state)
             states[row.id] = state
             if row.closed and row.last.kind == "close":
                 state.close_frame = row.last

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_REF_LEN",
     "channel_closed_event",
     "channel_opened_event",
+    "decode_object",
     "dumps",
     "error_event",
     "event",
@@ -147,12 +148,7 @@ def parse_message(data: str | bytes, max_bytes: int) -> Action:
         except MuxError as exc:
             exc.ref = ref
             raise
-    try:
-        msg = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(msg, dict):
-        raise BadRequest("a message must be a JSON object", code="invalid_json")
+    msg = decode_object(data)
     ref = None
     try:
         ref = _ref_of(msg)
@@ -192,6 +188,17 @@ def batch_items(action: Action) -> list[Action | MuxError]:
 def batch_event(replies: list[str]) -> str:
     """Several JSON replies as one message: ``{"event": "batch", "items": [...]}``."""
     return '{"event":"batch","items":[' + ",".join(replies) + "]}"
+
+
+def decode_object(data: str | bytes) -> dict[str, Any]:
+    """A JSON text message as a dict, or BadRequest ``invalid_json``."""
+    try:
+        msg = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(msg, dict):
+        raise BadRequest("a message must be a JSON object", code="invalid_json")
+    return msg
 
 
 def pack_binary(header: dict[str, Any], payload: bytes) -> bytes:
