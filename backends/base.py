@@ -7,7 +7,9 @@ node, shared by its channels). For each channel the core then:
 1. calls ``backend.check_open(ctx)``: raise a ``MuxError`` to refuse the channel;
 2. starts ``backend.run(ctx)`` as the channel's own task in the mux nursery; when it returns
    the channel stays open, when it raises the channel (and only it) is closed with reason
-   ``backend_error``; the task is cancelled when the channel closes;
+   ``backend_error``; the task is cancelled when the channel closes. A backend with nothing
+   to do in the background says so with a class attribute ``background = False``: its
+   channels then get no task at all (a task costs memory per open channel);
 3. for every frame an end sends: ``backend.admit(ctx, sender, size)`` (raise ``ChannelFull``
    to refuse it before it is chained), then the optional ``backend.check_frame(ctx, draft)``
    (a :class:`~mux.channel.Draft` with sender, target and payload: raise a ``MuxError`` to

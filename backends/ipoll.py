@@ -24,6 +24,8 @@ class IpollBackend:
     """Durable, at-least-once delivery through per-agent mailboxes."""
 
     name = "ipoll"
+    background = False
+    """``run`` does nothing: no task per channel."""
     durable = True
 
     def __init__(self, mux: Any) -> None:

@@ -24,6 +24,8 @@ class StreamBackend:
     """Live relay between a channel's two ends."""
 
     name = "stream"
+    background = False
+    """``run`` does nothing: no task per channel."""
 
     def __init__(self, mux: Any = None) -> None:
         self.mux = mux

@@ -70,6 +70,8 @@ class TibetBackend:
     """Issues and verifies TIBET tokens signed by the node key, over ``tibet:token`` channels."""
 
     name = "tibet"
+    background = False
+    """``run`` does nothing: no task per channel."""
 
     def __init__(self, mux: Any) -> None:
         self.mux = mux

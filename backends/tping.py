@@ -50,6 +50,8 @@ class TpingBackend:
     """Ping: the node answers pings addressed to it; pings to agents are relayed."""
 
     name = "tping"
+    background = False
+    """``run`` does nothing: no task per channel."""
 
     def __init__(self, mux: Any = None) -> None:
         self.mux = mux

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from .core import Endpoint, Mux
 
-__all__ = ["Channel", "ChannelContext", "ChannelState", "Draft", "End", "Receipt"]
+__all__ = ["Channel", "ChannelContext", "ChannelState", "Draft", "End", "Receipt", "Sink"]
 
 
 def now_ms() -> int:
@@ -37,9 +37,23 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class Sink(Protocol):
+    """Where an end's frames go instead of its inbox: a connection that sends them on
+    itself (``mux.session``), with its own bound."""
+
+    def put(self, frame: Frame) -> bool:
+        """Take ``frame`` without waiting; False when there is no room for it."""
+
+    def has_room(self) -> bool:
+        """True when one more frame would be taken."""
+
+    def shut(self) -> None:
+        """The channel ended: after what was taken, tell the holder (idempotent)."""
+
+
 @attrs.define(eq=False)
 class End:
-    """One end of a channel: the agent, and its inbox once attached."""
+    """One end of a channel: the agent, and its inbox (or sink) once attached."""
 
     agent: str
     capacity: int
@@ -50,32 +64,62 @@ class End:
     room: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     reserved: str | None = None
     """Resume token this end waits for (its connection dropped; see ``mux.resume``)."""
+    sink: Sink | None = None
+    """Set by a connection that takes this end's frames directly (no inbox, no task)."""
+    ended: bool = False
+    """True once ``shut``: nothing more will be put."""
 
     @property
     def attached(self) -> bool:
         """True when someone holds this end and can receive on it."""
-        return self.inbox_send is not None
+        return self.inbox_send is not None or self.sink is not None
 
     def attach(self, holder: Endpoint | None) -> None:
         """Give this end an inbox (bounded by ``capacity``)."""
         self.holder = holder
+        self.sink = None
+        self.ended = False
         self.inbox_send, self.inbox_recv = trio.open_memory_channel[Frame](self.capacity)
+
+    def use_sink(self, sink: Sink) -> None:
+        """Hand this end's frames to ``sink`` from now on: what waits in the inbox goes
+        first (in order), and an end already shut is shut on the sink too."""
+        waiting: list[Frame] = []
+        if self.inbox_recv is not None:
+            while True:
+                try:
+                    waiting.append(self.inbox_recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            self.inbox_recv.close()
+        self.inbox_send = self.inbox_recv = None
+        self.queued = 0
+        self.sink = sink
+        for frame in waiting:
+            sink.put(frame)
+        if self.ended:
+            sink.shut()
 
     def detach(self) -> None:
         """Nobody holds this end any more: drop its inbox (durable frames stay in the mailbox)."""
         if self.inbox_send is not None:
             self.inbox_send.close()
         self.holder = None
+        self.sink = None
         self.inbox_send = self.inbox_recv = None
         self.queued = 0
         self.room.unpark_all()
 
     def has_room(self) -> bool:
         """True when the inbox can take one more frame."""
+        if self.sink is not None:
+            return self.sink.has_room()
         return self.inbox_send is not None and self.queued < self.capacity
 
     def put(self, frame: Frame) -> bool:
         """Put ``frame`` into the inbox without waiting; False if detached, closed or full."""
+        if self.sink is not None:
+            return self.sink.put(frame)
         if self.inbox_send is None or self.queued >= self.capacity:
             return False
         try:
@@ -87,7 +131,10 @@ class End:
 
     def shut(self) -> None:
         """Close the inbox's sending side: the holder reads what is queued, then the end."""
-        if self.inbox_send is not None:
+        self.ended = True
+        if self.sink is not None:
+            self.sink.shut()
+        elif self.inbox_send is not None:
             self.inbox_send.close()
         self.room.unpark_all()
 

@@ -353,7 +353,8 @@ class Mux:
         self._channels[channel_id] = state
         self._opened_by[opener] += 1
         self._stats["opened"] += 1
-        self._nursery.start_soon(self._run_channel, state, name=f"mux-channel-{channel_id}")
+        if getattr(backend, "background", True):
+            self._nursery.start_soon(self._run_channel, state, name=f"mux-channel-{channel_id}")
         opener_end = state.ends[opener]
         if attach:
             opener_end.attach(holder)

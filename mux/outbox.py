@@ -9,13 +9,16 @@ waits at most for the message already on the wire. A frame whose payload is larg
 ``chunk_bytes`` is queued as several ``frame_part`` messages (see ``docs/protocol.md``) so
 that "the message on the wire" is never a whole 1 MiB bulk payload.
 
-Each key's queue holds at most ``per_key`` messages: a forwarder of a channel whose queue is
-full waits (backpressure on that channel only, via its bounded inbox), the others go on.
+Each key's queue holds at most ``per_key`` messages: a channel whose queue is full takes no
+more frames (its sender gets ``receiver_full``, or waits; that channel only), the others go
+on. ``on_take(key)`` is called whenever a message of a channel key leaves, so its room can
+be announced.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -41,8 +44,9 @@ class _Queue:
 class Outbox:
     """Per-connection scheduler of outgoing messages (see the module docstring)."""
 
-    def __init__(self, *, per_key: int = 64, control: int = 1024) -> None:
+    def __init__(self, *, per_key: int = 64, control: int = 1024, on_take: Callable[[str], None] | None = None) -> None:
         self.per_key = per_key
+        self.on_take = on_take
         self.control_limit = control
         self._queues: dict[str, _Queue] = {}
         self._rings: dict[int, collections.deque[str]] = {}
@@ -98,6 +102,8 @@ class Outbox:
                 if key != CONTROL:
                     del self._queues[key]
             q.room.unpark_all()
+            if self.on_take is not None and key != CONTROL:
+                self.on_take(key)
             return message
         return None
 

@@ -4,12 +4,13 @@ How this works: a :class:`WireSession` wraps the :class:`~mux.core.Endpoint` of 
 behind one socket. ``handle(message)`` parses a message (``mux.wire``), applies it to the
 Mux with the synchronous ``*_nowait`` operations and returns the messages to send back; it
 never raises for bad input (each failure becomes an error event for that message only).
-``run(outbox)`` is the session's background work: it announces channels opened to the agent
-and runs one forwarder task per held channel that turns the channel's frames into ``frame``
-events and its end into one ``channel_closed``. All outgoing messages go through ``outbox``,
-a bounded memory channel the transport drains: a client that stops reading fills it, which
-makes the forwarders wait, which fills the channels' bounded inboxes, which makes their
-senders wait or get ``receiver_full``. Nothing grows without bound.
+Every channel the session holds gets a sink (``End.sink``): a frame delivered to this agent
+is turned into its ``frame`` message(s) right away and queued in ``outbox``, the
+connection's urgency scheduler, under the channel's key; the channel's end is followed by
+one ``channel_closed``. No task runs per channel. ``run()`` announces channels opened to
+the agent and sends durable acks once committed. Everything is bounded: a client that stops
+reading fills its channels' queues in the outbox, and their senders then get
+``receiver_full`` (or wait, for backends that must not drop), channel by channel.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import trio
 from . import wire
 from .auth import Grant
 from .bandwidth import TokenBucket
-from .channel import Channel
+from .channel import Channel, ChannelState, End
 from .core import Endpoint, Mux
-from .errors import BadRequest, ChannelClosed, ChannelError, ChannelNotFound, MuxError
-from .frames import AgentSignature
+from .errors import BadRequest, ChannelError, ChannelNotFound, MuxError
+from .frames import AgentSignature, Frame
 from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
 from .resume import Resumed, new_token
 
@@ -47,7 +48,7 @@ class WireSession:
         resume_grace_s: float | None = None,
         grant: Grant | None = None,
         rate: tuple[float, int] = (0.0, 0),
-        outbox_per_channel: int = 64,
+        outbox_per_channel: int | None = None,
         chunk_bytes: int = wire.CHUNK_BYTES,
     ) -> None:
         self.mux = mux
@@ -55,7 +56,8 @@ class WireSession:
         self.grant = grant or Grant(endpoint.agent)
         """What the connection's credentials allow (intents, agent key)."""
         self._bucket = TokenBucket(int(rate[0]), rate[1]) if rate[0] > 0 else None
-        self.outbox = Outbox(per_key=outbox_per_channel)
+        per_channel = outbox_per_channel or mux.config.channel_buffer_frames
+        self.outbox = Outbox(per_key=per_channel, on_take=self._on_take)
         """What this connection sends, scheduled by urgency (``mux.outbox``)."""
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
@@ -65,9 +67,10 @@ class WireSession:
         self._closed_told: set[str] = set()
         self._durable_acks: collections.deque[tuple[int, str]] = collections.deque()
         self._ack_lot = trio.lowlevel.ParkingLot()
+        self._sinks: dict[str, _ChannelSink] = {}
         self.forwarders = 0
+        """Resumed channels still replaying what their agent missed."""
         self._closed = False
-        """Channels whose frames are still being forwarded (0 once all have closed)."""
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -163,8 +166,8 @@ class WireSession:
         reason = action.get("reason", "closed")
         if not reason or len(reason) > 200:
             raise BadRequest("close: reason must be 1-200 characters", code="bad_request")
+        self._closed_told.add(ch.id)  # this reply tells it: the channel's sink stays quiet
         self.mux._close_nowait(ch._state, reason, by=self.agent)
-        self._closed_told.add(ch.id)
         return [wire.channel_closed_event(ch._state, action.ref)]
 
     def _do_resume(self, action: wire.Action) -> list[Outgoing]:
@@ -200,12 +203,36 @@ class WireSession:
     # ---- background ------------------------------------------------------------------------
 
     def _watch(self, ch: Channel, replay: Resumed | None = None) -> None:
-        if self._nursery is None:
-            raise ChannelError("session is not running", code="not_running")
-        self._nursery.start_soon(self._forward, ch, replay, name=f"mux-forward-{ch.id}")
+        """Send ``ch``'s frames from now on: its end hands them straight to this
+        connection's outbox (a sink; no task per channel). A resumed channel first
+        replays what the agent missed, in a task, while live frames wait in its inbox."""
+        if replay is not None and replay.mode != "mailbox" and replay.head_seq > replay.after_seq:
+            if self._nursery is None:
+                raise ChannelError("session is not running", code="not_running")
+            self._nursery.start_soon(self._replay_then_watch, ch, replay, name=f"mux-replay-{ch.id}")
+            return
+        self._install(ch)
+
+    def _install(self, ch: Channel) -> None:
+        end = ch._end
+        if end.holder is not self.endpoint or self._closed:
+            return  # the end moved on (left, or re-attached elsewhere) meanwhile
+        sink = _ChannelSink(self, ch._state, end)
+        self._sinks[ch.id] = sink
+        end.use_sink(sink)
+
+    def _on_take(self, key: str) -> None:
+        """A message of channel ``key`` left the outbox: its end has room again."""
+        sink = self._sinks.get(key)
+        if sink is not None:
+            end = sink.end
+            end.room.unpark_all()
+            state = sink.state
+            if state.on_room is not None:
+                state.on_room(state, end)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Announce incoming channels and forward every held channel's frames to the outbox."""
+        """Announce incoming channels (and start sending their frames); send durable acks."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._ack_pump)
@@ -226,45 +253,25 @@ class WireSession:
 
     @property
     def idle(self) -> bool:
-        """True when no durable ack is waiting, no channel is being forwarded, nothing queued."""
+        """True when no durable ack is waiting, no channel is replaying, nothing queued."""
         return not self._durable_acks and not self.forwarders and self.outbox.empty
 
-    async def _forward(self, ch: Channel, replay: Resumed | None = None) -> None:
+    async def _replay_then_watch(self, ch: Channel, replay: Resumed) -> None:
+        """Send what the agent missed while away (from the ledger), then live frames."""
         self.forwarders += 1
         try:
-            await self._forward_frames(ch, replay)
+            urgency = ch._state.intent.policy.priority
+            for frame in await self.mux.store.chain(ch.id, replay.after_seq):
+                if frame.seq > replay.head_seq:
+                    break
+                if frame.kind != "data" or frame.target != self.agent:
+                    continue
+                if replay.mode == "signalling" and isinstance(frame.payload, bytes):
+                    continue  # stale media is not replayed
+                await self.outbox.put(ch.id, urgency, *wire.frame_messages(frame, self.chunk_bytes))
+            self._install(ch)
         finally:
             self.forwarders -= 1
-
-    async def _replay(self, ch: Channel, urgency: int, replay: Resumed) -> None:
-        """Send what the agent missed while away (from the ledger), before live frames."""
-        if replay.mode == "mailbox" or replay.head_seq <= replay.after_seq:
-            return
-        for frame in await self.mux.store.chain(ch.id, replay.after_seq):
-            if frame.seq > replay.head_seq:
-                break
-            if frame.kind != "data" or frame.target != self.agent:
-                continue
-            if replay.mode == "signalling" and isinstance(frame.payload, bytes):
-                continue  # stale media is not replayed
-            await self.outbox.put(ch.id, urgency, *wire.frame_messages(frame, self.chunk_bytes))
-
-    async def _forward_frames(self, ch: Channel, replay: Resumed | None) -> None:
-        """A channel's frames go out under its own key at its intent's urgency; its
-        ``channel_closed`` follows them in the same queue, so it never overtakes them."""
-        urgency = ch._state.intent.policy.priority
-        if replay is not None:
-            await self._replay(ch, urgency, replay)
-        while True:
-            try:
-                frame = await ch._receive_any()  # seals too: the client may verify with them
-            except ChannelClosed:
-                break
-            await self.outbox.put(ch.id, urgency, *wire.frame_messages(frame, self.chunk_bytes))
-        if ch.id not in self._closed_told and ch.close_frame is not None:
-            self._closed_told.add(ch.id)
-            await self.outbox.put(ch.id, urgency, wire.channel_closed_event(ch._state))
-        self._closed_told.discard(ch.id)
 
     def close(self, reason: str = "ws_disconnect") -> None:
         """The socket is gone: a resumable session's channels linger for its token (see
@@ -273,7 +280,52 @@ class WireSession:
         if self._closed:
             return
         self._closed = True
+        self._sinks.clear()
         if self.resume_token and self.resume_grace_s and reason == "ws_disconnect":
             self.mux.resumes.linger(self.endpoint, self.resume_token, self.resume_grace_s)
             return
         self.endpoint.leave(reason)
+
+
+class _ChannelSink:
+    """One held channel's end, feeding the connection's outbox directly (see ``End.sink``):
+    a frame is serialized and queued under the channel's key at its intent's urgency, or
+    refused when that key's queue is full; the ``channel_closed`` event follows the frames."""
+
+    __slots__ = ("done", "end", "key", "session", "state", "urgency")
+
+    def __init__(self, session: WireSession, state: ChannelState, end: End) -> None:
+        self.session = session
+        self.state = state
+        self.end = end
+        self.key = state.id
+        self.urgency = state.intent.policy.priority
+        self.done = False
+
+    def has_room(self) -> bool:
+        """True when the channel's queue can take another message."""
+        return self.session.outbox.has_room(self.key)
+
+    def put(self, frame: Frame) -> bool:
+        """Queue ``frame`` (as one message, or its ``frame_part`` pieces) if the channel's
+        queue has room for a message: the pieces of one frame may go past the bound (by at
+        most ``max_payload_bytes / chunk_bytes``), so a frame that was admitted is never
+        dropped for its size."""
+        outbox = self.session.outbox
+        if self.done or not outbox.has_room(self.key):
+            return False
+        outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(frame, self.session.chunk_bytes))
+        return True
+
+    def shut(self) -> None:
+        """Queue ``channel_closed`` after the frames (unless a reply already said it)."""
+        if self.done:
+            return
+        self.done = True
+        session = self.session
+        if session._sinks.get(self.key) is self:
+            del session._sinks[self.key]
+        if self.key in session._closed_told:
+            session._closed_told.discard(self.key)
+        elif self.state.close_frame is not None and not session._closed:
+            session.outbox.put_nowait(self.key, self.urgency, wire.channel_closed_event(self.state))

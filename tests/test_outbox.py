@@ -78,7 +78,7 @@ async def test_voice_overtakes_a_queued_bulk_flood(node: mux.Mux, nursery: trio.
     assert all(orjson.loads(m)["event"] == "channel_opened" for m in opened)
     for _ in range(40):
         await bulk.send(os.urandom(20_000))  # 2 pieces each
-    await trio.sleep(0.05)  # the forwarder fills the bulk queue (64 messages), then waits
+    await trio.sleep(0.05)  # 80 pieces queued under the bulk channel
     assert receiver.outbox.queued >= 64
     await voice.send({"type": "ping", "nonce": "n", "t0": 1})
     await trio.sleep(0.01)
