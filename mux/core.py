@@ -398,8 +398,9 @@ class Mux:
         payload: Any,
         encoded: tuple[str, bytes] | None = None,
         agent: AgentSignature | None = None,
+        defer: bool = False,
     ) -> Frame:
-        frame = state.chain.append(kind, sender, target, payload, now_ms(), encoded, agent)
+        frame = state.chain.append(kind, sender, target, payload, now_ms(), encoded, agent, defer)
         self.store.append(frame)
         if state.appended:
             state.appended.unpark_all()
@@ -422,11 +423,21 @@ class Mux:
                 raise ChannelForbidden("not an end of this channel", channel_id=channel_id) from None
         return await self.store.chain(channel_id, after_seq, limit)
 
-    def _post(self, state: ChannelState, sender: str, payload: Any, agent: AgentSignature | None = None) -> Receipt:
+    def _post(
+        self,
+        state: ChannelState,
+        sender: str,
+        payload: Any,
+        agent: AgentSignature | None = None,
+        *,
+        defer_sign: bool = False,
+    ) -> Receipt:
         """Chain, sign and hand over one frame from ``sender``; never awaits.
 
         ``agent`` is the sender's own signature over the payload: checked here (refused with
-        ``bad_agent_signature``), then kept in the frame for the receiver to verify."""
+        ``bad_agent_signature``), then kept in the frame for the receiver to verify. With
+        ``defer_sign`` the frame is left unsigned: the caller signs a later frame of the
+        channel (or seals it) before it returns to its event loop."""
         if state.close_frame is not None:
             raise ChannelClosed(f"channel is closed ({state.close_reason})", channel_id=state.id)
         encoded = payload_bytes(payload)
@@ -462,7 +473,14 @@ class Mux:
                     f"over the {state.intent.name} budget of {state.intent.policy.rate} B/s", channel_id=state.id
                 )
         frame = self._chain(
-            state, "data", sender, state.target if sender == state.agent else state.agent, payload, encoded, agent
+            state,
+            "data",
+            sender,
+            state.target if sender == state.agent else state.agent,
+            payload,
+            encoded,
+            agent,
+            defer_sign,
         )
         try:
             disposition = state.backend.on_frame(ctx, frame)

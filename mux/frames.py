@@ -258,10 +258,13 @@ class ChainHead:
         ts: int,
         encoded: tuple[str, bytes] | None = None,
         agent: AgentSignature | None = None,
+        defer: bool = False,
     ) -> Frame:
         """Chain a new frame after the head and return it, signed.
 
-        ``encoded`` is ``payload_bytes(payload)`` when the caller already computed it.
+        ``encoded`` is ``payload_bytes(payload)`` when the caller already computed it. With
+        ``defer`` a data frame is left to the signature of a frame the caller chains next
+        (the last frame of a ``batch``; see docs/frames.md).
         """
         enc, raw = encoded or payload_bytes(payload)
         if enc == "bytes":
@@ -279,11 +282,13 @@ class ChainHead:
             payload_sha256=_sha256(raw).hexdigest(),
             agent=agent,
         )
-        signed = (
-            kind != "data"
-            or self.sign_every <= 1
-            or self.unsigned + 1 >= self.sign_every
-            or (self.unsigned > 0 and ts - self.unsigned_since >= self.sign_within_ms)
+        signed = kind != "data" or (
+            not defer
+            and (
+                self.sign_every <= 1
+                or self.unsigned + 1 >= self.sign_every
+                or (self.unsigned > 0 and ts - self.unsigned_since >= self.sign_within_ms)
+            )
         )
         if signed:
             self.unsigned = 0

@@ -37,7 +37,8 @@ CONTROL_URGENCY = -1
 class _Queue:
     urgency: int
     items: collections.deque[Outgoing] = attrs.field(factory=collections.deque)
-    room: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    room: trio.lowlevel.ParkingLot | None = None
+    """Made when a ``put`` first waits for room (most queues never need one)."""
     scheduled: bool = False
 
 
@@ -75,12 +76,16 @@ class Outbox:
         if not q.scheduled:
             q.scheduled = True
             self._rings.setdefault(q.urgency, collections.deque()).append(key)
-        self._ready.unpark_all()
+        if self._ready:
+            self._ready.unpark_all()
 
     async def put(self, key: str, urgency: int, *messages: Outgoing) -> None:
         """Queue ``messages`` under ``key``, waiting while its queue is full."""
         while not self.has_room(key, len(messages)):
-            await self._queue(key, urgency).room.park()
+            q = self._queue(key, urgency)
+            if q.room is None:
+                q.room = trio.lowlevel.ParkingLot()
+            await q.room.park()
         self.put_nowait(key, urgency, *messages)
 
     def get_nowait(self) -> Outgoing | None:
@@ -101,7 +106,8 @@ class Outbox:
                 q.scheduled = False
                 if key != CONTROL:
                     del self._queues[key]
-            q.room.unpark_all()
+            if q.room is not None:
+                q.room.unpark_all()
             if self.on_take is not None and key != CONTROL:
                 self.on_take(key)
             return message
@@ -125,7 +131,8 @@ class Outbox:
             ring = self._rings.get(q.urgency)
             if ring is not None and key in ring:
                 ring.remove(key)
-        q.room.unpark_all()
+        if q.room is not None:
+            q.room.unpark_all()
 
     @property
     def empty(self) -> bool:

@@ -68,6 +68,8 @@ class WireSession:
         self._durable_acks: collections.deque[tuple[int, str]] = collections.deque()
         self._ack_lot = trio.lowlevel.ParkingLot()
         self._sinks: dict[str, _ChannelSink] = {}
+        self._defer_sign = False
+        self._deferred: ChannelState | None = None
         self.forwarders = 0
         """Resumed channels still replaying what their agent missed."""
         self._closed = False
@@ -114,15 +116,39 @@ class WireSession:
             return [wire.error_event(exc, action.ref)]
 
     def _do_batch(self, action: wire.Action) -> list[Outgoing]:
-        """Apply each item in order; answer with one ``batch`` event of the replies."""
+        """Apply each item in order; answer with one ``batch`` event of the replies.
+
+        One signature covers a batch's sends on a channel: each send but a channel's last
+        in the batch is chained unsigned, the last is signed, and if that last one was
+        refused the channel gets a signed ``seal`` before the batch is answered. So every
+        frame is covered by a signature sent with (or right after) its own batch."""
+        items = list(wire.batch_items(action))
+        last: dict[str, int] = {}
+        for i, item in enumerate(items):
+            if not isinstance(item, MuxError) and item.name == "send":
+                cid = item.get("channel_id")
+                if isinstance(cid, str):
+                    last[cid] = i
         replies: list[str] = []
-        for item in wire.batch_items(action):
-            if isinstance(item, MuxError):
-                replies.append(wire.error_event(item))
-                continue
-            for reply in self._apply(item):
-                assert isinstance(reply, str)  # replies to actions are JSON
-                replies.append(reply)
+        deferred: dict[str, ChannelState] = {}
+        try:
+            for i, item in enumerate(items):
+                if isinstance(item, MuxError):
+                    replies.append(wire.error_event(item))
+                    continue
+                cid = item.get("channel_id") if item.name == "send" else None
+                self._defer_sign = isinstance(cid, str) and last[cid] != i
+                for reply in self._apply(item):
+                    assert isinstance(reply, str)  # replies to actions are JSON
+                    replies.append(reply)
+                if self._defer_sign and self._deferred is not None:
+                    deferred[self._deferred.id] = self._deferred
+                self._defer_sign, self._deferred = False, None
+        finally:
+            self._defer_sign, self._deferred = False, None
+            for state in deferred.values():
+                if state.is_open and state.chain.unsigned and state.chain.sign_every <= 1:
+                    self.mux.seal(state)
         return [wire.batch_event(replies)]
 
     def _do_open(self, action: wire.Action) -> list[Outgoing]:
@@ -147,7 +173,9 @@ class WireSession:
                     code="no_agent_key",
                 )
             agent = AgentSignature(self.grant.agent_key, action.get("agent_nonce") or "", action.get("agent_sig"))
-        receipt = self.mux._post(ch._state, self.agent, action.get("payload"), agent)
+        receipt = self.mux._post(ch._state, self.agent, action.get("payload"), agent, defer_sign=self._defer_sign)
+        if self._defer_sign:
+            self._deferred = ch._state
         ack = wire.frame_ack_event(receipt.frame, receipt.disposition.value, action.ref, stored=receipt.stored)
         if receipt.stored:  # acknowledged once durable: the ack pump sends it after the commit
             self._durable_acks.append((receipt.position, ack))
@@ -226,7 +254,8 @@ class WireSession:
         sink = self._sinks.get(key)
         if sink is not None:
             end = sink.end
-            end.room.unpark_all()
+            if end.room:
+                end.room.unpark_all()
             state = sink.state
             if state.on_room is not None:
                 state.on_room(state, end)

@@ -100,8 +100,13 @@ def _ref_of(msg: dict[str, Any]) -> str | int | None:
     return ref
 
 
+_PLAIN_SEND = frozenset({"action", "channel_id", "payload", "ref"})
+
+
 def _validate(msg: dict[str, Any], ref: str | int | None) -> Action:
     name = msg.get("action")
+    if name == "send" and msg.keys() <= _PLAIN_SEND and "payload" in msg and type(msg.get("channel_id")) is str:
+        return Action(name, ref, {"channel_id": msg["channel_id"], "payload": msg["payload"]})  # the common case
     if not isinstance(name, str):
         raise BadRequest('message has no "action" string', code="bad_request")
     spec = ACTIONS.get(name)

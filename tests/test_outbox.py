@@ -7,6 +7,7 @@ import base64
 import os
 from typing import Any
 
+import httpx
 import orjson
 import trio
 
@@ -138,3 +139,42 @@ async def test_client_rebuilds_large_frames(server: ServeInfo) -> None:
         first, second = await theirs.receive(), await theirs.receive()
         assert first["payload"] == blob and bob.verify(first).payload == blob
         assert second["payload"] == {"text": "z" * 50_000} and bob.verify(second).seq == 2
+
+
+async def test_a_batch_is_covered_by_one_signature_per_channel(server: ServeInfo) -> None:
+    """Within a batch only each channel's last send is signed; a refused last send is
+    followed by a signed seal; every exported chain verifies and ends signed."""
+    async with open_ws(ws_url(server.url, "alice")) as a, open_ws(ws_url(server.url, "bob")) as b:
+        await recv(a)
+        await recv(b)
+        ids = []
+        for _ in range(2):
+            await send(a, action="open", target="bob", intent="stream")
+            ids.append((await recv(a))["channel_id"])
+            await recv(b)
+        one, two = ids
+        items: list[dict[str, Any]] = []
+        for i in range(6):
+            items.append({"action": "send", "channel_id": one, "payload": {"n": i}, "ref": f"1:{i}"})
+            if i < 4:
+                items.append({"action": "send", "channel_id": two, "payload": {"n": i}, "ref": f"2:{i}"})
+        # two's last send is refused (no agent key registered): its earlier frames need a seal
+        items.append({"action": "send", "channel_id": two, "payload": 1, "agent_sig": "00", "ref": "bad"})
+        await send(a, action="batch", items=items, ref="B")
+        answer = await recv(a)
+        acks = {x["ref"]: x for x in answer["items"] if x.get("event") == "frame_ack"}
+        assert len(acks) == 10 and answer["items"][-1]["error"] == "no_agent_key"
+        assert [bool(acks[f"1:{i}"]["sig"]) for i in range(6)] == [False] * 5 + [True]
+        assert not any(acks[f"2:{i}"]["sig"] for i in range(4))
+        seen: list[dict[str, Any]] = []
+        with trio.fail_after(5):
+            while len(seen) < 11:
+                seen.append(await recv(b))
+        seal = [f for f in seen if f.get("kind") == "seal"]
+        assert len(seal) == 1 and seal[0]["channel_id"] == two and seal[0]["payload"] == {"covers": 4}
+    async with httpx.AsyncClient(base_url=server.url + "/api/mux") as http:
+        for cid, count in ((one, 7), (two, 6)):
+            lines = (await http.get(f"/channel/{cid}/chain", params={"agent": "alice"})).text.splitlines()
+            frames = [orjson.loads(line) for line in lines]
+            report = mux.verify_chain(frames, server.node.require().public_key)
+            assert report.frames >= count and frames[count - 1]["sig"]
