@@ -382,6 +382,8 @@ def create_blueprint(
         if not found and wait_s > 0 and state.is_open:
             with trio.move_on_after(wait_s):
                 while not found and state.is_open:
+                    if state.appended is None:
+                        state.appended = trio.lowlevel.ParkingLot()
                     await state.appended.park()
                     found = await pick()
             found = found or await pick()

@@ -53,7 +53,10 @@ class Sink(Protocol):
 
 @attrs.define(eq=False)
 class End:
-    """One end of a channel: the agent, and its inbox (or sink) once attached."""
+    """One end of a channel: the agent, and its inbox (or sink) once attached.
+
+    The inbox (a bounded trio memory channel) is made when first needed: a connection that
+    takes the end's frames through a sink never needs one, nor a parking lot for ``room``."""
 
     agent: str
     capacity: int
@@ -61,25 +64,53 @@ class End:
     inbox_send: trio.MemorySendChannel[Frame] | None = None
     inbox_recv: trio.MemoryReceiveChannel[Frame] | None = None
     queued: int = 0
-    room: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     reserved: str | None = None
     """Resume token this end waits for (its connection dropped; see ``mux.resume``)."""
     sink: Sink | None = None
     """Set by a connection that takes this end's frames directly (no inbox, no task)."""
     ended: bool = False
     """True once ``shut``: nothing more will be put."""
+    live: bool = False
+    """True while someone holds this end."""
+    generation: int = 0
+    """Counts attachments and detachments: a handle belongs to one of them."""
+    _room: trio.lowlevel.ParkingLot | None = None
 
     @property
     def attached(self) -> bool:
         """True when someone holds this end and can receive on it."""
-        return self.inbox_send is not None or self.sink is not None
+        return self.live
+
+    @property
+    def room(self) -> trio.lowlevel.ParkingLot:
+        """Where senders wait for room in this end (made on first use)."""
+        if self._room is None:
+            self._room = trio.lowlevel.ParkingLot()
+        return self._room
+
+    def wake(self) -> None:
+        """Wake whoever waits for room (or for the end)."""
+        if self._room:
+            self._room.unpark_all()
 
     def attach(self, holder: Endpoint | None) -> None:
-        """Give this end an inbox (bounded by ``capacity``)."""
+        """Hold this end: frames for it are kept (up to ``capacity``) until read."""
         self.holder = holder
         self.sink = None
         self.ended = False
-        self.inbox_send, self.inbox_recv = trio.open_memory_channel[Frame](self.capacity)
+        self.live = True
+        self.generation += 1
+        self.inbox_send = self.inbox_recv = None
+        self.queued = 0
+
+    def inbox(self) -> trio.MemoryReceiveChannel[Frame] | None:
+        """The inbox's receiving side (made now if needed); None without one (detached, or
+        the frames go to a sink)."""
+        if self.inbox_recv is None and self.live and self.sink is None:
+            self.inbox_send, self.inbox_recv = trio.open_memory_channel[Frame](self.capacity)
+            if self.ended:
+                self.inbox_send.close()
+        return self.inbox_recv
 
     def use_sink(self, sink: Sink) -> None:
         """Hand this end's frames to ``sink`` from now on: what waits in the inbox goes
@@ -106,22 +137,27 @@ class End:
             self.inbox_send.close()
         self.holder = None
         self.sink = None
+        self.live = False
+        self.generation += 1
         self.inbox_send = self.inbox_recv = None
         self.queued = 0
-        self.room.unpark_all()
+        self.wake()
 
     def has_room(self) -> bool:
         """True when the inbox can take one more frame."""
         if self.sink is not None:
             return self.sink.has_room()
-        return self.inbox_send is not None and self.queued < self.capacity
+        return self.live and self.queued < self.capacity
 
     def put(self, frame: Frame) -> bool:
         """Put ``frame`` into the inbox without waiting; False if detached, closed or full."""
         if self.sink is not None:
             return self.sink.put(frame)
-        if self.inbox_send is None or self.queued >= self.capacity:
+        if not self.live or self.ended or self.queued >= self.capacity:
             return False
+        if self.inbox_send is None:
+            self.inbox()
+        assert self.inbox_send is not None
         try:
             self.inbox_send.send_nowait(frame)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
@@ -136,7 +172,7 @@ class End:
             self.sink.shut()
         elif self.inbox_send is not None:
             self.inbox_send.close()
-        self.room.unpark_all()
+        self.wake()
 
 
 @attrs.frozen
@@ -187,7 +223,8 @@ class ChannelState:
     bytes: int = 0
     throttled: int = 0
     dropped: int = 0
-    cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    cancel_scope: trio.CancelScope | None = None
+    """The backend task's scope (channels whose backend has no background work have none)."""
     ctx: ChannelContext | None = None
     durable: bool = False
     """True when the backend stores frames until the receiver acknowledges them."""
@@ -195,10 +232,10 @@ class ChannelState:
     """The backend's optional content check, run before a frame is chained."""
     on_room: Callable[[ChannelState, End], None] | None = None
     """Called after an end took a frame from its inbox (durable channels refill it)."""
-    appended: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    appended: trio.lowlevel.ParkingLot | None = None
+    """Woken whenever a frame is chained (long-poll readers make it and wait here)."""
     extra_seal: Frame | None = None
     """The newest seal frame handed to a library receiver."""
-    """Woken whenever a frame is chained (long-poll readers wait here)."""
     extra: dict[str, Any] = attrs.field(factory=dict)
 
     @property
@@ -339,13 +376,19 @@ class Channel:
     and ``close_frame`` say how).
     """
 
-    __slots__ = ("_end", "_mux", "_recv", "_state")
+    __slots__ = ("_end", "_gen", "_mux", "_recv", "_state")
 
     def __init__(self, mux: Mux, state: ChannelState, end: End) -> None:
         self._mux = mux
         self._state = state
         self._end = end
-        self._recv = end.inbox_recv  # this handle reads the inbox of its own attachment
+        self._gen = end.generation  # this handle reads the inbox of its own attachment
+        self._recv: trio.MemoryReceiveChannel[Frame] | None = None
+
+    def _inbox(self) -> trio.MemoryReceiveChannel[Frame] | None:
+        if self._recv is None and self._gen == self._end.generation:
+            self._recv = self._end.inbox()
+        return self._recv
 
     def __repr__(self) -> str:
         return f"<Channel {self.id} {self.intent} {self.local}->{self.peer} {self.state}>"
@@ -477,16 +520,17 @@ class Channel:
 
     async def _receive_any(self) -> Frame:
         end = self._end
-        if self._recv is None:
+        recv = self._inbox()
+        if recv is None:
             raise MuxError("this end is not attached", code="not_attached", channel_id=self.id)
         try:
-            frame = await self._recv.receive()
+            frame = await recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise ChannelClosed(self._ended(), channel_id=self.id) from None
-        if end.inbox_recv is not self._recv:  # detached meanwhile: nothing more to account
+        if end.inbox_recv is not recv:  # detached meanwhile: nothing more to account
             return frame
         end.queued -= 1
-        end.room.unpark_all()
+        end.wake()
         if self._state.on_room is not None:
             self._state.on_room(self._state, end)
         return frame
@@ -494,18 +538,19 @@ class Channel:
     def receive_nowait(self) -> Frame | None:
         """The next queued frame, or None if none is queued (raises ChannelClosed at the end)."""
         end = self._end
-        if self._recv is None:
+        recv = self._inbox()
+        if recv is None:
             return None
         try:
-            frame = self._recv.receive_nowait()
+            frame = recv.receive_nowait()
         except trio.WouldBlock:
             return None
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise ChannelClosed(self._ended(), channel_id=self.id) from None
-        if end.inbox_recv is not self._recv:
+        if end.inbox_recv is not recv:
             return frame
         end.queued -= 1
-        end.room.unpark_all()
+        end.wake()
         if self._state.on_room is not None:
             self._state.on_room(self._state, end)
         return frame
@@ -518,7 +563,7 @@ class Channel:
     @property
     def detached(self) -> bool:
         """True when this handle's attachment ended while the channel stayed open."""
-        return self._end.inbox_recv is not self._recv
+        return self._gen != self._end.generation
 
     def __aiter__(self) -> Channel:
         return self

@@ -354,6 +354,7 @@ class Mux:
         self._opened_by[opener] += 1
         self._stats["opened"] += 1
         if getattr(backend, "background", True):
+            state.cancel_scope = trio.CancelScope()
             self._nursery.start_soon(self._run_channel, state, name=f"mux-channel-{channel_id}")
         opener_end = state.ends[opener]
         if attach:
@@ -376,7 +377,7 @@ class Mux:
         return state.ctx
 
     async def _run_channel(self, state: ChannelState) -> None:
-        assert state.ctx is not None
+        assert state.ctx is not None and state.cancel_scope is not None
         with state.cancel_scope:
             try:
                 await state.backend.run(state.ctx)
@@ -684,7 +685,8 @@ class Mux:
         state.close_reason = reason
         state.close_frame = self._chain(state, "close", sender, target, payload)
         self.store.record_close(state.id, reason)
-        state.cancel_scope.cancel()
+        if state.cancel_scope is not None:
+            state.cancel_scope.cancel()
         self._channels.pop(state.id, None)
         self._opened_by[state.agent] -= 1
         if self._opened_by[state.agent] <= 0:

@@ -75,7 +75,10 @@ class Outbox:
         self.queued += len(messages)
         if not q.scheduled:
             q.scheduled = True
-            self._rings.setdefault(q.urgency, collections.deque()).append(key)
+            ring = self._rings.get(q.urgency)
+            if ring is None:
+                ring = self._rings[q.urgency] = collections.deque()
+            ring.append(key)
         if self._ready:
             self._ready.unpark_all()
 

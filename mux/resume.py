@@ -117,7 +117,7 @@ class Resumes:
             end = state.ends[endpoint.agent]
             end.reserved = None
             end.attach(endpoint)
-            end.room.unpark_all()  # backends waiting to send to this end may go on
+            end.wake()  # backends waiting to send to this end may go on
             handle = Channel(self.mux, state, end)
             endpoint._held[channel_id] = handle
             after = last.get(channel_id, 0)

@@ -254,8 +254,7 @@ class WireSession:
         sink = self._sinks.get(key)
         if sink is not None:
             end = sink.end
-            if end.room:
-                end.room.unpark_all()
+            end.wake()
             state = sink.state
             if state.on_room is not None:
                 state.on_room(state, end)

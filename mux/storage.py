@@ -115,7 +115,7 @@ class MemoryStore:
     position: int = 0
     _bytes: dict[str, int] = attrs.field(factory=dict, init=False)
     _total: int = attrs.field(default=0, init=False)
-    _chains: collections.OrderedDict[str, collections.deque[Frame]] = attrs.field(
+    _chains: collections.OrderedDict[str, list[Frame] | collections.deque[Frame]] = attrs.field(
         factory=collections.OrderedDict, init=False
     )
 
@@ -124,12 +124,14 @@ class MemoryStore:
         cid = frame.channel_id
         chain = self._chains.get(cid)
         if chain is None:
-            chain = self._chains[cid] = collections.deque()
+            chain = self._chains[cid] = []  # most chains stay short: a list is 8x smaller than a deque
             self._bytes[cid] = 0
         chain.append(frame)
         held = self._bytes[cid] + frame.size
         before = held
         while len(chain) > 1 and (held > self.max_bytes_per_channel or len(chain) > self.max_frames_per_channel):
+            if isinstance(chain, list):
+                chain = self._chains[cid] = collections.deque(chain)
             held -= chain.popleft().size
         self._bytes[cid] = held
         self._total += frame.size - (before - held)
