@@ -11,7 +11,9 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from .session import WireSession
 from .settings import NodeSettings
 from .signing import NodeKey
 from .storage import STORE_FILE, MemoryStore, SqliteStore, Store
+from .trim import trimmer
 
 __all__ = ["HTTP_STATUS", "Node", "create_app", "create_blueprint"]
 
@@ -70,6 +73,8 @@ class Node:
     owns_mux: bool = False
     sessions: set[WireSession] = attrs.field(factory=set)
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
+    closed_sessions: int = 0
+    """WebSocket connections that ended (counted for ``mux.trim``)."""
     _auth: Authenticator | None = None
     _rest_buckets: collections.OrderedDict[str, TokenBucket] = attrs.field(factory=collections.OrderedDict)
 
@@ -125,6 +130,11 @@ class Node:
         store: Store = SqliteStore(Path(s.data_dir) / STORE_FILE) if s.data_dir else MemoryStore()
         self.mux = await start_mux(nursery, agent=s.agent, key=key, config=s.mux, store=store)
         self.owns_mux = True
+        if s.trim_after_closes > 0:
+            m = self.mux
+            nursery.start_soon(
+                partial(trimmer, lambda: m._stats["closed"] + self.closed_sessions, threshold=s.trim_after_closes)
+            )
 
     async def shutdown(self, reason: str = "node_shutdown") -> None:
         """Close every channel (signed close frames), tell clients, close their sockets.
@@ -145,6 +155,7 @@ class Node:
         out = self.require().status()
         out["tls"] = "TLSv1.3" if self.settings.tls else None
         out["connections"] = len(self.sessions)
+        out["memory"] = {"heap_blocks": sys.getallocatedblocks()}
         out["protocols"] = ["h2", "http/1.1"] if self.settings.tls else ["http/1.1", "h2c"]
         return out
 
@@ -483,6 +494,7 @@ async def _serve_socket(node: Node) -> None:
     finally:
         session.close("ws_disconnect")
         node.sessions.discard(session)
+        node.closed_sessions += 1
 
 
 _BATCH_HEAD = '{"event":"batch","items":['

@@ -170,6 +170,7 @@ class End:
         self.ended = True
         if self.sink is not None:
             self.sink.shut()
+            self.sink = None  # everything it took is queued with its holder: let go of it
         elif self.inbox_send is not None:
             self.inbox_send.close()
         self.wake()

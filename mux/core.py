@@ -692,13 +692,16 @@ class Mux:
         if self._opened_by[state.agent] <= 0:
             del self._opened_by[state.agent]
         self._closed[state.id] = state
+        self._stats["closed"] += 1
         while len(self._closed) > self.config.closed_retention:
             self._closed.popitem(last=False)
         for end in state.ends.values():
+            holder = end.holder
+            if holder is not None:
+                holder._held.pop(state.id, None)
             if not self._undelivered(state, end.agent):
                 end.shut()
-            if end.holder is not None:
-                end.holder._held.pop(state.id, None)
+                end.holder = None  # a closed channel kept for lookups holds no connection
         return state.close_frame
 
     async def close_channel(self, channel_id: str, reason: str = "closed", *, by: str | None = None) -> Frame:

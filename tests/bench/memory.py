@@ -40,6 +40,8 @@ OPENERS = 400
 PER_OPENER = 25
 CONNECT_PARALLEL = 64
 SETTLE_S = 1.0
+SETTLE_MAX_S = 8.0
+"""After counts agree, RSS is read until it stops falling (at most this long)."""
 CYCLES = 2
 PHASE_TIMEOUT_S = 90.0
 KEEPALIVE_S = 20.0
@@ -100,6 +102,10 @@ class Cycle:
     rss_channels: int = 0
     rss_closed: int = 0
     rss_gone: int = 0
+    heap_channels: int = 0
+    """Live allocator blocks in the node (``/status`` ``memory.heap_blocks``) with every
+    channel open, and after everything closed."""
+    heap_gone: int = 0
     connect_s: float = 0.0
     open_s: float = 0.0
     open_cpu_s: float = 0.0
@@ -117,8 +123,14 @@ def _progress(text: str) -> None:
     print(f"[bench]   memory: {text}", file=sys.stderr, flush=True)
 
 
+def _heap(st: dict[str, Any]) -> int:
+    memory = st.get("memory")
+    return int(memory.get("heap_blocks", 0)) if isinstance(memory, dict) else 0
+
+
 async def _settle(node: Proc, http: httpx.AsyncClient, *, connections: int, channels: int) -> int:
-    """Wait (bounded) until the node reports these counts, then a little more; return RSS KiB."""
+    """Wait (bounded) until the node reports these counts, then until its RSS stops falling
+    (bounded); return RSS KiB."""
     st: dict[str, Any] = {}
     with trio.move_on_after(30) as waited:
         while True:
@@ -132,7 +144,14 @@ async def _settle(node: Proc, http: httpx.AsyncClient, *, connections: int, chan
             f" (expected {connections}, {channels})"
         )
     await trio.sleep(SETTLE_S)
-    return node.rss_kib()
+    rss = node.rss_kib()
+    for _ in range(int(SETTLE_MAX_S / SETTLE_S)):  # the node gives memory back after bursts of closes
+        await trio.sleep(SETTLE_S)
+        now = node.rss_kib()
+        if now > rss - 1024:  # stable (within 1 MiB) for a whole SETTLE_S
+            return min(now, rss)
+        rss = now
+    return rss
 
 
 async def _cycle(
@@ -220,7 +239,8 @@ async def _cycle(
         _progress(f"{tag}: {sum(len(c.opened) for c in conns)} channels opened in {cyc.open_s:.1f} s")
         cyc.opened = sum(len(c.opened) for c in conns)
         cyc.rss_channels = await _settle(node, http, connections=connections, channels=cyc.opened)
-        cyc.channels_open = (await _status(http)).get("channels_open", 0)
+        st = await _status(http)
+        cyc.channels_open, cyc.heap_channels = st.get("channels_open", 0), _heap(st)
 
         with trio.fail_after(PHASE_TIMEOUT_S):
             async with trio.open_nursery() as closers:
@@ -232,6 +252,7 @@ async def _cycle(
         release.set()
     _progress(f"{tag}: disconnected")
     cyc.rss_gone = await _settle(node, http, connections=0, channels=0)
+    cyc.heap_gone = _heap(await _status(http))
     for conn in conns:
         cyc.errors.update(conn.errors)
     return cyc
@@ -242,6 +263,7 @@ class MemoryResult:
     """The baseline and every cycle."""
 
     baseline: int = 0
+    heap_baseline: int = 0
     cycles: list[Cycle] = attrs.field(factory=list)
 
 
@@ -259,6 +281,7 @@ async def _memory_cycles(node: Proc, res: MemoryResult, connections: int, opener
     async with httpx.AsyncClient(base_url=node.url + "/api/mux", timeout=10) as http:
         await _cycle(node, http, "warm", 20, 10, 2)  # imports, caches, first allocations
         res.baseline = await _settle(node, http, connections=0, channels=0)
+        res.heap_baseline = _heap(await _status(http))
         started = trio.current_time()
         for c in range(CYCLES):
             if c and trio.current_time() - started > SECOND_CYCLE_IF_UNDER_S:
@@ -298,6 +321,15 @@ def run(connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int 
             f" {(c.rss_gone - base) / base * 100:+.0f}% vs baseline {base / 1024:.1f} MiB (target within 5%)",
         ),
     ]
+    if r.heap_baseline:
+        hb = r.heap_baseline
+        rows.append(
+            (
+                "(e) live heap blocks (node /status): baseline / all open / all closed",
+                f"{hb:8d} / {c.heap_channels} / {c.heap_gone} = {(c.heap_gone - hb) / hb * 100:+.1f}% after close"
+                " (objects freed; RSS keeps the allocator's high-water pages)",
+            )
+        )
     if len(r.cycles) > 1:
         c2 = r.cycles[1]
         errors = f"; errors: {dict(c2.errors)}" if c2.errors else ""

@@ -1,0 +1,68 @@
+"""Memory goes back: closed channels keep no connection alive; the trimmer runs after bursts."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import trio
+import trio.testing
+
+import mux
+from mux import trim
+from mux.session import WireSession
+
+
+async def test_closed_channels_keep_no_connection(node: mux.Mux) -> None:
+    """After both connections leave, nothing (the closed-channel lookup included) holds them."""
+    async with trio.open_nursery() as connections:  # as the socket handler runs them
+        sessions = []
+        for name in ("alice", "bob"):
+            s = WireSession(node, node.attach(name), max_message_bytes=1 << 20)
+            await connections.start(s.run)
+            sessions.append(s)
+        alice, bob = sessions
+        for _ in range(3):
+            alice.handle('{"action":"open","target":"bob"}')
+        await trio.sleep(0.05)
+        assert len(node.channels(agent="bob")) == 3
+        refs = [weakref.ref(s) for s in sessions]
+        alice.close("ws_disconnect")  # closes the channels; bob's ends are shut, not detached
+        bob.close("ws_disconnect")
+        del sessions, alice, bob, s
+        await trio.sleep(0.05)
+        connections.cancel_scope.cancel()
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    assert len(node.channels(agent="bob", include_closed=True)) == 3  # still found as closed
+
+
+async def test_trimmer_runs_once_per_burst_of_closes(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls: list[int] = []
+    closed = 0
+    monkeypatch.setattr(trim, "release_memory", lambda: calls.append(closed) or True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: trim.trimmer(lambda: closed, threshold=100, interval_s=1.0))
+        await trio.sleep(2.5)
+        closed = 99
+        await trio.sleep(2)
+        assert calls == []  # under the threshold
+        closed = 250
+        await trio.sleep(1)
+        assert calls == [250]
+        await trio.sleep(5)
+        assert calls == [250]  # nothing new closed: no more trims
+        nursery.cancel_scope.cancel()
+
+
+def test_release_memory_collects_and_trims() -> None:
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    ref = weakref.ref(Cycle())
+    assert isinstance(trim.release_memory(), bool)
+    assert ref() is None
