@@ -7,6 +7,8 @@ means unlimited. ``now`` is passed in (seconds, monotonic) so tests can use a fa
 
 from __future__ import annotations
 
+import math
+
 import attrs
 
 __all__ = ["TokenBucket"]
@@ -40,3 +42,10 @@ class TokenBucket:
             self.tokens -= nbytes
             return True
         return False
+
+    def retry_after_ms(self, nbytes: int) -> int:
+        """Milliseconds until ``take(nbytes)`` would pass (after it was refused)."""
+        if self.rate <= 0:
+            return 0
+        short = min(float(nbytes), float(self.burst)) - self.tokens
+        return max(1, math.ceil(short / self.rate * 1000))

@@ -88,6 +88,13 @@ class MuxConfig:
     ``sign_within_ms`` plus half that (the sealer's tick), whichever comes first."""
     sign_within_ms: float = 100.0
     """With ``sign_every`` > 1: the longest a frame waits for a covering signature."""
+    realtime_bulk_rate: int = 4_000_000
+    """While a connection carries a real-time call (a voice or video frame sent in the last
+    ``realtime_hold_s``), its preemptible channels share this many bytes/s, over which
+    their frames are refused with ``throttled`` (that frame only): a file transfer beside a
+    call cannot saturate the node and delay the call's frames. 0 = no shaping."""
+    realtime_hold_s: float = 1.0
+    """How long after a connection's last real-time frame its bulk stays shaped."""
     backends: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     """Options per backend name, e.g. ``{"overlay": {"allow": ["127.0.0.1:8080"]}}``
     (``[backends.NAME]`` tables of ``serve --config``)."""
@@ -470,9 +477,11 @@ class Mux:
             state.throttled += 1
             self._stats["throttled"] += 1
             if state.intent.policy.preemptible:
-                raise ChannelThrottled(
+                throttled = ChannelThrottled(
                     f"over the {state.intent.name} budget of {state.intent.policy.rate} B/s", channel_id=state.id
                 )
+                throttled.retry_after_ms = state.bucket.retry_after_ms(size)
+                raise throttled
         frame = self._chain(
             state,
             "data",

@@ -95,6 +95,15 @@ class ChannelThrottled(ChannelError):
     """A preemptible channel went over its bandwidth budget; the frame was refused."""
 
     code = "throttled"
+    retry_after_ms: int | None = None
+    """When the budget will have room for this frame again (sent as ``retry_after_ms``)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The error with ``retry_after_ms`` when known."""
+        out = super().to_wire()
+        if self.retry_after_ms is not None:
+            out["retry_after_ms"] = self.retry_after_ms
+        return out
 
 
 class ChannelFull(ChannelThrottled):

@@ -153,6 +153,12 @@ class Frame:
 
     def to_dict(self) -> dict[str, Any]:
         """The exported form (one line of an exported chain); binary payloads as base64."""
+        d = self.header()
+        d["payload"] = base64.b64encode(self.payload).decode() if isinstance(self.payload, bytes) else self.payload
+        return d
+
+    def header(self) -> dict[str, Any]:
+        """``to_dict`` without ``payload`` (for messages that carry the payload apart)."""
         binary = isinstance(self.payload, bytes)
         return {
             "v": FRAME_VERSION,
@@ -165,7 +171,6 @@ class Frame:
             "ts": self.ts,
             "prev": self.prev,
             "enc": "bytes" if binary else "json",
-            "payload": base64.b64encode(self.payload).decode() if binary else self.payload,
             "tbz_hash": self.tbz_hash,
             "sig": self.sig,
             **(

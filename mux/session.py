@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from typing import Any
 
 import trio
@@ -26,8 +27,8 @@ from .auth import Grant
 from .bandwidth import TokenBucket
 from .channel import Channel, ChannelState, End
 from .core import Endpoint, Mux
-from .errors import BadRequest, ChannelError, ChannelNotFound, MuxError
-from .frames import AgentSignature, Frame
+from .errors import BadRequest, ChannelError, ChannelNotFound, ChannelThrottled, MuxError
+from .frames import AgentSignature, Frame, payload_bytes
 from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
 from .resume import Resumed, new_token
 
@@ -70,6 +71,9 @@ class WireSession:
         self._sinks: dict[str, _ChannelSink] = {}
         self._defer_sign = False
         self._deferred: ChannelState | None = None
+        bulk_rate = mux.config.realtime_bulk_rate
+        self._bulk = TokenBucket(bulk_rate, max(1, bulk_rate // 8)) if bulk_rate > 0 else None
+        self._realtime_until = -math.inf
         self.forwarders = 0
         """Resumed channels still replaying what their agent missed."""
         self._closed = False
@@ -165,6 +169,7 @@ class WireSession:
 
     def _do_send(self, action: wire.Action) -> list[Outgoing]:
         ch = self._held(action.get("channel_id"))
+        self._shape(ch._state, action.get("payload"))
         agent = None
         if action.get("agent_sig") is not None:
             if not self.grant.agent_key:
@@ -182,6 +187,28 @@ class WireSession:
             self._ack_lot.unpark_all()
             return []
         return [ack]
+
+    def _shape(self, state: ChannelState, payload: Any) -> None:
+        """Real-time beside bulk on one connection (``MuxConfig.realtime_bulk_rate``): a call's
+        frames mark the connection; meanwhile its preemptible frames share a byte budget."""
+        intent = state.intent
+        if intent.realtime:
+            self._realtime_until = trio.current_time() + self.mux.config.realtime_hold_s
+            return
+        if self._bulk is None or not intent.policy.preemptible:
+            return
+        now = trio.current_time()
+        if now >= self._realtime_until:
+            return
+        size = len(payload) if isinstance(payload, (bytes, bytearray)) else len(payload_bytes(payload)[1])
+        if not self._bulk.take(size, now):
+            state.throttled += 1
+            throttled = ChannelThrottled(
+                f"a call is active on this connection: its bulk channels share {self._bulk.rate} B/s meanwhile",
+                channel_id=state.id,
+            )
+            throttled.retry_after_ms = self._bulk.retry_after_ms(size)
+            raise throttled
 
     def _do_ack(self, action: wire.Action) -> list[Outgoing]:
         removed = self.mux.ack(self.agent, action.get("channel_id"), action.get("seq"))

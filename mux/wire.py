@@ -311,8 +311,7 @@ def frame_messages(frame: Frame, chunk_bytes: int = CHUNK_BYTES) -> list[str | b
     raw = frame.raw
     if len(raw) <= chunk_bytes:
         return [frame_message(frame)]
-    d = frame.to_dict()
-    del d["payload"]
+    d = frame.header()
     parts = (len(raw) + chunk_bytes - 1) // chunk_bytes
     out: list[str | bytes] = []
     view = memoryview(raw)
@@ -335,9 +334,8 @@ _FRAME_PREFIX = b'{"event":"frame",'
 
 def frame_message(frame: Frame) -> str | bytes:
     """A ``frame`` event: JSON text for JSON payloads, the binary framing for bytes."""
-    d = frame.to_dict()
+    d = frame.header()
     if isinstance(frame.payload, bytes):
-        del d["payload"]
         d["event"] = "frame"
         return pack_binary(d, frame.payload)
     d["payload"] = orjson.Fragment(frame.raw)

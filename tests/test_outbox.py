@@ -178,3 +178,45 @@ async def test_a_batch_is_covered_by_one_signature_per_channel(server: ServeInfo
             frames = [orjson.loads(line) for line in lines]
             report = mux.verify_chain(frames, server.node.require().public_key)
             assert report.frames >= count and frames[count - 1]["sig"]
+
+
+async def test_bulk_beside_a_call_is_shaped_on_that_connection_only(node: mux.Mux) -> None:
+    """While a connection carries a call, its preemptible bulk shares ``realtime_bulk_rate``
+    (refused with ``throttled`` and ``retry_after_ms``, the connection and call untouched);
+    another connection's bulk, and this one's once the call is quiet, are not shaped."""
+    from mux.wire import pack_binary
+
+    async with trio.open_nursery() as connections:
+        sessions = {}
+        for name in ("alice", "bob", "carol"):
+            s = WireSession(node, node.attach(name), max_message_bytes=2 << 20)
+            await connections.start(s.run)
+            sessions[name] = s
+        alice, carol = sessions["alice"], sessions["carol"]
+
+        def opened(s: WireSession, target: str, intent: str) -> str:
+            return str(
+                orjson.loads(
+                    s.handle(orjson.dumps({"action": "open", "target": target, "intent": intent}).decode())[0]
+                )["channel_id"]
+            )
+
+        call = opened(alice, "bob", "call:voice")
+        bulk = opened(alice, "bob", "stream")
+        other = opened(carol, "bob", "stream")
+        blob = os.urandom(200_000)
+
+        def send_bulk(s: WireSession, cid: str) -> dict[str, Any]:
+            return dict(orjson.loads(s.handle(pack_binary({"action": "send", "channel_id": cid}, blob))[0]))
+
+        offer = {"action": "send", "channel_id": call, "payload": {"type": "offer", "sdp": "v=0"}}
+        assert orjson.loads(alice.handle(orjson.dumps(offer).decode())[0])["event"] == "frame_ack"
+        replies = [send_bulk(alice, bulk) for _ in range(4)]  # 800 KB against a 500 KB burst
+        assert [r.get("event") for r in replies[:2]] == ["frame_ack", "frame_ack"]
+        refused = replies[-1]
+        assert refused["error"] == "throttled" and refused["channel_id"] == bulk
+        assert 1 <= refused["retry_after_ms"] <= 1000 and "call is active" in refused["detail"]
+        assert all(send_bulk(carol, other).get("event") == "frame_ack" for _ in range(4))  # not shaped
+        await trio.sleep(node.config.realtime_hold_s + 0.05)  # the call went quiet
+        assert all(send_bulk(alice, bulk).get("event") == "frame_ack" for _ in range(4))
+        connections.cancel_scope.cancel()

@@ -14,7 +14,8 @@ frames of 200 bytes whose first bytes are the frame index, the send time
 (``time.perf_counter_ns``) and the phase. Phase 2 ("flood"): the same, while the caller
 floods both bulk channels with 16 KiB binary frames (at most ``FLOOD_WINDOW`` unacknowledged
 per channel; a refused frame, ``receiver_full`` or ``throttled``, frees its place and the
-flood backs off ``FLOOD_BACKOFF_S``). The callee's one reader takes everything (voice and
+flood backs off ``FLOOD_BACKOFF_S``, or the refusal's ``retry_after_ms`` when the node gives
+one, at most 0.5 s). The callee's one reader takes everything (voice and
 bulk) off its socket; a voice frame's latency is its receive time minus the send time in its
 payload. The rows give p50/p99 in each phase, their p99 ratio, every voice frame refused or
 dropped (the targets: none refused, the connection never closed), the bulk bytes delivered,
@@ -83,6 +84,8 @@ class Flood:
     rx_bytes: int = 0
     credit: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(FLOOD_WINDOW))
     backoff: bool = False
+    retry_after_s: float = 0.0
+    """The node's ``retry_after_ms`` of the last refusal (a well-behaved client waits that long)."""
 
 
 @attrs.define
@@ -175,6 +178,8 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                             elif "error" in ev:
                                 flood.refused[str(ev["error"])] += 1
                                 flood.backoff = True
+                                retry = ev.get("retry_after_ms")
+                                flood.retry_after_s = retry / 1000 if isinstance(retry, int) else 0.0
                             flood.credit.release()
             except trio_websocket.ConnectionClosed as exc:
                 res.closed_connections.append(f"caller: {exc.reason}")
@@ -226,7 +231,7 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                 await flood.credit.acquire()
                 if flood.backoff:
                     flood.backoff = False
-                    await trio.sleep(FLOOD_BACKOFF_S)
+                    await trio.sleep(min(0.5, max(FLOOD_BACKOFF_S, flood.retry_after_s)))
                 await caller.send_message(
                     pack_binary({"action": "send", "channel_id": flood.channel_id, "ref": f"{key}:{i}"}, blob)
                 )
@@ -291,7 +296,7 @@ def run(voice_frames: int = VOICE_FRAMES) -> list[tuple[str, str]]:
         refusals = ", ".join(f"{k} {v}" for k, v in f.refused.most_common()) or "none"
         rows.append(
             (
-                f"    flood {f.intent}: window {FLOOD_WINDOW}, backoff {FLOOD_BACKOFF_S * 1e3:.0f} ms on refusal",
+                f"    flood {f.intent}: window {FLOOD_WINDOW}, refused: wait retry_after_ms",
                 f"{f.rx_bytes / max(r.flood_s, 1e-9) / 1e6:8.1f} MB/s delivered  sent {f.sent}, acked {f.ok},"
                 f" refused: {refusals}",
             )
