@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import orjson
 import trio
-from quart import Blueprint, Response, current_app, request, websocket
+from quart import Blueprint, Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -34,10 +34,11 @@ from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
 from .session import WireSession
 from .settings import NodeSettings
 from .signing import NodeKey
+from .sockets import Disconnected, FastSocketApp, QuartSocket, Socket
 from .storage import STORE_FILE, MemoryStore, SqliteStore, Store
 from .trim import trimmer
 
-__all__ = ["HTTP_STATUS", "Node", "create_app", "create_blueprint"]
+__all__ = ["HTTP_STATUS", "Node", "create_app", "create_blueprint", "node_asgi", "serve_socket"]
 
 log = logging.getLogger("mux.app")
 
@@ -438,30 +439,36 @@ def create_blueprint(
 
     @bp.websocket("/ws")
     async def ws() -> None:
-        await _serve_socket(node)
+        await serve_socket(node, QuartSocket())
 
     return bp
 
 
-async def _serve_socket(node: Node) -> None:
+async def serve_socket(node: Node, sock: Socket) -> None:
     """One WebSocket: hello, then actions in and events out until either side goes away."""
     m = node.require()
     settings = node.settings
-    token, subprotocol = _socket_token()
+    token, subprotocol = _socket_token(sock)
     try:
         if len(node.sessions) >= settings.max_connections:
             raise MuxError(
                 f"the node holds its maximum of {settings.max_connections} connections", code="too_many_connections"
             )
-        grant = node.auth.authenticate(token, websocket.args.get("agent"))
+        grant = node.auth.authenticate(token, sock.args.get("agent"))
+        acks = sock.args.get("acks", "all")
+        if acks not in ("all", "errors"):
+            raise BadRequest('?acks= must be "all" or "errors"', code="bad_request")
         endpoint = m.attach(grant.agent)
     except MuxError as exc:
-        await websocket.accept(subprotocol=subprotocol)
-        await websocket.send(wire.error_event(exc))
-        await websocket.close(_CLOSE_CODES.get(exc.code, 4400), exc.code)
+        try:
+            await sock.accept(subprotocol)
+            await sock.send(wire.error_event(exc))
+            await sock.close(_CLOSE_CODES.get(exc.code, 4400), exc.code)
+        except Disconnected:
+            pass
         return
-    log.info("%s connected from %s", grant.agent, websocket.remote_addr)
-    resumable = websocket.args.get("resumable", "") in ("1", "true", "yes")
+    log.info("%s connected from %s", grant.agent, sock.remote_addr)
+    resumable = sock.args.get("resumable", "") in ("1", "true", "yes")
     session = WireSession(
         m,
         endpoint,
@@ -469,28 +476,35 @@ async def _serve_socket(node: Node) -> None:
         resume_grace_s=settings.resume_grace_s if resumable else None,
         grant=grant,
         rate=(settings.rate_messages_per_s, settings.rate_burst),
+        acks=acks,
     )
     node.sessions.add(session)
-    batching = websocket.args.get("batch", "") in ("1", "true", "yes")
+    batching = sock.args.get("batch", "") in ("1", "true", "yes")
     try:
-        await websocket.accept(subprotocol=subprotocol)
-        await websocket.send(session.hello())
+        await sock.accept(subprotocol)
+        await sock.send(session.hello())
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run)
-            writer = _Writer(session.outbox, settings.send_timeout_s, nursery.cancel_scope, endpoint.agent, batching)
+            writer = _Writer(
+                sock, session.outbox, settings.send_timeout_s, nursery.cancel_scope, endpoint.agent, batching
+            )
             nursery.start_soon(writer.run)
             nursery.start_soon(writer.watch, node, session)
             if grant.exp:
-                nursery.start_soon(_expire_with_token, grant, nursery.cancel_scope)
-            nursery.start_soon(_close_on_shutdown, node, session, writer, nursery.cancel_scope)
+                nursery.start_soon(_expire_with_token, sock, grant, nursery.cancel_scope)
+            nursery.start_soon(_close_on_shutdown, sock, node, session, writer, nursery.cancel_scope)
             outbox = session.outbox
             while True:
-                message = await websocket.receive()
-                if message is None:  # quart-trio hands an empty binary message over as None
-                    message = b""
+                try:
+                    message = await sock.receive()
+                except Disconnected:  # the peer went away (raw ASGI; Quart cancels the handler instead)
+                    nursery.cancel_scope.cancel()
+                    break
                 replies = session.handle(message)
                 if replies:
                     await outbox.put(CONTROL, CONTROL_URGENCY, *replies)
+    except Disconnected:
+        pass  # gone during the handshake
     finally:
         session.close("ws_disconnect")
         node.sessions.discard(session)
@@ -512,6 +526,7 @@ def _unbatch(message: str) -> str:
 class _Writer:
     """Drains a socket's outbox onto the WebSocket; knows when everything queued is sent."""
 
+    sock: Socket
     outbox: Outbox
     send_timeout_s: float
     connection: trio.CancelScope
@@ -552,7 +567,7 @@ class _Writer:
             if self.batching and isinstance(message, str):
                 message = self._coalesce(message)
             self.busy, self.since = True, trio.current_time()
-            await websocket.send(message)
+            await self.sock.send(message)
             self.busy = False
 
     async def watch(self, node: Node, session: WireSession) -> None:
@@ -572,12 +587,12 @@ class _Writer:
                 return
 
 
-async def _expire_with_token(grant: Grant, scope: trio.CancelScope) -> None:
+async def _expire_with_token(sock: Socket, grant: Grant, scope: trio.CancelScope) -> None:
     """End the connection when its token expires."""
     await trio.sleep(max(0.0, grant.exp / 1000 - time.time()))
     with trio.move_on_after(2):
-        await websocket.send(wire.error_event(MuxError("the connection's token expired", code="token_expired")))
-        await websocket.close(4401, "token_expired")
+        await sock.send(wire.error_event(MuxError("the connection's token expired", code="token_expired")))
+        await sock.close(4401, "token_expired")
     scope.cancel()
 
 
@@ -593,13 +608,13 @@ _CLOSE_CODES = {
 """WebSocket close codes for refused connections (4400 for anything else)."""
 
 
-def _socket_token() -> tuple[str | None, str | None]:
+def _socket_token(sock: Socket) -> tuple[str | None, str | None]:
     """The bearer token of a WebSocket handshake, and the subprotocol to answer with.
 
     Browsers cannot set headers: besides ``Authorization: Bearer`` and ``?token=``, a client
     may offer the subprotocol ``mux.token.<TOKEN>`` (beside ``mux.v1``, which is selected)."""
-    token = _bearer(websocket.headers.get("Authorization")) or websocket.args.get("token")
-    offered = list(websocket.requested_subprotocols or [])
+    token = _bearer(sock.authorization) or sock.args.get("token")
+    offered = sock.subprotocols
     for proto in offered:
         if proto.startswith("mux.token."):
             token = token or proto[len("mux.token.") :]
@@ -607,13 +622,15 @@ def _socket_token() -> tuple[str | None, str | None]:
     return token, selected
 
 
-async def _close_on_shutdown(node: Node, session: WireSession, writer: _Writer, scope: trio.CancelScope) -> None:
+async def _close_on_shutdown(
+    sock: Socket, node: Node, session: WireSession, writer: _Writer, scope: trio.CancelScope
+) -> None:
     """On node shutdown: let the channel_closed events out (bounded), then close with 1001."""
     await node.shutting_down.wait()
     with trio.move_on_after(node.settings.graceful_timeout_s):
         while not session.idle or not writer.idle:  # noqa: ASYNC110  (bounded by the timeout)
             await trio.sleep(0.005)
-    await websocket.close(1001, "node shutting down")
+    await sock.close(1001, "node shutting down")
     scope.cancel()
 
 
@@ -628,3 +645,11 @@ def create_app(settings: NodeSettings | None = None, *, mux: Mux | None = None) 
 
     app.register_error_handler(HTTPException, _http_error)
     return app
+
+
+def node_asgi(app: QuartTrio) -> FastSocketApp:
+    """``app`` (from ``create_app``) as the ASGI app a server runs: its WebSocket path is
+    served straight on ASGI (``mux.sockets``), everything else by Quart."""
+    node: Node = app.extensions["mux"]
+    path = node.settings.prefix.rstrip("/") + "/ws"
+    return FastSocketApp(app, path, partial(serve_socket, node))

@@ -23,7 +23,7 @@ from hypercorn.config import Config, Sockets
 from hypercorn.middleware import ProxyFixMiddleware
 from hypercorn.trio import serve as hypercorn_serve
 
-from .app import Node, create_app, create_blueprint
+from .app import Node, create_app, create_blueprint, node_asgi
 from .settings import NodeSettings
 
 __all__ = ["ServeInfo", "Tls13Config", "create_app", "create_blueprint", "hypercorn_config", "serve"]
@@ -147,9 +147,9 @@ async def serve(
         if handle_signals:
             outer.start_soon(_hard_stop, node, settings.graceful_timeout_s + 2.0)
 
-    asgi: Any = app
+    asgi: Any = node_asgi(app)  # the WebSocket skips Quart; REST goes through it
     if settings.trusted_proxy_hops > 0:  # behind TLS-terminating proxies: trust their X-Forwarded-*
-        asgi = ProxyFixMiddleware(app, mode="legacy", trusted_hops=settings.trusted_proxy_hops)
+        asgi = ProxyFixMiddleware(asgi, mode="legacy", trusted_hops=settings.trusted_proxy_hops)
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await hypercorn_serve(asgi, hypercorn_config(settings), shutdown_trigger=trigger, task_status=task_status)

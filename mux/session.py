@@ -51,8 +51,14 @@ class WireSession:
         rate: tuple[float, int] = (0.0, 0),
         outbox_per_channel: int | None = None,
         chunk_bytes: int = wire.CHUNK_BYTES,
+        acks: str = "all",
     ) -> None:
         self.mux = mux
+        if acks not in ("all", "errors"):
+            raise BadRequest('acks must be "all" or "errors"', code="bad_request")
+        self.live_acks = acks == "all"
+        """False (``?acks=errors``): a live send delivered to the receiver's buffer gets no
+        ``frame_ack``; errors, drops and durable (``stored``) acks are always sent."""
         self.endpoint = endpoint
         self.grant = grant or Grant(endpoint.agent)
         """What the connection's credentials allow (intents, agent key)."""
@@ -153,6 +159,8 @@ class WireSession:
             for state in deferred.values():
                 if state.is_open and state.chain.unsigned and state.chain.sign_every <= 1:
                     self.mux.seal(state)
+        if not replies and not self.live_acks:
+            return []  # nothing to say: every item was a send that succeeded
         return [wire.batch_event(replies)]
 
     def _do_open(self, action: wire.Action) -> list[Outgoing]:
@@ -181,6 +189,8 @@ class WireSession:
         receipt = self.mux._post(ch._state, self.agent, action.get("payload"), agent, defer_sign=self._defer_sign)
         if self._defer_sign:
             self._deferred = ch._state
+        if not self.live_acks and not receipt.stored and receipt.delivered:
+            return []  # ?acks=errors: silence means delivered
         ack = wire.frame_ack_event(receipt.frame, receipt.disposition.value, action.ref, stored=receipt.stored)
         if receipt.stored:  # acknowledged once durable: the ack pump sends it after the commit
             self._durable_acks.append((receipt.position, ack))

@@ -220,3 +220,26 @@ async def test_bulk_beside_a_call_is_shaped_on_that_connection_only(node: mux.Mu
         await trio.sleep(node.config.realtime_hold_s + 0.05)  # the call went quiet
         assert all(send_bulk(alice, bulk).get("event") == "frame_ack" for _ in range(4))
         connections.cancel_scope.cancel()
+
+
+async def test_acks_errors_makes_delivered_sends_quiet(server: ServeInfo) -> None:
+    """``?acks=errors``: delivered sends are silent, refusals and drops still answer."""
+    url = ws_url(server.url, "alice") + "&acks=errors"
+    async with open_ws(url) as a, open_ws(ws_url(server.url, "bob")) as b:
+        await recv(a)
+        await recv(b)
+        await send(a, action="open", target="bob", intent="stream")
+        cid = (await recv(a))["channel_id"]
+        await recv(b)
+        for i in range(5):
+            await send(a, action="send", channel_id=cid, payload={"n": i}, ref=i)
+        await send(a, action="send", channel_id="ch-nope", payload=1, ref="bad")
+        await send(a, action="batch", items=[{"action": "send", "channel_id": cid, "payload": {"n": 5}}])
+        await send(a, action="ping", ref="p")
+        first = await recv(a)  # nothing for the six delivered sends: the error comes first
+        assert first["error"] in ("unknown_channel", "forbidden") and first["ref"] == "bad"
+        assert (await recv(a))["event"] == "pong"  # the quiet batch was not answered either
+        got = [(await recv(b))["payload"]["n"] for _ in range(6)]
+        assert got == list(range(6))
+    async with open_ws(ws_url(server.url, "carol") + "&acks=sometimes") as c:
+        assert (await recv(c))["error"] == "bad_request"

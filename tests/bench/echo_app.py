@@ -1,6 +1,10 @@
-"""The ceiling: a WebSocket echo on the same stack as a node (Quart-Trio route on Hypercorn).
+"""The ceiling: a WebSocket echo on the same stack as a node's WebSocket.
 
-``python -m tests.bench.echo_app`` serves ``/echo`` on 127.0.0.1 (free port) and prints its URL.
+A node serves its WebSocket on Hypercorn straight through ASGI (``mux.sockets``:
+:class:`~mux.sockets.FastSocketApp` and :class:`~mux.sockets.AsgiSocket`), and its REST
+routes through Quart. ``/echo`` is that WebSocket stack with nothing but an echo on top;
+``/quart-echo`` is a Quart-Trio route on the same server, for comparison.
+``python -m tests.bench.echo_app`` serves both on 127.0.0.1 (free port) and prints its URL.
 """
 
 from __future__ import annotations
@@ -11,16 +15,32 @@ from hypercorn.trio import serve
 from quart import websocket
 from quart_trio import QuartTrio
 
+from mux.sockets import AsgiSocket, Disconnected, FastSocketApp
+
 __all__ = ["app", "main"]
 
-app = QuartTrio("echo")
+quart_app = QuartTrio("echo")
 
 
-@app.websocket("/echo")
-async def echo() -> None:
-    """Send every message straight back."""
+@quart_app.websocket("/quart-echo")
+async def quart_echo() -> None:
+    """Send every message straight back (through Quart)."""
     while True:
         await websocket.send(await websocket.receive())
+
+
+async def asgi_echo(sock: AsgiSocket) -> None:
+    """Send every message straight back (the node's WebSocket path)."""
+    await sock.accept(None)
+    while True:
+        try:
+            message = await sock.receive()
+        except Disconnected:
+            return
+        await sock.send(message)
+
+
+app = FastSocketApp(quart_app, "/echo", asgi_echo)
 
 
 async def main() -> None:
@@ -29,7 +49,7 @@ async def main() -> None:
     cfg.bind = ["127.0.0.1:0"]
     cfg.accesslog = None
     async with trio.open_nursery() as nursery:
-        urls = await nursery.start(lambda task_status: serve(app, cfg, task_status=task_status))
+        urls = await nursery.start(lambda task_status: serve(app, cfg, task_status=task_status))  # type: ignore[arg-type]
         print(urls[0], flush=True)
 
 

@@ -2,7 +2,8 @@
 
 Run: ``python -m tests.bench server`` (part of ``nox -s bench``). Prints, side by side:
 
-- (f) a raw WebSocket echo on the same stack as a node (Quart-Trio on Hypercorn): the ceiling;
+- (f) a raw WebSocket echo on the same stack as a node's WebSocket (Hypercorn, straight
+  ASGI: ``mux.sockets``): the ceiling; and the same echo as a Quart-Trio route, for comparison;
 - (a) ``send`` -> ``frame_ack`` on one connection with 8 channels, at most ``window`` (64)
   unacknowledged sends in flight, 100-byte JSON payloads: acks/s and ack latency p50/p99;
 - (b) relay sender -> node -> receiver on two connections (1 channel): at most 64 frames sent
@@ -11,6 +12,9 @@ Run: ``python -m tests.bench server`` (part of ``nox -s bench``). Prints, side b
 - (c) the same with batching: ``batch`` actions of 16 sends (still 64 frames in flight) and
   both sockets connected with ``?batch=1`` (events delivered in ``batch`` messages); "n/a"
   when the node answers a probe ``batch`` with ``unknown_action``;
+- (b') = (b) with the sender on ``?acks=errors`` (fire-and-forget: no ``frame_ack`` per
+  delivered send), and (b'') the same on a second node that signs chain heads
+  (``sign_every``), both against the ceiling (f);
 - REST ``POST /send`` with 8 concurrent keep-alive clients.
 
 How this works: one Python client drives each run with raw trio-websocket connections
@@ -24,6 +28,8 @@ in the action's ``ref`` (an index into the send-time table).
 from __future__ import annotations
 
 import collections
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +47,7 @@ from .common import Meter, Proc, events, fmt_ms, json_payload, node_process, pro
 __all__ = ["RelayResult", "echo_run", "expect", "relay_run", "run"]
 
 PAYLOAD_BYTES = 100
+HEADS_SIGN_EVERY = 16
 WINDOW = 64
 BATCH = 16
 RUN_TIMEOUT_S = 60.0
@@ -114,16 +121,21 @@ async def relay_run(
     batch: int = 0,
     payload_bytes: int = PAYLOAD_BYTES,
     end_to_end: bool = False,
+    quiet: bool = False,
 ) -> RelayResult:
     """Send ``n`` frames tx -> rx over ``channels`` channels and measure acks and delivery.
 
     With ``batch`` > 0 the sends go ``batch`` at a time in one ``batch`` action and both
     sockets ask for batched events (``?batch=1``). At most ``window`` sends are unacknowledged,
     or with ``end_to_end`` not yet received (a refused send frees its place at its error).
+    With ``quiet`` the sender connects with ``?acks=errors`` (delivered sends are not
+    acknowledged; implies ``end_to_end``).
     """
     res = RelayResult()
+    end_to_end = end_to_end or quiet
     query = {"batch": "1"} if batch else {}
-    async with open_ws(node.ws(f"{tag}-tx", **query)) as tx, open_ws(node.ws(f"{tag}-rx", **query)) as rx:
+    tx_query = {**query, "acks": "errors"} if quiet else query
+    async with open_ws(node.ws(f"{tag}-tx", **tx_query)) as tx, open_ws(node.ws(f"{tag}-rx", **query)) as rx:
         await expect(tx, "connected")
         await expect(rx, "connected")
         if batch:
@@ -142,7 +154,9 @@ async def relay_run(
         finished = trio.Event()
 
         def check_finished() -> None:
-            if acks_done and res.received >= res.ok:
+            if quiet and res.received + sum(res.refused.values()) >= n:
+                finished.set()
+            elif acks_done and res.received >= res.ok:
                 finished.set()
 
         async def sender() -> None:
@@ -184,6 +198,8 @@ async def relay_run(
                         continue
                     answered += 1
                 res.t_last_ack = now
+                if quiet:
+                    check_finished()
             acks_done = True
             check_finished()
 
@@ -214,10 +230,10 @@ async def relay_run(
     return res
 
 
-async def echo_run(echo: Proc, n: int, window: int = WINDOW) -> tuple[float, list[float], Meter]:
+async def echo_run(echo: Proc, n: int, window: int = WINDOW, path: str = "/echo") -> tuple[float, list[float], Meter]:
     """``n`` send actions (100-byte payload) through the echo server; rate, RTTs, meter."""
     rtt: list[float] = []
-    async with open_ws(echo.url.replace("http", "ws", 1) + "/echo") as ws:
+    async with open_ws(echo.url.replace("http", "ws", 1) + path) as ws:
         prefix = '{"action":"send","channel_id":"ch-00000000000000000000000000000000","ref":'
         sent_at = [0] * n
         credit = trio.Semaphore(window)
@@ -282,6 +298,13 @@ def run(n: int = 10_000, window: int = WINDOW) -> list[tuple[str, str]]:
                 f"{rate:>8.0f} msg/s     RTT {fmt_ms(rtt)}   {m.per(n).replace('node', 'srv ')}",
             )
         )
+        q_rate, q_rtt, qm = _go(echo_run, echo, n, window, "/quart-echo")
+        rows.append(
+            (
+                "    for comparison: the same echo as a Quart-Trio route",
+                f"{q_rate:>8.0f} msg/s     RTT {fmt_ms(q_rtt)}   {qm.per(n).replace('node', 'srv ')}",
+            )
+        )
         r: RelayResult = _go(relay_run, node, "bench-ack", n=n, channels=8, window=window)
         assert r.meter is not None
         rows.append(
@@ -297,6 +320,15 @@ def run(n: int = 10_000, window: int = WINDOW) -> list[tuple[str, str]]:
                 f"(b) relay tx->node->rx, 2 conns, 1 channel, {n}x100 B, {window} in flight e2e",
                 f"{single.rx_rate:>8.0f} frames/s  e2e {fmt_ms(single.rx_lat)}   "
                 f"{single.meter.per(single.received)}{single.refusals()}",
+            )
+        )
+        quiet: RelayResult = _go(relay_run, node, "bench-quiet", n=n, window=window, quiet=True)
+        assert quiet.meter is not None
+        rows.append(
+            (
+                "(b') = (b), the sender connected with ?acks=errors (no frame_ack per delivered send)",
+                f"{quiet.rx_rate:>8.0f} frames/s  e2e {fmt_ms(quiet.rx_lat)}   "
+                f"{quiet.meter.per(quiet.received)}{quiet.refusals()}",
             )
         )
         batched: RelayResult = _go(relay_run, node, "bench-batch", n=n, window=window, batch=BATCH, end_to_end=True)
@@ -320,8 +352,8 @@ def run(n: int = 10_000, window: int = WINDOW) -> list[tuple[str, str]]:
             )
         rows.append(
             (
-                "    (b) relay as a fraction of the echo ceiling (f)",
-                f"{single.rx_rate / max(1.0, rate) * 100:>8.0f} %",
+                "    (b) / (b') relay as a fraction of the echo ceiling (f)",
+                f"{single.rx_rate / max(1.0, rate) * 100:>8.0f} % / {quiet.rx_rate / max(1.0, rate) * 100:.0f} %",
             )
         )
         rest_n = max(800, n // 10)
@@ -332,4 +364,20 @@ def run(n: int = 10_000, window: int = WINDOW) -> list[tuple[str, str]]:
                 f"{rest_rate:>8.0f} req/s     {rm.per(rest_n).replace('/frame', '/req  ')}",
             )
         )
+    with tempfile.TemporaryDirectory() as tmp:
+        config = os.path.join(tmp, "node.toml")
+        with open(config, "w") as fh:
+            fh.write(f"rate_messages_per_s = 0\n[mux]\nsign_every = {HEADS_SIGN_EVERY}\n")
+        with node_process("--config", config) as heads:
+            _go(relay_run, heads, "bench-warm", n=1000, quiet=True)
+            signed_heads: RelayResult = _go(relay_run, heads, "bench-heads", n=n, window=window, quiet=True)
+    assert signed_heads.meter is not None
+    rows.append(
+        (
+            f"(b'') = (b') on a node signing chain heads (sign_every={HEADS_SIGN_EVERY}, docs/frames.md)",
+            f"{signed_heads.rx_rate:>8.0f} frames/s  e2e {fmt_ms(signed_heads.rx_lat)}   "
+            f"{signed_heads.meter.per(signed_heads.received)}{signed_heads.refusals()}"
+            f"   = {signed_heads.rx_rate / max(1.0, rate) * 100:.0f} % of (f)",
+        )
+    )
     return rows
