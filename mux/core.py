@@ -88,7 +88,7 @@ class MuxConfig:
     ``sign_within_ms`` plus half that (the sealer's tick), whichever comes first."""
     sign_within_ms: float = 100.0
     """With ``sign_every`` > 1: the longest a frame waits for a covering signature."""
-    realtime_bulk_rate: int = 4_000_000
+    realtime_bulk_rate: int = 2_000_000
     """While a connection carries a real-time call (a voice or video frame sent in the last
     ``realtime_hold_s``), its preemptible channels share this many bytes/s, over which
     their frames are refused with ``throttled`` (that frame only): a file transfer beside a

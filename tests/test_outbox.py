@@ -204,14 +204,14 @@ async def test_bulk_beside_a_call_is_shaped_on_that_connection_only(node: mux.Mu
         call = opened(alice, "bob", "call:voice")
         bulk = opened(alice, "bob", "stream")
         other = opened(carol, "bob", "stream")
-        blob = os.urandom(200_000)
+        blob = os.urandom(node.config.realtime_bulk_rate // 16 - 1)  # two fit the burst (rate / 8)
 
         def send_bulk(s: WireSession, cid: str) -> dict[str, Any]:
             return dict(orjson.loads(s.handle(pack_binary({"action": "send", "channel_id": cid}, blob))[0]))
 
         offer = {"action": "send", "channel_id": call, "payload": {"type": "offer", "sdp": "v=0"}}
         assert orjson.loads(alice.handle(orjson.dumps(offer).decode())[0])["event"] == "frame_ack"
-        replies = [send_bulk(alice, bulk) for _ in range(4)]  # 800 KB against a 500 KB burst
+        replies = [send_bulk(alice, bulk) for _ in range(4)]
         assert [r.get("event") for r in replies[:2]] == ["frame_ack", "frame_ack"]
         refused = replies[-1]
         assert refused["error"] == "throttled" and refused["channel_id"] == bulk
