@@ -78,7 +78,9 @@ class WireSession:
         self._defer_sign = False
         self._deferred: ChannelState | None = None
         bulk_rate = mux.config.realtime_bulk_rate
-        self._bulk = TokenBucket(bulk_rate, max(1, bulk_rate // 8)) if bulk_rate > 0 else None
+        # a small burst (20 ms of the rate): bulk is let in a frame or two at a time, never as
+        # a run of frames that would hold a call's next frame up behind it
+        self._bulk = TokenBucket(bulk_rate, max(1, bulk_rate // 50)) if bulk_rate > 0 else None
         self._realtime_until = -math.inf
         self.forwarders = 0
         """Resumed channels still replaying what their agent missed."""

@@ -204,7 +204,7 @@ async def test_bulk_beside_a_call_is_shaped_on_that_connection_only(node: mux.Mu
         call = opened(alice, "bob", "call:voice")
         bulk = opened(alice, "bob", "stream")
         other = opened(carol, "bob", "stream")
-        blob = os.urandom(node.config.realtime_bulk_rate // 16 - 1)  # two fit the burst (rate / 8)
+        blob = os.urandom(node.config.realtime_bulk_rate // 100 - 1)  # two fit the burst (rate / 50)
 
         def send_bulk(s: WireSession, cid: str) -> dict[str, Any]:
             return dict(orjson.loads(s.handle(pack_binary({"action": "send", "channel_id": cid}, blob))[0]))
