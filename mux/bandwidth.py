@@ -11,7 +11,7 @@ import math
 
 import attrs
 
-__all__ = ["TokenBucket"]
+__all__ = ["UNLIMITED", "TokenBucket"]
 
 
 @attrs.define
@@ -49,3 +49,7 @@ class TokenBucket:
             return 0
         short = min(float(nbytes), float(self.burst)) - self.tokens
         return max(1, math.ceil(short / self.rate * 1000))
+
+
+UNLIMITED = TokenBucket(0, 0)
+"""The bucket of every channel with no rate limit (``take`` never changes it: shared)."""

@@ -13,6 +13,7 @@ A backend failure closes its own channel with a reason and never reaches the nod
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import secrets
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import orjson
 import trio
 
 from backends.base import Backend, Disposition
@@ -32,7 +34,7 @@ from backends.stream import StreamBackend
 
 from . import __version__
 from .agents import normalize_agent
-from .bandwidth import TokenBucket
+from .bandwidth import UNLIMITED, TokenBucket
 from .channel import Channel, ChannelContext, ChannelState, Draft, End, Receipt, now_ms
 from .errors import (
     BadRequest,
@@ -98,6 +100,13 @@ class MuxConfig:
     backends: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     """Options per backend name, e.g. ``{"overlay": {"allow": ["127.0.0.1:8080"]}}``
     (``[backends.NAME]`` tables of ``serve --config``)."""
+
+
+@functools.lru_cache(maxsize=512)
+def _shared(encoded: bytes) -> Any:
+    """One shared copy of a small JSON value that many open frames carry (route, policy):
+    never mutated, it saves a dict per open channel."""
+    return orjson.loads(encoded)
 
 
 MAX_METADATA_DEPTH = 32
@@ -320,7 +329,7 @@ class Mux:
             target=target,
             metadata=metadata,
             chain=self._new_chain(channel_id, resolved.name, head=fork_of.chain.head if fork_of else GENESIS),
-            bucket=TokenBucket(policy.rate, policy.burst),
+            bucket=TokenBucket(policy.rate, policy.burst) if policy.rate > 0 else UNLIMITED,
             ends={opener: End(opener, cap), target: End(target, cap)},
             backend=backend,
             backend_name=backend_name,
@@ -341,8 +350,8 @@ class Mux:
                 "agent": opener,
                 "target": target,
                 "intent": resolved.name,
-                "route": state.route(),
-                "policy": policy.to_dict(),
+                "route": _shared(orjson.dumps(state.route())),
+                "policy": _shared(orjson.dumps(policy.to_dict())),
                 "metadata": metadata,
                 **(
                     {

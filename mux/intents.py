@@ -47,7 +47,7 @@ class BandwidthPolicy:
 
     def to_dict(self) -> dict[str, object]:
         """The policy as the seed's JSON shape."""
-        return attrs.asdict(self)
+        return {"priority": self.priority, "rate": self.rate, "burst": self.burst, "preemptible": self.preemptible}
 
 
 @attrs.frozen
@@ -147,6 +147,8 @@ class IntentRegistry:
     routes: dict[str, Route] = attrs.field(factory=lambda: dict(INTENT_ROUTES))
     policies: dict[str, BandwidthPolicy] = attrs.field(factory=lambda: dict(BANDWIDTH_POLICIES))
     delivery: dict[str, str] = attrs.field(factory=lambda: dict(_DELIVERY))
+    _resolved: dict[str, Intent] = attrs.field(factory=dict, init=False, repr=False)
+    """Resolved intents by name (shared by channels: an Intent is immutable); bounded."""
 
     def register(
         self,
@@ -164,11 +166,21 @@ class IntentRegistry:
         self.routes[norm] = Route(backend, description or f"Custom intent {norm}")
         self.policies[norm] = policy or DEFAULT_POLICY
         self.delivery[norm] = delivery
+        self._resolved.clear()
         return self.resolve(norm)
 
     def resolve(self, name: str) -> Intent:
         """Exact match, then longest ``:``-prefix, then the generic stream intent."""
-        norm = check_intent_name(name)
+        known = self._resolved.get(name)
+        if known is not None:
+            return known
+        intent = self._resolve(check_intent_name(name))
+        if len(self._resolved) >= 1024:  # clients name intents: keep the cache bounded
+            self._resolved.clear()
+        self._resolved[name] = intent
+        return intent
+
+    def _resolve(self, norm: str) -> Intent:
         probe = norm
         while True:
             route = self.routes.get(probe)
