@@ -162,7 +162,7 @@ class MediaBackend:
             return Disposition.DELIVERED if ctx.deliver(frame) else Disposition.DROPPED
         if call.deferred():
             self._drain(ctx, call)  # waiting signalling goes first
-        if isinstance(frame.payload, bytes):
+        if frame.binary:
             delivered = ctx.deliver(frame)
             extra["media_frames"] += 1
             extra["media_bytes"] += len(frame.payload)

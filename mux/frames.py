@@ -117,6 +117,10 @@ def agent_signed_bytes(channel_id: str, sender: str, nonce: str, payload_sha256:
     )
 
 
+_JSON = object()
+"""``Frame._payload`` of a JSON frame: the value lives in ``raw``."""
+
+
 @attrs.frozen
 class Frame:
     """One signed record of a channel: open, data or close.
@@ -134,17 +138,34 @@ class Frame:
     intent: str
     ts: int
     prev: str
-    payload: Any
+    _payload: Any = attrs.field(alias="payload")
     tbz_hash: str
     sig: str
     raw: bytes = attrs.field(repr=False, eq=False)
     agent: AgentSignature | None = None
     """The sender's own signature, when it signed the payload."""
 
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self._payload, bytes):
+            # ``raw`` is the payload's canonical JSON: keep that one copy, not the objects too
+            # (the ledger holds many frames); ``payload`` decodes it when asked
+            object.__setattr__(self, "_payload", _JSON)
+
+    @property
+    def payload(self) -> Any:
+        """The payload: ``bytes`` for a binary frame, else its JSON value (decoded from ``raw``)."""
+        value = self._payload
+        return orjson.loads(self.raw) if value is _JSON else value
+
     @property
     def enc(self) -> str:
         """``"bytes"`` for a binary payload, else ``"json"``."""
-        return "bytes" if isinstance(self.payload, bytes) else "json"
+        return "bytes" if isinstance(self._payload, bytes) else "json"
+
+    @property
+    def binary(self) -> bool:
+        """True for a binary payload (``enc`` ``"bytes"``)."""
+        return isinstance(self._payload, bytes)
 
     @property
     def size(self) -> int:
@@ -154,12 +175,13 @@ class Frame:
     def to_dict(self) -> dict[str, Any]:
         """The exported form (one line of an exported chain); binary payloads as base64."""
         d = self.header()
-        d["payload"] = base64.b64encode(self.payload).decode() if isinstance(self.payload, bytes) else self.payload
+        payload = self._payload
+        d["payload"] = base64.b64encode(payload).decode() if isinstance(payload, bytes) else self.payload
         return d
 
     def header(self) -> dict[str, Any]:
         """``to_dict`` without ``payload`` (for messages that carry the payload apart)."""
-        binary = isinstance(self.payload, bytes)
+        binary = isinstance(self._payload, bytes)
         return {
             "v": FRAME_VERSION,
             "channel_id": self.channel_id,
@@ -183,7 +205,7 @@ class Frame:
     def to_json(self) -> bytes:
         """``to_dict`` as JSON bytes, reusing the canonical payload bytes."""
         d = self.to_dict()
-        if not isinstance(self.payload, bytes):
+        if not isinstance(self._payload, bytes):
             d["payload"] = orjson.Fragment(self.raw)
         return orjson.dumps(d)
 

@@ -333,7 +333,7 @@ class WireSession:
                     break
                 if frame.kind != "data" or frame.target != self.agent:
                     continue
-                if replay.mode == "signalling" and isinstance(frame.payload, bytes):
+                if replay.mode == "signalling" and frame.binary:
                     continue  # stale media is not replayed
                 await self.outbox.put(ch.id, urgency, *wire.frame_messages(frame, self.chunk_bytes))
             self._install(ch)

@@ -335,7 +335,7 @@ _FRAME_PREFIX = b'{"event":"frame",'
 def frame_message(frame: Frame) -> str | bytes:
     """A ``frame`` event: JSON text for JSON payloads, the binary framing for bytes."""
     d = frame.header()
-    if isinstance(frame.payload, bytes):
+    if frame.binary:
         d["event"] = "frame"
         return pack_binary(d, frame.payload)
     d["payload"] = orjson.Fragment(frame.raw)
