@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from .core import Endpoint, Mux
 
-__all__ = ["Channel", "ChannelContext", "ChannelState", "Draft", "End", "Receipt", "Sink"]
+__all__ = ["Channel", "ChannelContext", "ChannelState", "Draft", "End", "Ends", "Receipt", "Sink"]
 
 
 def now_ms() -> int:
@@ -176,6 +176,37 @@ class End:
         self.wake()
 
 
+class Ends:
+    """A channel's two ends by agent name (a dict's lookups, a pair's size)."""
+
+    __slots__ = ("_a", "_b")
+
+    def __init__(self, a: End, b: End) -> None:
+        self._a = a
+        self._b = b
+
+    def get(self, agent: str) -> End | None:
+        """The end of ``agent``, or None."""
+        if self._a.agent == agent:
+            return self._a
+        if self._b.agent == agent:
+            return self._b
+        return None
+
+    def __getitem__(self, agent: str) -> End:
+        end = self.get(agent)
+        if end is None:
+            raise KeyError(agent)
+        return end
+
+    def __contains__(self, agent: object) -> bool:
+        return agent == self._a.agent or agent == self._b.agent
+
+    def values(self) -> tuple[End, End]:
+        """Both ends, opener first."""
+        return (self._a, self._b)
+
+
 @attrs.frozen
 class Draft:
     """A frame about to be chained, as ``Backend.check_frame`` sees it: who sends what to whom."""
@@ -212,7 +243,7 @@ class ChannelState:
     metadata: dict[str, Any]
     chain: ChainHead
     bucket: TokenBucket
-    ends: dict[str, End]
+    ends: Ends
     backend: Backend
     backend_name: str
     fallback: bool

@@ -35,7 +35,7 @@ from backends.stream import StreamBackend
 from . import __version__
 from .agents import normalize_agent
 from .bandwidth import UNLIMITED, TokenBucket
-from .channel import Channel, ChannelContext, ChannelState, Draft, End, Receipt, now_ms
+from .channel import Channel, ChannelContext, ChannelState, Draft, End, Ends, Receipt, now_ms
 from .errors import (
     BadRequest,
     ChannelClosed,
@@ -330,7 +330,7 @@ class Mux:
             metadata=metadata,
             chain=self._new_chain(channel_id, resolved.name, head=fork_of.chain.head if fork_of else GENESIS),
             bucket=TokenBucket(policy.rate, policy.burst) if policy.rate > 0 else UNLIMITED,
-            ends={opener: End(opener, cap), target: End(target, cap)},
+            ends=Ends(End(opener, cap), End(target, cap)),
             backend=backend,
             backend_name=backend_name,
             fallback=fallback,
@@ -649,7 +649,7 @@ class Mux:
                 metadata=row.metadata,
                 chain=self._new_chain(row.id, resolved.name, next_seq=row.last.seq + 1, head=row.last.tbz_hash),
                 bucket=TokenBucket(resolved.policy.rate, resolved.policy.burst),
-                ends={row.agent: End(row.agent, cap), row.target: End(row.target, cap)},
+                ends=Ends(End(row.agent, cap), End(row.target, cap)),
                 backend=backend,
                 backend_name=backend_name,
                 fallback=fallback,
@@ -695,7 +695,7 @@ class Mux:
             state.backend.on_close(state.ctx, reason)
         except Exception:
             log.warning("backend %s failed while closing %s", state.backend_name, state.id, exc_info=True)
-        sender = by if by in state.ends else self.agent
+        sender = by if by is not None and by in state.ends else self.agent
         target = state.target if sender != state.target else state.agent
         payload: dict[str, Any] = {"reason": reason, "by": sender}
         if detail:
