@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -46,16 +47,21 @@ def release_memory() -> bool:
     return bool(_TRIM(0))
 
 
-async def trimmer(closed: Callable[[], int], *, threshold: int = 500, interval_s: float = 1.0) -> None:
+async def trimmer(
+    closed: Callable[[], int], *, threshold: int = 500, interval_s: float = 1.0, min_gap_s: float = 30.0
+) -> None:
     """Run ``release_memory`` whenever ``closed()`` (a running count of closed channels and
-    connections) has grown by ``threshold`` since the last trim; checks every ``interval_s``."""
+    connections) has grown by ``threshold`` since the last trim; checks every ``interval_s``,
+    and trims at most once per ``min_gap_s`` (a full collection pauses the node: a node with
+    steady churn must not pay it every second)."""
     last = closed()
+    last_trim = -math.inf
     while True:
         await trio.sleep(interval_s)
         now = closed()
-        if now - last < threshold:
+        if now - last < threshold or trio.current_time() - last_trim < min_gap_s:
             continue
-        last = now
+        last, last_trim = now, trio.current_time()
         t0 = time.perf_counter()
         trimmed = release_memory()
         took_ms = (time.perf_counter() - t0) * 1e3

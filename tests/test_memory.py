@@ -55,6 +55,11 @@ async def test_trimmer_runs_once_per_burst_of_closes(
         assert calls == [250]
         await trio.sleep(5)
         assert calls == [250]  # nothing new closed: no more trims
+        closed = 1000
+        await trio.sleep(10)
+        assert calls == [250]  # a second burst waits for min_gap_s since the first trim
+        await trio.sleep(20)
+        assert calls == [250, 1000]
         nursery.cancel_scope.cancel()
 
 
