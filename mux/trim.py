@@ -51,15 +51,17 @@ async def trimmer(
     closed: Callable[[], int], *, threshold: int = 500, interval_s: float = 1.0, min_gap_s: float = 30.0
 ) -> None:
     """Run ``release_memory`` whenever ``closed()`` (a running count of closed channels and
-    connections) has grown by ``threshold`` since the last trim; checks every ``interval_s``,
-    and trims at most once per ``min_gap_s`` (a full collection pauses the node: a node with
-    steady churn must not pay it every second)."""
-    last = closed()
+    connections) has grown by ``threshold`` since the last trim, once the burst is over
+    (nothing closed during the last ``interval_s``); while closes go on, at most once per
+    ``min_gap_s`` (a full collection pauses the node: steady churn must not pay it often)."""
+    last = seen = closed()
     last_trim = -math.inf
     while True:
         await trio.sleep(interval_s)
         now = closed()
-        if now - last < threshold or trio.current_time() - last_trim < min_gap_s:
+        settled = now == seen  # the burst is over: nothing closed since the last check
+        seen = now
+        if now - last < threshold or (not settled and trio.current_time() - last_trim < min_gap_s):
             continue
         last, last_trim = now, trio.current_time()
         t0 = time.perf_counter()

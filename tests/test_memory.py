@@ -51,15 +51,18 @@ async def test_trimmer_runs_once_per_burst_of_closes(
         await trio.sleep(2)
         assert calls == []  # under the threshold
         closed = 250
-        await trio.sleep(1)
-        assert calls == [250]
+        await trio.sleep(2)
+        assert calls == [250]  # no trim for min_gap_s yet: at once
         await trio.sleep(5)
         assert calls == [250]  # nothing new closed: no more trims
-        closed = 1000
-        await trio.sleep(10)
-        assert calls == [250]  # a second burst waits for min_gap_s since the first trim
-        await trio.sleep(20)
-        assert calls == [250, 1000]
+        for _ in range(20):  # steady churn: closes every second, never settled
+            closed += 200
+            await trio.sleep(1)
+        assert len(calls) == 1  # within min_gap_s of the first trim: no pause
+        for _ in range(15):
+            closed += 200
+            await trio.sleep(1)
+        assert len(calls) == 2  # once min_gap_s passed
         nursery.cancel_scope.cancel()
 
 
