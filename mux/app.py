@@ -73,6 +73,8 @@ class Node:
     mux: Mux | None = None
     owns_mux: bool = False
     sessions: set[WireSession] = attrs.field(factory=set)
+    writers: dict[WireSession, _Writer] = attrs.field(factory=dict)
+    """Each connection's writer, for the slow-consumer watchdog."""
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
     closed_sessions: int = 0
     """WebSocket connections that ended (counted for ``mux.trim``)."""
@@ -263,6 +265,7 @@ def create_blueprint(
     @bp.before_app_serving
     async def _start() -> None:
         await node.start(current_app.nursery)  # type: ignore[attr-defined]
+        current_app.nursery.start_soon(_watchdog, node)  # type: ignore[attr-defined]
 
     @bp.after_app_serving
     async def _stop() -> None:
@@ -489,7 +492,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
                 sock, session.outbox, settings.send_timeout_s, nursery.cancel_scope, endpoint.agent, batching
             )
             nursery.start_soon(writer.run)
-            nursery.start_soon(writer.watch, node, session)
+            node.writers[session] = writer  # watched by the node's one _watchdog
             if grant.exp:
                 nursery.start_soon(_expire_with_token, sock, grant, nursery.cancel_scope)
             nursery.start_soon(_close_on_shutdown, sock, node, session, writer, nursery.cancel_scope)
@@ -508,6 +511,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
     finally:
         session.close("ws_disconnect")
         node.sessions.discard(session)
+        node.writers.pop(session, None)
         node.closed_sessions += 1
 
 
@@ -570,21 +574,29 @@ class _Writer:
             await self.sock.send(message)
             self.busy = False
 
-    async def watch(self, node: Node, session: WireSession) -> None:
-        """Drop a slow consumer: a send that has not completed for ``send_timeout_s``.
+    def stalled(self, now: float) -> bool:
+        """True when a send has not completed for ``send_timeout_s`` (a slow consumer)."""
+        return self.busy and now - self.since > self.send_timeout_s
 
-        Hypercorn writes to the socket in a shielded scope, so a send to a client that stopped
-        reading cannot be cancelled: the agent leaves the mux here (its channels close with
-        ``slow_consumer``, every frame queued for it is released), and the one message on the
-        wire stays with the connection until the peer goes away."""
-        while True:
-            await trio.sleep(min(1.0, self.send_timeout_s / 4))
-            if self.busy and trio.current_time() - self.since > self.send_timeout_s:
-                log.warning("%s: not reading for %.1f s, disconnected (slow consumer)", self.agent, self.send_timeout_s)
+
+async def _watchdog(node: Node) -> None:
+    """Drop slow consumers, every connection of the node from one task.
+
+    Hypercorn writes to the socket in a shielded scope, so a send to a client that stopped
+    reading cannot be cancelled: the agent leaves the mux here (its channels close with
+    ``slow_consumer``, every frame queued for it is released), and the one message on the
+    wire stays with the connection until the peer goes away."""
+    timeout = node.settings.send_timeout_s
+    while True:
+        await trio.sleep(min(1.0, timeout / 4))
+        now = trio.current_time()
+        for session, writer in list(node.writers.items()):
+            if writer.stalled(now):
+                log.warning("%s: not reading for %.1f s, disconnected (slow consumer)", writer.agent, timeout)
                 session.close("slow_consumer")
                 node.sessions.discard(session)
-                self.connection.cancel()
-                return
+                node.writers.pop(session, None)
+                writer.connection.cancel()
 
 
 async def _expire_with_token(sock: Socket, grant: Grant, scope: trio.CancelScope) -> None:

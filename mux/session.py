@@ -75,6 +75,7 @@ class WireSession:
         self._durable_acks: collections.deque[tuple[int, str]] = collections.deque()
         self._ack_lot = trio.lowlevel.ParkingLot()
         self._sinks: dict[str, _ChannelSink] = {}
+        self._ack_pump_running = False
         self._defer_sign = False
         self._deferred: ChannelState | None = None
         bulk_rate = mux.config.realtime_bulk_rate
@@ -195,6 +196,9 @@ class WireSession:
             return []  # ?acks=errors: silence means delivered
         ack = wire.frame_ack_event(receipt.frame, receipt.disposition.value, action.ref, stored=receipt.stored)
         if receipt.stored:  # acknowledged once durable: the ack pump sends it after the commit
+            if not self._ack_pump_running and self._nursery is not None:
+                self._ack_pump_running = True  # started by the first durable send, not per connection
+                self._nursery.start_soon(self._ack_pump)
             self._durable_acks.append((receipt.position, ack))
             self._ack_lot.unpark_all()
             return []
@@ -299,10 +303,10 @@ class WireSession:
                 state.on_room(state, end)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Announce incoming channels (and start sending their frames); send durable acks."""
+        """Announce incoming channels (and start sending their frames); the durable-ack pump
+        runs here too, from the first durable send on."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._ack_pump)
             task_status.started()
             async for ch in self.endpoint:
                 await self.outbox.put(CONTROL, CONTROL_URGENCY, wire.channel_opened_event(ch._state, "target"))
