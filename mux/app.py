@@ -149,8 +149,14 @@ class Node:
         if self.mux is not None:
             await self.mux.aclose(reason)
         self.shutting_down.set()
-        with trio.move_on_after(self.settings.graceful_timeout_s):
-            while self.sessions:  # noqa: ASYNC110  (sockets leave as they flush; bounded poll)
+        grace = self.settings.graceful_timeout_s
+        with trio.move_on_after(grace):  # let the channel_closed events out
+            while any(not (s.idle and w.idle) for s, w in self.writers.items()):  # noqa: ASYNC110  (bounded)
+                await trio.sleep(0.005)
+        for writer in list(self.writers.values()):
+            writer.outbox.put_nowait(_CLOSE_KEY, _LAST_URGENCY, _CLOSE)  # after whatever is still queued
+        with trio.move_on_after(grace):
+            while self.sessions:  # noqa: ASYNC110  (sockets leave as they close; bounded poll)
                 await trio.sleep(0.01)
 
     def status(self) -> dict[str, Any]:
@@ -495,7 +501,6 @@ async def serve_socket(node: Node, sock: Socket) -> None:
             node.writers[session] = writer  # watched by the node's one _watchdog
             if grant.exp:
                 nursery.start_soon(_expire_with_token, sock, grant, nursery.cancel_scope)
-            nursery.start_soon(_close_on_shutdown, sock, node, session, writer, nursery.cancel_scope)
             outbox = session.outbox
             while True:
                 try:
@@ -514,6 +519,12 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         node.writers.pop(session, None)
         node.closed_sessions += 1
 
+
+_CLOSE = "\x00close"
+"""Put last in a connection's outbox at shutdown: its writer closes the socket (1001)."""
+_CLOSE_KEY = "*close*"
+_LAST_URGENCY = 1 << 20
+"""The marker's own queue, less urgent than any channel: it goes out last."""
 
 _BATCH_HEAD = '{"event":"batch","items":['
 
@@ -554,6 +565,9 @@ class _Writer:
             nxt = self.outbox.get_nowait()
             if nxt is None:
                 break
+            if nxt is _CLOSE:  # the shutdown marker stays last
+                self.outbox.put_nowait(_CLOSE_KEY, _LAST_URGENCY, nxt)
+                break
             if isinstance(nxt, bytes):  # binary keeps its own message: put it back in front
                 self.outbox.put_nowait(CONTROL, CONTROL_URGENCY - 1, nxt)
                 break
@@ -568,6 +582,10 @@ class _Writer:
         (slow consumer): nothing queues past the outbox bounds meanwhile."""
         while True:
             message: Outgoing = await self.outbox.get()
+            if message is _CLOSE:  # the node shuts down: everything before this was sent
+                await self.sock.close(1001, "node shutting down")
+                self.connection.cancel()
+                return
             if self.batching and isinstance(message, str):
                 message = self._coalesce(message)
             self.busy, self.since = True, trio.current_time()
@@ -632,18 +650,6 @@ def _socket_token(sock: Socket) -> tuple[str | None, str | None]:
             token = token or proto[len("mux.token.") :]
     selected = "mux.v1" if "mux.v1" in offered else next((p for p in offered if p.startswith("mux.token.")), None)
     return token, selected
-
-
-async def _close_on_shutdown(
-    sock: Socket, node: Node, session: WireSession, writer: _Writer, scope: trio.CancelScope
-) -> None:
-    """On node shutdown: let the channel_closed events out (bounded), then close with 1001."""
-    await node.shutting_down.wait()
-    with trio.move_on_after(node.settings.graceful_timeout_s):
-        while not session.idle or not writer.idle:  # noqa: ASYNC110  (bounded by the timeout)
-            await trio.sleep(0.005)
-    await sock.close(1001, "node shutting down")
-    scope.cancel()
 
 
 def create_app(settings: NodeSettings | None = None, *, mux: Mux | None = None) -> QuartTrio:
