@@ -74,3 +74,24 @@ def test_release_memory_collects_and_trims() -> None:
     ref = weakref.ref(Cycle())
     assert isinstance(trim.release_memory(), bool)
     assert ref() is None
+
+
+def _channel_tasks() -> int:
+    def walk(task: trio.lowlevel.Task) -> int:
+        own = task.name.startswith("mux-channel-")
+        return own + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
+
+    return walk(trio.lowlevel.current_root_task())
+
+
+async def test_only_backends_with_background_work_get_a_task(node: mux.Mux) -> None:
+    """Stream channels run no task; a call (its backend has background work) runs one."""
+    async with node.attach("alice") as alice, node.attach("bob"):
+        before = _channel_tasks()
+        for _ in range(5):
+            await alice.open("bob", "stream")
+        await trio.sleep(0.01)
+        assert _channel_tasks() == before
+        await alice.open("bob", "call:voice")
+        await trio.sleep(0.01)
+        assert _channel_tasks() == before + 1
