@@ -72,9 +72,8 @@ class Node:
     settings: NodeSettings
     mux: Mux | None = None
     owns_mux: bool = False
-    sessions: set[WireSession] = attrs.field(factory=set)
-    writers: dict[WireSession, _Writer] = attrs.field(factory=dict)
-    """Each connection's writer, for the slow-consumer watchdog."""
+    sessions: dict[WireSession, _Writer | None] = attrs.field(factory=dict)
+    """Each live connection and, once it sends, its writer (shutdown, slow-consumer watchdog)."""
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
     closed_sessions: int = 0
     """WebSocket connections that ended (counted for ``mux.trim``)."""
@@ -151,13 +150,17 @@ class Node:
         self.shutting_down.set()
         grace = self.settings.graceful_timeout_s
         with trio.move_on_after(grace):  # let the channel_closed events out
-            while any(not (s.idle and w.idle) for s, w in self.writers.items()):  # noqa: ASYNC110  (bounded)
+            while any(not (s.idle and w.idle) for s, w in self._writing()):  # noqa: ASYNC110  (bounded)
                 await trio.sleep(0.005)
-        for writer in list(self.writers.values()):
+        for _, writer in self._writing():
             writer.outbox.put_nowait(_CLOSE_KEY, _LAST_URGENCY, _CLOSE)  # after whatever is still queued
         with trio.move_on_after(grace):
             while self.sessions:  # noqa: ASYNC110  (sockets leave as they close; bounded poll)
                 await trio.sleep(0.01)
+
+    def _writing(self) -> list[tuple[WireSession, _Writer]]:
+        """The connections whose writer runs."""
+        return [(s, w) for s, w in self.sessions.items() if w is not None]
 
     def status(self) -> dict[str, Any]:
         """``Mux.status()`` plus transport facts."""
@@ -467,6 +470,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         acks = sock.args.get("acks", "all")
         if acks not in ("all", "errors"):
             raise BadRequest('?acks= must be "all" or "errors"', code="bad_request")
+        live_acks = acks == "all"
         endpoint = m.attach(grant.agent)
     except MuxError as exc:
         try:
@@ -485,9 +489,9 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         resume_grace_s=settings.resume_grace_s if resumable else None,
         grant=grant,
         rate=(settings.rate_messages_per_s, settings.rate_burst),
-        acks=acks,
+        live_acks=live_acks,
     )
-    node.sessions.add(session)
+    node.sessions[session] = None
     batching = sock.args.get("batch", "") in ("1", "true", "yes")
     try:
         await sock.accept(subprotocol)
@@ -498,7 +502,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
                 sock, session.outbox, settings.send_timeout_s, nursery.cancel_scope, endpoint.agent, batching
             )
             nursery.start_soon(writer.run)
-            node.writers[session] = writer  # watched by the node's one _watchdog
+            node.sessions[session] = writer  # watched by the node's one _watchdog
             if grant.exp:
                 nursery.start_soon(_expire_with_token, sock, grant, nursery.cancel_scope)
             outbox = session.outbox
@@ -515,8 +519,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         pass  # gone during the handshake
     finally:
         session.close("ws_disconnect")
-        node.sessions.discard(session)
-        node.writers.pop(session, None)
+        node.sessions.pop(session, None)
         node.closed_sessions += 1
 
 
@@ -608,12 +611,11 @@ async def _watchdog(node: Node) -> None:
     while True:
         await trio.sleep(min(1.0, timeout / 4))
         now = trio.current_time()
-        for session, writer in list(node.writers.items()):
+        for session, writer in node._writing():
             if writer.stalled(now):
                 log.warning("%s: not reading for %.1f s, disconnected (slow consumer)", writer.agent, timeout)
                 session.close("slow_consumer")
-                node.sessions.discard(session)
-                node.writers.pop(session, None)
+                node.sessions.pop(session, None)
                 writer.connection.cancel()
 
 

@@ -12,6 +12,7 @@ A :class:`Channel` is one end's handle: ``send``, ``receive``/``async for``, ``c
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,6 +31,17 @@ if TYPE_CHECKING:
     from .core import Endpoint, Mux
 
 __all__ = ["Channel", "ChannelContext", "ChannelState", "Draft", "End", "Ends", "Receipt", "Sink"]
+
+
+@functools.lru_cache(maxsize=512)
+def shared_route(intent: Intent, backend_name: str, fallback: bool) -> dict[str, Any]:
+    """A channel's ``route`` object, one shared dict per distinct route (never mutate it:
+    open frames of many channels carry it; ``ChannelState.route`` hands out copies)."""
+    out: dict[str, Any] = {"backend": intent.backend, "description": intent.route.description}
+    if fallback:
+        out["served_by"] = backend_name
+        out["fallback"] = True
+    return out
 
 
 def now_ms() -> int:
@@ -282,11 +294,7 @@ class ChannelState:
 
     def route(self) -> dict[str, Any]:
         """The seed's ``route`` object, plus which backend really serves the channel."""
-        out: dict[str, Any] = {"backend": self.intent.backend, "description": self.intent.route.description}
-        if self.fallback:
-            out["served_by"] = self.backend_name
-            out["fallback"] = True
-        return out
+        return dict(shared_route(self.intent, self.backend_name, self.fallback))
 
     def info(self) -> dict[str, Any]:
         """JSON summary of the channel (``GET /channel/{id}``)."""

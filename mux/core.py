@@ -13,7 +13,6 @@ A backend failure closes its own channel with a reason and never reaches the nod
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import math
 import secrets
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import orjson
 import trio
 
 from backends.base import Backend, Disposition
@@ -35,7 +33,7 @@ from backends.stream import StreamBackend
 from . import __version__
 from .agents import normalize_agent
 from .bandwidth import UNLIMITED, TokenBucket
-from .channel import Channel, ChannelContext, ChannelState, Draft, End, Ends, Receipt, now_ms
+from .channel import Channel, ChannelContext, ChannelState, Draft, End, Ends, Receipt, now_ms, shared_route
 from .errors import (
     BadRequest,
     ChannelClosed,
@@ -48,7 +46,7 @@ from .errors import (
     MuxError,
 )
 from .frames import GENESIS, AgentSignature, ChainHead, Frame, canonical_json, payload_bytes
-from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry
+from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry, shared_policy
 from .mailbox import Mailbox
 from .resume import Resumes
 from .signing import NodeKey, check_agent_signature
@@ -102,11 +100,9 @@ class MuxConfig:
     (``[backends.NAME]`` tables of ``serve --config``)."""
 
 
-@functools.lru_cache(maxsize=512)
-def _shared(encoded: bytes) -> Any:
-    """One shared copy of a small JSON value that many open frames carry (route, policy):
-    never mutated, it saves a dict per open channel."""
-    return orjson.loads(encoded)
+def _bucket(policy: BandwidthPolicy) -> TokenBucket:
+    """A channel's byte budget; channels without a rate limit share ``UNLIMITED``."""
+    return TokenBucket(policy.rate, policy.burst) if policy.rate > 0 else UNLIMITED
 
 
 MAX_METADATA_DEPTH = 32
@@ -329,7 +325,7 @@ class Mux:
             target=target,
             metadata=metadata,
             chain=self._new_chain(channel_id, resolved.name, head=fork_of.chain.head if fork_of else GENESIS),
-            bucket=TokenBucket(policy.rate, policy.burst) if policy.rate > 0 else UNLIMITED,
+            bucket=_bucket(policy),
             ends=Ends(End(opener, cap), End(target, cap)),
             backend=backend,
             backend_name=backend_name,
@@ -350,8 +346,8 @@ class Mux:
                 "agent": opener,
                 "target": target,
                 "intent": resolved.name,
-                "route": _shared(orjson.dumps(state.route())),
-                "policy": _shared(orjson.dumps(policy.to_dict())),
+                "route": shared_route(resolved, backend_name, fallback),
+                "policy": shared_policy(policy),
                 "metadata": metadata,
                 **(
                     {
@@ -448,16 +444,18 @@ class Mux:
         agent: AgentSignature | None = None,
         *,
         defer_sign: bool = False,
+        encoded: tuple[str, bytes] | None = None,
     ) -> Receipt:
         """Chain, sign and hand over one frame from ``sender``; never awaits.
 
         ``agent`` is the sender's own signature over the payload: checked here (refused with
         ``bad_agent_signature``), then kept in the frame for the receiver to verify. With
         ``defer_sign`` the frame is left unsigned: the caller signs a later frame of the
-        channel (or seals it) before it returns to its event loop."""
+        channel (or seals it) before it returns to its event loop. ``encoded`` is
+        ``payload_bytes(payload)`` when the caller already has it."""
         if state.close_frame is not None:
             raise ChannelClosed(f"channel is closed ({state.close_reason})", channel_id=state.id)
-        encoded = payload_bytes(payload)
+        encoded = encoded or payload_bytes(payload)
         size = len(encoded[1])
         if size > self.config.max_payload_bytes:
             raise BadRequest(
@@ -648,7 +646,7 @@ class Mux:
                 target=row.target,
                 metadata=row.metadata,
                 chain=self._new_chain(row.id, resolved.name, next_seq=row.last.seq + 1, head=row.last.tbz_hash),
-                bucket=TokenBucket(resolved.policy.rate, resolved.policy.burst),
+                bucket=_bucket(resolved.policy),
                 ends=Ends(End(row.agent, cap), End(row.target, cap)),
                 backend=backend,
                 backend_name=backend_name,

@@ -174,9 +174,12 @@ class Frame:
 
     def to_dict(self) -> dict[str, Any]:
         """The exported form (one line of an exported chain); binary payloads as base64."""
+        return self._with_payload(self.payload)
+
+    def _with_payload(self, json_payload: Any) -> dict[str, Any]:
         d = self.header()
         payload = self._payload
-        d["payload"] = base64.b64encode(payload).decode() if isinstance(payload, bytes) else self.payload
+        d["payload"] = base64.b64encode(payload).decode() if isinstance(payload, bytes) else json_payload
         return d
 
     def header(self) -> dict[str, Any]:
@@ -203,11 +206,8 @@ class Frame:
         }
 
     def to_json(self) -> bytes:
-        """``to_dict`` as JSON bytes, reusing the canonical payload bytes."""
-        d = self.to_dict()
-        if not isinstance(self._payload, bytes):
-            d["payload"] = orjson.Fragment(self.raw)
-        return orjson.dumps(d)
+        """``to_dict`` as JSON bytes, reusing the canonical payload bytes (never decoded)."""
+        return orjson.dumps(self._with_payload(orjson.Fragment(self.raw)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Frame:

@@ -8,6 +8,7 @@ An :class:`IntentRegistry` holds a Mux's own view (built-ins plus ``register_int
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -47,7 +48,14 @@ class BandwidthPolicy:
 
     def to_dict(self) -> dict[str, object]:
         """The policy as the seed's JSON shape."""
-        return {"priority": self.priority, "rate": self.rate, "burst": self.burst, "preemptible": self.preemptible}
+        return dict(shared_policy(self))
+
+
+@functools.lru_cache(maxsize=512)
+def shared_policy(policy: BandwidthPolicy) -> dict[str, object]:
+    """``policy`` as the seed's JSON shape, one shared dict per distinct policy (never mutate
+    it: open frames of many channels carry it; ``BandwidthPolicy.to_dict`` hands out copies)."""
+    return {"priority": policy.priority, "rate": policy.rate, "burst": policy.burst, "preemptible": policy.preemptible}
 
 
 @attrs.frozen

@@ -124,19 +124,6 @@ class Outbox:
                 return message
             await self._ready.park()
 
-    def forget(self, key: str) -> None:
-        """Drop what is queued under ``key`` (its channel is gone) and wake its waiters."""
-        q = self._queues.pop(key, None)
-        if q is None:
-            return
-        self.queued -= len(q.items)
-        if q.scheduled:
-            ring = self._rings.get(q.urgency)
-            if ring is not None and key in ring:
-                ring.remove(key)
-        if q.room is not None:
-            q.room.unpark_all()
-
     @property
     def empty(self) -> bool:
         """True when nothing is queued."""

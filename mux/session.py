@@ -51,12 +51,10 @@ class WireSession:
         rate: tuple[float, int] = (0.0, 0),
         outbox_per_channel: int | None = None,
         chunk_bytes: int = wire.CHUNK_BYTES,
-        acks: str = "all",
+        live_acks: bool = True,
     ) -> None:
         self.mux = mux
-        if acks not in ("all", "errors"):
-            raise BadRequest('acks must be "all" or "errors"', code="bad_request")
-        self.live_acks = acks == "all"
+        self.live_acks = live_acks
         """False (``?acks=errors``): a live send delivered to the receiver's buffer gets no
         ``frame_ack``; errors, drops and durable (``stored``) acks are always sent."""
         self.endpoint = endpoint
@@ -76,14 +74,12 @@ class WireSession:
         self._ack_lot = trio.lowlevel.ParkingLot()
         self._sinks: dict[str, _ChannelSink] = {}
         self._ack_pump_running = False
-        self._defer_sign = False
-        self._deferred: ChannelState | None = None
         bulk_rate = mux.config.realtime_bulk_rate
         # a small burst (20 ms of the rate): bulk is let in a frame or two at a time, never as
         # a run of frames that would hold a call's next frame up behind it
         self._bulk = TokenBucket(bulk_rate, max(1, bulk_rate // 50)) if bulk_rate > 0 else None
         self._realtime_until = -math.inf
-        self.forwarders = 0
+        self.replaying = 0
         """Resumed channels still replaying what their agent missed."""
         self._closed = False
         self._nursery: trio.Nursery | None = None
@@ -120,8 +116,10 @@ class WireSession:
             return [wire.error_event(MuxError("too many messages; slow down", code="rate_limited"), action.ref)]
         return self._apply(action)
 
-    def _apply(self, action: wire.Action) -> list[Outgoing]:
+    def _apply(self, action: wire.Action, *, defer_sign: bool = False) -> list[Outgoing]:
         try:
+            if action.name == "send":
+                return self._do_send(action, defer_sign=defer_sign)
             return getattr(self, "_do_" + action.name)(action)  # type: ignore[no-any-return]
         except MuxError as exc:
             if exc.channel_id is None and isinstance(action.get("channel_id"), str):
@@ -135,33 +133,25 @@ class WireSession:
         in the batch is chained unsigned, the last is signed, and if that last one was
         refused the channel gets a signed ``seal`` before the batch is answered. So every
         frame is covered by a signature sent with (or right after) its own batch."""
-        items = list(wire.batch_items(action))
+        items = wire.batch_items(action)
         last: dict[str, int] = {}
         for i, item in enumerate(items):
             if not isinstance(item, MuxError) and item.name == "send":
-                cid = item.get("channel_id")
-                if isinstance(cid, str):
-                    last[cid] = i
+                last[item.get("channel_id")] = i
         replies: list[str] = []
-        deferred: dict[str, ChannelState] = {}
-        try:
-            for i, item in enumerate(items):
-                if isinstance(item, MuxError):
-                    replies.append(wire.error_event(item))
-                    continue
-                cid = item.get("channel_id") if item.name == "send" else None
-                self._defer_sign = isinstance(cid, str) and last[cid] != i
-                for reply in self._apply(item):
-                    assert isinstance(reply, str)  # replies to actions are JSON
-                    replies.append(reply)
-                if self._defer_sign and self._deferred is not None:
-                    deferred[self._deferred.id] = self._deferred
-                self._defer_sign, self._deferred = False, None
-        finally:
-            self._defer_sign, self._deferred = False, None
-            for state in deferred.values():
-                if state.is_open and state.chain.unsigned and state.chain.sign_every <= 1:
-                    self.mux.seal(state)
+        for i, item in enumerate(items):
+            if isinstance(item, MuxError):
+                replies.append(wire.error_event(item))
+                continue
+            defer = item.name == "send" and last[item.get("channel_id")] != i
+            for reply in self._apply(item, defer_sign=defer):
+                assert isinstance(reply, str)  # replies to actions are JSON
+                replies.append(reply)
+        for channel_id in last:  # a refused last send left its channel's batch unsigned
+            held = self.endpoint._held.get(channel_id)
+            state = held._state if held is not None else None
+            if state is not None and state.chain.unsigned and state.chain.sign_every <= 1:
+                self.mux.seal(state)
         if not replies and not self.live_acks:
             return []  # nothing to say: every item was a send that succeeded
         return [wire.batch_event(replies)]
@@ -178,9 +168,9 @@ class WireSession:
             raise ChannelNotFound(f"no channel {channel_id[:80]!r}")
         return self.endpoint.channel(channel_id)
 
-    def _do_send(self, action: wire.Action) -> list[Outgoing]:
+    def _do_send(self, action: wire.Action, *, defer_sign: bool = False) -> list[Outgoing]:
         ch = self._held(action.get("channel_id"))
-        self._shape(ch._state, action.get("payload"))
+        encoded = self._shape(ch._state, action.get("payload"))
         agent = None
         if action.get("agent_sig") is not None:
             if not self.grant.agent_key:
@@ -189,9 +179,9 @@ class WireSession:
                     code="no_agent_key",
                 )
             agent = AgentSignature(self.grant.agent_key, action.get("agent_nonce") or "", action.get("agent_sig"))
-        receipt = self.mux._post(ch._state, self.agent, action.get("payload"), agent, defer_sign=self._defer_sign)
-        if self._defer_sign:
-            self._deferred = ch._state
+        receipt = self.mux._post(
+            ch._state, self.agent, action.get("payload"), agent, defer_sign=defer_sign, encoded=encoded
+        )
         if not self.live_acks and not receipt.stored and receipt.delivered:
             return []  # ?acks=errors: silence means delivered
         ack = wire.frame_ack_event(receipt.frame, receipt.disposition.value, action.ref, stored=receipt.stored)
@@ -204,19 +194,21 @@ class WireSession:
             return []
         return [ack]
 
-    def _shape(self, state: ChannelState, payload: Any) -> None:
+    def _shape(self, state: ChannelState, payload: Any) -> tuple[str, bytes] | None:
         """Real-time beside bulk on one connection (``MuxConfig.realtime_bulk_rate``): a call's
-        frames mark the connection; meanwhile its preemptible frames share a byte budget."""
+        frames mark the connection; meanwhile its preemptible frames share a byte budget.
+        Returns the payload's encoding when it had to compute it (for ``Mux._post``)."""
         intent = state.intent
         if intent.realtime:
             self._realtime_until = trio.current_time() + self.mux.config.realtime_hold_s
-            return
+            return None
         if self._bulk is None or not intent.policy.preemptible:
-            return
+            return None
         now = trio.current_time()
         if now >= self._realtime_until:
-            return
-        size = len(payload) if isinstance(payload, (bytes, bytearray)) else len(payload_bytes(payload)[1])
+            return None
+        encoded = None if isinstance(payload, bytes) else payload_bytes(payload)
+        size = len(payload) if encoded is None else len(encoded[1])
         if not self._bulk.take(size, now):
             state.throttled += 1
             throttled = ChannelThrottled(
@@ -225,6 +217,7 @@ class WireSession:
             )
             throttled.retry_after_ms = self._bulk.retry_after_ms(size)
             raise throttled
+        return encoded
 
     def _do_ack(self, action: wire.Action) -> list[Outgoing]:
         removed = self.mux.ack(self.agent, action.get("channel_id"), action.get("seq"))
@@ -325,11 +318,11 @@ class WireSession:
     @property
     def idle(self) -> bool:
         """True when no durable ack is waiting, no channel is replaying, nothing queued."""
-        return not self._durable_acks and not self.forwarders and self.outbox.empty
+        return not self._durable_acks and not self.replaying and self.outbox.empty
 
     async def _replay_then_watch(self, ch: Channel, replay: Resumed) -> None:
         """Send what the agent missed while away (from the ledger), then live frames."""
-        self.forwarders += 1
+        self.replaying += 1
         try:
             urgency = ch._state.intent.policy.priority
             for frame in await self.mux.store.chain(ch.id, replay.after_seq):
@@ -342,7 +335,7 @@ class WireSession:
                 await self.outbox.put(ch.id, urgency, *wire.frame_messages(frame, self.chunk_bytes))
             self._install(ch)
         finally:
-            self.forwarders -= 1
+            self.replaying -= 1
 
     def close(self, reason: str = "ws_disconnect") -> None:
         """The socket is gone: a resumable session's channels linger for its token (see

@@ -33,8 +33,6 @@ class NodeSettings:
     prefix: str = "/api/mux"
     max_message_bytes: int = 1 << 20
     """Largest WebSocket message / REST body the node reads; larger gets ``message_too_large``."""
-    outbox_messages: int = 256
-    """Messages queued for one socket before its channels' forwarders wait."""
     open_mode: bool = False
     """No authentication: callers name themselves (the seed's behaviour). ``serve --open``."""
     max_connections: int = 10_000

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 
 from quart import websocket
 
-__all__ = ["AsgiSocket", "FastSocketApp", "QuartSocket", "Socket"]
+__all__ = ["AsgiSocket", "Disconnected", "FastSocketApp", "QuartSocket", "Socket"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]

@@ -8,8 +8,9 @@ import pytest
 import trio
 
 import mux
-from mux.server import ServeInfo, serve
-from mux.settings import NodeSettings
+from mux.server import ServeInfo
+
+from .nodes import serve_node
 
 
 @pytest.fixture
@@ -22,8 +23,4 @@ async def node() -> AsyncIterator[mux.Mux]:
 @pytest.fixture
 async def server(nursery: trio.Nursery) -> AsyncIterator[ServeInfo]:
     """A real Hypercorn node on a free loopback port (plain HTTP, in-memory key)."""
-    settings = NodeSettings(
-        open_mode=True, host="127.0.0.1", port=0, data_dir=None, agent="node", graceful_timeout_s=1.0
-    )
-    info: ServeInfo = await nursery.start(lambda task_status: serve(settings, task_status=task_status))
-    yield info
+    yield await serve_node(nursery)

@@ -20,8 +20,9 @@ import mux
 from mux.client import ClientChannel, MuxClient, connect
 from mux.core import MuxConfig
 from mux.errors import BadRequest, MuxError
-from mux.server import ServeInfo, serve
-from mux.settings import NodeSettings
+from mux.server import ServeInfo
+
+from .nodes import serve_node
 
 T = TypeVar("T")
 SENDER = "node@mux.example"
@@ -84,17 +85,7 @@ async def smtp_server(handler: Inbox, port: int) -> AsyncIterator[Controller]:
 
 async def mail_node(nursery: trio.Nursery, **options: Any) -> ServeInfo:
     """A real node whose mail backend has ``options``."""
-    settings = NodeSettings(
-        open_mode=True,
-        host="127.0.0.1",
-        port=0,
-        data_dir=None,
-        agent="node",
-        graceful_timeout_s=1.0,
-        mux=MuxConfig(backends={"mail": options}),
-    )
-    info: ServeInfo = await nursery.start(lambda task_status: serve(settings, task_status=task_status))
-    return info
+    return await serve_node(nursery, mux=MuxConfig(backends={"mail": options}))
 
 
 async def reports(ch: ClientChannel, until: str = "") -> list[dict[str, Any]]:

@@ -25,9 +25,10 @@ from backends.overlay import parse_hostport, tunnel_allowed
 from mux.client import MuxConnection, connect
 from mux.core import MuxConfig
 from mux.errors import BadRequest, ChannelFull, MuxError
-from mux.server import ServeInfo, serve
-from mux.settings import NodeSettings
+from mux.server import ServeInfo
 from mux.tunnel import TunnelListener, TunnelResult, parse_address, serve_tunnel
+
+from .nodes import serve_node
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -37,17 +38,7 @@ Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
 async def start_node(nursery: trio.Nursery, allow: list[str], **overlay: Any) -> ServeInfo:
     """A real node whose overlay backend allows ``allow`` (plus ``overlay`` options)."""
-    settings = NodeSettings(
-        open_mode=True,
-        host="127.0.0.1",
-        port=0,
-        data_dir=None,
-        agent="node",
-        graceful_timeout_s=1.0,
-        mux=MuxConfig(backends={"overlay": {"allow": allow, **overlay}}),
-    )
-    info: ServeInfo = await nursery.start(lambda task_status: serve(settings, task_status=task_status))
-    return info
+    return await serve_node(nursery, mux=MuxConfig(backends={"overlay": {"allow": allow, **overlay}}))
 
 
 async def start_tcp(nursery: trio.Nursery, handler: Handler, *, rcvbuf: int | None = None) -> int:

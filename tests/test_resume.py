@@ -11,19 +11,14 @@ import trio
 
 import mux
 from mux.client import open_ws
-from mux.server import ServeInfo, serve
-from mux.settings import NodeSettings
 
+from .nodes import serve_node
 from .wsutil import open_cuttable_ws, recv, recv_until, send, ws_url
 
 
 @pytest.fixture
 async def node_url(nursery: trio.Nursery) -> str:
-    settings = NodeSettings(
-        open_mode=True, port=0, data_dir=None, agent="node", resume_grace_s=1.0, graceful_timeout_s=1.0
-    )
-    info: ServeInfo = await nursery.start(lambda task_status: serve(settings, task_status=task_status))
-    return info.url
+    return (await serve_node(nursery, resume_grace_s=1.0)).url
 
 
 def resumable(url: str, agent: str) -> str:

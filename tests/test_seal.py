@@ -8,9 +8,8 @@ import trio
 import mux
 from mux.client import open_ws
 from mux.core import MuxConfig
-from mux.server import ServeInfo, serve
-from mux.settings import NodeSettings
 
+from .nodes import serve_node
 from .wsutil import recv, send, ws_url
 
 
@@ -60,10 +59,7 @@ async def test_idle_channel_is_sealed_within_the_bound() -> None:
 
 
 async def test_sealer_covers_an_idle_tail_over_websocket(nursery: trio.Nursery) -> None:
-    settings = NodeSettings(
-        open_mode=True, port=0, data_dir=None, agent="node", mux=MuxConfig(sign_every=50, sign_within_ms=100)
-    )
-    info: ServeInfo = await nursery.start(lambda task_status: serve(settings, task_status=task_status))
+    info = await serve_node(nursery, mux=MuxConfig(sign_every=50, sign_within_ms=100))
     m = info.node.require()
     async with open_ws(ws_url(info.url, "a")) as a, open_ws(ws_url(info.url, "b")) as b:
         await recv(a)

@@ -14,10 +14,9 @@ import trio
 
 from mux.auth import issue_token
 from mux.client import open_ws
-from mux.server import ServeInfo, serve
-from mux.settings import NodeSettings
 from mux.signing import NodeKey
 
+from .nodes import serve_node
 from .wsutil import recv, send
 
 
@@ -32,8 +31,7 @@ def key(data_dir: Path) -> NodeKey:
 
 
 async def start(nursery: trio.Nursery, data_dir: Path, **over: Any) -> str:
-    settings = NodeSettings(port=0, data_dir=str(data_dir), agent="node", graceful_timeout_s=1.0, **over)
-    info: ServeInfo = await nursery.start(lambda task_status: serve(settings, task_status=task_status))
+    info = await serve_node(nursery, **{"open_mode": False, "data_dir": str(data_dir), **over})
     return info.url
 
 

@@ -26,9 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 import mux
-from mux.server import ServeInfo, serve
-from mux.settings import NodeSettings
+from mux.server import ServeInfo
 from mux.tls import client_ssl_context, write_self_signed
+
+from .nodes import serve_node
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,17 +46,7 @@ def cert(tmp_path: Path) -> tuple[str, str]:
 async def tls_server(nursery: trio.Nursery, cert: tuple[str, str]) -> AsyncIterator[ServeInfo]:
     """A real in-process Hypercorn node speaking TLS 1.3 on a free loopback port."""
     certfile, keyfile = cert
-    settings = NodeSettings(
-        open_mode=True,
-        host="127.0.0.1",
-        port=0,
-        data_dir=None,
-        certfile=certfile,
-        keyfile=keyfile,
-        graceful_timeout_s=1.0,
-    )
-    info: ServeInfo = await nursery.start(lambda task_status: serve(settings, task_status=task_status))
-    yield info
+    yield await serve_node(nursery, certfile=certfile, keyfile=keyfile)
 
 
 def _port(url: str) -> int:

@@ -44,9 +44,9 @@ from mux.core import MuxConfig
 from mux.errors import MuxError
 from mux.filesync import PARTIAL_DIR, FileSyncError, Progress, SyncResult, receive_files, send_file
 from mux.intents import BandwidthPolicy
-from mux.server import ServeInfo, serve
-from mux.settings import NodeSettings
+from mux.server import ServeInfo
 
+from .nodes import serve_node
 from .test_filesync import agent
 from .test_overlay import start_tunnel
 
@@ -59,16 +59,7 @@ MB = 1 << 20
 
 async def start_node(nursery: trio.Nursery, allow: list[str]) -> ServeInfo:
     """A real node allowing tunnels to ``allow``, with the ``file:sync`` budget lifted."""
-    settings = NodeSettings(
-        open_mode=True,
-        host="127.0.0.1",
-        port=0,
-        data_dir=None,
-        agent="node",
-        graceful_timeout_s=1.0,
-        mux=MuxConfig(backends={"overlay": {"allow": allow}}),
-    )
-    info: ServeInfo = await nursery.start(lambda task_status: serve(settings, task_status=task_status))
+    info = await serve_node(nursery, mux=MuxConfig(backends={"overlay": {"allow": allow}}))
     m = info.node.require()
     builtin = m.resolve("file:sync")
     m.register_intent(

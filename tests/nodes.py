@@ -1,0 +1,29 @@
+"""Starting real nodes in tests: Hypercorn on a free loopback port, in the test's nursery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from mux.server import ServeInfo, serve
+from mux.settings import NodeSettings
+
+__all__ = ["serve_node"]
+
+TEST_NODE: dict[str, Any] = {
+    "open_mode": True,
+    "host": "127.0.0.1",
+    "port": 0,
+    "data_dir": None,
+    "agent": "node",
+    "graceful_timeout_s": 1.0,
+}
+"""A test node: no authentication, in-memory key and store, quick to shut down."""
+
+
+async def serve_node(nursery: trio.Nursery, **settings: Any) -> ServeInfo:
+    """A running node with ``TEST_NODE`` settings, any of them overridden by ``settings``."""
+    node_settings = NodeSettings(**{**TEST_NODE, **settings})
+    info: ServeInfo = await nursery.start(lambda task_status: serve(node_settings, task_status=task_status))
+    return info
