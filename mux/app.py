@@ -9,6 +9,7 @@ nursery from startup to shutdown. Every failure is a JSON body ``{"error": CODE,
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import math
 import sys
@@ -30,13 +31,13 @@ from .bandwidth import TokenBucket
 from .core import Mux, start_mux
 from .errors import BadRequest, MuxError
 from .frames import Frame
+from .heap import trimmer
 from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
 from .session import WireSession
 from .settings import NodeSettings
 from .signing import NodeKey
 from .sockets import Disconnected, FastSocketApp, QuartSocket, Socket
 from .storage import STORE_FILE, MemoryStore, SqliteStore, Store
-from .trim import trimmer
 
 __all__ = ["HTTP_STATUS", "Node", "create_app", "create_blueprint", "node_asgi", "serve_socket"]
 
@@ -76,7 +77,7 @@ class Node:
     """Each live connection and, once it sends, its writer (shutdown, slow-consumer watchdog)."""
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
     closed_sessions: int = 0
-    """WebSocket connections that ended (counted for ``mux.trim``)."""
+    """WebSocket connections that ended (counted for ``mux.heap``)."""
     _auth: Authenticator | None = None
     _rest_buckets: collections.OrderedDict[str, TokenBucket] = attrs.field(factory=collections.OrderedDict)
 
@@ -167,7 +168,7 @@ class Node:
         out = self.require().status()
         out["tls"] = "TLSv1.3" if self.settings.tls else None
         out["connections"] = len(self.sessions)
-        out["memory"] = {"heap_blocks": sys.getallocatedblocks()}
+        out["memory"] = {"heap_blocks": sys.getallocatedblocks(), "gc_frozen": gc.get_freeze_count()}
         out["protocols"] = ["h2", "http/1.1"] if self.settings.tls else ["http/1.1", "h2c"]
         return out
 

@@ -161,6 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for spec in args.allow_tunnel or []:
         settings.mux.backends.setdefault("overlay", {}).setdefault("allow", []).append(spec)
     from .core import configured_registry
+    from .heap import freeze_startup
 
     configured_registry(settings.mux)  # a bad [mux.intent_policies] fails here with a clear error
 
@@ -177,6 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 )
             print(f"mux node {node_mux.agent} listening on {', '.join(info.urls)} [{scheme}]", flush=True)
             print(f"public key {node_mux.public_key}", flush=True)
+            freeze_startup()  # this process serves this node: keep full collections short
 
     trio.run(main)
     print("mux node stopped", flush=True)

@@ -131,6 +131,11 @@ def error_from_wire(body: dict[str, Any], status: int | None = None) -> MuxError
     else:
         exc = MuxError(detail, channel_id=channel_id)
     exc.code = code
+    if isinstance(exc, ChannelThrottled):
+        for hint in ("retry_after_ms", "window"):
+            value = body.get(hint)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                setattr(exc, hint, value)
     ref = body.get("ref")
     if isinstance(ref, (str, int)) and not isinstance(ref, bool):
         exc.ref = ref
@@ -391,6 +396,11 @@ class ClientChannel:
         self.closed_event: dict[str, Any] | None = None
         """The ``channel_closed`` event, once the channel is closed."""
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[dict[str, Any]](buffer_frames)
+        self.window: int | None = None
+        """The node's ``window`` hint from the last ack or refusal (None: no limit from the
+        node): ``send`` keeps at most this many frames unacknowledged on the channel."""
+        self._in_flight = 0
+        self._room = trio.lowlevel.ParkingLot()
 
     def __repr__(self) -> str:
         state = f"closed ({self.closed_reason})" if self.closed_reason else "open"
@@ -411,21 +421,50 @@ class ClientChannel:
             self.closed_event = event
             self.closed_reason = str(event.get("reason") or "closed")
         self._inbox_send.close()
+        self._room.unpark_all()  # sends waiting for the window fail at once
 
     def _raise_closed(self) -> NoReturn:
         raise ChannelClosed(f"channel is closed ({self.closed_reason})", channel_id=self.id)
 
     async def send(self, payload: Any) -> dict[str, Any]:
-        """Send one payload (JSON value, or ``bytes`` as a binary message); returns the ``frame_ack``."""
+        """Send one payload (JSON value, or ``bytes`` as a binary message); returns the ``frame_ack``.
+
+        Concurrent sends on one channel honour the node's ``window`` hint (while a call is
+        active on the connection, a bulk channel is asked to keep few frames in flight): a
+        send beyond it waits for an earlier one's answer. A ``throttled`` refusal raises
+        :class:`~mux.errors.ChannelThrottled` with the node's ``retry_after_ms``.
+        """
+        while self.window is not None and self._in_flight >= self.window and self.closed_reason is None:
+            await self._room.park()
         if self.closed_reason is not None:
             self._raise_closed()
-        if isinstance(payload, (bytes, bytearray, memoryview)):
-            return await self._conn._request(
-                {"action": "send", "channel_id": self.id}, binary=bytes(payload), expect="frame_ack"
-            )
-        return await self._conn._request(
-            {"action": "send", "channel_id": self.id, "payload": payload}, expect="frame_ack"
-        )
+        self._in_flight += 1
+        window = self.window
+        try:
+            if isinstance(payload, (bytes, bytearray, memoryview)):
+                reply = await self._conn._request(
+                    {"action": "send", "channel_id": self.id}, binary=bytes(payload), expect="frame_ack"
+                )
+            else:
+                reply = await self._conn._request(
+                    {"action": "send", "channel_id": self.id, "payload": payload}, expect="frame_ack"
+                )
+            hint = reply.get("window")
+            window = hint if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0 else None
+        except ChannelThrottled as exc:
+            window = exc.window or None
+            raise
+        finally:
+            self._in_flight -= 1
+            self._set_window(window)
+        return reply
+
+    def _set_window(self, window: int | None) -> None:
+        self.window = window
+        if window is None:
+            self._room.unpark_all()
+        else:
+            self._room.unpark(count=max(0, window - self._in_flight))
 
     async def receive(self) -> dict[str, Any]:
         """The next frame addressed to us (``Frame.to_dict()`` form; binary payloads as bytes).

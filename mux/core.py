@@ -95,6 +95,11 @@ class MuxConfig:
     call cannot saturate the node and delay the call's frames. 0 = no shaping."""
     realtime_hold_s: float = 1.0
     """How long after a connection's last real-time frame its bulk stays shaped."""
+    realtime_bulk_window: int = 1
+    """While a connection's bulk is shaped, every ``frame_ack`` and ``throttled`` refusal on
+    its preemptible channels carries ``window``: the most frames the sender should have
+    unacknowledged on that channel, so a call's next frame never arrives behind a run of
+    bulk frames already on their way (docs/protocol.md). 0 = no hint."""
     backends: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     """Options per backend name, e.g. ``{"overlay": {"allow": ["127.0.0.1:8080"]}}``
     (``[backends.NAME]`` tables of ``serve --config``)."""

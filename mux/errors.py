@@ -97,12 +97,17 @@ class ChannelThrottled(ChannelError):
     code = "throttled"
     retry_after_ms: int | None = None
     """When the budget will have room for this frame again (sent as ``retry_after_ms``)."""
+    window: int | None = None
+    """The most frames the sender should have unacknowledged on this channel for now (sent
+    as ``window`` while a call shapes the connection's bulk)."""
 
     def to_wire(self) -> dict[str, Any]:
-        """The error with ``retry_after_ms`` when known."""
+        """The error with ``retry_after_ms`` and ``window`` when known."""
         out = super().to_wire()
         if self.retry_after_ms is not None:
             out["retry_after_ms"] = self.retry_after_ms
+        if self.window is not None:
+            out["window"] = self.window
         return out
 
 

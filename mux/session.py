@@ -170,7 +170,7 @@ class WireSession:
 
     def _do_send(self, action: wire.Action, *, defer_sign: bool = False) -> list[Outgoing]:
         ch = self._held(action.get("channel_id"))
-        encoded = self._shape(ch._state, action.get("payload"))
+        encoded, window = self._shape(ch._state, action.get("payload"))
         agent = None
         if action.get("agent_sig") is not None:
             if not self.grant.agent_key:
@@ -184,7 +184,9 @@ class WireSession:
         )
         if not self.live_acks and not receipt.stored and receipt.delivered:
             return []  # ?acks=errors: silence means delivered
-        ack = wire.frame_ack_event(receipt.frame, receipt.disposition.value, action.ref, stored=receipt.stored)
+        ack = wire.frame_ack_event(
+            receipt.frame, receipt.disposition.value, action.ref, stored=receipt.stored, window=window
+        )
         if receipt.stored:  # acknowledged once durable: the ack pump sends it after the commit
             if not self._ack_pump_running and self._nursery is not None:
                 self._ack_pump_running = True  # started by the first durable send, not per connection
@@ -194,19 +196,21 @@ class WireSession:
             return []
         return [ack]
 
-    def _shape(self, state: ChannelState, payload: Any) -> tuple[str, bytes] | None:
+    def _shape(self, state: ChannelState, payload: Any) -> tuple[tuple[str, bytes] | None, int | None]:
         """Real-time beside bulk on one connection (``MuxConfig.realtime_bulk_rate``): a call's
-        frames mark the connection; meanwhile its preemptible frames share a byte budget.
-        Returns the payload's encoding when it had to compute it (for ``Mux._post``)."""
+        frames mark the connection; meanwhile its preemptible frames share a byte budget and
+        their acks carry the ``window`` hint (``MuxConfig.realtime_bulk_window``). Returns the
+        payload's encoding when it had to compute it (for ``Mux._post``), and the hint."""
         intent = state.intent
         if intent.realtime:
             self._realtime_until = trio.current_time() + self.mux.config.realtime_hold_s
-            return None
+            return None, None
         if self._bulk is None or not intent.policy.preemptible:
-            return None
+            return None, None
         now = trio.current_time()
         if now >= self._realtime_until:
-            return None
+            return None, None
+        window = self.mux.config.realtime_bulk_window or None
         encoded = None if isinstance(payload, bytes) else payload_bytes(payload)
         size = len(payload) if encoded is None else len(encoded[1])
         if not self._bulk.take(size, now):
@@ -216,8 +220,9 @@ class WireSession:
                 channel_id=state.id,
             )
             throttled.retry_after_ms = self._bulk.retry_after_ms(size)
+            throttled.window = window
             raise throttled
-        return encoded
+        return encoded, window
 
     def _do_ack(self, action: wire.Action) -> list[Outgoing]:
         removed = self.mux.ack(self.agent, action.get("channel_id"), action.get("seq"))

@@ -51,7 +51,7 @@ class NodeSettings:
     graceful_timeout_s: float = 5.0
     """On SIGINT/SIGTERM: how long clients get to receive their channel_closed events."""
     trim_after_closes: int = 500
-    """Give freed memory back to the OS (``mux.trim``) after this many channels and
+    """Give freed memory back to the OS (``mux.heap``) after this many channels and
     connections closed; 0 = never."""
     mux: MuxConfig = attrs.field(factory=MuxConfig)
 

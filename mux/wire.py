@@ -266,9 +266,13 @@ def channel_opened_event(state: ChannelState, role: str, ref: str | int | None =
     )
 
 
-def frame_ack_event(frame: Frame, disposition: str, ref: str | int | None = None, *, stored: bool = False) -> str:
+def frame_ack_event(
+    frame: Frame, disposition: str, ref: str | int | None = None, *, stored: bool = False, window: int | None = None
+) -> str:
     """``frame_ack``: the frame was chained and signed (and with ``stored``, durably stored);
-    ``delivered`` says whether it also reached the receiver live."""
+    ``delivered`` says whether it also reached the receiver live. ``window``, when given, is
+    the most frames the sender should have unacknowledged on the channel for now."""
+    extra = {} if window is None else {"window": window}
     return event(
         "frame_ack",
         ref,
@@ -279,6 +283,7 @@ def frame_ack_event(frame: Frame, disposition: str, ref: str | int | None = None
         delivered=disposition == "delivered",
         stored=stored,
         disposition=disposition,
+        **extra,
     )
 
 

@@ -18,6 +18,7 @@ from mux.errors import (
     ChannelForbidden,
     ChannelFull,
     ChannelNotFound,
+    ChannelThrottled,
     MuxError,
 )
 from mux.server import ServeInfo
@@ -59,6 +60,10 @@ def test_error_from_wire() -> None:
     assert isinstance(bad, BadRequest) and bad.code == "bad_agent"
     other = error_from_wire({"error": "not_found"}, 404)
     assert type(other) is MuxError and other.code == "not_found"
+    slow = error_from_wire({"error": "throttled", "retry_after_ms": 12, "window": 1, "channel_id": "ch-1"})
+    assert isinstance(slow, ChannelThrottled) and (slow.retry_after_ms, slow.window) == (12, 1)
+    odd = error_from_wire({"error": "throttled", "window": "x"})
+    assert isinstance(odd, ChannelThrottled) and odd.window is None
 
 
 # ---- REST client ---------------------------------------------------------------------------
@@ -346,6 +351,46 @@ async def test_ws_small_inbox_backpressure_loses_nothing(server: ServeInfo) -> N
             got = [(await theirs.receive())["payload"] for _ in range(30)]
             assert got == [i if i % 3 else bytes([i]) for i in range(30)]
             assert await bob.ping() > 0
+
+
+async def test_ws_sends_honour_the_window_hint_beside_a_call(server: ServeInfo) -> None:
+    """While a call is active on the connection, a bulk channel's acks carry ``window: 1``
+    and concurrent ``send`` calls keep one frame in flight; once the call is quiet the hint
+    is gone and sends overlap again."""
+    with trio.fail_after(20):
+        async with connect(server.url, "alice") as alice, connect(server.url, "bob") as bob:
+            call = await alice.open("bob", "call:voice")
+            bulk = await alice.open("bob", "stream")
+            for _ in range(2):
+                await bob.accept()
+            in_flight = peak = 0
+            request = alice._request
+
+            async def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+                nonlocal in_flight, peak
+                in_flight += 1
+                peak = max(peak, in_flight)
+                try:
+                    return await request(*args, **kwargs)
+                finally:
+                    in_flight -= 1
+
+            alice._request = counting  # type: ignore[method-assign]
+
+            async def burst() -> int:
+                nonlocal peak
+                peak = 0
+                async with trio.open_nursery() as nursery:
+                    for i in range(6):
+                        nursery.start_soon(bulk.send, {"i": i})
+                return peak
+
+            await call.send({"type": "offer", "sdp": "v=0"})  # the call is active now
+            assert (await bulk.send({"first": True}))["window"] == 1 and bulk.window == 1
+            assert await burst() == 1
+            await trio.sleep(1.1)  # realtime_hold_s: the call went quiet
+            assert "window" not in await bulk.send({"after": True}) and bulk.window is None
+            assert await burst() > 1
 
 
 async def test_ack_durable_frames_rest_and_ws(server: ServeInfo) -> None:

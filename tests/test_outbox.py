@@ -213,12 +213,15 @@ async def test_bulk_beside_a_call_is_shaped_on_that_connection_only(node: mux.Mu
         assert orjson.loads(alice.handle(orjson.dumps(offer).decode())[0])["event"] == "frame_ack"
         replies = [send_bulk(alice, bulk) for _ in range(4)]
         assert [r.get("event") for r in replies[:2]] == ["frame_ack", "frame_ack"]
+        assert [r.get("window") for r in replies] == [1, 1, 1, 1]  # the hint, on acks and refusals
         refused = replies[-1]
         assert refused["error"] == "throttled" and refused["channel_id"] == bulk
         assert 1 <= refused["retry_after_ms"] <= 1000 and "call is active" in refused["detail"]
-        assert all(send_bulk(carol, other).get("event") == "frame_ack" for _ in range(4))  # not shaped
+        others = [send_bulk(carol, other) for _ in range(4)]
+        assert all(r.get("event") == "frame_ack" and "window" not in r for r in others)  # not shaped
         await trio.sleep(node.config.realtime_hold_s + 0.05)  # the call went quiet
-        assert all(send_bulk(alice, bulk).get("event") == "frame_ack" for _ in range(4))
+        after = [send_bulk(alice, bulk) for _ in range(4)]
+        assert all(r.get("event") == "frame_ack" and "window" not in r for r in after)
         connections.cancel_scope.cancel()
 
 
