@@ -45,7 +45,7 @@ from .server import expect
 
 __all__ = ["VoiceResult", "run", "voice_run"]
 
-VOICE_FRAMES = 500
+VOICE_FRAMES = 750
 VOICE_BYTES = 200
 TICK_S = 0.020
 FLOOD_BYTES = 16 << 10
