@@ -281,6 +281,7 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                         flood.sent = flood.ok = flood.rx_bytes = 0
                         flood.refused.clear()
                         flood.backoff, flood.window = False, FLOOD_WINDOW
+                        flood.in_flight = 0  # a send cancelled at the phase's end never gets an answer
                 res.alive = {"caller": False, "callee": False}
                 for ws in (caller, callee):
                     if ws.closed is None:
