@@ -673,6 +673,7 @@ class MuxConnection:
             if ch.closed_reason is None:
                 ch.closed_reason = "connection_closed"
             ch._inbox_send.close()
+            ch._room.unpark_all()  # sends waiting for the window fail at once
         self._channels.clear()
 
     async def _dispatch(self, message: str | bytes) -> None:

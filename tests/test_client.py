@@ -392,6 +392,25 @@ async def test_ws_sends_honour_the_window_hint_beside_a_call(server: ServeInfo) 
             assert "window" not in await bulk.send({"after": True}) and bulk.window is None
             assert await burst() > 1
 
+            # a send waiting for room fails as soon as the channel closes
+            await call.send({"type": "hangup"})
+            assert (await bulk.send({"again": True}))["window"] == 1
+            bulk._in_flight = 1  # as if one send were still unanswered
+            failed: list[BaseException] = []
+
+            async def waiting() -> None:
+                try:
+                    await bulk.send({"waits": True})
+                except ChannelClosed as exc:
+                    failed.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiting)
+                await trio.sleep(0.05)
+                assert not failed  # parked on the window
+                await bulk.close()
+            assert len(failed) == 1
+
 
 async def test_ack_durable_frames_rest_and_ws(server: ServeInfo) -> None:
     """Durable (chat) frames stay in the receiver's mailbox until acknowledged."""
