@@ -43,6 +43,13 @@ class TokenBucket:
             return True
         return False
 
+    def wait_ms(self, nbytes: int) -> int:
+        """Milliseconds until ``take(nbytes)`` would pass; 0 when it would pass now."""
+        if self.rate <= 0:
+            return 0
+        short = min(float(nbytes), float(self.burst)) - self.tokens
+        return 0 if short <= 0 else math.ceil(short / self.rate * 1000)
+
     def retry_after_ms(self, nbytes: int) -> int:
         """Milliseconds until ``take(nbytes)`` would pass (after it was refused)."""
         if self.rate <= 0:

@@ -401,6 +401,8 @@ class ClientChannel:
         node): ``send`` keeps at most this many frames unacknowledged on the channel."""
         self._in_flight = 0
         self._room = trio.lowlevel.ParkingLot()
+        self._not_before = -math.inf
+        """No send before this (trio clock): the node's ``pace_ms`` or ``retry_after_ms``."""
 
     def __repr__(self) -> str:
         state = f"closed ({self.closed_reason})" if self.closed_reason else "open"
@@ -429,13 +431,16 @@ class ClientChannel:
     async def send(self, payload: Any) -> dict[str, Any]:
         """Send one payload (JSON value, or ``bytes`` as a binary message); returns the ``frame_ack``.
 
-        Concurrent sends on one channel honour the node's ``window`` hint (while a call is
-        active on the connection, a bulk channel is asked to keep few frames in flight): a
-        send beyond it waits for an earlier one's answer. A ``throttled`` refusal raises
-        :class:`~mux.errors.ChannelThrottled` with the node's ``retry_after_ms``.
+        Sends honour the node's pacing hints (while a call is active on the connection, a bulk
+        channel's acks carry them): beyond ``window`` frames in flight a send waits for an
+        earlier one's answer, and after a ``pace_ms`` (or a refusal's ``retry_after_ms``) the
+        next send waits that long. A ``throttled`` refusal still raises
+        :class:`~mux.errors.ChannelThrottled` (with ``retry_after_ms``) for the caller to retry.
         """
         while self.window is not None and self._in_flight >= self.window and self.closed_reason is None:
             await self._room.park()
+        if self._not_before > trio.current_time() and self.closed_reason is None:
+            await trio.sleep_until(self._not_before)
         if self.closed_reason is not None:
             self._raise_closed()
         self._in_flight += 1
@@ -451,13 +456,19 @@ class ClientChannel:
                 )
             hint = reply.get("window")
             window = hint if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0 else None
+            self._pace(reply.get("pace_ms"))
         except ChannelThrottled as exc:
             window = exc.window or None
+            self._pace(exc.retry_after_ms)
             raise
         finally:
             self._in_flight -= 1
             self._set_window(window)
         return reply
+
+    def _pace(self, ms: Any) -> None:
+        if isinstance(ms, int) and not isinstance(ms, bool) and 0 < ms <= 60_000:
+            self._not_before = max(self._not_before, trio.current_time() + ms / 1000)
 
     def _set_window(self, window: int | None) -> None:
         self.window = window

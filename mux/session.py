@@ -170,7 +170,7 @@ class WireSession:
 
     def _do_send(self, action: wire.Action, *, defer_sign: bool = False) -> list[Outgoing]:
         ch = self._held(action.get("channel_id"))
-        encoded, window = self._shape(ch._state, action.get("payload"))
+        encoded, window, pace_ms = self._shape(ch._state, action.get("payload"))
         agent = None
         if action.get("agent_sig") is not None:
             if not self.grant.agent_key:
@@ -185,7 +185,7 @@ class WireSession:
         if not self.live_acks and not receipt.stored and receipt.delivered:
             return []  # ?acks=errors: silence means delivered
         ack = wire.frame_ack_event(
-            receipt.frame, receipt.disposition.value, action.ref, stored=receipt.stored, window=window
+            receipt.frame, receipt.disposition.value, action.ref, stored=receipt.stored, window=window, pace_ms=pace_ms
         )
         if receipt.stored:  # acknowledged once durable: the ack pump sends it after the commit
             if not self._ack_pump_running and self._nursery is not None:
@@ -196,20 +196,21 @@ class WireSession:
             return []
         return [ack]
 
-    def _shape(self, state: ChannelState, payload: Any) -> tuple[tuple[str, bytes] | None, int | None]:
+    def _shape(self, state: ChannelState, payload: Any) -> tuple[tuple[str, bytes] | None, int | None, int | None]:
         """Real-time beside bulk on one connection (``MuxConfig.realtime_bulk_rate``): a call's
         frames mark the connection; meanwhile its preemptible frames share a byte budget and
-        their acks carry the ``window`` hint (``MuxConfig.realtime_bulk_window``). Returns the
-        payload's encoding when it had to compute it (for ``Mux._post``), and the hint."""
+        their acks carry the ``window`` hint (``MuxConfig.realtime_bulk_window``) and, when
+        the budget has no room for another frame this size yet, ``pace_ms``. Returns the
+        payload's encoding when it had to compute it (for ``Mux._post``), and the hints."""
         intent = state.intent
         if intent.realtime:
             self._realtime_until = trio.current_time() + self.mux.config.realtime_hold_s
-            return None, None
+            return None, None, None
         if self._bulk is None or not intent.policy.preemptible:
-            return None, None
+            return None, None, None
         now = trio.current_time()
         if now >= self._realtime_until:
-            return None, None
+            return None, None, None
         window = self.mux.config.realtime_bulk_window or None
         encoded = None if isinstance(payload, bytes) else payload_bytes(payload)
         size = len(payload) if encoded is None else len(encoded[1])
@@ -222,7 +223,7 @@ class WireSession:
             throttled.retry_after_ms = self._bulk.retry_after_ms(size)
             throttled.window = window
             raise throttled
-        return encoded, window
+        return encoded, window, self._bulk.wait_ms(size) or None
 
     def _do_ack(self, action: wire.Action) -> list[Outgoing]:
         removed = self.mux.ack(self.agent, action.get("channel_id"), action.get("seq"))

@@ -267,12 +267,21 @@ def channel_opened_event(state: ChannelState, role: str, ref: str | int | None =
 
 
 def frame_ack_event(
-    frame: Frame, disposition: str, ref: str | int | None = None, *, stored: bool = False, window: int | None = None
+    frame: Frame,
+    disposition: str,
+    ref: str | int | None = None,
+    *,
+    stored: bool = False,
+    window: int | None = None,
+    pace_ms: int | None = None,
 ) -> str:
     """``frame_ack``: the frame was chained and signed (and with ``stored``, durably stored);
     ``delivered`` says whether it also reached the receiver live. ``window``, when given, is
-    the most frames the sender should have unacknowledged on the channel for now."""
-    extra = {} if window is None else {"window": window}
+    the most frames the sender should have unacknowledged on the channel for now;
+    ``pace_ms``, how long to wait before a next frame of this size would fit the budget."""
+    extra: dict[str, int] = {} if window is None else {"window": window}
+    if pace_ms is not None:
+        extra["pace_ms"] = pace_ms
     return event(
         "frame_ack",
         ref,

@@ -66,3 +66,14 @@ async def test_budget_refills_with_time(node: mux.Mux, autojump_clock: trio.test
         pass
     else:
         raise AssertionError("no time passed: the third frame must be throttled")
+
+
+def test_wait_ms_is_when_the_next_frame_fits() -> None:
+    """``wait_ms``: 0 while a frame of that size fits, else the refill time (a frame over the
+    burst waits for a full bucket, as ``take`` lets it through then)."""
+    b = TokenBucket(1000, 500)
+    assert b.wait_ms(400) == 0
+    assert b.take(400, 0.0)
+    assert b.wait_ms(400) == 300  # 100 left, 300 bytes short at 1000 B/s
+    assert b.wait_ms(10_000) == 400  # over the burst: until the bucket is full
+    assert TokenBucket(0, 0).wait_ms(1 << 20) == 0  # unlimited

@@ -356,7 +356,8 @@ async def test_ws_small_inbox_backpressure_loses_nothing(server: ServeInfo) -> N
 async def test_ws_sends_honour_the_window_hint_beside_a_call(server: ServeInfo) -> None:
     """While a call is active on the connection, a bulk channel's acks carry ``window: 1``
     and concurrent ``send`` calls keep one frame in flight; once the call is quiet the hint
-    is gone and sends overlap again."""
+    is gone and sends overlap again. ``pace_ms`` delays the next send; a send waiting for
+    room fails when the channel closes."""
     with trio.fail_after(20):
         async with connect(server.url, "alice") as alice, connect(server.url, "bob") as bob:
             call = await alice.open("bob", "call:voice")
@@ -392,9 +393,18 @@ async def test_ws_sends_honour_the_window_hint_beside_a_call(server: ServeInfo) 
             assert "window" not in await bulk.send({"after": True}) and bulk.window is None
             assert await burst() > 1
 
-            # a send waiting for room fails as soon as the channel closes
-            await call.send({"type": "hangup"})
+            await call.send({"type": "hangup"})  # the call is active again
             assert (await bulk.send({"again": True}))["window"] == 1
+
+            # a send after an ack with pace_ms waits that long, and so fits the budget
+            big = bytes(30_000)  # the call's bulk budget: 2 MB/s, 40 kB burst
+            first = await bulk.send(big)
+            assert first["pace_ms"] >= 5
+            t0 = trio.current_time()
+            assert (await bulk.send(big))["event"] == "frame_ack"  # waited, not refused
+            assert trio.current_time() - t0 >= first["pace_ms"] / 1000 * 0.9
+
+            # a send waiting for room fails as soon as the channel closes
             bulk._in_flight = 1  # as if one send were still unanswered
             failed: list[BaseException] = []
 

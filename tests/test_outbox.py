@@ -214,6 +214,8 @@ async def test_bulk_beside_a_call_is_shaped_on_that_connection_only(node: mux.Mu
         replies = [send_bulk(alice, bulk) for _ in range(4)]
         assert [r.get("event") for r in replies[:2]] == ["frame_ack", "frame_ack"]
         assert [r.get("window") for r in replies] == [1, 1, 1, 1]  # the hint, on acks and refusals
+        assert "pace_ms" not in replies[0]  # another frame this size still fits the burst
+        assert 1 <= replies[1]["pace_ms"] <= 20  # this one does not: when it will
         refused = replies[-1]
         assert refused["error"] == "throttled" and refused["channel_id"] == bulk
         assert 1 <= refused["retry_after_ms"] <= 1000 and "call is active" in refused["detail"]

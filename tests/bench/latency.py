@@ -9,13 +9,17 @@ answers (``{"type":"answer","sdp":"v=0"}``), as the voice backend enforces that 
 caller also opens two bulk channels to the callee on the same connection: ``stream`` and
 ``bulk:test`` (an unknown intent: the generic relay with the default, preemptible budget).
 
+Each phase runs as ``ROUNDS`` blocks, interleaved (alone, honouring, ignoring, alone, ...),
+so all three see this VM's drifting speed alike; a phase's figures pool its blocks.
 Phase 1 ("alone"): the caller sends ``VOICE_FRAMES`` media frames, one every 20 ms: binary
 frames of 200 bytes whose first bytes are the frame index, the send time
 (``time.perf_counter_ns``) and the phase. Phase 2: the same, while the caller floods both bulk
-channels with 16 KiB binary frames, honouring the node's ``window`` hint (while a call is
-active, acks on bulk channels carry ``window``: at most that many frames unacknowledged;
-otherwise ``FLOOD_WINDOW``). Phase 3: the same flood ignoring the hint (always
-``FLOOD_WINDOW`` in flight per channel), a client that only reacts to refusals. In both, a
+channels with 16 KiB binary frames, honouring the node's hints (while a call is active,
+acks on bulk channels carry ``window``, at most that many frames unacknowledged, otherwise
+``FLOOD_WINDOW``; and ``pace_ms``, wait that long before the next frame). Each flood block
+starts with ``FLOOD_WARMUP_S`` of unreported call frames, so the flood is shaped as beside a
+call in progress. Phase 3: the same flood ignoring the hints (always ``FLOOD_WINDOW`` in
+flight per channel), a client that only reacts to refusals. In both, a
 refused frame (``receiver_full`` or ``throttled``) frees its place and the flood backs off
 ``FLOOD_BACKOFF_S``, or the refusal's ``retry_after_ms`` when the node gives one, at most
 0.5 s. The callee's one reader takes everything (voice and bulk) off its socket; a voice
@@ -54,6 +58,11 @@ FLOOD_BACKOFF_S = 0.002
 FLOOD_WARMUP_S = 1.0
 FLOOD_MAX_FRAMES = 200_000
 FLOOD_INTENTS = ("stream", "bulk:test")
+ROUNDS = 3
+"""Each phase runs as this many blocks, interleaved: alone, honouring, ignoring, alone, ..."""
+SETTLE_S = 0.3
+WARMUP = 3
+"""The phase index of the call's frames sent while a flood warms up (not reported)."""
 PINGS = 100
 _STAMP = struct.Struct("<IqB")
 
@@ -99,13 +108,14 @@ class Flood:
 class VoiceResult:
     """What the voice benchmark measured."""
 
-    phases: list[Phase] = attrs.field(factory=lambda: [Phase(), Phase(), Phase()])
-    """Alone; beside a flood honouring the ``window`` hint; beside one ignoring it."""
+    phases: list[Phase] = attrs.field(factory=lambda: [Phase(), Phase(), Phase(), Phase()])
+    """Alone; beside a flood honouring the ``window`` hint; beside one ignoring it; and the
+    call's frames during each flood's warm-up (not reported)."""
     floods: list[Flood] = attrs.field(factory=list)
     flood_runs: list[tuple[int, Flood, float]] = attrs.field(factory=list)
     """Each flood's counters per flood phase: (phase, counters, seconds)."""
-    flood_meters: list[Meter] = attrs.field(factory=list)
-    alone_meter: Meter | None = None
+    meters: dict[int, list[Meter]] = attrs.field(factory=lambda: {0: [], 1: [], 2: []})
+    """The node's CPU in each block, by phase."""
     closed_connections: list[str] = attrs.field(factory=list)
     closed_channels: list[str] = attrs.field(factory=list)
     errors: collections.Counter[str] = attrs.field(factory=collections.Counter)
@@ -191,6 +201,9 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                                 flood.retry_after_s = retry / 1000 if isinstance(retry, int) else 0.0
                             hint = ev.get("window")
                             flood.window = hint if flood.honour and isinstance(hint, int) and hint > 0 else FLOOD_WINDOW
+                            pace = ev.get("pace_ms")
+                            if flood.honour and isinstance(pace, int) and pace > 0:
+                                flood.backoff, flood.retry_after_s = True, pace / 1000
                             flood.in_flight -= 1
                             flood.room.unpark_all()
             except trio_websocket.ConnectionClosed as exc:
@@ -222,12 +235,12 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
             except trio_websocket.ConnectionClosed as exc:
                 res.closed_connections.append(f"callee: {exc.reason}")
 
-        async def talk(p: int) -> None:
+        async def talk(p: int, first: int, count: int) -> None:
             phase = res.phases[p]
             pad = bytes(VOICE_BYTES - _STAMP.size)
             start = trio.current_time() + TICK_S
-            for i in range(voice_frames):
-                due = start + i * TICK_S
+            for i in range(first, first + count):
+                due = start + (i - first) * TICK_S
                 await trio.sleep_until(due)
                 phase.lateness.append(trio.current_time() - due)
                 t = phase.sent_ns[i] = time.perf_counter_ns()
@@ -251,37 +264,48 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                 )
                 flood.sent += 1
 
-        budget = 3 * voice_frames * TICK_S + 2 * FLOOD_WARMUP_S + 40
+        async def block(p: int, first: int, count: int) -> None:
+            """Voice frames ``first`` .. ``first + count - 1`` of phase ``p`` (0 alone, 1 beside
+            a flood honouring ``window``, 2 beside one ignoring it), then a settle."""
+            phase = res.phases[p]
+            with Meter(node) as meter:
+                if p == 0:
+                    await talk(p, first, count)
+                else:
+                    async with trio.open_nursery() as floods:
+                        for key, flood in by_key.items():
+                            flood.honour = p == 1
+                            floods.start_soon(flood_channel, key, flood)
+                        # the warm-up already carries the call (unreported frames), so the flood
+                        # is shaped from its first frame, as beside a call in progress
+                        await talk(WARMUP, warm_index[0], round(FLOOD_WARMUP_S / TICK_S))
+                        warm_index[0] += round(FLOOD_WARMUP_S / TICK_S)
+                        await talk(p, first, count)
+                        floods.cancel_scope.cancel()
+            res.meters[p].append(meter)
+            with trio.move_on_after(3):  # the last frames may still be on their way
+                while phase.received + sum(phase.refused.values()) < phase.sent or any(  # noqa: ASYNC110
+                    f.in_flight for f in res.floods
+                ):
+                    await trio.sleep(0.05)
+            await trio.sleep(SETTLE_S)  # bulk still queued for the callee drains before the next block
+            for flood in res.floods if p else ():  # keep this block's counters, start the next from zero
+                res.flood_runs.append((p, attrs.evolve(flood, refused=collections.Counter(flood.refused)), meter.wall))
+                flood.sent = flood.ok = flood.rx_bytes = 0
+                flood.refused.clear()
+                flood.backoff, flood.window = False, FLOOD_WINDOW
+                flood.in_flight = 0  # a send cancelled at the block's end never gets an answer
+
+        warm_index = [0]
+        per_block = max(1, voice_frames // ROUNDS)
+        budget = 3 * ROUNDS * (per_block * TICK_S + FLOOD_WARMUP_S + SETTLE_S + 3) + 20
         with trio.fail_after(budget):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(caller_reader)
                 nursery.start_soon(callee_reader)
-                with Meter(node) as res.alone_meter:
-                    await talk(0)
-                await trio.sleep(0.2)
-                for p, honour in ((1, True), (2, False)):
-                    with Meter(node) as meter:
-                        async with trio.open_nursery() as floods:
-                            for key, flood in by_key.items():
-                                flood.honour = honour
-                                floods.start_soon(flood_channel, key, flood)
-                            await trio.sleep(FLOOD_WARMUP_S)
-                            await talk(p)
-                            floods.cancel_scope.cancel()
-                    res.flood_meters.append(meter)
-                    with trio.move_on_after(3):  # the last frames may still be on their way
-                        while res.phases[p].received + sum(res.phases[p].refused.values()) < res.phases[p].sent or any(  # noqa: ASYNC110
-                            f.in_flight for f in res.floods
-                        ):
-                            await trio.sleep(0.05)
-                    for flood in res.floods:  # keep this phase's counters, start the next from zero
-                        res.flood_runs.append(
-                            (p, attrs.evolve(flood, refused=collections.Counter(flood.refused)), meter.wall)
-                        )
-                        flood.sent = flood.ok = flood.rx_bytes = 0
-                        flood.refused.clear()
-                        flood.backoff, flood.window = False, FLOOD_WINDOW
-                        flood.in_flight = 0  # a send cancelled at the phase's end never gets an answer
+                for r in range(ROUNDS):  # interleaved, so every phase sees the machine in the same moods
+                    for p in (0, 1, 2):
+                        await block(p, r * per_block, per_block)
                 res.alive = {"caller": False, "callee": False}
                 for ws in (caller, callee):
                     if ws.closed is None:
@@ -307,12 +331,16 @@ def run(voice_frames: int = VOICE_FRAMES) -> list[tuple[str, str]]:
     """Start a node, run the voice benchmark, return printable rows."""
     with node_process() as node:
         r = trio.run(voice_run, node, voice_frames)
-    alone, honoured, ignored = r.phases
+    alone, honoured, ignored, _ = r.phases
     p99a = percentile(alone.lat, 99)
-    refused = sum(sum(p.refused.values()) for p in r.phases)
+    refused = sum(sum(p.refused.values()) for p in r.phases)  # warm-up frames count here too
     rows = [
         (f"    floor: idle ping->pong round trip, {PINGS} pings 20 ms apart", fmt_ms(r.ping_rtt)),
-        (f"(d) voice {VOICE_BYTES} B every 20 ms, {voice_frames} frames, alone", _phase_row(alone)),
+        (
+            f"(d) voice {VOICE_BYTES} B every 20 ms, {voice_frames} frames per phase in {ROUNDS} interleaved"
+            " blocks; alone",
+            _phase_row(alone),
+        ),
         (
             "(d) voice, same conn flooding stream + bulk:test 16 KiB (flood honours window)",
             _phase_row(honoured) + f"   p99 ratio {percentile(honoured.lat, 99) / p99a:.2f}x (target <= 1.5x)",
@@ -322,26 +350,32 @@ def run(voice_frames: int = VOICE_FRAMES) -> list[tuple[str, str]]:
             _phase_row(ignored) + f"   p99 ratio {percentile(ignored.lat, 99) / p99a:.2f}x",
         ),
     ]
-    for p, f, wall in r.flood_runs:
+    totals: dict[tuple[int, str], Flood] = {}
+    walls: collections.Counter[tuple[int, str]] = collections.Counter()
+    for p, f, wall in r.flood_runs:  # the blocks of each phase, summed
+        t = totals.setdefault((p, f.intent), Flood(f.intent))
+        t.sent, t.ok, t.rx_bytes = t.sent + f.sent, t.ok + f.ok, t.rx_bytes + f.rx_bytes
+        t.refused.update(f.refused)
+        walls[(p, f.intent)] += wall
+    for (p, intent), f in sorted(totals.items()):
         refusals = ", ".join(f"{k} {v}" for k, v in f.refused.most_common()) or "none"
         how = f"honours window (else {FLOOD_WINDOW})" if p == 1 else f"window {FLOOD_WINDOW}, ignores the hint"
         rows.append(
             (
-                f"    flood {f.intent}: {how}; refused: waits retry_after_ms",
-                f"{f.rx_bytes / max(wall, 1e-9) / 1e6:8.1f} MB/s delivered  sent {f.sent}, acked {f.ok},"
-                f" refused: {refusals}",
+                f"    flood {intent}: {how}; refused: waits retry_after_ms",
+                f"{f.rx_bytes / max(walls[(p, intent)], 1e-9) / 1e6:8.1f} MB/s delivered  sent {f.sent},"
+                f" acked {f.ok}, refused: {refusals}",
             )
         )
-    if r.alone_meter and len(r.flood_meters) == 2:
-        cpu = [100 * m.node_cpu / m.wall for m in (r.alone_meter, *r.flood_meters)]
-        rows.append(
-            (
-                "    node CPU: voice alone / flood honouring window / ignoring it",
-                f"{cpu[0]:5.0f}% / {cpu[1]:3.0f}% / {cpu[2]:3.0f}% of a core; client ticker lateness p99"
-                f" {percentile(alone.lateness, 99) * 1e3:.2f} / {percentile(honoured.lateness, 99) * 1e3:.2f} /"
-                f" {percentile(ignored.lateness, 99) * 1e3:.2f} ms",
-            )
+    cpu = [100 * sum(m.node_cpu for m in ms) / max(1e-9, sum(m.wall for m in ms)) for ms in r.meters.values()]
+    rows.append(
+        (
+            "    node CPU: voice alone / flood honouring window / ignoring it",
+            f"{cpu[0]:5.0f}% / {cpu[1]:3.0f}% / {cpu[2]:3.0f}% of a core; client ticker lateness p99"
+            f" {percentile(alone.lateness, 99) * 1e3:.2f} / {percentile(honoured.lateness, 99) * 1e3:.2f} /"
+            f" {percentile(ignored.lateness, 99) * 1e3:.2f} ms",
         )
+    )
     closed = r.closed_connections or ["no"]
     rows.append(
         (
