@@ -43,6 +43,11 @@ class TokenBucket:
             return True
         return False
 
+    def refund(self, nbytes: int) -> None:
+        """Give back credit a frame took but did not use (it was refused further on)."""
+        if self.rate > 0:
+            self.tokens = min(float(self.burst), self.tokens + nbytes)
+
     def wait_ms(self, nbytes: int) -> int:
         """Milliseconds until ``take(nbytes)`` would pass; 0 when it would pass now."""
         if self.rate <= 0:

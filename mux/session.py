@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -35,6 +35,20 @@ from .resume import Resumed, new_token
 __all__ = ["WireSession"]
 
 log = logging.getLogger("mux.session")
+
+
+class _Shaped(NamedTuple):
+    """What shaping beside a call decided for one send (``WireSession._shape``)."""
+
+    encoded: tuple[str, bytes] | None = None
+    """The payload's encoding, when shaping had to compute it."""
+    window: int | None = None
+    pace_ms: int | None = None
+    charged: int = 0
+    """Bytes taken from the connection's bulk budget (given back if the send is refused)."""
+
+
+_NOT_SHAPED = _Shaped()
 
 
 class WireSession:
@@ -170,7 +184,7 @@ class WireSession:
 
     def _do_send(self, action: wire.Action, *, defer_sign: bool = False) -> list[Outgoing]:
         ch = self._held(action.get("channel_id"))
-        encoded, window, pace_ms = self._shape(ch._state, action.get("payload"))
+        shaped = self._shape(ch._state, action.get("payload"))
         agent = None
         if action.get("agent_sig") is not None:
             if not self.grant.agent_key:
@@ -179,13 +193,25 @@ class WireSession:
                     code="no_agent_key",
                 )
             agent = AgentSignature(self.grant.agent_key, action.get("agent_nonce") or "", action.get("agent_sig"))
-        receipt = self.mux._post(
-            ch._state, self.agent, action.get("payload"), agent, defer_sign=defer_sign, encoded=encoded
-        )
+        try:
+            receipt = self.mux._post(
+                ch._state, self.agent, action.get("payload"), agent, defer_sign=defer_sign, encoded=shaped.encoded
+            )
+        except MuxError as exc:
+            if shaped.charged and self._bulk is not None:  # refused after all (its intent's budget,
+                self._bulk.refund(shaped.charged)  # a full receiver): the call's share is not spent
+                if isinstance(exc, ChannelThrottled) and exc.window is None:
+                    exc.window = shaped.window
+            raise
         if not self.live_acks and not receipt.stored and receipt.delivered:
             return []  # ?acks=errors: silence means delivered
         ack = wire.frame_ack_event(
-            receipt.frame, receipt.disposition.value, action.ref, stored=receipt.stored, window=window, pace_ms=pace_ms
+            receipt.frame,
+            receipt.disposition.value,
+            action.ref,
+            stored=receipt.stored,
+            window=shaped.window,
+            pace_ms=shaped.pace_ms,
         )
         if receipt.stored:  # acknowledged once durable: the ack pump sends it after the commit
             if not self._ack_pump_running and self._nursery is not None:
@@ -196,21 +222,22 @@ class WireSession:
             return []
         return [ack]
 
-    def _shape(self, state: ChannelState, payload: Any) -> tuple[tuple[str, bytes] | None, int | None, int | None]:
+    def _shape(self, state: ChannelState, payload: Any) -> _Shaped:
         """Real-time beside bulk on one connection (``MuxConfig.realtime_bulk_rate``): a call's
         frames mark the connection; meanwhile its preemptible frames share a byte budget and
         their acks carry the ``window`` hint (``MuxConfig.realtime_bulk_window``) and, when
         the budget has no room for another frame this size yet, ``pace_ms``. Returns the
-        payload's encoding when it had to compute it (for ``Mux._post``), and the hints."""
+        payload's encoding when it had to compute it (for ``Mux._post``), the hints and what
+        the frame was charged."""
         intent = state.intent
         if intent.realtime:
             self._realtime_until = trio.current_time() + self.mux.config.realtime_hold_s
-            return None, None, None
+            return _NOT_SHAPED
         if self._bulk is None or not intent.policy.preemptible:
-            return None, None, None
+            return _NOT_SHAPED
         now = trio.current_time()
         if now >= self._realtime_until:
-            return None, None, None
+            return _NOT_SHAPED
         window = self.mux.config.realtime_bulk_window or None
         encoded = None if isinstance(payload, bytes) else payload_bytes(payload)
         size = len(payload) if encoded is None else len(encoded[1])
@@ -223,7 +250,7 @@ class WireSession:
             throttled.retry_after_ms = self._bulk.retry_after_ms(size)
             throttled.window = window
             raise throttled
-        return encoded, window, self._bulk.wait_ms(size) or None
+        return _Shaped(encoded, window, self._bulk.wait_ms(size) or None, size)
 
     def _do_ack(self, action: wire.Action) -> list[Outgoing]:
         removed = self.mux.ack(self.agent, action.get("channel_id"), action.get("seq"))

@@ -227,6 +227,39 @@ async def test_bulk_beside_a_call_is_shaped_on_that_connection_only(node: mux.Mu
         connections.cancel_scope.cancel()
 
 
+async def test_a_bulk_frame_refused_by_its_intent_does_not_spend_the_calls_share() -> None:
+    """Beside a call, a frame refused further on (here by its own intent's budget) gives its
+    bytes back to the connection's bulk budget, and the refusal still carries ``window``."""
+    from mux.wire import pack_binary
+
+    async with mux.open_mux(agent="n", intent_policies={"bulk:tiny": {"rate": 1000, "burst": 1000}}) as m:
+        async with trio.open_nursery() as connections:
+            alice = WireSession(m, m.attach("alice"), max_message_bytes=1 << 20)
+            await connections.start(alice.run)
+            m.attach("bob")
+
+            def open_(intent: str) -> str:
+                reply = alice.handle(orjson.dumps({"action": "open", "target": "bob", "intent": intent}).decode())
+                return str(orjson.loads(reply[0])["channel_id"])
+
+            call, tiny = open_("call:voice"), open_("bulk:tiny")
+            offer = {"action": "send", "channel_id": call, "payload": {"type": "offer", "sdp": "v=0"}}
+            alice.handle(orjson.dumps(offer).decode())
+            assert alice._bulk is not None
+            full = alice._bulk.tokens
+            blob = bytes(5000)
+
+            def send_tiny() -> dict[str, Any]:
+                return dict(orjson.loads(alice.handle(pack_binary({"action": "send", "channel_id": tiny}, blob))[0]))
+
+            assert send_tiny()["event"] == "frame_ack"  # over its burst, but its bucket was full
+            refused = send_tiny()
+            assert refused["error"] == "throttled" and refused["window"] == 1 and refused["retry_after_ms"] > 0
+            assert "call is active" not in refused["detail"]  # its intent's budget said no
+            assert alice._bulk.tokens >= full - len(blob) - 1  # charged once (the sent frame), not twice
+            connections.cancel_scope.cancel()
+
+
 async def test_acks_errors_makes_delivered_sends_quiet(server: ServeInfo) -> None:
     """``?acks=errors``: delivered sends are silent, refusals and drops still answer."""
     url = ws_url(server.url, "alice") + "&acks=errors"
