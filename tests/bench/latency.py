@@ -49,13 +49,13 @@ from .server import expect
 
 __all__ = ["VoiceResult", "run", "voice_run"]
 
-VOICE_FRAMES = 750
+VOICE_FRAMES = 600
 VOICE_BYTES = 200
 TICK_S = 0.020
 FLOOD_BYTES = 16 << 10
 FLOOD_WINDOW = 8
 FLOOD_BACKOFF_S = 0.002
-FLOOD_WARMUP_S = 1.0
+FLOOD_WARMUP_S = 0.5
 FLOOD_MAX_FRAMES = 200_000
 FLOOD_INTENTS = ("stream", "bulk:test")
 ROUNDS = 3
