@@ -98,8 +98,9 @@ class MuxConfig:
     realtime_bulk_window: int = 1
     """While a connection's bulk is shaped, every ``frame_ack`` and ``throttled`` refusal on
     its preemptible channels carries ``window``: the most frames the sender should have
-    unacknowledged on that channel, so a call's next frame never arrives behind a run of
-    bulk frames already on their way (docs/protocol.md). 0 = no hint."""
+    unacknowledged on that channel, so a client that honours it never has a run of bulk
+    frames on the wire ahead of the call's next frame (acks also carry ``pace_ms`` once the
+    budget is spent; docs/protocol.md). 0 = no hint."""
     backends: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     """Options per backend name, e.g. ``{"overlay": {"allow": ["127.0.0.1:8080"]}}``
     (``[backends.NAME]`` tables of ``serve --config``)."""
