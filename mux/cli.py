@@ -176,9 +176,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 logging.getLogger("mux").warning(
                     "OPEN MODE: no authentication; any caller may claim any agent name (--open)"
                 )
+            freeze_startup()  # this process serves this node: keep full collections short
             print(f"mux node {node_mux.agent} listening on {', '.join(info.urls)} [{scheme}]", flush=True)
             print(f"public key {node_mux.public_key}", flush=True)
-            freeze_startup()  # this process serves this node: keep full collections short
 
     trio.run(main)
     print("mux node stopped", flush=True)

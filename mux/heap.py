@@ -1,6 +1,6 @@
 """The node's heap: short collector pauses, and memory given back after bursts of closes.
 
-:func:`freeze_startup` (``python -m mux serve`` calls it once the node listens) collects
+:func:`freeze_startup` (``python -m mux serve`` calls it before it says it listens) collects
 and then freezes everything allocated at start-up (modules, classes, functions, the app)
 into CPython's permanent generation: a full collection no longer walks them, so it
 pauses the node for a few milliseconds instead of 40 to 80 (which showed up as the tail of a
