@@ -45,7 +45,7 @@ from mux.client import open_ws
 from mux.server import ServeInfo
 from mux.wire import pack_binary, unpack_binary
 
-from .procs import node_process
+from .procs import NodeProcess, node_process
 
 __all__: list[str] = []
 
@@ -219,11 +219,13 @@ async def _flood_round(
     return r, length
 
 
-async def test_a_client_that_never_reads_is_dropped_and_memory_stays_bounded(tmp_path: Path) -> None:
+@asynccontextmanager
+async def flooded_node(tmp_path: Path) -> AsyncIterator[tuple[NodeProcess, httpx.AsyncClient, Flooder, trio.Nursery]]:
+    """A node subprocess with a short ``send_timeout_s``, a REST client, and the connected
+    flooder (its reader running) in a nursery cancelled at the end."""
     config = tmp_path / "node.toml"
     config.write_text(f"send_timeout_s = {SEND_TIMEOUT_S}\ngraceful_timeout_s = 1.0\nrate_messages_per_s = 0\n")
     async with node_process(tmp_path / "data", "--config", str(config)) as node:
-        pid = node.process.pid
         async with (
             httpx.AsyncClient(base_url=node.url + "/api/mux", timeout=10) as rest,
             open_ws(node.url.replace("http", "ws", 1) + "/api/mux/ws?agent=flooder") as ws,
@@ -233,70 +235,76 @@ async def test_a_client_that_never_reads_is_dropped_and_memory_stays_bounded(tmp
                 assert orjson.loads(await ws.get_message())["event"] == "connected"
             flooder = Flooder(ws)
             nursery.start_soon(flooder.read)
-            samples: list[int] = []
-            for _ in range(4):
-                samples.append(rss_kib(pid))
-                await trio.sleep(0.25)
-            baseline = statistics.median(samples)
-            stop_sampling = trio.Event()
-            nursery.start_soon(_sample, pid, samples, stop_sampling)
-
-            rounds: list[tuple[Round, float]] = []
-            reached = 0.0
-            while len(rounds) < MIN_ROUNDS or (reached <= 2 * RSS_BOUND_MIB and len(rounds) < MAX_ROUNDS):
-                r, length = await _flood_round(node.url, rest, flooder, nursery)
-                r.settled_rss_kib = rss_kib(pid)
-                rounds.append((r, length))
-                reached += r.reached_receiver_mib
-            await trio.sleep(1.0)  # one more second of samples after the last drop
-            stop_sampling.set()
-            end = rss_kib(pid)
-            peak = max(samples)
-            print("\nslow reader:")
-            for i, (r, length) in enumerate(rounds):
-                print(
-                    f"  round {i}: {r.sent} x 16 KiB in {length:.1f} s: {r.acked} acked, {r.receiver_full} "
-                    f"receiver_full ({r.reached_receiver_mib:.0f} MiB reached the receiver's bound), other errors "
-                    f"{r.other_errors}; stuck client dropped {r.dropped_after_s:.2f} s after the flood began "
-                    f"(send_timeout_s={SEND_TIMEOUT_S}), its channel closed: {r.closed_reason}; "
-                    f"node RSS after it {r.settled_rss_kib / 1024:.1f} MiB"
-                )
-            print(
-                f"  node RSS baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB "
-                f"(+{(peak - baseline) / 1024:.1f}), end {end / 1024:.1f} MiB; {len(samples)} samples"
-            )
-            for r, _ in rounds:
-                assert r.closed_reason == "slow_consumer", r
-                assert r.dropped_after_s is not None and r.dropped_after_s <= SEND_TIMEOUT_S + 3.0, r
-                assert r.receiver_full > 0, r  # the receiver's bound was reached
-            # unbounded, the node would have kept everything that reached the receiver
-            assert reached > 2 * RSS_BOUND_MIB, f"only {reached:.0f} MiB reached the receiver: {rounds}"
-            assert (peak - baseline) / 1024 < RSS_BOUND_MIB, [s // 1024 for s in samples]
-
-            status = (await rest.get("/status")).json()
-            assert status["channels_open"] == 0 and status["agents_attached"] == ["flooder"], status
-            resp = await rest.post("/open", json={"agent": "after", "target": "someone"})
-            assert resp.status_code == 200, resp.text
-            assert (await rest.post("/close", json={"channel_id": resp.json()["channel_id"]})).status_code == 200
-            await ws.send_message('{"action":"ping","ref":"alive"}')
-            with trio.fail_after(5):
-                await flooder.pong.wait()  # the flooder's own connection carries on
-            assert node.process.returncode is None, "the node died"
-
-            async with stuck_client(node.url, "stuck-at-shutdown"):
-                with trio.fail_after(10):
-                    while "stuck-at-shutdown" not in await _attached(rest):  # noqa: ASYNC110  (an HTTP poll)
-                        await trio.sleep(0.05)
-                channel_id = await flooder.open("stuck-at-shutdown")
-                message = pack_binary({"action": "send", "channel_id": channel_id}, PAYLOAD)
-                for _ in range(400):  # fill its socket: the node's writes to it block
-                    await ws.send_message(message)
-                await trio.sleep(0.5)
-                node.terminate()  # a connection that is open and unread must not stall shutdown
-                with trio.fail_after(10):
-                    await node.process.wait()
-            assert node.process.returncode == 0
+            yield node, rest, flooder, nursery
             nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_never_reads_is_dropped_and_memory_stays_bounded(tmp_path: Path) -> None:
+    async with flooded_node(tmp_path) as (node, rest, flooder, nursery):
+        pid = node.process.pid
+        samples: list[int] = []
+        for _ in range(4):
+            samples.append(rss_kib(pid))
+            await trio.sleep(0.25)
+        baseline = statistics.median(samples)
+        stop_sampling = trio.Event()
+        nursery.start_soon(_sample, pid, samples, stop_sampling)
+
+        rounds: list[tuple[Round, float]] = []
+        reached = 0.0
+        while len(rounds) < MIN_ROUNDS or (reached <= 2 * RSS_BOUND_MIB and len(rounds) < MAX_ROUNDS):
+            r, length = await _flood_round(node.url, rest, flooder, nursery)
+            r.settled_rss_kib = rss_kib(pid)
+            rounds.append((r, length))
+            reached += r.reached_receiver_mib
+        await trio.sleep(1.0)  # one more second of samples after the last drop
+        stop_sampling.set()
+        end = rss_kib(pid)
+        peak = max(samples)
+        print("\nslow reader:")
+        for i, (r, length) in enumerate(rounds):
+            print(
+                f"  round {i}: {r.sent} x 16 KiB in {length:.1f} s: {r.acked} acked, {r.receiver_full} "
+                f"receiver_full ({r.reached_receiver_mib:.0f} MiB reached the receiver's bound), other errors "
+                f"{r.other_errors}; stuck client dropped {r.dropped_after_s:.2f} s after the flood began "
+                f"(send_timeout_s={SEND_TIMEOUT_S}), its channel closed: {r.closed_reason}; "
+                f"node RSS after it {r.settled_rss_kib / 1024:.1f} MiB"
+            )
+        print(
+            f"  node RSS baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB "
+            f"(+{(peak - baseline) / 1024:.1f}), end {end / 1024:.1f} MiB; {len(samples)} samples"
+        )
+        for r, _ in rounds:
+            assert r.closed_reason == "slow_consumer", r
+            assert r.dropped_after_s is not None and r.dropped_after_s <= SEND_TIMEOUT_S + 3.0, r
+            assert r.receiver_full > 0, r  # the receiver's bound was reached
+        # unbounded, the node would have kept everything that reached the receiver
+        assert reached > 2 * RSS_BOUND_MIB, f"only {reached:.0f} MiB reached the receiver: {rounds}"
+        assert (peak - baseline) / 1024 < RSS_BOUND_MIB, [s // 1024 for s in samples]
+
+        status = (await rest.get("/status")).json()
+        assert status["channels_open"] == 0 and status["agents_attached"] == ["flooder"], status
+        resp = await rest.post("/open", json={"agent": "after", "target": "someone"})
+        assert resp.status_code == 200, resp.text
+        assert (await rest.post("/close", json={"channel_id": resp.json()["channel_id"]})).status_code == 200
+        await flooder.ws.send_message('{"action":"ping","ref":"alive"}')
+        with trio.fail_after(5):
+            await flooder.pong.wait()  # the flooder's own connection carries on
+        assert node.process.returncode is None, "the node died"
+
+        async with stuck_client(node.url, "stuck-at-shutdown"):
+            with trio.fail_after(10):
+                while "stuck-at-shutdown" not in await _attached(rest):  # noqa: ASYNC110  (an HTTP poll)
+                    await trio.sleep(0.05)
+            channel_id = await flooder.open("stuck-at-shutdown")
+            message = pack_binary({"action": "send", "channel_id": channel_id}, PAYLOAD)
+            for _ in range(400):  # fill its socket: the node's writes to it block
+                await flooder.ws.send_message(message)
+            await trio.sleep(0.5)
+            node.terminate()  # a connection that is open and unread must not stall shutdown
+            with trio.fail_after(10):
+                await node.process.wait()
+        assert node.process.returncode == 0
 
 
 def open_sockets(pid: int) -> int:
@@ -313,35 +321,25 @@ async def test_a_dropped_slow_consumer_leaves_no_connection_behind(tmp_path: Pat
     shields socket writes, so without help from the kernel (``TCP_USER_TIMEOUT``) the write
     to a zero window, its socket and buffers would stay until the client leaves, and no
     longer count toward ``max_connections``."""
-    config = tmp_path / "node.toml"
-    config.write_text(f"send_timeout_s = {SEND_TIMEOUT_S}\ngraceful_timeout_s = 1.0\nrate_messages_per_s = 0\n")
-    async with node_process(tmp_path / "data", "--config", str(config)) as node:
+    async with flooded_node(tmp_path) as (node, rest, flooder, _):
         pid = node.process.pid
-        async with (
-            httpx.AsyncClient(base_url=node.url + "/api/mux", timeout=10) as rest,
-            open_ws(node.url.replace("http", "ws", 1) + "/api/mux/ws?agent=flooder") as ws,
-            trio.open_nursery() as nursery,
-        ):
-            flooder = Flooder(ws)
-            nursery.start_soon(flooder.read)
-            assert "flooder" in await _attached(rest)  # every connection of the test is up
-            before = open_sockets(pid)
-            async with stuck_client(node.url, "stuck"):
-                with trio.fail_after(10):
-                    while "stuck" not in await _attached(rest):  # noqa: ASYNC110  (an HTTP poll)
-                        await trio.sleep(0.05)
-                message = pack_binary({"action": "send", "channel_id": await flooder.open("stuck")}, PAYLOAD)
-                for _ in range(600):  # fill its socket: the node's writes to it block
-                    await ws.send_message(message)
-                with trio.fail_after(SEND_TIMEOUT_S + 5):
-                    while "stuck" in await _attached(rest):  # noqa: ASYNC110  (an HTTP poll)
-                        await trio.sleep(0.1)
-                with trio.move_on_after(2 * SEND_TIMEOUT_S + 3):  # the kernel may take up to twice as long
-                    while open_sockets(pid) > before:  # noqa: ASYNC110  (a /proc poll)
-                        await trio.sleep(0.1)
-                left = open_sockets(pid) - before
-                assert left <= 0, f"{left} socket(s) of the dropped client still open in the node"
-            nursery.cancel_scope.cancel()
+        assert "flooder" in await _attached(rest)  # every connection of the test is up
+        before = open_sockets(pid)
+        async with stuck_client(node.url, "stuck"):
+            with trio.fail_after(10):
+                while "stuck" not in await _attached(rest):  # noqa: ASYNC110  (an HTTP poll)
+                    await trio.sleep(0.05)
+            message = pack_binary({"action": "send", "channel_id": await flooder.open("stuck")}, PAYLOAD)
+            for _ in range(600):  # fill its socket: the node's writes to it block
+                await flooder.ws.send_message(message)
+            with trio.fail_after(SEND_TIMEOUT_S + 5):
+                while "stuck" in await _attached(rest):  # noqa: ASYNC110  (an HTTP poll)
+                    await trio.sleep(0.1)
+            with trio.move_on_after(2 * SEND_TIMEOUT_S + 3):  # the kernel may take up to twice as long
+                while open_sockets(pid) > before:  # noqa: ASYNC110  (a /proc poll)
+                    await trio.sleep(0.1)
+            left = open_sockets(pid) - before
+            assert left <= 0, f"{left} socket(s) of the dropped client still open in the node"
 
 
 async def test_a_receiver_that_left_leaves_no_frames_behind(nursery: trio.Nursery) -> None:

@@ -278,8 +278,7 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                             floods.start_soon(flood_channel, key, flood)
                         # the warm-up already carries the call (unreported frames), so the flood
                         # is shaped from its first frame, as beside a call in progress
-                        await talk(WARMUP, warm_index[0], round(FLOOD_WARMUP_S / TICK_S))
-                        warm_index[0] += round(FLOOD_WARMUP_S / TICK_S)
+                        await talk(WARMUP, res.phases[WARMUP].sent, round(FLOOD_WARMUP_S / TICK_S))
                         await talk(p, first, count)
                         floods.cancel_scope.cancel()
             res.meters[p].append(meter)
@@ -296,7 +295,6 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                 flood.backoff, flood.window = False, FLOOD_WINDOW
                 flood.in_flight = 0  # a send cancelled at the block's end never gets an answer
 
-        warm_index = [0]
         per_block = max(1, voice_frames // ROUNDS)
         budget = 3 * ROUNDS * (per_block * TICK_S + FLOOD_WARMUP_S + SETTLE_S + 3) + 20
         with trio.fail_after(budget):
