@@ -128,3 +128,36 @@ async def test_durable_send_is_acked_after_the_store_and_acked_back(pair: tuple[
     assert err["error"] == "unknown_channel"
     [err] = b.do(action="ack", channel_id=cid, seq=-1)
     assert err["error"] == "bad_request"
+
+
+@pytest.mark.parametrize("ref", [None, 0, 7, -3, "s1", 'quote " and \\ back', "naïve ✓", "\n\t", True])
+@pytest.mark.parametrize(("stored", "window", "pace_ms"), [(False, None, None), (True, 1, None), (False, 2, 35)])
+def test_frame_ack_template_is_the_json_it_stands_for(
+    ref: Any, stored: bool, window: int | None, pace_ms: int | None
+) -> None:
+    """The templated ``frame_ack`` parses to exactly the event its fields describe, whatever
+    the client's ``ref`` holds (quotes, backslashes, non-ASCII, control characters)."""
+    from mux.frames import ChainHead, payload_bytes
+    from mux.wire import frame_ack_event
+
+    head = ChainHead("ch-" + "0f" * 16, "stream", lambda digest: "ab" * 64)
+    frame = head.append("data", "alice", "bob", {"x": 1}, 1_700_000_000_000, payload_bytes({"x": 1}))
+    disposition = "stored" if stored else "delivered"
+    text = frame_ack_event(frame, disposition, ref, stored=stored, window=window, pace_ms=pace_ms)
+    expected: dict[str, Any] = {
+        "event": "frame_ack",
+        "channel_id": frame.channel_id,
+        "seq": 0,
+        "tbz_hash": frame.tbz_hash,
+        "sig": "ab" * 64,
+        "delivered": not stored,
+        "stored": stored,
+        "disposition": disposition,
+    }
+    if window is not None:
+        expected["window"] = window
+    if pace_ms is not None:
+        expected["pace_ms"] = pace_ms
+    if ref is not None:
+        expected["ref"] = ref
+    assert orjson.loads(text) == expected
