@@ -4,6 +4,7 @@ large frames in pieces, batching both ways."""
 from __future__ import annotations
 
 import base64
+import collections
 import os
 from typing import Any
 
@@ -281,3 +282,87 @@ async def test_acks_errors_makes_delivered_sends_quiet(server: ServeInfo) -> Non
         assert got == list(range(6))
     async with open_ws(ws_url(server.url, "carol") + "&acks=sometimes") as c:
         assert (await recv(c))["error"] == "bad_request"
+
+
+class _ReadySocket:
+    """A ``mux.sockets.Socket`` whose client messages are all ready at once: ``receive``
+    returns the next without blocking or yielding (as a socket with a deep buffer might)."""
+
+    def __init__(self, agent: str, messages: list[str], on_take: Any) -> None:
+        self.args = {"agent": agent}
+        self.authorization: str | None = None
+        self.subprotocols: list[str] = []
+        self.remote_addr: str | None = "127.0.0.1"
+        self.messages = messages
+        self.on_take = on_take
+        self.sent: list[str | bytes] = []
+        self._more = trio.lowlevel.ParkingLot()
+        self._sends = trio.lowlevel.ParkingLot()
+
+    def feed(self, messages: list[str]) -> None:
+        """Make more client messages ready, all at once."""
+        self.messages.extend(messages)
+        self._more.unpark_all()
+
+    async def accept(self, subprotocol: str | None) -> None:
+        pass
+
+    async def send(self, message: str | bytes) -> None:
+        self.sent.append(message)
+        self._sends.unpark_all()
+        await trio.lowlevel.checkpoint()
+
+    async def wait_sent(self, n: int) -> None:
+        """Return once ``n`` messages were sent in all."""
+        while len(self.sent) < n:
+            await self._sends.park()
+
+    async def receive(self) -> str | bytes:
+        while not self.messages:
+            await self._more.park()
+        self.on_take()
+        return self.messages.pop(0)
+
+    async def close(self, code: int, reason: str) -> None:
+        pass
+
+
+async def test_the_reader_gives_writers_a_turn_after_every_message(node: mux.Mux, nursery: trio.Nursery) -> None:
+    """However many client messages are ready, the socket handler takes a scheduling turn
+    after each one, so the writers it woke send before the next is taken (and the server's
+    socket reader is paced with them; see mux/app.py): a task that counts its turns keeps
+    pace with the messages taken."""
+    from mux.app import Node, serve_socket
+    from mux.settings import NodeSettings
+
+    turns = 0
+    seen_at_take: list[int] = []
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    count = 40
+    sock = _ReadySocket(
+        "reader-a",
+        [orjson.dumps({"action": "ping", "ref": i}).decode() for i in range(count)],
+        lambda: seen_at_take.append(turns),
+    )
+    app_node = Node(NodeSettings(data_dir=None, open_mode=True), mux=node)
+    nursery.start_soon(serve_socket, app_node, sock)
+    with trio.fail_after(10):
+        await sock.wait_sent(count + 1)  # the hello, then one pong per ping
+        nursery.start_soon(other_task)
+        sock.feed([orjson.dumps({"action": "ping", "ref": count + i}).decode() for i in range(count)])
+        await sock.wait_sent(2 * count + 1)
+    taken = seen_at_take[count:]
+    assert len(taken) == count
+    # one message per scheduling round: the counting task runs once a round too (in either
+    # order within it), so no count sees more than two messages taken, and it runs all along
+    assert max(collections.Counter(taken).values()) <= 2, taken
+    assert taken[-1] - taken[0] >= count - 2, taken
+    pongs = [orjson.loads(m) for m in sock.sent[1:]]
+    assert [p["ref"] for p in pongs] == list(range(2 * count))  # in order, none lost
+    nursery.cancel_scope.cancel()
