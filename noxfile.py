@@ -37,6 +37,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=_python())
 def bench(session: nox.Session) -> None:
-    """Benchmarks on loopback; prints a table of numbers (no pass/fail)."""
-    session.install("-e", ".[test]")
+    """Benchmarks on loopback; prints a table of numbers (no pass/fail). ``-- profile`` adds
+    where the node's CPU goes per relayed frame (py-spy samples it)."""
+    session.install("-e", ".[test]", "py-spy>=0.3")
     session.run("python", "-m", "tests.bench", *session.posargs)

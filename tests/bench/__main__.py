@@ -1,12 +1,15 @@
 """``python -m tests.bench [SECTION ...]``: run benchmark sections and print one table.
 
-Sections (default: all, in this order): ``core`` (library, no network), ``server`` (echo
-ceiling, ack, relay, batching, REST), ``voice`` (voice latency alone and under a bulk flood
-on the same connection), ``memory`` (10,000 channels over 2,000 connections), ``transfer``
-(tunnel and file transfer MB/s next to a direct TCP copy). Each server section starts its
-own node subprocess. Progress goes to stderr while the sections run; the
-table of every number is printed at the end, after a header naming the machine. A section
-that fails prints its error in the table (and its traceback on stderr); the others still run.
+Sections (default: all but ``profile``, in this order): ``core`` (library, no network),
+``server`` (echo ceiling, ack, relay, batching, REST), ``voice`` (voice latency alone and
+under a bulk flood on the same connection), ``memory`` (10,000 channels over 2,000
+connections), ``transfer`` (tunnel and file transfer MB/s next to a direct TCP copy),
+``durable`` (acks after a SQLite commit), and, only when named, ``profile`` (where the
+node's CPU goes per relayed frame, by layer, next to the echo's; needs py-spy).
+Each server section starts its own node subprocess. Progress goes to stderr while the
+sections run; the table of every number is printed at the end, after a header naming the
+machine. A section that fails prints its error in the table (and its traceback on stderr);
+the others still run.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from . import core, durable, latency, memory, server, transfer
+from . import core, durable, latency, memory, profile, server, transfer
 
 __all__ = ["SECTIONS", "main"]
 
@@ -29,15 +32,19 @@ SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "memory": memory.run,
     "transfer": transfer.run,
     "durable": durable.run,
+    "profile": profile.run,
 }
 """Section name -> function returning (label, value) rows."""
+
+DEFAULT = ["core", "server", "voice", "memory", "transfer", "durable"]
+"""What runs without arguments: ``profile`` (sampling slows the node) runs when named."""
 
 _WIDTH = 90
 
 
 def main(argv: list[str]) -> int:
     """Run the named sections (default: all) and print their rows as one table."""
-    names = argv or list(SECTIONS)
+    names = argv or DEFAULT
     for name in names:
         if name not in SECTIONS:
             print(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}", file=sys.stderr)

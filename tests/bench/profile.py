@@ -1,0 +1,165 @@
+"""Where a node's CPU goes per relayed frame, next to the echo's per message (py-spy).
+
+Run: ``python -m tests.bench profile`` (not part of the default run: sampling slows the
+node; ``nox -s bench -- profile`` installs py-spy). Prints, for the echo ceiling (f) and the
+relays (b) and (b'') of the server section (single 100-byte frames; (b) on a default node,
+every frame signed and acknowledged; (b'') on a node signing chain heads, the sender on
+``?acks=errors``), the node's CPU per message split into layers:
+
+- read: the server's socket reader (Hypercorn, wsproto, trio socket), up to handing a message
+  to the application;
+- app: the application between receive and send (for the node: ``WireSession.handle``:
+  parse, chain, hash, sign, deliver into the receiver's outbox; plus its reader loop);
+- send: the application's sends (``AsgiSocket.send`` down through Hypercorn, wsproto and
+  the socket), and for the node its per-connection writer around them;
+- loop: trio's scheduler and epoll, and anything else.
+
+How this works: py-spy samples the server subprocess (``--format raw``; it pauses the process for each sample)
+while one run goes through it; each sampled stack is put in the first layer whose marker
+frame it contains, and a layer's share of the samples times the process's CPU per message
+(``/proc``) is its cost. "n/a" when py-spy is missing or may not attach (ptrace).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import trio
+
+from .common import Meter, Proc, node_process, process
+from .server import HEADS_SIGN_EVERY, echo_run, relay_run
+
+__all__ = ["LAYERS", "classify", "run"]
+
+FRAMES = 6000
+RATE_HZ = 500
+
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("read", ("TCPServer._read_data (",)),
+    ("send", ("AsgiSocket.send (", "_Writer.run (")),
+    ("app", ("WireSession.handle (", "serve_socket (", "asgi_echo (")),
+)
+"""Layer name and the frames (``function (`` as py-spy names them) that put a stack in it,
+in order; a stack with none of them is ``loop``."""
+
+
+def classify(stack: str) -> str:
+    """The layer of one py-spy raw stack (frames joined by ``;``)."""
+    for name, markers in LAYERS:
+        if any(marker in stack for marker in markers):
+            return name
+    return "loop"
+
+
+def _py_spy() -> str | None:
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return beside if os.access(beside, os.X_OK) else None
+
+
+@contextmanager
+def _sampled(proc: Proc, spy: str, out: str) -> Iterator[None]:
+    """Sample ``proc`` with py-spy into ``out`` for the ``with`` block."""
+    cmd = [spy, "record", "--pid", str(proc.pid), "--rate", str(RATE_HZ), "--format", "raw"]
+    recorder = subprocess.Popen([*cmd, "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # attached and sampling
+        if recorder.poll() is not None:
+            raise RuntimeError((recorder.stderr.read() if recorder.stderr else "").strip()[-200:] or "py-spy exited")
+        yield
+    finally:
+        if recorder.poll() is None:
+            recorder.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
+        try:
+            recorder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            recorder.kill()
+            recorder.wait(timeout=10)
+
+
+def _layers(path: str) -> collections.Counter[str]:
+    counts: collections.Counter[str] = collections.Counter()
+    with open(path) as fh:
+        for line in fh:
+            stack, _, n = line.rstrip().rpartition(" ")
+            if stack and n.isdigit():
+                counts[classify(stack)] += int(n)
+    return counts
+
+
+def _row(counts: collections.Counter[str], cpu_per_msg: float) -> str:
+    total = max(1, sum(counts.values()))
+    parts = [
+        f"{name} {counts[name] / total * cpu_per_msg * 1e6:5.0f} us ({counts[name] / total * 100:2.0f}%)"
+        for name in ("read", "app", "send", "loop")
+    ]
+    return f"{cpu_per_msg * 1e6:6.0f} us =  " + "  ".join(parts) + f"   [{total} samples]"
+
+
+def _profile(proc: Proc, spy: str, go: Callable[[], tuple[Meter, int]]) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "samples.txt")
+        with _sampled(proc, spy, out):
+            meter, n = go()
+        if not os.path.exists(out):
+            raise RuntimeError("py-spy wrote no samples")
+        return _row(_layers(out), meter.node_cpu / max(1, n))
+
+
+def run(frames: int = FRAMES) -> list[tuple[str, str]]:
+    """Profile the echo ceiling and the chain-head relay, one run each; return rows."""
+    spy = _py_spy()
+    if spy is None:
+        return [("profile", "n/a: py-spy is not installed (pip install py-spy)")]
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = os.path.join(tmp, "node.toml")
+        with open(config, "w") as fh:
+            fh.write(f"rate_messages_per_s = 0\n[mux]\nsign_every = {HEADS_SIGN_EVERY}\n")
+        with (
+            process([sys.executable, "-m", "tests.bench.echo_app"], "http://") as echo,
+            node_process("--config", config) as heads,
+            node_process() as node,
+        ):
+            trio.run(echo_run, echo, 1000)  # warm-up, not reported
+            trio.run(lambda: relay_run(heads, "prof-warm", n=1000, quiet=True))
+            trio.run(lambda: relay_run(node, "prof-warm", n=1000, end_to_end=True))
+
+            def echo_go() -> tuple[Meter, int]:
+                _, _, meter = trio.run(echo_run, echo, frames)
+                return meter, frames
+
+            def relay_go(on: Proc, quiet: bool) -> Callable[[], tuple[Meter, int]]:
+                def go() -> tuple[Meter, int]:
+                    res = trio.run(lambda: relay_run(on, "prof", n=frames, quiet=quiet, end_to_end=True))
+                    assert res.meter is not None
+                    return res.meter, res.received
+
+                return go
+
+            for label, proc, go in (
+                (f"(f) echo, server CPU per message, {frames} x 100 B", echo, echo_go),
+                (f"(b) relay, node CPU per frame, {frames} x 100 B, defaults", node, relay_go(node, False)),
+                (
+                    f"(b'') relay, node CPU per frame, sign_every={HEADS_SIGN_EVERY}, ?acks=errors",
+                    heads,
+                    relay_go(heads, True),
+                ),
+            ):
+                try:
+                    rows.append((label, _profile(proc, spy, go)))
+                except (RuntimeError, OSError) as exc:
+                    rows.append((label, f"n/a: {exc}"))
+    rows.append(("    layers", "read: socket reader; app: receive to send; send: sends and writer; loop: trio"))
+    return rows
