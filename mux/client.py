@@ -18,6 +18,14 @@ How this works:
   Requests (``open``, ``send``, ``close``, ``list``, ``ping``) wait for their answer with a
   timeout. Error events that answer nothing are logged and kept in ``MuxConnection.errors``.
 
+With ``connect(..., batch=True)`` the connection asks the node for batched events
+(``?batch=1``) and one sender task writes the requests: whatever JSON requests queued up
+while the previous message was being written go out together as one ``batch`` action (each
+keeps its own ``ref`` and answer; a binary send goes alone, in its place in the order), so
+concurrent sends cost the node and the socket one message per batch. A batch's sends on a
+channel share one signature (docs/frames.md), so a receiver verifies such frames with
+``verify_chain`` (one by one they are ``unsigned``).
+
 Binary payloads (``bytes``) travel as binary WebSocket messages (u32BE header length, JSON
 header, payload bytes); received binary frames carry the raw bytes as ``payload`` with
 ``enc`` ``"bytes"``. :meth:`MuxConnection.verify` checks a received frame against the node's
@@ -33,7 +41,7 @@ import logging
 import math
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, NoReturn
@@ -57,7 +65,7 @@ from .errors import (
 )
 from .frames import Frame
 from .signing import verify_frame
-from .wire import decode_object, pack_binary, unpack_binary
+from .wire import MAX_BATCH_ITEMS, decode_object, pack_binary, unpack_binary
 
 __all__ = [
     "API_PREFIX",
@@ -349,12 +357,38 @@ class _Pending:
     error: MuxError | None = None
     channel: ClientChannel | None = None
     """For ``open``: the channel the ``channel_opened`` answer registered."""
+    batch: _Batch | None = None
+    """The ``batch`` action that carried this request (``connect(..., batch=True)``)."""
 
     def resolve(self, reply: dict[str, Any] | None = None, error: MuxError | None = None) -> None:
         if self.done.is_set():
             return
         self.reply, self.error = reply, error
         self.done.set()
+        if self.batch is not None:
+            self.batch.settled()
+
+
+@attrs.define(eq=False)
+class _Batch:
+    """One ``batch`` action of a batching connection, under its own ``ref``: an error that
+    answers the batch itself (``rate_limited``, say) fails every request in it; its items'
+    answers resolve them one by one, and the last one lets go of the batch's ``ref``."""
+
+    pending: dict[int, _Pending | _Batch]
+    ref: int
+    items: list[_Pending]
+    left: int = 0
+
+    def resolve(self, reply: dict[str, Any] | None = None, error: MuxError | None = None) -> None:
+        if error is not None:
+            for item in self.items:
+                item.resolve(error=error)
+
+    def settled(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.pending.pop(self.ref, None)
 
 
 def _frame_dict(msg: dict[str, Any]) -> dict[str, Any]:
@@ -548,8 +582,11 @@ class MuxConnection:
         *,
         buffer_frames: int = 256,
         request_timeout: float | None = 30.0,
+        batch: bool = False,
     ) -> None:
         self._ws = ws
+        self.batch = batch
+        """True: requests go through one sender task, concurrent ones as ``batch`` actions."""
         self.agent: str = hello["agent"]
         self.node: str = hello.get("node", "")
         self.public_key: str = hello.get("public_key", "")
@@ -558,7 +595,9 @@ class MuxConnection:
         self.request_timeout = request_timeout
         self._buffer_frames = buffer_frames
         self._channels: dict[str, ClientChannel] = {}
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, _Pending | _Batch] = {}
+        self._outgoing: collections.deque[tuple[str | bytes, _Pending]] = collections.deque()
+        self._more_out = trio.lowlevel.ParkingLot()
         self._parts: dict[tuple[str, int], tuple[dict[str, Any], list[bytes]]] = {}
         self._refs = itertools.count(1)
         self._incoming_send, self._incoming_recv = trio.open_memory_channel[ClientChannel](64)
@@ -591,10 +630,14 @@ class MuxConnection:
             raise BadRequest(f"payload is not JSON-serializable: {exc}", code="bad_payload") from exc
         pending = self._pending[ref] = _Pending()
         try:
-            try:
-                await self._ws.send_message(data)
-            except trio_websocket.ConnectionClosed as exc:
-                raise MuxError("the connection to the node is closed", code="connection_closed") from exc
+            if self.batch:  # the sender task writes it, with whatever else is queued by then
+                self._outgoing.append((data, pending))
+                self._more_out.unpark_all()
+            else:
+                try:
+                    await self._ws.send_message(data)
+                except trio_websocket.ConnectionClosed as exc:
+                    raise MuxError("the connection to the node is closed", code="connection_closed") from exc
             with trio.fail_after(self.request_timeout if self.request_timeout is not None else math.inf):
                 await pending.done.wait()
         except trio.TooSlowError:
@@ -603,9 +646,21 @@ class MuxConnection:
             ) from None
         finally:
             self._pending.pop(ref, None)
+            if not pending.done.is_set():  # timed out or cancelled
+                self._abandon(data, pending)
         if pending.error is not None:
             raise pending.error
         return pending
+
+    def _abandon(self, data: str | bytes, pending: _Pending) -> None:
+        """A request whose caller stopped waiting: not sent at all if it is still queued
+        (batching), and no longer holding its batch's ``ref``."""
+        if self.batch:
+            try:
+                self._outgoing.remove((data, pending))
+            except ValueError:
+                pass  # already written
+        pending.resolve(error=MuxError("the request was abandoned", code="cancelled"))
 
     async def _request(
         self, message: dict[str, Any], *, binary: bytes | None = None, expect: str | None = None
@@ -657,6 +712,45 @@ class MuxConnection:
         if isinstance(frame, dict) and isinstance(frame.get("payload"), (bytes, bytearray, memoryview)):
             frame = {**frame, "enc": "bytes", "payload": base64.b64encode(bytes(frame["payload"])).decode()}
         return verify_frame(frame, self.public_key)
+
+    # ---- the sender (batching connections) -----------------------------------------------
+
+    def _next_message(self) -> tuple[str | bytes, Sequence[_Pending]]:
+        """The next message to write: the first queued request, with the JSON requests
+        behind it folded into one ``batch`` action (within the node's message size and
+        ``MAX_BATCH_ITEMS``); a binary request goes alone."""
+        data, first = self._outgoing.popleft()
+        if isinstance(data, bytes) or not self._outgoing or isinstance(self._outgoing[0][0], bytes):
+            return data, [first]
+        limit = (self.max_message_bytes or 1 << 20) - 64
+        texts, items, size = [data], [first], len(data)
+        while self._outgoing and len(items) < MAX_BATCH_ITEMS:
+            nxt, pending = self._outgoing[0]
+            if isinstance(nxt, bytes) or size + len(nxt) + 1 > limit:
+                break
+            self._outgoing.popleft()
+            texts.append(nxt)
+            items.append(pending)
+            size += len(nxt) + 1
+        if len(items) == 1:
+            return data, items
+        ref = next(self._refs)
+        batch = self._pending[ref] = _Batch(self._pending, ref, items, len(items))
+        for pending in items:
+            pending.batch = batch
+        return f'{{"action":"batch","ref":{ref},"items":[{",".join(texts)}]}}', items
+
+    async def _send_loop(self) -> None:
+        """Write queued requests in order, concurrent JSON ones as one ``batch`` each time."""
+        while True:
+            while not self._outgoing:
+                await self._more_out.park()
+            message, items = self._next_message()
+            try:
+                await self._ws.send_message(message)
+            except trio_websocket.ConnectionClosed:
+                for pending in items:
+                    pending.resolve(error=MuxError("the connection to the node is closed", code="connection_closed"))
 
     # ---- the reader ------------------------------------------------------------------------
 
@@ -745,7 +839,7 @@ class MuxConnection:
         if name == "channel_opened":
             ch = ClientChannel(self, msg, self._buffer_frames)
             self._channels[ch.id] = ch
-            if pending is not None:
+            if isinstance(pending, _Pending):
                 pending.channel = ch
             if ch.role == "target":
                 await self._incoming_send.send(ch)
@@ -781,6 +875,7 @@ async def connect(
     request_timeout: float | None = 30.0,
     connect_timeout: float = 10.0,
     max_message_bytes: int = 4 << 20,
+    batch: bool = False,
 ) -> AsyncIterator[MuxConnection]:
     """Connect ``agent`` to a node over WebSocket: ``async with connect(url, "alice") as conn:``.
 
@@ -789,9 +884,10 @@ async def connect(
     closes this agent's channels with reason ``ws_disconnect``). ``buffer_frames`` bounds each
     channel's inbox; ``request_timeout`` bounds each request's wait for its answer. A refused
     connection (e.g. ``agent_attached``) raises the node's error; an unreachable node raises
-    MuxError ``unreachable``.
+    MuxError ``unreachable``. With ``batch`` the node batches its events and concurrent
+    requests go out as ``batch`` actions (see the module docstring).
     """
-    target = ws_url(url, agent)
+    target = ws_url(url, agent) + ("&batch=1" if batch else "")
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
     if ssl_context is None and target.startswith("wss:"):
         ssl_context = ssl.create_default_context()
@@ -806,9 +902,11 @@ async def connect(
             disconnect_timeout=5,
         ) as ws:
             with trio.fail_after(connect_timeout):
-                conn = await _greeting(ws, buffer_frames, request_timeout)
+                conn = await _greeting(ws, buffer_frames, request_timeout, batch)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn._read_loop, name=f"mux-client-reader-{conn.agent}")
+                if batch:
+                    nursery.start_soon(conn._send_loop, name=f"mux-client-sender-{conn.agent}")
                 try:
                     yield conn
                 except Exception as exc:  # re-raised below, outside the nursery: no ExceptionGroup
@@ -885,7 +983,7 @@ async def open_ws(
 
 
 async def _greeting(
-    ws: trio_websocket.WebSocketConnection, buffer_frames: int, request_timeout: float | None
+    ws: trio_websocket.WebSocketConnection, buffer_frames: int, request_timeout: float | None, batch: bool = False
 ) -> MuxConnection:
     """Read the node's first message: ``connected`` gives the connection, an error raises it."""
     try:
@@ -900,4 +998,4 @@ async def _greeting(
         if isinstance(hello, dict) and "error" in hello:
             raise error_from_wire(hello)
         raise MuxError("the node did not greet with a connected event", code="bad_response")
-    return MuxConnection(ws, hello, buffer_frames=buffer_frames, request_timeout=request_timeout)
+    return MuxConnection(ws, hello, buffer_frames=buffer_frames, request_timeout=request_timeout, batch=batch)

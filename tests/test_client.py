@@ -23,6 +23,8 @@ from mux.errors import (
 )
 from mux.server import ServeInfo
 
+from .nodes import serve_node
+
 T = TypeVar("T")
 
 
@@ -440,3 +442,126 @@ async def test_ack_durable_frames_rest_and_ws(server: ServeInfo) -> None:
             frame = await theirs.receive()
             acked = await theirs.ack(frame["seq"])
             assert (acked["event"], acked["channel_id"], acked["seq"], acked["removed"]) == ("acked", ch.id, 1, 1)
+
+
+# ---- batching connections (connect(..., batch=True)) -----------------------------------------
+
+
+async def test_ws_batching_connection_folds_concurrent_sends(server: ServeInfo) -> None:
+    """Concurrent sends on a batching connection go out as ``batch`` actions: each still gets
+    its own ack, for the frame it made; a binary send goes alone, in its place; the frames
+    share signatures per batch, and the exported chain verifies."""
+    from mux.signing import verify_chain
+
+    count = 60
+    binary_at = count // 2
+
+    def payload(i: int) -> Any:
+        return f"bin{i}".encode() if i == binary_at else {"i": i}
+
+    with trio.fail_after(20):
+        async with connect(server.url, "alice", batch=True) as alice, connect(server.url, "bob") as bob:
+            ch = await alice.open("bob", "stream")
+            theirs = await bob.accept()
+            acks: dict[int, dict[str, Any]] = {}
+
+            async def one(i: int) -> None:
+                acks[i] = await ch.send(payload(i))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(one, i)
+            got = [await theirs.receive() for _ in range(count)]
+            with MuxClient(server.url, "alice") as rest:
+                chain = await in_thread(rest.chain, ch.id)
+    assert sorted(ack["seq"] for ack in acks.values()) == list(range(1, count + 1))
+    assert [frame["seq"] for frame in got] == list(range(1, count + 1))
+    by_seq = {frame["seq"]: frame for frame in got}
+    for i, ack in acks.items():
+        assert by_seq[ack["seq"]]["tbz_hash"] == ack["tbz_hash"]
+        assert by_seq[ack["seq"]]["payload"] == payload(i)
+    unsigned = sum(1 for frame in got if frame["sig"] == "")
+    assert unsigned >= count // 2, unsigned  # batches, one signature each
+    assert got[-1]["sig"]
+    assert verify_chain(chain, alice.public_key).frames == count + 1  # open + data
+
+
+async def test_ws_batching_splits_at_the_nodes_message_size(nursery: trio.Nursery) -> None:
+    """A batch stays within the node's ``max_message_bytes`` (from its hello): many
+    concurrent sends that would not fit one message go as several batches, none refused."""
+    small = await serve_node(nursery, max_message_bytes=4096)
+    with trio.fail_after(20):
+        async with connect(small.url, "alice", batch=True) as alice, connect(small.url, "bob") as bob:
+            assert alice.max_message_bytes == 4096
+            ch = await alice.open("bob", "stream")
+            theirs = await bob.accept()
+            acks: list[dict[str, Any]] = []
+
+            async def one(i: int) -> None:
+                acks.append(await ch.send({"i": i, "pad": "x" * 900}))
+
+            async with trio.open_nursery() as senders:
+                for i in range(20):
+                    senders.start_soon(one, i)
+            got = [await theirs.receive() for _ in range(20)]
+    assert len(acks) == 20 and not alice.errors
+    assert sorted(frame["payload"]["i"] for frame in got) == list(range(20))
+    assert any(frame["sig"] == "" for frame in got)  # batched all the same, three or four a message
+
+
+async def test_ws_an_error_answering_a_batch_fails_each_send_in_it(nursery: trio.Nursery) -> None:
+    """A refusal of the batch itself (here the connection's message rate: a batch costs one
+    token per item) reaches every send it carried at once, not after a timeout."""
+    limited = await serve_node(nursery, rate_messages_per_s=1.0, rate_burst=6)
+    with trio.fail_after(10):
+        async with connect(limited.url, "alice", batch=True, request_timeout=30) as alice:
+            async with connect(limited.url, "bob"):
+                ch = await alice.open("bob", "stream")
+                errors: list[MuxError] = []
+
+                async def one(i: int) -> None:
+                    try:
+                        await ch.send({"i": i})
+                    except MuxError as exc:
+                        errors.append(exc)
+
+                async with trio.open_nursery() as senders:
+                    for i in range(12):
+                        senders.start_soon(one, i)
+    assert len(errors) == 12 and {exc.code for exc in errors} == {"rate_limited"}
+
+
+class _StuckSocket:
+    """A WebSocket whose sends never complete (a peer that stopped reading)."""
+
+    def __init__(self) -> None:
+        self.started: list[str | bytes] = []
+
+    async def send_message(self, message: str | bytes) -> None:
+        self.started.append(message)
+        await trio.sleep_forever()
+
+
+async def test_ws_a_queued_request_whose_caller_gives_up_is_never_sent() -> None:
+    """On a batching connection a request waits in the sender's queue; if its caller is
+    cancelled (or times out) first, it is taken out of the queue and its ``ref`` let go."""
+    from mux.client import MuxConnection
+
+    sock = _StuckSocket()
+    conn = MuxConnection(sock, {"agent": "alice", "max_message_bytes": 4096}, batch=True)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn._send_loop)
+        with trio.move_on_after(0.2):
+            await conn.ping()  # taken by the sender, which is stuck writing it
+        assert len(sock.started) == 1 and not conn._pending
+
+        async def give_up(i: int) -> None:
+            with trio.move_on_after(0.2):
+                await conn._request({"action": "ping", "n": i})
+
+        async with trio.open_nursery() as callers:
+            for i in range(3):
+                callers.start_soon(give_up, i)
+        assert not conn._outgoing and not conn._pending
+        assert len(sock.started) == 1  # none of the three was written
+        nursery.cancel_scope.cancel()

@@ -15,6 +15,8 @@ Run: ``python -m tests.bench server`` (part of ``nox -s bench``). Prints, side b
 - (b') = (b) with the sender on ``?acks=errors`` (fire-and-forget: no ``frame_ack`` per
   delivered send), and (b'') the same on a second node that signs chain heads
   (``sign_every``), both against the ceiling (f);
+- (c') the library client, ``mux.client.connect``: ``CLIENT_TASKS`` tasks sending on one
+  channel, without and with ``batch=True`` (concurrent sends folded into ``batch`` actions);
 - REST ``POST /send`` with 8 concurrent keep-alive clients;
 - the node's CPU per relayed frame of (b), (b'), (b'') and (c) in echoed messages of (f)
   measured in the same round (the medians), beside the seed's figure in the same unit
@@ -49,7 +51,7 @@ import orjson
 import trio
 import trio_websocket
 
-from mux.client import open_ws
+from mux.client import connect, open_ws
 
 from .common import Meter, Proc, events, fmt_ms, json_payload, node_process, process
 
@@ -61,6 +63,7 @@ WINDOW = 64
 BATCH = 16
 RUN_TIMEOUT_S = 60.0
 ROUNDS = 3
+CLIENT_TASKS = 64
 """(f), (b), (b') and (b'') run this many times, interleaved; rows give the median and range."""
 
 
@@ -268,6 +271,30 @@ async def echo_run(echo: Proc, n: int, window: int = WINDOW, path: str = "/echo"
     return n / wall, rtt, meter
 
 
+async def client_run(node: Proc, tag: str, n: int, tasks: int, *, batch: bool) -> tuple[float, Meter]:
+    """``n`` sends through ``mux.client`` from ``tasks`` concurrent tasks on one channel,
+    received on a second connection (both ``connect(..., batch=batch)``); frames/s, meter."""
+    async with connect(node.url, f"{tag}-tx", batch=batch) as tx, connect(node.url, f"{tag}-rx", batch=batch) as rx:
+        ch = await tx.open(f"{tag}-rx", "stream")
+        theirs = await rx.accept()
+        payload = {"p": "x" * (PAYLOAD_BYTES - 8)}
+
+        async def sender(first: int) -> None:
+            for _ in range(first, n, tasks):
+                await ch.send(payload)
+
+        async def receiver() -> None:
+            for _ in range(n):
+                await theirs.receive()
+
+        with Meter(node) as meter, trio.fail_after(RUN_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receiver)
+                for first in range(tasks):
+                    nursery.start_soon(sender, first)
+    return n / meter.wall, meter
+
+
 async def rest_run(node: Proc, n: int, concurrency: int) -> tuple[float, Meter]:
     """``n`` REST ``POST /send`` over ``concurrency`` keep-alive clients; req/s and meter."""
     async with httpx.AsyncClient(base_url=node.url + "/api/mux") as c:
@@ -417,6 +444,15 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                     f" {SEED_IN_ECHOES} of a Hypercorn echo on its machine: DESIGN.md)",
                 )
             )
+            client_n = max(1000, n * 3 // 10)
+            for batch in (False, True):
+                c_rate, cm = _go(client_run, node, f"bench-client{int(batch)}", client_n, CLIENT_TASKS, batch=batch)
+                rows.append(
+                    (
+                        f"(c') mux.client, {CLIENT_TASKS} tasks sending, {client_n}x100 B, connect(batch={batch})",
+                        f"{c_rate:>8.0f} frames/s  {cm.per(client_n)}",
+                    )
+                )
             rows.append(
                 (
                     "    (b) / (b') / (b'') relay as a fraction of the echo ceiling (f), median of the rounds",
