@@ -1,8 +1,14 @@
-"""Token-bucket bandwidth guard, one per channel, driven by an explicit clock.
+"""Token-bucket bandwidth guard, one per channel, driven by an explicit clock; and the gaps
+between a call's frames, where bulk beside the call is paced to.
 
 A bucket holds up to ``burst`` bytes of credit and refills at ``rate`` bytes/s. ``take``
 spends credit for a frame; when there is not enough, the frame is over budget. ``rate == 0``
 means unlimited. ``now`` is passed in (seconds, monotonic) so tests can use a fake clock.
+
+A :class:`Cadence` follows a call's frames on one connection (their period, and when the
+last one came) and moves a bulk sender's next frame into the gap after a call frame:
+``GAP_OPENS`` of the period after it, until ``GAP_CLOSES`` of the period, so that bulk on
+the same socket and path is through before the call's next frame arrives.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import math
 
 import attrs
 
-__all__ = ["UNLIMITED", "TokenBucket"]
+__all__ = ["GAP_CLOSES", "GAP_OPENS", "UNLIMITED", "Cadence", "TokenBucket"]
 
 
 @attrs.define
@@ -65,3 +71,41 @@ class TokenBucket:
 
 UNLIMITED = TokenBucket(0, 0)
 """The bucket of every channel with no rate limit (``take`` never changes it: shared)."""
+
+
+GAP_OPENS = 0.15
+"""Bulk may start this fraction of the call's period after a call frame (3 ms at 20 ms)..."""
+GAP_CLOSES = 0.7
+"""... and should be sent by this fraction of it (14 ms at 20 ms): what is sent later could
+still be on its way when the next call frame comes."""
+
+
+@attrs.define
+class Cadence:
+    """A call's frames on one connection: when the last came, and their period (a moving
+    average of the gaps between them, from 5 to 100 ms; others are pauses or bursts)."""
+
+    last: float = -math.inf
+    period: float | None = None
+
+    def frame(self, now: float) -> None:
+        """A call frame arrived at ``now``."""
+        gap = now - self.last
+        if 0.005 <= gap <= 0.1:
+            self.period = gap if self.period is None else 0.8 * self.period + 0.2 * gap
+        elif gap > 1.0:
+            self.period = None  # a new call: learn its period afresh
+        self.last = now
+
+    def next_gap(self, ready: float) -> float:
+        """The first time at or after ``ready`` that falls in the gap after a call frame (as
+        the call's period predicts them); ``ready`` itself without a period yet."""
+        period = self.period
+        if period is None:
+            return ready
+        since = math.floor((ready - self.last) / period) * period + self.last  # the frame before
+        if ready < since + GAP_OPENS * period:
+            return since + GAP_OPENS * period
+        if ready > since + GAP_CLOSES * period:
+            return since + period + GAP_OPENS * period
+        return ready

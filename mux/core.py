@@ -101,6 +101,10 @@ class MuxConfig:
     unacknowledged on that channel, so a client that honours it never has a run of bulk
     frames on the wire ahead of the call's next frame (acks also carry ``pace_ms`` once the
     budget is spent; docs/protocol.md). 0 = no hint."""
+    realtime_bulk_gaps: bool = True
+    """Meanwhile ``pace_ms`` also moves the bulk sender's next frame into the gap after one
+    of the call's frames (``mux.bandwidth.Cadence``), so bulk on the same socket is through
+    before the call's next frame comes; False = pace by the budget alone."""
     backends: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     """Options per backend name, e.g. ``{"overlay": {"allow": ["127.0.0.1:8080"]}}``
     (``[backends.NAME]`` tables of ``serve --config``)."""

@@ -24,7 +24,7 @@ import trio
 
 from . import wire
 from .auth import Grant
-from .bandwidth import TokenBucket
+from .bandwidth import Cadence, TokenBucket
 from .channel import Channel, ChannelState, End
 from .core import Endpoint, Mux
 from .errors import BadRequest, ChannelError, ChannelNotFound, ChannelThrottled, MuxError
@@ -93,6 +93,8 @@ class WireSession:
         # a run of frames that would hold a call's next frame up behind it
         self._bulk = TokenBucket(bulk_rate, max(1, bulk_rate // 50)) if bulk_rate > 0 else None
         self._realtime_until = -math.inf
+        self._cadence = Cadence()
+        """The call's frames on this connection: bulk is paced into the gaps between them."""
         self.replaying = 0
         """Resumed channels still replaying what their agent missed."""
         self._closed = False
@@ -226,12 +228,15 @@ class WireSession:
         """Real-time beside bulk on one connection (``MuxConfig.realtime_bulk_rate``): a call's
         frames mark the connection; meanwhile its preemptible frames share a byte budget and
         their acks carry the ``window`` hint (``MuxConfig.realtime_bulk_window``) and, when
-        the budget has no room for another frame this size yet, ``pace_ms``. Returns the
+        the budget has no room for another frame this size yet or it is not the gap after a
+        call frame (``MuxConfig.realtime_bulk_gaps``), ``pace_ms``. Returns the
         payload's encoding when it had to compute it (for ``Mux._post``), the hints and what
         the frame was charged."""
         intent = state.intent
         if intent.realtime:
-            self._realtime_until = trio.current_time() + self.mux.config.realtime_hold_s
+            now = trio.current_time()
+            self._cadence.frame(now)
+            self._realtime_until = now + self.mux.config.realtime_hold_s
             return _NOT_SHAPED
         if self._bulk is None or not intent.policy.preemptible:
             return _NOT_SHAPED
@@ -250,7 +255,13 @@ class WireSession:
             throttled.retry_after_ms = self._bulk.retry_after_ms(size)
             throttled.window = window
             raise throttled
-        return _Shaped(encoded, window, self._bulk.wait_ms(size) or None, size)
+        pace_ms = self._bulk.wait_ms(size)
+        if self.mux.config.realtime_bulk_gaps:
+            ready = now + pace_ms / 1000
+            gap = self._cadence.next_gap(ready)
+            if gap > ready:
+                pace_ms = math.ceil((gap - now) * 1000 - 1e-6)  # whole ms, not 1 more for float dust
+        return _Shaped(encoded, window, pace_ms or None, size)
 
     def _do_ack(self, action: wire.Action) -> list[Outgoing]:
         removed = self.mux.ack(self.agent, action.get("channel_id"), action.get("seq"))

@@ -6,7 +6,7 @@ import trio
 import trio.testing
 
 import mux
-from mux.bandwidth import TokenBucket
+from mux.bandwidth import GAP_CLOSES, GAP_OPENS, Cadence, TokenBucket
 
 
 def test_bucket_refills_at_rate_up_to_burst() -> None:
@@ -77,3 +77,20 @@ def test_wait_ms_is_when_the_next_frame_fits() -> None:
     assert b.wait_ms(400) == 300  # 100 left, 300 bytes short at 1000 B/s
     assert b.wait_ms(10_000) == 400  # over the burst: until the bucket is full
     assert TokenBucket(0, 0).wait_ms(1 << 20) == 0  # unlimited
+
+
+def test_cadence_learns_a_calls_period_and_finds_the_gap_after_its_frames() -> None:
+    cadence = Cadence()
+    assert cadence.next_gap(5.0) == 5.0  # no call frame yet: no gap to aim for
+    for i in range(4):
+        cadence.frame(1.0 + 0.02 * i)  # a frame every 20 ms; the last at 1.06
+    assert cadence.period is not None and abs(cadence.period - 0.02) < 1e-9
+    opens, closes = 1.06 + GAP_OPENS * 0.02, 1.06 + GAP_CLOSES * 0.02
+    assert cadence.next_gap(1.065) == 1.065  # inside the gap: at once
+    assert abs(cadence.next_gap(1.061) - opens) < 1e-9  # too close behind the frame: wait for the gap
+    assert abs(cadence.next_gap(closes + 0.001) - (1.08 + GAP_OPENS * 0.02)) < 1e-9  # too late: the next gap
+    assert abs(cadence.next_gap(1.205) - 1.205) < 1e-9  # frames predicted ahead: 1.20, then gap from 1.203
+    cadence.frame(1.0605)  # a burst (0.5 ms apart) does not change the period
+    assert cadence.period is not None and abs(cadence.period - 0.02) < 1e-9
+    cadence.frame(3.0)  # after a pause of more than a second: a new call, period unknown
+    assert cadence.period is None and cadence.next_gap(3.001) == 3.001

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import trio
+import trio.testing
 
 import mux
 from mux.client import connect, open_ws
@@ -226,6 +227,46 @@ async def test_bulk_beside_a_call_is_shaped_on_that_connection_only(node: mux.Mu
         after = [send_bulk(alice, bulk) for _ in range(4)]
         assert all(r.get("event") == "frame_ack" and "window" not in r for r in after)
         connections.cancel_scope.cancel()
+
+
+async def _bulk_paces_beside_a_steady_call(clock: trio.testing.MockClock, gaps: bool) -> list[Any]:
+    """A call frame every 20 ms on alice's connection, then a bulk send 1, 5 and 16 ms after
+    the last one: the ``pace_ms`` of each ack (None when absent)."""
+    paces: list[Any] = []
+    async with mux.open_mux(agent="n", realtime_bulk_gaps=gaps) as m, trio.open_nursery() as connections:
+        alice = WireSession(m, m.attach("alice"), max_message_bytes=1 << 20)
+        await connections.start(alice.run)
+        m.attach("bob")
+
+        def act(**action: Any) -> dict[str, Any]:
+            return dict(orjson.loads(alice.handle(orjson.dumps(action).decode())[0]))
+
+        call = act(action="open", target="bob", intent="call:voice")["channel_id"]
+        bulk = act(action="open", target="bob", intent="stream")["channel_id"]
+        start = trio.current_time()
+        for i, kind in enumerate(["offer", "ice", "ice", "ice"]):
+            clock.jump(start + 0.02 * i - trio.current_time())
+            assert act(action="send", channel_id=call, payload={"type": kind})["event"] == "frame_ack"
+        last = trio.current_time()
+        for offset in (0.001, 0.005, 0.016):
+            clock.jump(last + offset - trio.current_time())
+            ack = act(action="send", channel_id=bulk, payload={"n": 1})
+            assert ack["event"] == "frame_ack" and ack["window"] == 1
+            paces.append(ack.get("pace_ms"))
+        connections.cancel_scope.cancel()
+    return paces
+
+
+async def test_bulk_beside_a_call_is_paced_into_the_gaps_between_its_frames(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Beside a call with a steady cadence, a bulk ack's ``pace_ms`` puts the sender's next
+    frame in the gap after a call frame (``MuxConfig.realtime_bulk_gaps``), even with budget
+    to spare; without the option only the budget paces."""
+    # just behind a call frame: wait for the gap (it opens at 3 ms); in the gap: no wait;
+    # after it closed (14 ms): wait for the next one (20 + 3 ms)
+    assert await _bulk_paces_beside_a_steady_call(mock_clock, gaps=True) == [2, None, 7]
+    assert await _bulk_paces_beside_a_steady_call(mock_clock, gaps=False) == [None, None, None]
 
 
 async def test_a_bulk_frame_refused_by_its_intent_does_not_spend_the_calls_share() -> None:
