@@ -252,16 +252,23 @@ class WireSession:
                 f"a call is active on this connection: its bulk channels share {self._bulk.rate} B/s meanwhile",
                 channel_id=state.id,
             )
+            # not moved into a gap: a client that ignores window would send its whole run of
+            # frames there at once (measured: a worse call tail, not a better one)
             throttled.retry_after_ms = self._bulk.retry_after_ms(size)
             throttled.window = window
             raise throttled
-        pace_ms = self._bulk.wait_ms(size)
-        if self.mux.config.realtime_bulk_gaps:
-            ready = now + pace_ms / 1000
-            gap = self._cadence.next_gap(ready)
-            if gap > ready:
-                pace_ms = math.ceil((gap - now) * 1000 - 1e-6)  # whole ms, not 1 more for float dust
-        return _Shaped(encoded, window, pace_ms or None, size)
+        return _Shaped(encoded, window, self._in_gap(now, self._bulk.wait_ms(size)) or None, size)
+
+    def _in_gap(self, now: float, wait_ms: int) -> int:
+        """``wait_ms``, or longer to the gap after one of the call's frames (with
+        ``MuxConfig.realtime_bulk_gaps``): when the next bulk frame should be sent."""
+        if not self.mux.config.realtime_bulk_gaps:
+            return wait_ms
+        ready = now + wait_ms / 1000
+        gap = self._cadence.next_gap(ready)
+        if gap <= ready:
+            return wait_ms
+        return math.ceil((gap - now) * 1000 - 1e-6)  # whole ms, not one more for float dust
 
     def _do_ack(self, action: wire.Action) -> list[Outgoing]:
         removed = self.mux.ack(self.agent, action.get("channel_id"), action.get("seq"))

@@ -18,7 +18,7 @@ from mux.client import connect, open_ws
 from mux.outbox import CONTROL, CONTROL_URGENCY, Outbox
 from mux.server import ServeInfo
 from mux.session import WireSession
-from mux.wire import frame_messages, unpack_binary
+from mux.wire import frame_messages, pack_binary, unpack_binary
 
 from .wsutil import recv, send, ws_url
 
@@ -186,7 +186,6 @@ async def test_bulk_beside_a_call_is_shaped_on_that_connection_only(node: mux.Mu
     """While a connection carries a call, its preemptible bulk shares ``realtime_bulk_rate``
     (refused with ``throttled`` and ``retry_after_ms``, the connection and call untouched);
     another connection's bulk, and this one's once the call is quiet, are not shaped."""
-    from mux.wire import pack_binary
 
     async with trio.open_nursery() as connections:
         sessions = {}
@@ -231,7 +230,8 @@ async def test_bulk_beside_a_call_is_shaped_on_that_connection_only(node: mux.Mu
 
 async def _bulk_paces_beside_a_steady_call(clock: trio.testing.MockClock, gaps: bool) -> list[Any]:
     """A call frame every 20 ms on alice's connection, then a bulk send 1, 5 and 16 ms after
-    the last one: the ``pace_ms`` of each ack (None when absent)."""
+    the last one: the ``pace_ms`` of each ack (None when absent); then at 30 ms two 30 kB
+    frames, the second refused: its ``retry_after_ms``."""
     paces: list[Any] = []
     async with mux.open_mux(agent="n", realtime_bulk_gaps=gaps) as m, trio.open_nursery() as connections:
         alice = WireSession(m, m.attach("alice"), max_message_bytes=1 << 20)
@@ -253,6 +253,12 @@ async def _bulk_paces_beside_a_steady_call(clock: trio.testing.MockClock, gaps: 
             ack = act(action="send", channel_id=bulk, payload={"n": 1})
             assert ack["event"] == "frame_ack" and ack["window"] == 1
             paces.append(ack.get("pace_ms"))
+        clock.jump(last + 0.030 - trio.current_time())  # the budget (2 MB/s, 40 kB burst) is full
+        blob = pack_binary({"action": "send", "channel_id": bulk}, bytes(30_000))
+        assert orjson.loads(alice.handle(blob)[0])["event"] == "frame_ack"
+        refused = orjson.loads(alice.handle(blob)[0])  # 10 kB left: room again in 10 ms
+        assert refused["error"] == "throttled" and refused["window"] == 1
+        paces.append(refused["retry_after_ms"])
         connections.cancel_scope.cancel()
     return paces
 
@@ -262,17 +268,18 @@ async def test_bulk_beside_a_call_is_paced_into_the_gaps_between_its_frames(
 ) -> None:
     """Beside a call with a steady cadence, a bulk ack's ``pace_ms`` puts the sender's next
     frame in the gap after a call frame (``MuxConfig.realtime_bulk_gaps``), even with budget
-    to spare; without the option only the budget paces."""
+    to spare (a refusal's ``retry_after_ms`` is the budget's alone); without the option only
+    the budget paces."""
     # just behind a call frame: wait for the gap (it opens at 3 ms); in the gap: no wait;
-    # after it closed (14 ms): wait for the next one (20 + 3 ms)
-    assert await _bulk_paces_beside_a_steady_call(mock_clock, gaps=True) == [2, None, 7]
-    assert await _bulk_paces_beside_a_steady_call(mock_clock, gaps=False) == [None, None, None]
+    # after it closed (14 ms): wait for the next one (20 + 3 ms); a refusal's retry stays what
+    # the budget says (10 ms), though that is when a call frame is expected (see protocol.md)
+    assert await _bulk_paces_beside_a_steady_call(mock_clock, gaps=True) == [2, None, 7, 10]
+    assert await _bulk_paces_beside_a_steady_call(mock_clock, gaps=False) == [None, None, None, 10]
 
 
 async def test_a_bulk_frame_refused_by_its_intent_does_not_spend_the_calls_share() -> None:
     """Beside a call, a frame refused further on (here by its own intent's budget) gives its
     bytes back to the connection's bulk budget, and the refusal still carries ``window``."""
-    from mux.wire import pack_binary
 
     async with mux.open_mux(agent="n", intent_policies={"bulk:tiny": {"rate": 1000, "burst": 1000}}) as m:
         async with trio.open_nursery() as connections:
