@@ -39,5 +39,7 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks on loopback; prints a table of numbers (no pass/fail). ``-- profile`` adds
     where the node's CPU goes per relayed frame (py-spy samples it)."""
-    session.install("-e", ".[test]", "py-spy>=0.3")
+    session.install("-e", ".[test]")
+    if "profile" in session.posargs:
+        session.install("py-spy>=0.3")
     session.run("python", "-m", "tests.bench", *session.posargs)
