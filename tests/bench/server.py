@@ -444,7 +444,7 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                     f" {SEED_IN_ECHOES} of a Hypercorn echo on its machine: DESIGN.md)",
                 )
             )
-            client_n = max(1000, n * 3 // 10)
+            client_n = max(1000, n // 5)
             for batch in (False, True):
                 c_rate, cm = _go(client_run, node, f"bench-client{int(batch)}", client_n, CLIENT_TASKS, batch=batch)
                 rows.append(
