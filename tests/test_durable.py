@@ -103,9 +103,11 @@ async def test_sigkill_with_unacked_frames_then_restart(tmp_path: Path) -> None:
                 await send(a, action="send", channel_id=cid, payload={"i": i}, ref=i)
             acks = [await recv(a) for _ in range(n)]
             assert all(ack["event"] == "frame_ack" and ack["stored"] and not ack["delivered"] for ack in acks)
-        node.kill()  # SIGKILL with every frame stored and none acknowledged
-        with trio.fail_after(10):
-            await node.process.wait()
+            # SIGKILL with every frame stored and none acknowledged, while alice is still
+            # connected: her leaving would close the channel (ws_disconnect) before the kill
+            node.kill()
+            with trio.fail_after(10):
+                await node.process.wait()
     async with node_process(tmp_path) as node:
         assert node.public_key == key
         async with open_ws(ws_url(node.url, "bob")) as b:
