@@ -2,9 +2,10 @@
 
 Run: ``python -m tests.bench profile`` (not part of the default run: sampling slows the
 node; ``nox -s bench -- profile`` installs py-spy). Prints, for the echo ceiling (f) and the
-relays (b) and (b'') of the server section (single 100-byte frames; (b) on a default node,
+relays (b), (b'') and (c) of the server section (100-byte frames; (b) on a default node,
 every frame signed and acknowledged; (b'') on a node signing chain heads, the sender on
-``?acks=errors``), the node's CPU per message split into layers:
+``?acks=errors``; (c) as (b), sent in ``batch`` actions and received batched), the node's
+CPU per message split into layers:
 
 - read: the server's socket reader (Hypercorn, wsproto, trio socket), up to handing a message
   to the application;
@@ -36,7 +37,7 @@ from contextlib import contextmanager
 import trio
 
 from .common import Meter, Proc, node_process, process
-from .server import HEADS_SIGN_EVERY, echo_run, relay_run
+from .server import BATCH, HEADS_SIGN_EVERY, echo_run, relay_run
 
 __all__ = ["LAYERS", "classify", "run"]
 
@@ -140,9 +141,9 @@ def run(frames: int = FRAMES) -> list[tuple[str, str]]:
                 _, _, meter = trio.run(echo_run, echo, frames)
                 return meter, frames
 
-            def relay_go(on: Proc, quiet: bool) -> Callable[[], tuple[Meter, int]]:
+            def relay_go(on: Proc, quiet: bool, batch: int = 0) -> Callable[[], tuple[Meter, int]]:
                 def go() -> tuple[Meter, int]:
-                    res = trio.run(lambda: relay_run(on, "prof", n=frames, quiet=quiet, end_to_end=True))
+                    res = trio.run(lambda: relay_run(on, "prof", n=frames, quiet=quiet, end_to_end=True, batch=batch))
                     assert res.meter is not None
                     return res.meter, res.received
 
@@ -155,6 +156,11 @@ def run(frames: int = FRAMES) -> list[tuple[str, str]]:
                     f"(b'') relay, node CPU per frame, sign_every={HEADS_SIGN_EVERY}, ?acks=errors",
                     heads,
                     relay_go(heads, True),
+                ),
+                (
+                    f"(c) relay, node CPU per frame, defaults, batches of {BATCH}, ?batch=1",
+                    node,
+                    relay_go(node, False, BATCH),
                 ),
             ):
                 try:
