@@ -378,7 +378,11 @@ class _Batch:
     pending: dict[int, _Pending | _Batch]
     ref: int
     items: list[_Pending]
-    left: int = 0
+    left: int = attrs.field(init=False)
+    """Items not answered yet."""
+
+    def __attrs_post_init__(self) -> None:
+        self.left = len(self.items)
 
     def resolve(self, reply: dict[str, Any] | None = None, error: MuxError | None = None) -> None:
         if error is not None:
@@ -735,7 +739,7 @@ class MuxConnection:
         if len(items) == 1:
             return data, items
         ref = next(self._refs)
-        batch = self._pending[ref] = _Batch(self._pending, ref, items, len(items))
+        batch = self._pending[ref] = _Batch(self._pending, ref, items)
         for pending in items:
             pending.batch = batch
         return f'{{"action":"batch","ref":{ref},"items":[{",".join(texts)}]}}', items

@@ -278,7 +278,8 @@ def frame_ack_event(
     """``frame_ack``: the frame was chained and signed (and with ``stored``, durably stored);
     ``delivered`` says whether it also reached the receiver live. ``window``, when given, is
     the most frames the sender should have unacknowledged on the channel for now;
-    ``pace_ms``, how long to wait before a next frame of this size would fit the budget.
+    ``pace_ms``, how long to wait before sending the next one (until the budget fits a frame
+    this size, and into the gap after a call frame: ``WireSession._shape``).
 
     Written from a template (one per send, on every acknowledged path): the node makes its
     channel ids (``ch-`` and hex), ``tbz_hash`` and ``sig`` are hex, ``disposition`` is a
