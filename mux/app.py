@@ -513,15 +513,22 @@ async def serve_socket(node: Node, sock: Socket) -> None:
                 except Disconnected:  # the peer went away (raw ASGI; Quart cancels the handler instead)
                     nursery.cancel_scope.cancel()
                     break
-                replies = session.handle(message)
-                if replies:
-                    await outbox.put(CONTROL, CONTROL_URGENCY, *replies)
-                # Writers first: one scheduling turn after each message, however many more
-                # are ready, so the writers it woke (the receiver's, ours for the reply) send
-                # before the next is taken. That paces this reader with the writers: the
-                # server's socket reader then finds its queue to us full and reads what has
-                # arrived in one go, not one message per read syscall (README, "For speed").
-                # A stuck writer is parked, not runnable: it is not waited for.
+                taken = 1
+                while True:
+                    replies = session.handle(message)
+                    if replies:
+                        await outbox.put(CONTROL, CONTROL_URGENCY, *replies)
+                    ready = sock.receive_ready() if taken < READ_AHEAD else None
+                    if ready is None:
+                        break
+                    message, taken = ready, taken + 1
+                # Writers next: the messages the server already held are handled (at most
+                # READ_AHEAD), then one scheduling turn, so the writers they woke (the
+                # receivers', ours for the replies) each put what they were given on the wire
+                # in one write before more is taken. That paces this reader with the writers:
+                # the server's socket reader meanwhile finds its queue to us full and reads
+                # what has arrived in one go, not one message per read syscall (README, "For
+                # speed"). A stuck writer is parked, not runnable: it is not waited for.
                 await trio.lowlevel.checkpoint()
     except Disconnected:
         pass  # gone during the handshake
@@ -531,6 +538,13 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         node.closed_sessions += 1
 
 
+READ_AHEAD = 16
+"""Messages the server already holds that a socket's reader handles before its writers'
+turn (Hypercorn queues at most 10 per connection)."""
+WRITE_BYTES = wire.CHUNK_BYTES
+"""Messages ready together are written at once up to this many characters in all."""
+WRITE_MESSAGES = 64
+"""... and at most this many of them."""
 _CLOSE = "\x00close"
 """Put last in a connection's outbox at shutdown: its writer closes the socket (1001)."""
 _CLOSE_KEY = "*close*"
@@ -597,11 +611,32 @@ class _Writer:
                 await self.sock.close(1001, "node shutting down")
                 self.connection.cancel()
                 return
-            if self.batching and isinstance(message, str):
-                message = self._coalesce(message)
             self.busy, self.since = True, trio.current_time()
-            await self.sock.send(message)
+            if self.batching and isinstance(message, str):
+                await self.sock.send(self._coalesce(message))
+            else:
+                following = self._following(len(message))
+                if following:
+                    await self.sock.send_many([message, *following])
+                else:
+                    await self.sock.send(message)
             self.busy = False
+
+    def _following(self, size: int) -> list[Outgoing]:
+        """The messages ready after one of ``size`` characters, in order, while all of them
+        together stay within ``WRITE_BYTES`` (one write; a voice frame waits for at most that
+        much, as for one ``frame_part``)."""
+        out: list[Outgoing] = []
+        while len(out) < WRITE_MESSAGES:
+            nxt = self.outbox.get_nowait(limit=WRITE_BYTES - size)
+            if nxt is None:
+                break
+            if nxt is _CLOSE:  # the shutdown marker stays last
+                self.outbox.put_nowait(_CLOSE_KEY, _LAST_URGENCY, nxt)
+                break
+            out.append(nxt)
+            size += len(nxt)
+        return out
 
     def stalled(self, now: float) -> bool:
         """True when a send has not completed for ``send_timeout_s`` (a slow consumer)."""

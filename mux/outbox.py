@@ -91,16 +91,20 @@ class Outbox:
             await q.room.park()
         self.put_nowait(key, urgency, *messages)
 
-    def get_nowait(self) -> Outgoing | None:
-        """The next message by urgency and turn, or None if nothing is queued."""
+    def get_nowait(self, limit: int | None = None) -> Outgoing | None:
+        """The next message by urgency and turn, or None if nothing is queued (or, with
+        ``limit``, if the next message is longer than ``limit``: it stays queued)."""
         if not self.queued:
             return None
         for urgency in sorted(self._rings):
             ring = self._rings[urgency]
             if not ring:
                 continue
-            key = ring.popleft()
+            key = ring[0]
             q = self._queues[key]
+            if limit is not None and len(q.items[0]) > limit:
+                return None
+            ring.popleft()
             message = q.items.popleft()
             self.queued -= 1
             if q.items:

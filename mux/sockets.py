@@ -9,15 +9,28 @@ without Quart's per-message queue and context hop; :class:`FastSocketApp` routes
 WebSocket path to it and everything else (REST, lifespan) to the Quart app. A standalone
 node (``mux.server.serve``, through ``mux.app.node_asgi``) serves its WebSocket that way:
 the same protocol, a cheaper path.
+
+Several messages, one write: :meth:`Socket.send_many` puts messages queued together on the
+wire in one write. Over Hypercorn (0.18, HTTP/1.1 or HTTP/2) :class:`AsgiSocket` encodes
+each through the connection's own wsproto ``Connection`` (so negotiated extensions apply)
+and hands Hypercorn the joined bytes: one pass down its stack and one ``send`` system call
+for all of them instead of one each. Each message stays its own WebSocket message on the
+wire. Under any other ASGI server, or before the handshake, it sends them one by one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
+import trio
+from hypercorn.protocol.events import Data as _HypercornData
+from hypercorn.protocol.ws_stream import ASGIWebsocketState as _WSState
+from hypercorn.protocol.ws_stream import WSStream as _WSStream
 from quart import websocket
+from wsproto.events import BytesMessage, TextMessage
+from wsproto.utilities import LocalProtocolError
 
 __all__ = ["AsgiSocket", "Disconnected", "FastSocketApp", "QuartSocket", "Socket"]
 
@@ -44,8 +57,16 @@ class Socket(Protocol):
     async def send(self, message: str | bytes) -> None:
         """Send one message (text or binary)."""
 
+    async def send_many(self, messages: Sequence[str | bytes]) -> None:
+        """Send ``messages`` in order, each its own WebSocket message, in as few writes as
+        the server allows."""
+
     async def receive(self) -> str | bytes:
         """The next message; raises :class:`Disconnected` when the peer went away."""
+
+    def receive_ready(self) -> str | bytes | None:
+        """The next message if the server already holds it, without waiting; else None.
+        Raises :class:`Disconnected` as :meth:`receive` does."""
 
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code``."""
@@ -72,10 +93,19 @@ class QuartSocket:
         """Send one message."""
         await websocket.send(message)
 
+    async def send_many(self, messages: Sequence[str | bytes]) -> None:
+        """Send each message (Quart writes them one by one)."""
+        for message in messages:
+            await websocket.send(message)
+
     async def receive(self) -> str | bytes:
         """The next message (Quart hands an empty binary message over as None)."""
         message = await websocket.receive()
         return b"" if message is None else message
+
+    def receive_ready(self) -> str | bytes | None:
+        """None: Quart offers no look at its queue (each message is awaited)."""
+        return None
 
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code``."""
@@ -101,6 +131,13 @@ class AsgiSocket:
         client = scope.get("client")
         self.remote_addr = str(client[0]) if client else None
         self.closed = False
+        stream = getattr(send, "__self__", None)
+        self._stream = stream if isinstance(stream, _WSStream) else None
+        """Hypercorn's stream behind ``send`` (for :meth:`send_many`), else None."""
+        queue = getattr(receive, "__self__", None)
+        self._receive_nowait = queue.receive_nowait if isinstance(queue, trio.MemoryReceiveChannel) else None
+        """The server's queue of received events behind ``receive`` (Hypercorn's is a trio
+        memory channel; for :meth:`receive_ready`), else None."""
 
     async def accept(self, subprotocol: str | None) -> None:
         """Wait for the client's connect event, then accept."""
@@ -119,9 +156,40 @@ class AsgiSocket:
         else:
             await self._send({"type": "websocket.send", "bytes": message})
 
+    async def send_many(self, messages: Sequence[str | bytes]) -> None:
+        """Send ``messages`` in one write through Hypercorn's stream when there is one and it
+        is open; otherwise one by one (nothing once closed)."""
+        stream = self._stream
+        if stream is None or stream.closed or stream.state != _WSState.CONNECTED or len(messages) < 2:
+            for message in messages:
+                await self.send(message)
+            return
+        if self.closed:
+            return
+        encode = stream.connection.send
+        try:
+            data = b"".join(
+                encode(TextMessage(data=m) if isinstance(m, str) else BytesMessage(data=m)) for m in messages
+            )
+        except LocalProtocolError:  # the connection is closing: as Hypercorn's own send does
+            return
+        await stream.send(_HypercornData(stream_id=stream.stream_id, data=data))
+
     async def receive(self) -> str | bytes:
         """The next message; :class:`Disconnected` once the peer went away."""
-        event = await self._receive()
+        return self._message(await self._receive())
+
+    def receive_ready(self) -> str | bytes | None:
+        """The next message if the server has already queued it for us, else None."""
+        if self._receive_nowait is None or self.closed:
+            return None
+        try:
+            event = self._receive_nowait()
+        except trio.WouldBlock:
+            return None
+        return self._message(event)
+
+    def _message(self, event: MutableMapping[str, Any]) -> str | bytes:
         kind = event["type"]
         if kind == "websocket.receive":
             text = event.get("text")

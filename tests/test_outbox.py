@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import collections
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -334,7 +335,8 @@ async def test_acks_errors_makes_delivered_sends_quiet(server: ServeInfo) -> Non
 
 class _ReadySocket:
     """A ``mux.sockets.Socket`` whose client messages are all ready at once: ``receive``
-    returns the next without blocking or yielding (as a socket with a deep buffer might)."""
+    and ``receive_ready`` return the next without blocking or yielding (as a server holding
+    many received messages would); it records each write (``send`` or ``send_many``)."""
 
     def __init__(self, agent: str, messages: list[str], on_take: Any) -> None:
         self.args = {"agent": agent}
@@ -344,6 +346,8 @@ class _ReadySocket:
         self.messages = messages
         self.on_take = on_take
         self.sent: list[str | bytes] = []
+        self.writes: list[int] = []
+        """How many messages each write carried."""
         self._more = trio.lowlevel.ParkingLot()
         self._sends = trio.lowlevel.ParkingLot()
 
@@ -356,7 +360,11 @@ class _ReadySocket:
         pass
 
     async def send(self, message: str | bytes) -> None:
-        self.sent.append(message)
+        await self.send_many([message])
+
+    async def send_many(self, messages: Sequence[str | bytes]) -> None:
+        self.sent.extend(messages)
+        self.writes.append(len(messages))
         self._sends.unpark_all()
         await trio.lowlevel.checkpoint()
 
@@ -371,16 +379,24 @@ class _ReadySocket:
         self.on_take()
         return self.messages.pop(0)
 
+    def receive_ready(self) -> str | bytes | None:
+        if not self.messages:
+            return None
+        self.on_take()
+        return self.messages.pop(0)
+
     async def close(self, code: int, reason: str) -> None:
         pass
 
 
-async def test_the_reader_gives_writers_a_turn_after_every_message(node: mux.Mux, nursery: trio.Nursery) -> None:
-    """However many client messages are ready, the socket handler takes a scheduling turn
-    after each one, so the writers it woke send before the next is taken (and the server's
-    socket reader is paced with them; see mux/app.py): a task that counts its turns keeps
-    pace with the messages taken."""
-    from mux.app import Node, serve_socket
+async def test_the_reader_takes_what_is_ready_then_gives_writers_a_turn(node: mux.Mux, nursery: trio.Nursery) -> None:
+    """The socket handler takes the client messages the server already holds, at most
+    ``READ_AHEAD`` of them, then takes one scheduling turn, so the writers they woke put
+    what they were given on the wire, in one write, before more is taken (and the server's
+    socket reader is paced with them; see mux/app.py): a task that counts its turns sees at
+    most ``READ_AHEAD`` messages taken per turn (two turns' worth within one round), and
+    the replies go out several per write, in order."""
+    from mux.app import READ_AHEAD, Node, serve_socket
     from mux.settings import NodeSettings
 
     turns = 0
@@ -392,7 +408,7 @@ async def test_the_reader_gives_writers_a_turn_after_every_message(node: mux.Mux
             turns += 1
             await trio.lowlevel.checkpoint()
 
-    count = 40
+    count = 5 * READ_AHEAD
     sock = _ReadySocket(
         "reader-a",
         [orjson.dumps({"action": "ping", "ref": i}).decode() for i in range(count)],
@@ -407,10 +423,42 @@ async def test_the_reader_gives_writers_a_turn_after_every_message(node: mux.Mux
         await sock.wait_sent(2 * count + 1)
     taken = seen_at_take[count:]
     assert len(taken) == count
-    # one message per scheduling round: the counting task runs once a round too (in either
-    # order within it), so no count sees more than two messages taken, and it runs all along
-    assert max(collections.Counter(taken).values()) <= 2, taken
-    assert taken[-1] - taken[0] >= count - 2, taken
+    # READ_AHEAD messages per turn of the reader; the counting task runs once a round too
+    # (in either order within it), so no count sees more than two turns' worth taken
+    per_count = collections.Counter(taken).values()
+    assert max(per_count) <= 2 * READ_AHEAD, taken
+    assert len(per_count) >= count // (2 * READ_AHEAD), taken  # turns were taken all along
+    assert max(sock.writes) > 1 and len(sock.writes) < count, sock.writes  # replies share writes
     pongs = [orjson.loads(m) for m in sock.sent[1:]]
     assert [p["ref"] for p in pongs] == list(range(2 * count))  # in order, none lost
+    nursery.cancel_scope.cancel()
+
+
+async def test_the_writer_puts_ready_messages_in_one_write_up_to_a_pieces_size(nursery: trio.Nursery) -> None:
+    """What is queued together goes out in one write, in the outbox's order (most urgent
+    first), as long as the write stays within ``WRITE_BYTES`` (a voice frame then waits for
+    at most one piece's worth): a message that would overflow it starts the next write, and
+    one larger than that goes alone."""
+    from mux.app import WRITE_BYTES, _Writer
+
+    sock = _ReadySocket("writer-a", [], lambda: None)
+    box = Outbox()
+    third = WRITE_BYTES // 3
+    box.put_nowait("bulk", 8, "b1" + "x" * third, "b2" + "x" * third, "b3" + "x" * third, "b4")
+    box.put_nowait("voice", 0, "v1")
+    box.put_nowait(CONTROL, CONTROL_URGENCY, "c1")
+    box.put_nowait("bulk2", 8, "p" * (WRITE_BYTES + 1))
+    writer = _Writer(sock, box, 5.0, trio.CancelScope(), "writer-a")  # type: ignore[arg-type]
+    nursery.start_soon(writer.run)
+    with trio.fail_after(5):
+        await sock.wait_sent(7)
+    heads = [m[:2] for m in sock.sent]
+    assert heads == ["c1", "v1", "b1", "pp", "b2", "b3", "b4"]  # urgency, then bulk keys in turn
+    assert sock.writes == [3, 1, 3]  # c1 v1 b1 | the oversized piece alone | b2 b3 b4
+    assert all(sum(map(len, sock.sent[i : i + 3])) <= WRITE_BYTES for i in (0, 4))
+    for _ in range(10):  # the last write returns
+        if writer.idle:
+            break
+        await trio.lowlevel.checkpoint()
+    assert writer.idle
     nursery.cancel_scope.cancel()

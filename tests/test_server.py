@@ -367,3 +367,53 @@ async def test_blueprint_can_serve_a_mux_you_own(nursery: trio.Nursery, given: b
             ev = await recv(r)
             assert ev["event"] == "frame" and ev["payload"] == {"from": "library"}
         nursery.cancel_scope.cancel()
+
+
+async def test_asgi_socket_takes_queued_messages_and_writes_several_at_once_on_hypercorn(nursery: trio.Nursery) -> None:
+    """On a real Hypercorn server, ``AsgiSocket`` finds Hypercorn's stream and queue: what
+    the server already holds is taken without waiting (``receive_ready``), and
+    ``send_many`` writes several messages at once, each still its own WebSocket message
+    (text, binary, one larger than a socket read) in order."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    from mux.sockets import AsgiSocket, Disconnected
+
+    seen: dict[str, Any] = {}
+    closed = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send_({"type": "lifespan.startup.complete"})
+            await send_({"type": "lifespan.shutdown.complete"})
+            return
+        sock = AsgiSocket(scope, receive, send_)
+        seen["fast"] = sock._stream is not None and sock._receive_nowait is not None
+        await sock.accept(None)
+        taken = [await sock.receive()]
+        with trio.fail_after(5):
+            while len(taken) < 5:  # the rest arrive and wait in Hypercorn's queue
+                await trio.sleep(0.01)
+                while (message := sock.receive_ready()) is not None:
+                    taken.append(message)
+        assert sock.receive_ready() is None
+        await sock.send_many([f"took {len(taken)}", *taken, b"\x00\x01", "big" * 40_000])
+        try:
+            await sock.receive()
+        except Disconnected:
+            closed.set()
+
+    cfg = Config()
+    cfg.bind = ["127.0.0.1:0"]
+    urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))
+    async with open_ws(urls[0].replace("http", "ws") + "/") as ws:
+        sent: list[str | bytes] = ["one", b"\x02two", "three", "four", b"five"]
+        for message in sent:
+            await ws.send_message(message)
+        got = [await ws.get_message() for _ in range(len(sent) + 3)]
+    assert got == ["took 5", *sent, b"\x00\x01", "big" * 40_000]
+    assert seen["fast"]  # the fast paths were found (else it would have worked one by one)
+    with trio.fail_after(5):
+        await closed.wait()  # and the socket saw the client go
+    nursery.cancel_scope.cancel()
