@@ -615,11 +615,7 @@ class _Writer:
             if self.batching and isinstance(message, str):
                 await self.sock.send(self._coalesce(message))
             else:
-                following = self._following(len(message))
-                if following:
-                    await self.sock.send_many([message, *following])
-                else:
-                    await self.sock.send(message)
+                await self.sock.send_many([message, *self._following(len(message))])
             self.busy = False
 
     def _following(self, size: int) -> list[Outgoing]:

@@ -160,7 +160,7 @@ class AsgiSocket:
         """Send ``messages`` in one write through Hypercorn's stream when there is one and it
         is open; otherwise one by one (nothing once closed)."""
         stream = self._stream
-        if stream is None or stream.closed or stream.state != _WSState.CONNECTED or len(messages) < 2:
+        if stream is None or stream.closed or stream.state != _WSState.CONNECTED:
             for message in messages:
                 await self.send(message)
             return
