@@ -11,7 +11,7 @@ node (``mux.server.serve``, through ``mux.app.node_asgi``) serves its WebSocket 
 the same protocol, a cheaper path.
 
 Several messages, one write: :meth:`Socket.send_many` puts messages queued together on the
-wire in one write. Over Hypercorn (0.18, HTTP/1.1 or HTTP/2) :class:`AsgiSocket` encodes
+wire in one write. Over Hypercorn (0.18) :class:`AsgiSocket` encodes
 each through the connection's own wsproto ``Connection`` (so negotiated extensions apply)
 and hands Hypercorn the joined bytes: one pass down its stack and one ``send`` system call
 for all of them instead of one each. Each message stays its own WebSocket message on the
@@ -65,8 +65,8 @@ class Socket(Protocol):
         """The next message; raises :class:`Disconnected` when the peer went away."""
 
     def receive_ready(self) -> str | bytes | None:
-        """The next message if the server already holds it, without waiting; else None.
-        Raises :class:`Disconnected` as :meth:`receive` does."""
+        """The next message if the server already holds it, without waiting; else None
+        (also when the peer has gone: the next :meth:`receive` says so)."""
 
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code``."""
@@ -138,6 +138,8 @@ class AsgiSocket:
         self._receive_nowait = queue.receive_nowait if isinstance(queue, trio.MemoryReceiveChannel) else None
         """The server's queue of received events behind ``receive`` (Hypercorn's is a trio
         memory channel; for :meth:`receive_ready`), else None."""
+        self._held: MutableMapping[str, Any] | None = None
+        """An event other than a message that ``receive_ready`` took: ``receive`` reports it."""
 
     async def accept(self, subprotocol: str | None) -> None:
         """Wait for the client's connect event, then accept."""
@@ -159,12 +161,12 @@ class AsgiSocket:
     async def send_many(self, messages: Sequence[str | bytes]) -> None:
         """Send ``messages`` in one write through Hypercorn's stream when there is one and it
         is open; otherwise one by one (nothing once closed)."""
+        if self.closed:
+            return
         stream = self._stream
         if stream is None or stream.closed or stream.state != _WSState.CONNECTED:
             for message in messages:
                 await self.send(message)
-            return
-        if self.closed:
             return
         encode = stream.connection.send
         try:
@@ -177,15 +179,20 @@ class AsgiSocket:
 
     async def receive(self) -> str | bytes:
         """The next message; :class:`Disconnected` once the peer went away."""
-        return self._message(await self._receive())
+        event, self._held = self._held, None
+        return self._message(event if event is not None else await self._receive())
 
     def receive_ready(self) -> str | bytes | None:
-        """The next message if the server has already queued it for us, else None."""
-        if self._receive_nowait is None or self.closed:
+        """The next message if the server has already queued it for us, else None (a
+        disconnect is kept for the next :meth:`receive`)."""
+        if self._receive_nowait is None or self._held is not None or self.closed:
             return None
         try:
             event = self._receive_nowait()
         except trio.WouldBlock:
+            return None
+        if event["type"] != "websocket.receive":
+            self._held = event
             return None
         return self._message(event)
 

@@ -417,3 +417,48 @@ async def test_asgi_socket_takes_queued_messages_and_writes_several_at_once_on_h
     with trio.fail_after(5):
         await closed.wait()  # and the socket saw the client go
     nursery.cancel_scope.cancel()
+
+
+async def test_asgi_socket_reports_a_disconnect_behind_ready_messages_at_the_next_receive(
+    nursery: trio.Nursery,
+) -> None:
+    """A client that sends and closes at once: ``receive_ready`` hands over every message
+    the server holds, never raises, and the next ``receive`` reports the disconnect."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    from mux.sockets import AsgiSocket, Disconnected
+
+    result: dict[str, Any] = {}
+    done = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send_({"type": "lifespan.startup.complete"})
+            await send_({"type": "lifespan.shutdown.complete"})
+            return
+        sock = AsgiSocket(scope, receive, send_)
+        await sock.accept(None)
+        await trio.sleep(0.3)  # the messages and the close all arrive meanwhile
+        taken = [await sock.receive()]
+        while (message := sock.receive_ready()) is not None:
+            taken.append(message)
+        result["taken"] = taken
+        result["again"] = sock.receive_ready()
+        try:
+            await sock.receive()
+        except Disconnected:
+            result["disconnected"] = True
+        done.set()
+
+    cfg = Config()
+    cfg.bind = ["127.0.0.1:0"]
+    urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))
+    async with open_ws(urls[0].replace("http", "ws") + "/") as ws:
+        for i in range(4):
+            await ws.send_message(f"m{i}")
+    with trio.fail_after(5):
+        await done.wait()
+    assert result == {"taken": ["m0", "m1", "m2", "m3"], "again": None, "disconnected": True}
+    nursery.cancel_scope.cancel()
