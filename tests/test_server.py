@@ -369,18 +369,11 @@ async def test_blueprint_can_serve_a_mux_you_own(nursery: trio.Nursery, given: b
         nursery.cancel_scope.cancel()
 
 
-async def test_asgi_socket_takes_queued_messages_and_writes_several_at_once_on_hypercorn(nursery: trio.Nursery) -> None:
-    """On a real Hypercorn server, ``AsgiSocket`` finds Hypercorn's stream and queue: what
-    the server already holds is taken without waiting (``receive_ready``), and
-    ``send_many`` writes several messages at once, each still its own WebSocket message
-    (text, binary, one larger than a socket read) in order."""
+async def _serve_raw(nursery: trio.Nursery, ws_app: Any) -> str:
+    """Serve the raw ASGI WebSocket app ``ws_app`` on Hypercorn (lifespan answered here);
+    return its ``ws://`` URL."""
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
-
-    from mux.sockets import AsgiSocket, Disconnected
-
-    seen: dict[str, Any] = {}
-    closed = trio.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
         if scope["type"] == "lifespan":
@@ -388,6 +381,25 @@ async def test_asgi_socket_takes_queued_messages_and_writes_several_at_once_on_h
                 await send_({"type": "lifespan.startup.complete"})
             await send_({"type": "lifespan.shutdown.complete"})
             return
+        await ws_app(scope, receive, send_)
+
+    cfg = Config()
+    cfg.bind = ["127.0.0.1:0"]
+    urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))
+    return str(urls[0]).replace("http", "ws", 1) + "/"
+
+
+async def test_asgi_socket_takes_queued_messages_and_writes_several_at_once_on_hypercorn(nursery: trio.Nursery) -> None:
+    """On a real Hypercorn server, ``AsgiSocket`` finds Hypercorn's stream and queue: what
+    the server already holds is taken without waiting (``receive_ready``), and
+    ``send_many`` writes several messages at once, each still its own WebSocket message
+    (text, binary, one larger than a socket read) in order."""
+    from mux.sockets import AsgiSocket, Disconnected
+
+    seen: dict[str, Any] = {}
+    closed = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
         sock = AsgiSocket(scope, receive, send_)
         seen["fast"] = sock._stream is not None and sock._receive_nowait is not None
         await sock.accept(None)
@@ -404,10 +416,7 @@ async def test_asgi_socket_takes_queued_messages_and_writes_several_at_once_on_h
         except Disconnected:
             closed.set()
 
-    cfg = Config()
-    cfg.bind = ["127.0.0.1:0"]
-    urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))
-    async with open_ws(urls[0].replace("http", "ws") + "/") as ws:
+    async with open_ws(await _serve_raw(nursery, app)) as ws:
         sent: list[str | bytes] = ["one", b"\x02two", "three", "four", b"five"]
         for message in sent:
             await ws.send_message(message)
@@ -424,20 +433,12 @@ async def test_asgi_socket_reports_a_disconnect_behind_ready_messages_at_the_nex
 ) -> None:
     """A client that sends and closes at once: ``receive_ready`` hands over every message
     the server holds, never raises, and the next ``receive`` reports the disconnect."""
-    from hypercorn.config import Config
-    from hypercorn.trio import serve as hypercorn_serve
-
     from mux.sockets import AsgiSocket, Disconnected
 
     result: dict[str, Any] = {}
     done = trio.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send_({"type": "lifespan.startup.complete"})
-            await send_({"type": "lifespan.shutdown.complete"})
-            return
         sock = AsgiSocket(scope, receive, send_)
         await sock.accept(None)
         await trio.sleep(0.3)  # the messages and the close all arrive meanwhile
@@ -452,10 +453,7 @@ async def test_asgi_socket_reports_a_disconnect_behind_ready_messages_at_the_nex
             result["disconnected"] = True
         done.set()
 
-    cfg = Config()
-    cfg.bind = ["127.0.0.1:0"]
-    urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))
-    async with open_ws(urls[0].replace("http", "ws") + "/") as ws:
+    async with open_ws(await _serve_raw(nursery, app)) as ws:
         for i in range(4):
             await ws.send_message(f"m{i}")
     with trio.fail_after(5):
