@@ -5,7 +5,8 @@ message is queued under a *key* (a channel id, or ``CONTROL`` for replies and ch
 events) with an *urgency* (``CONTROL_URGENCY`` for control, else the intent's priority:
 0 = voice ... 8 = bulk). The writer always takes the next message of the most urgent key
 that has one ready, and keys of the same urgency take turns (round robin), so a voice frame
-waits at most for the message already on the wire. A frame whose payload is larger than
+waits at most for the write already on the wire (one message, or a few small ones: see
+``mux.app._Writer``). A frame whose payload is larger than
 ``chunk_bytes`` is queued as several ``frame_part`` messages (see ``docs/protocol.md``) so
 that "the message on the wire" is never a whole 1 MiB bulk payload.
 
