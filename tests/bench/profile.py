@@ -11,8 +11,8 @@ CPU per message split into layers:
   to the application;
 - app: the application between receive and send (for the node: ``WireSession.handle``:
   parse, chain, hash, sign, deliver into the receiver's outbox; plus its reader loop);
-- send: the application's sends (``AsgiSocket.send`` down through Hypercorn, wsproto and
-  the socket), and for the node its per-connection writer around them;
+- send: the application's sends (``AsgiSocket.send`` and ``send_many`` down through
+  Hypercorn, wsproto and the socket), and for the node its per-connection writer around them;
 - loop: trio's scheduler and epoll, and anything else.
 
 How this works: py-spy samples the server subprocess (``--format raw``; it pauses the process for each sample)
@@ -46,7 +46,7 @@ RATE_HZ = 500
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("read", ("TCPServer._read_data (",)),
-    ("send", ("AsgiSocket.send (", "_Writer.run (")),
+    ("send", ("AsgiSocket.send (", "AsgiSocket.send_many (", "_Writer.run (")),
     ("app", ("WireSession.handle (", "serve_socket (", "asgi_echo (")),
 )
 """Layer name and the frames (``function (`` as py-spy names them) that put a stack in it,
