@@ -62,11 +62,8 @@ class TokenBucket:
         return 0 if short <= 0 else math.ceil(short / self.rate * 1000)
 
     def retry_after_ms(self, nbytes: int) -> int:
-        """Milliseconds until ``take(nbytes)`` would pass (after it was refused)."""
-        if self.rate <= 0:
-            return 0
-        short = min(float(nbytes), float(self.burst)) - self.tokens
-        return max(1, math.ceil(short / self.rate * 1000))
+        """Milliseconds until ``take(nbytes)`` would pass (after it was refused): at least 1."""
+        return max(1, self.wait_ms(nbytes)) if self.rate > 0 else 0
 
 
 UNLIMITED = TokenBucket(0, 0)

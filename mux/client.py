@@ -724,7 +724,7 @@ class MuxConnection:
         behind it folded into one ``batch`` action (within the node's message size and
         ``MAX_BATCH_ITEMS``); a binary request goes alone."""
         data, first = self._outgoing.popleft()
-        if isinstance(data, bytes) or not self._outgoing or isinstance(self._outgoing[0][0], bytes):
+        if isinstance(data, bytes):
             return data, [first]
         limit = (self.max_message_bytes or 1 << 20) - 64
         texts, items, size = [data], [first], len(data)

@@ -63,8 +63,9 @@ WINDOW = 64
 BATCH = 16
 RUN_TIMEOUT_S = 60.0
 ROUNDS = 3
-CLIENT_TASKS = 64
 """(f), (b), (b') and (b'') run this many times, interleaved; rows give the median and range."""
+CLIENT_TASKS = 64
+"""(c'): tasks sending concurrently through one ``mux.client`` connection."""
 
 
 async def expect(ws: trio_websocket.WebSocketConnection, name: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -335,9 +336,9 @@ def _go(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return trio.run(lambda: fn(*args, **kwargs))
 
 
-def _median_run(runs: list[Any], rate: Callable[[Any], float]) -> Any:
-    """The run with the median ``rate`` (the middle one of an odd count)."""
-    return sorted(runs, key=rate)[len(runs) // 2]
+def _median(items: list[Any], key: Callable[[Any], float] = float) -> Any:
+    """The item with the median ``key`` (the middle one of an odd count)."""
+    return sorted(items, key=key)[len(items) // 2]
 
 
 def _spread(values: list[float], fmt: str = "{:.0f}") -> str:
@@ -373,7 +374,7 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                 singles.append(_go(relay_run, node, f"bench-relay{r}", n=per_round, window=window, end_to_end=True))
                 quiets.append(_go(relay_run, node, f"bench-quiet{r}", n=per_round, window=window, quiet=True))
                 signed.append(_go(relay_run, heads, f"bench-heads{r}", n=per_round, window=window, quiet=True))
-            rate, rtt, m = _median_run(echoes, lambda e: e[0])
+            rate, rtt, m = _median(echoes, lambda e: e[0])
             rows.append(
                 (
                     f"(f) raw WS echo, same stack (ceiling), {per_round} msgs, window {window}, median of {rounds}",
@@ -405,12 +406,12 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
             echo_cpu = [e[2].node_cpu / per_round for e in echoes]  # node CPU per echoed message, per round
             in_echoes: list[str] = []
             for runs, label in relay_rows:
-                mid = _median_run(runs, lambda x: x.rx_rate)
+                mid = _median(runs, lambda x: x.rx_rate)
                 assert mid.meter is not None
                 ratios = [x.rx_rate / max(1.0, e[0]) * 100 for x, e in zip(runs, echoes, strict=True)]
-                fractions.append(sorted(ratios)[len(ratios) // 2])
+                fractions.append(_median(ratios))
                 units = [_cpu_per_frame(x) / c for x, c in zip(runs, echo_cpu, strict=True)]
-                in_echoes.append(f"{sorted(units)[len(units) // 2]:.2f}")
+                in_echoes.append(f"{_median(units):.2f}")
                 rows.append(
                     (
                         label,
@@ -426,7 +427,7 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                 rows.append((label, f"n/a (node has no batch action: probe answered {batched.batch_probe})"))
             else:
                 assert batched.meter is not None
-                single_rate = _median_run(singles, lambda x: x.rx_rate).rx_rate
+                single_rate = _median(singles, lambda x: x.rx_rate).rx_rate
                 rows.append(
                     (
                         label,
@@ -435,7 +436,7 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                     )
                 )
                 rows.append(("    batching speed-up over (b)", f"{batched.rx_rate / max(1.0, single_rate):>8.2f}x"))
-                in_echoes.append(f"{_cpu_per_frame(batched) / sorted(echo_cpu)[len(echo_cpu) // 2]:.2f}")
+                in_echoes.append(f"{_cpu_per_frame(batched) / _median(echo_cpu):.2f}")
             rows.append(
                 (
                     "    node CPU per relayed frame, in echoed messages of (f): (b) / (b') / (b'')"
