@@ -506,22 +506,14 @@ async def serve_socket(node: Node, sock: Socket) -> None:
             node.sessions[session] = writer  # watched by the node's one _watchdog
             if grant.exp:
                 nursery.start_soon(_expire_with_token, sock, grant, nursery.cancel_scope)
-            outbox = session.outbox
             while True:
                 try:
                     message = await sock.receive()
                 except Disconnected:  # the peer went away (raw ASGI; Quart cancels the handler instead)
                     nursery.cancel_scope.cancel()
                     break
-                taken = 1
-                while True:
-                    replies = session.handle(message)
-                    if replies:
-                        await outbox.put(CONTROL, CONTROL_URGENCY, *replies)
-                    ready = sock.receive_ready() if taken < READ_AHEAD else None
-                    if ready is None:
-                        break
-                    message, taken = ready, taken + 1
+                await _handle_ready(session, sock, message)
+                del message  # an idle connection keeps nothing of its last round alive
                 # Writers next: the messages the server already held are handled (at most
                 # READ_AHEAD), then one scheduling turn, so the writers they woke (the
                 # receivers', ours for the replies) each put what they were given on the wire
@@ -536,6 +528,21 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         session.close("ws_disconnect")
         node.sessions.pop(session, None)
         node.closed_sessions += 1
+
+
+async def _handle_ready(session: WireSession, sock: Socket, message: str | bytes) -> None:
+    """Handle ``message`` and then the messages ``sock`` already holds (at most
+    ``READ_AHEAD`` in all), queueing each one's replies."""
+    outbox = session.outbox
+    taken = 1
+    while True:
+        replies = session.handle(message)
+        if replies:
+            await outbox.put(CONTROL, CONTROL_URGENCY, *replies)
+        ready = sock.receive_ready() if taken < READ_AHEAD else None
+        if ready is None:
+            return
+        message, taken = ready, taken + 1
 
 
 READ_AHEAD = 16
@@ -605,18 +612,22 @@ class _Writer:
     async def run(self) -> None:
         """Send each message; a client that takes none for ``send_timeout_s`` is dropped
         (slow consumer): nothing queues past the outbox bounds meanwhile."""
-        while True:
-            message: Outgoing = await self.outbox.get()
-            if message is _CLOSE:  # the node shuts down: everything before this was sent
-                await self.sock.close(1001, "node shutting down")
-                self.connection.cancel()
-                return
-            self.busy, self.since = True, trio.current_time()
-            if self.batching and isinstance(message, str):
-                await self.sock.send(self._coalesce(message))
-            else:
-                await self.sock.send_many([message, *self._following(len(message))])
-            self.busy = False
+        while await self._write(await self.outbox.get()):
+            pass  # (nothing written stays referenced while the writer waits)
+
+    async def _write(self, message: Outgoing) -> bool:
+        """Write ``message`` and whatever is ready behind it; False after the shutdown marker."""
+        if message is _CLOSE:  # the node shuts down: everything before this was sent
+            await self.sock.close(1001, "node shutting down")
+            self.connection.cancel()
+            return False
+        self.busy, self.since = True, trio.current_time()
+        if self.batching and isinstance(message, str):
+            await self.sock.send(self._coalesce(message))
+        else:
+            await self.sock.send_many([message, *self._following(len(message))])
+        self.busy = False
+        return True
 
     def _following(self, size: int) -> list[Outgoing]:
         """The messages ready after one of ``size`` characters, in order, while all of them

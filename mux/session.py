@@ -355,6 +355,7 @@ class WireSession:
             async for ch in self.endpoint:
                 await self.outbox.put(CONTROL, CONTROL_URGENCY, wire.channel_opened_event(ch._state, "target"))
                 self._watch(ch)
+                del ch  # not kept alive (with its state) while waiting for the next one
 
     async def _ack_pump(self) -> None:
         """Send durable ``frame_ack``s in order, each once the store has committed its frame."""

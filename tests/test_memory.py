@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
+import orjson
 import pytest
 import trio
 import trio.testing
@@ -36,6 +37,26 @@ async def test_closed_channels_keep_no_connection(node: mux.Mux) -> None:
     gc.collect()
     assert [r() for r in refs] == [None, None]
     assert len(node.channels(agent="bob", include_closed=True)) == 3  # still found as closed
+
+
+async def test_a_closed_channel_is_freed_while_its_connections_stay(node: mux.Mux) -> None:
+    """Nothing of a connection's last channel stays alive once it is closed and forgotten
+    (the announcing loop dropped it; before, each connection kept its last one)."""
+    node.config.closed_retention = 0
+    async with trio.open_nursery() as connections:
+        alice, bob = (WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "bob"))
+        await connections.start(alice.run)
+        await connections.start(bob.run)
+        alice.handle('{"action":"open","target":"bob"}')
+        await trio.sleep(0.05)
+        (info,) = node.channels(agent="bob")
+        ref = weakref.ref(node._channels[info["channel_id"]])
+        alice.handle(orjson.dumps({"action": "close", "channel_id": info["channel_id"]}).decode())
+        await trio.sleep(0.05)
+        assert node.channels(agent="bob", include_closed=True) == []
+        gc.collect()
+        assert ref() is None  # both sessions are still open
+        connections.cancel_scope.cancel()
 
 
 async def test_trimmer_runs_once_per_burst_of_closes(
