@@ -10,8 +10,9 @@ bound, and the core then refuses new data frames with ``store_busy`` rather than
 
 :class:`MemoryStore` is the in-process default (nothing survives a restart; the ledger is
 bounded). :class:`SqliteStore` keeps everything in ``DATA_DIR/mux.sqlite3`` (WAL mode),
-working in a worker thread so the event loop never waits on the disk. A Redis store for
-several nodes implements the same :class:`Store` protocol.
+working in a worker thread so the event loop never waits on the disk. Another store (for
+instance one shared by several nodes) implements the same :class:`Store` protocol; none
+ships yet.
 """
 
 from __future__ import annotations
