@@ -11,11 +11,13 @@ node (``mux.server.serve``, through ``mux.app.node_asgi``) serves its WebSocket 
 the same protocol, a cheaper path.
 
 Several messages, one write: :meth:`Socket.send_many` puts messages queued together on the
-wire in one write. Over Hypercorn (0.18) :class:`AsgiSocket` encodes
-each through the connection's own wsproto ``Connection`` (so negotiated extensions apply)
-and hands Hypercorn the joined bytes: one pass down its stack and one ``send`` system call
-for all of them instead of one each. Each message stays its own WebSocket message on the
-wire. Under any other ASGI server, or before the handshake, it sends them one by one.
+wire in one write. Over Hypercorn (0.18) :class:`AsgiSocket` encodes each message as its
+own WebSocket frame and hands Hypercorn the joined bytes: one pass down its stack and one
+``send`` system call for all of them instead of one each. The frames are built directly
+(``mux.wsframes``) when the connection negotiated no extension and is open with no message
+half sent; otherwise (permessage-deflate, say) through the connection's own wsproto
+``Connection``. Under any other ASGI server, or before the handshake, it sends them one by
+one.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ from hypercorn.protocol.events import Data as _HypercornData
 from hypercorn.protocol.ws_stream import ASGIWebsocketState as _WSState
 from hypercorn.protocol.ws_stream import WSStream as _WSStream
 from quart import websocket
+from wsproto.connection import Connection as _WSConnection
+from wsproto.connection import ConnectionState as _WSConnectionState
 from wsproto.events import BytesMessage, TextMessage
 from wsproto.utilities import LocalProtocolError
+
+from .wsframes import server_frames
 
 __all__ = ["AsgiSocket", "Disconnected", "FastSocketApp", "QuartSocket", "Socket"]
 
@@ -168,13 +174,17 @@ class AsgiSocket:
             for message in messages:
                 await self.send(message)
             return
-        encode = stream.connection.send
-        try:
-            data = b"".join(
-                encode(TextMessage(data=m) if isinstance(m, str) else BytesMessage(data=m)) for m in messages
-            )
-        except LocalProtocolError:  # the connection is closing: as Hypercorn's own send does
-            return
+        connection = stream.connection
+        if _plain(connection):
+            data = server_frames(messages)
+        else:
+            encode = connection.send
+            try:
+                data = b"".join(
+                    encode(TextMessage(data=m) if isinstance(m, str) else BytesMessage(data=m)) for m in messages
+                )
+            except LocalProtocolError:  # the connection is closing: as Hypercorn's own send does
+                return
         await stream.send(_HypercornData(stream_id=stream.stream_id, data=data))
 
     async def receive(self) -> str | bytes:
@@ -212,6 +222,19 @@ class AsgiSocket:
             return
         self.closed = True
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+def _plain(connection: _WSConnection) -> bool:
+    """True when ``connection`` (wsproto, server side) would frame a whole message exactly as
+    :func:`server_frames` does: open, no extension negotiated, no message half sent."""
+    proto = getattr(connection, "_proto", None)
+    return (
+        connection.state is _WSConnectionState.OPEN
+        and proto is not None
+        and not proto.extensions
+        and not proto.client
+        and proto._outbound_opcode is None
+    )
 
 
 class FastSocketApp:

@@ -394,7 +394,7 @@ async def test_asgi_socket_takes_queued_messages_and_writes_several_at_once_on_h
     the server already holds is taken without waiting (``receive_ready``), and
     ``send_many`` writes several messages at once, each still its own WebSocket message
     (text, binary, one larger than a socket read) in order."""
-    from mux.sockets import AsgiSocket, Disconnected
+    from mux.sockets import AsgiSocket, Disconnected, _plain
 
     seen: dict[str, Any] = {}
     closed = trio.Event()
@@ -403,6 +403,7 @@ async def test_asgi_socket_takes_queued_messages_and_writes_several_at_once_on_h
         sock = AsgiSocket(scope, receive, send_)
         seen["fast"] = sock._stream is not None and sock._receive_nowait is not None
         await sock.accept(None)
+        seen["plain"] = sock._stream is not None and _plain(sock._stream.connection)
         taken = [await sock.receive()]
         with trio.fail_after(5):
             while len(taken) < 5:  # the rest arrive and wait in Hypercorn's queue
@@ -423,6 +424,7 @@ async def test_asgi_socket_takes_queued_messages_and_writes_several_at_once_on_h
         got = [await ws.get_message() for _ in range(len(sent) + 3)]
     assert got == ["took 5", *sent, b"\x00\x01", "big" * 40_000]
     assert seen["fast"]  # the fast paths were found (else it would have worked one by one)
+    assert seen["plain"]  # and the frames were built directly (no extension negotiated)
     with trio.fail_after(5):
         await closed.wait()  # and the socket saw the client go
     nursery.cancel_scope.cancel()
@@ -459,4 +461,56 @@ async def test_asgi_socket_reports_a_disconnect_behind_ready_messages_at_the_nex
     with trio.fail_after(5):
         await done.wait()
     assert result == {"taken": ["m0", "m1", "m2", "m3"], "again": None, "disconnected": True}
+    nursery.cancel_scope.cancel()
+
+
+async def test_asgi_socket_sends_through_wsproto_when_permessage_deflate_is_negotiated(
+    nursery: trio.Nursery,
+) -> None:
+    """A client that negotiates permessage-deflate (as browsers do) gets ``send_many``'s
+    messages compressed by the connection's own wsproto, not as plain frames, and intact."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Message, Request, TextMessage
+    from wsproto.extensions import PerMessageDeflate
+
+    from mux.sockets import AsgiSocket, _plain
+
+    seen: dict[str, Any] = {}
+    sent: list[str | bytes] = ["hello", b"\x00\x01" * 10, "z" * 70_000, "é"]
+
+    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        sock = AsgiSocket(scope, receive, send_)
+        await sock.accept(None)
+        assert sock._stream is not None
+        seen["plain"] = _plain(sock._stream.connection)
+        await sock.send_many(sent)
+        await trio.sleep_forever()
+
+    url = await _serve_raw(nursery, app)
+    host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host=host, target="/", extensions=[PerMessageDeflate()])))
+    got: list[str | bytes] = []
+    partial: list[Any] = []
+    compressed = 0
+    with trio.fail_after(5):
+        while len(got) < len(sent):
+            data = await stream.receive_some(65536)
+            assert data
+            compressed += len(data)
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    assert [e.name for e in event.extensions] == ["permessage-deflate"]
+                    compressed = 0
+                elif isinstance(event, Message):
+                    partial.append(event.data)
+                    if event.message_finished:
+                        got.append("".join(partial) if isinstance(event, TextMessage) else b"".join(partial))
+                        partial = []
+    await stream.aclose()
+    assert got == sent
+    assert seen["plain"] is False  # wsproto framed (and compressed) them
+    assert compressed < 1000  # 70 KB of "z" went compressed
     nursery.cancel_scope.cancel()
