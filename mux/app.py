@@ -613,7 +613,7 @@ class _Writer:
         """Send each message; a client that takes none for ``send_timeout_s`` is dropped
         (slow consumer): nothing queues past the outbox bounds meanwhile."""
         while await self._write(await self.outbox.get()):
-            pass  # (nothing written stays referenced while the writer waits)
+            pass  # _write's locals are gone: nothing written stays referenced while we wait
 
     async def _write(self, message: Outgoing) -> bool:
         """Write ``message`` and whatever is ready behind it; False after the shutdown marker."""
