@@ -354,6 +354,14 @@ def run(connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int 
                 f" {c.rss_gone / 1024:.1f}): {(c2.rss_gone - c.rss_gone) / 1024:+.1f} MiB kept per cycle{errors}",
             )
         )
+        rows.append(
+            (
+                "(e) cycle 2: RSS after the channels close, vs just before they opened",
+                f"{c2.rss_closed / 1024:8.1f} MiB = {_pct(c2.rss_closed, c2.rss_conns)}"
+                f" vs {c2.rss_conns / 1024:.1f} MiB (a node that held channels before reuses that memory;"
+                " it is not given back)",
+            )
+        )
     else:
         rows.append(("(e) cycle 2", "skipped (cycle 1 too slow for the time budget)"))
     return rows
