@@ -50,10 +50,10 @@ class Outbox:
         self.per_key = per_key
         self.on_take = on_take
         self.control_limit = control
-        # The control queue and its ring live as long as the connection (made here, with it);
-        # a channel's queue and an urgency's ring exist only while they hold something.
-        self._queues: dict[str, _Queue] = {CONTROL: _Queue(CONTROL_URGENCY)}
-        self._rings: dict[int, collections.deque[str]] = {CONTROL_URGENCY: collections.deque()}
+        # A key's queue and an urgency's ring exist only while they hold something: an idle
+        # connection keeps none, and a burst of channels leaves none behind.
+        self._queues: dict[str, _Queue] = {}
+        self._rings: dict[int, collections.deque[str]] = {}
         self._ready = trio.lowlevel.ParkingLot()
         self.queued = 0
 
@@ -114,10 +114,9 @@ class Outbox:
                 ring.append(key)
             else:
                 q.scheduled = False
-                if key != CONTROL:
-                    del self._queues[key]
-                    if not ring:
-                        del self._rings[urgency]
+                del self._queues[key]
+                if not ring:
+                    del self._rings[urgency]
             if q.room is not None:
                 q.room.unpark_all()
             if self.on_take is not None and key != CONTROL:

@@ -37,10 +37,10 @@ def test_most_urgent_first_and_turns_among_equals() -> None:
         order.append(m)
     assert order == ["ack", "v0", "b0", "c0", "b1", "c1", "b2", "bulk0", "bulk1", "bulk2", "bulk3", "bulk4"]
     assert box.empty
-    # Drained channels leave nothing behind: only the connection's control queue and its
-    # ring, made with the outbox, stay (a channel burst must not pin per-connection objects).
-    assert list(box._queues) == [CONTROL]
-    assert list(box._rings) == [CONTROL_URGENCY]
+    # Drained, the outbox keeps no queue and no ring (an idle connection holds none, and a
+    # burst of channels leaves none behind).
+    assert box._queues == {}
+    assert box._rings == {}
 
 
 async def test_a_full_channel_queue_waits_alone() -> None:
