@@ -40,8 +40,8 @@ async def test_closed_channels_keep_no_connection(node: mux.Mux) -> None:
 
 
 async def test_a_closed_channel_is_freed_while_its_connections_stay(node: mux.Mux) -> None:
-    """Nothing of a connection's last channel stays alive once it is closed and forgotten
-    (the announcing loop dropped it; before, each connection kept its last one)."""
+    """Nothing of a connection's last channel stays alive once it is closed and forgotten:
+    the session's loop that announces incoming channels does not hold on to it."""
     node.config.closed_retention = 0
     async with trio.open_nursery() as connections:
         alice, bob = (WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "bob"))
