@@ -4,7 +4,7 @@ Run: ``python -m tests.bench server`` (part of ``nox -s bench``). Prints, side b
 
 - (f) a raw WebSocket echo on the same stack as a node's WebSocket (Hypercorn, straight
   ASGI: ``mux.sockets``), taking and writing what is ready together as a node's connection
-  does: the ceiling; (f1) the same echo one message per write (DESIGN.md's bare ASGI echo,
+  does: the ceiling; (f') the same echo one message per write (DESIGN.md's bare ASGI echo,
   the unit of the seed's CPU figure); and the echo as a Quart-Trio route, for comparison;
 - (a) ``send`` -> ``frame_ack`` on one connection with 8 channels, at most ``window`` (64)
   unacknowledged sends in flight, 100-byte JSON payloads: acks/s and ack latency p50/p99;
@@ -20,12 +20,12 @@ Run: ``python -m tests.bench server`` (part of ``nox -s bench``). Prints, side b
 - (c') the library client, ``mux.client.connect``: ``CLIENT_TASKS`` tasks sending on one
   channel, without and with ``batch=True`` (concurrent sends folded into ``batch`` actions);
 - REST ``POST /send`` with 8 concurrent keep-alive clients;
-- the node's CPU per relayed frame of (b), (b'), (b'') and (c) in echoed messages of (f1)
+- the node's CPU per relayed frame of (b), (b'), (b'') and (c) in echoed messages of (f')
   measured in the same round (the medians), beside the seed's figure in the same unit
   (``SEED_IN_ECHOES``): the issue's "no more than the seed's CPU per frame", as a ratio that
   holds on a VM whose speed drifts.
 
-(f), (f1), (b), (b') and (b'') run ``ROUNDS`` times, interleaved (f, f1, b, b', b'', f, ...), so
+(f), (f'), (b), (b') and (b'') run ``ROUNDS`` times, interleaved (f, f', b, b', b'', f, ...), so
 each relay figure is set against echoes measured seconds before it: this VM's speed drifts by
 10 to 40% between runs (and a run can settle into writing one message at a time or several,
 on either side). Each row gives the median run and the range; the fractions of (f) are
@@ -390,7 +390,7 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
             rate, rtt, m = _median(one_by_one, lambda e: e[0])
             rows.append(
                 (
-                    "(f1) the same echo, one message per write (the unit of the seed's CPU figure)",
+                    "(f') the same echo, one message per write (the unit of the seed's CPU figure)",
                     f"{rate:>8.0f} msg/s     RTT {fmt_ms(rtt)}   {m.per(per_round).replace('node', 'srv ')}"
                     f"   (rounds {_spread([e[0] for e in one_by_one])})",
                 )
@@ -417,7 +417,7 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
             )
             fractions: list[float] = []
             of_single: list[float] = []
-            echo_cpu = [e[2].node_cpu / per_round for e in one_by_one]  # node CPU per (f1) message, per round
+            echo_cpu = [e[2].node_cpu / per_round for e in one_by_one]  # node CPU per (f') message, per round
             in_echoes: list[str] = []
             for runs, label in relay_rows:
                 mid = _median(runs, lambda x: x.rx_rate)
@@ -456,7 +456,7 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                 in_echoes.append(f"{_cpu_per_frame(batched) / _median(echo_cpu):.2f}")
             rows.append(
                 (
-                    "    node CPU per relayed frame, in echoed messages of (f1): (b) / (b') / (b'')"
+                    "    node CPU per relayed frame, in echoed messages of (f'): (b) / (b') / (b'')"
                     + (" / (c)" if batched.batch_supported else ""),
                     f"{' / '.join(in_echoes):>8}  (the seed's {SEED_US_PER_ACK} us per acked frame was"
                     f" {SEED_IN_ECHOES} of a Hypercorn echo on its machine: DESIGN.md)",
@@ -479,7 +479,7 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
             )
             rows.append(
                 (
-                    "    the same, as a fraction of the echo one message per write (f1)",
+                    "    the same, as a fraction of the echo one message per write (f')",
                     f"{of_single[0]:>8.0f} % / {of_single[1]:.0f} % / {of_single[2]:.0f} %",
                 )
             )
