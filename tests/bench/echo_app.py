@@ -7,7 +7,7 @@ using what a node's connection uses: it takes the messages the server already ho
 ``mux.app.READ_AHEAD``) and writes their echoes in one ``send_many``. ``/echo-single``
 echoes one message at a time (one write each), as the DESIGN.md table measured a bare
 ASGI echo; ``/quart-echo`` is a Quart-Trio route on the same server, for comparison.
-``python -m tests.bench.echo_app`` serves both on 127.0.0.1 (free port) and prints its URL.
+``python -m tests.bench.echo_app`` serves all three on 127.0.0.1 (free port) and prints its URL.
 """
 
 from __future__ import annotations
