@@ -84,7 +84,9 @@ class WireSession:
         """With a grace period the connection is resumable: see ``mux.resume``."""
         self.resume_token = new_token() if resume_grace_s else None
         self._closed_told: set[str] = set()
-        self._durable_acks: collections.deque[tuple[int, str]] = collections.deque()
+        self._durable_acks: collections.deque[tuple[int, str]] | None = None
+        """Durable sends' acks waiting for their commit, oldest first (made by the first one:
+        most connections never send durably)."""
         self._ack_lot = trio.lowlevel.ParkingLot()
         self._sinks: dict[str, _ChannelSink] = {}
         self._ack_pump_running = False
@@ -219,6 +221,8 @@ class WireSession:
             if not self._ack_pump_running and self._nursery is not None:
                 self._ack_pump_running = True  # started by the first durable send, not per connection
                 self._nursery.start_soon(self._ack_pump)
+            if self._durable_acks is None:
+                self._durable_acks = collections.deque()
             self._durable_acks.append((receipt.position, ack))
             self._ack_lot.unpark_all()
             return []
@@ -362,9 +366,10 @@ class WireSession:
         while True:
             while not self._durable_acks:
                 await self._ack_lot.park()
-            position, ack = self._durable_acks[0]
+            acks = self._durable_acks
+            position, ack = acks[0]
             await self.mux.store.flushed(position)
-            self._durable_acks.popleft()
+            acks.popleft()
             await self.outbox.put(CONTROL, CONTROL_URGENCY, ack)
 
     @property
