@@ -349,6 +349,11 @@ def _spread(values: list[float], fmt: str = "{:.0f}") -> str:
     return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
 
 
+def _percent_of(runs: list[RelayResult], echoes: list[tuple[float, list[float], Meter]]) -> list[float]:
+    """Each relay's frames/s as a % of the echo's messages/s in the same round."""
+    return [x.rx_rate / max(1.0, e[0]) * 100 for x, e in zip(runs, echoes, strict=True)]
+
+
 def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tuple[str, str]]:
     """Start a node, a node signing chain heads and an echo server; measure (f), (b), (b')
     and (b'') in ``rounds`` interleaved rounds (each of ``n * 6 // 10`` frames), then (a),
@@ -422,11 +427,9 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
             for runs, label in relay_rows:
                 mid = _median(runs, lambda x: x.rx_rate)
                 assert mid.meter is not None
-                ratios = [x.rx_rate / max(1.0, e[0]) * 100 for x, e in zip(runs, echoes, strict=True)]
+                ratios = _percent_of(runs, echoes)
                 fractions.append(_median(ratios))
-                of_single.append(
-                    _median([x.rx_rate / max(1.0, e[0]) * 100 for x, e in zip(runs, one_by_one, strict=True)])
-                )
+                of_single.append(_median(_percent_of(runs, one_by_one)))
                 units = [_cpu_per_frame(x) / c for x, c in zip(runs, echo_cpu, strict=True)]
                 in_echoes.append(f"{_median(units):.2f}")
                 rows.append(
