@@ -18,6 +18,13 @@ own WebSocket frame and hands Hypercorn the joined bytes: one pass down its stac
 half sent; otherwise (permessage-deflate, say) through the connection's own wsproto
 ``Connection``. Under any other ASGI server, or before the handshake, it sends them one by
 one.
+
+Receiving, the same in reverse: on Hypercorn, unless ``fast_receive=False``,
+:class:`AsgiSocket` puts its own handler in front of the stream's ``handle``. Once the
+connection is open with no extension negotiated, it takes whole text and binary messages
+out of the client's bytes itself (``mux.wsframes.ClientFrames``) and puts them on the
+app's queue as Hypercorn would; pings and pongs, and from any other frame on every byte,
+go to Hypercorn and wsproto, which answer exactly as without it (tests/test_fast_receive.py).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from wsproto.connection import ConnectionState as _WSConnectionState
 from wsproto.events import BytesMessage, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from .wsframes import server_frames
+from .wsframes import ClientFrames, server_frames
 
 __all__ = ["AsgiSocket", "Disconnected", "FastSocketApp", "QuartSocket", "Socket"]
 
@@ -119,9 +126,11 @@ class QuartSocket:
 
 
 class AsgiSocket:
-    """:class:`Socket` straight over an ASGI ``websocket`` connection."""
+    """:class:`Socket` straight over an ASGI ``websocket`` connection; on Hypercorn, with
+    ``fast_receive`` (the default), the client's plain frames are parsed directly (see the
+    module)."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send, *, fast_receive: bool = True) -> None:
         self._receive = receive
         self._send = send
         query = scope.get("query_string", b"").decode("latin-1")
@@ -140,6 +149,8 @@ class AsgiSocket:
         stream = getattr(send, "__self__", None)
         self._stream = stream if isinstance(stream, _WSStream) else None
         """Hypercorn's stream behind ``send`` (for :meth:`send_many`), else None."""
+        if self._stream is not None and fast_receive:
+            self._stream.handle = _FastReceive(self._stream)  # type: ignore[method-assign]
         queue = getattr(receive, "__self__", None)
         self._receive_nowait = queue.receive_nowait if isinstance(queue, trio.MemoryReceiveChannel) else None
         """The server's queue of received events behind ``receive`` (Hypercorn's is a trio
@@ -237,18 +248,70 @@ def _plain(connection: _WSConnection) -> bool:
     )
 
 
+class _FastReceive:
+    """Hypercorn's ``WSStream.handle`` for one connection, parsing the client's plain data
+    frames itself (``mux.wsframes.ClientFrames``) and putting each message on the app's
+    queue as Hypercorn would; every other event, and every byte the parser hands on, goes
+    to the stream's own ``handle`` (wsproto). A connection that negotiated an extension,
+    or is no longer open, is left to Hypercorn entirely."""
+
+    def __init__(self, stream: _WSStream) -> None:
+        self._stream = stream
+        self._stock = stream.handle
+        self._frames: ClientFrames | None = None
+
+    async def __call__(self, event: Any) -> None:
+        stream = self._stream
+        if not isinstance(event, _HypercornData) or stream.closed or stream.state != _WSState.CONNECTED:
+            await self._stock(event)
+            return
+        frames = self._frames
+        if frames is None:
+            proto = getattr(stream.connection, "_proto", None)
+            if proto is None or proto.extensions or proto.client:
+                del stream.handle  # Hypercorn's own from now on
+                await self._stock(event)
+                return
+            frames = self._frames = ClientFrames(stream.config.websocket_max_message_size)
+        if frames.off:
+            await self._stock(event)
+            return
+        frames.feed(event.data)
+        put = stream.app_put
+        assert put is not None
+        while not stream.closed:
+            if stream.connection.state is not _WSConnectionState.OPEN:  # closing: wsproto's part
+                rest = frames.stop()
+                if rest:
+                    await self._stock(_HypercornData(stream_id=stream.stream_id, data=rest))
+                return
+            item = frames.next()
+            if item is None:
+                return
+            if isinstance(item, str):
+                await put({"type": "websocket.receive", "bytes": None, "text": item})
+            elif isinstance(item, bytes):
+                await put({"type": "websocket.receive", "bytes": item, "text": None})
+            else:
+                await self._stock(_HypercornData(stream_id=stream.stream_id, data=item.raw))
+
+
 class FastSocketApp:
     """An ASGI app: WebSocket requests to ``path`` go to ``handler`` with an
     :class:`AsgiSocket`; everything else goes to ``app`` (the Quart app)."""
 
-    def __init__(self, app: Any, path: str, handler: Callable[[AsgiSocket], Awaitable[None]]) -> None:
+    def __init__(
+        self, app: Any, path: str, handler: Callable[[AsgiSocket], Awaitable[None]], *, fast_receive: bool = True
+    ) -> None:
         self.app = app
         self.path = path
         self.handler = handler
+        self.fast_receive = fast_receive
+        """Parse clients' plain data frames directly (``AsgiSocket(fast_receive=...)``)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Route one ASGI connection."""
         if scope["type"] == "websocket" and scope.get("path") == self.path:
-            await self.handler(AsgiSocket(scope, receive, send))
+            await self.handler(AsgiSocket(scope, receive, send, fast_receive=self.fast_receive))
             return
         await self.app(scope, receive, send)

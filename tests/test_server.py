@@ -17,7 +17,7 @@ from mux.server import ServeInfo, create_blueprint, serve
 from mux.settings import NodeSettings
 from mux.wire import pack_binary
 
-from .wsutil import recv, recv_until, send, ws_url
+from .wsutil import recv, recv_until, send, serve_raw, ws_url
 
 
 def frame_of(event: dict[str, Any]) -> dict[str, Any]:
@@ -369,26 +369,6 @@ async def test_blueprint_can_serve_a_mux_you_own(nursery: trio.Nursery, given: b
         nursery.cancel_scope.cancel()
 
 
-async def _serve_raw(nursery: trio.Nursery, ws_app: Any) -> str:
-    """Serve the raw ASGI WebSocket app ``ws_app`` on Hypercorn (lifespan answered here);
-    return its ``ws://`` URL."""
-    from hypercorn.config import Config
-    from hypercorn.trio import serve as hypercorn_serve
-
-    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send_({"type": "lifespan.startup.complete"})
-            await send_({"type": "lifespan.shutdown.complete"})
-            return
-        await ws_app(scope, receive, send_)
-
-    cfg = Config()
-    cfg.bind = ["127.0.0.1:0"]
-    urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))
-    return str(urls[0]).replace("http", "ws", 1) + "/"
-
-
 async def test_asgi_socket_takes_queued_messages_and_writes_several_at_once_on_hypercorn(nursery: trio.Nursery) -> None:
     """On a real Hypercorn server, ``AsgiSocket`` finds Hypercorn's stream and queue: what
     the server already holds is taken without waiting (``receive_ready``), and
@@ -417,7 +397,7 @@ async def test_asgi_socket_takes_queued_messages_and_writes_several_at_once_on_h
         except Disconnected:
             closed.set()
 
-    async with open_ws(await _serve_raw(nursery, app)) as ws:
+    async with open_ws(await serve_raw(nursery, app)) as ws:
         sent: list[str | bytes] = ["one", b"\x02two", "three", "four", b"five"]
         for message in sent:
             await ws.send_message(message)
@@ -455,7 +435,7 @@ async def test_asgi_socket_reports_a_disconnect_behind_ready_messages_at_the_nex
             result["disconnected"] = True
         done.set()
 
-    async with open_ws(await _serve_raw(nursery, app)) as ws:
+    async with open_ws(await serve_raw(nursery, app)) as ws:
         for i in range(4):
             await ws.send_message(f"m{i}")
     with trio.fail_after(5):
@@ -486,7 +466,7 @@ async def test_asgi_socket_sends_through_wsproto_when_permessage_deflate_is_nego
         await sock.send_many(sent)
         await trio.sleep_forever()
 
-    url = await _serve_raw(nursery, app)
+    url = await serve_raw(nursery, app)
     host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
     stream = await trio.open_tcp_stream(host, int(port))
     ws = WSConnection(ConnectionType.CLIENT)

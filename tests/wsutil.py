@@ -13,7 +13,7 @@ from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from mux.wire import unpack_binary
 
-__all__ = ["open_cuttable_ws", "recv", "recv_until", "send", "ws_url"]
+__all__ = ["open_cuttable_ws", "recv", "recv_until", "send", "serve_raw", "ws_url"]
 
 
 def ws_url(base: str, agent: str) -> str:
@@ -64,3 +64,25 @@ async def open_cuttable_ws(url: str) -> AsyncIterator[tuple[WebSocketConnection,
                 await trio.aclose_forcefully(stream)
     finally:
         await trio.aclose_forcefully(stream)
+
+
+async def serve_raw(nursery: trio.Nursery, ws_app: Any, *, max_message_size: int | None = None) -> str:
+    """Serve the raw ASGI WebSocket app ``ws_app`` on Hypercorn (lifespan answered here);
+    return its ``ws://`` URL. ``max_message_size``: Hypercorn's ``websocket_max_message_size``."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send_({"type": "lifespan.startup.complete"})
+            await send_({"type": "lifespan.shutdown.complete"})
+            return
+        await ws_app(scope, receive, send_)
+
+    cfg = Config()
+    cfg.bind = ["127.0.0.1:0"]
+    if max_message_size is not None:
+        cfg.websocket_max_message_size = max_message_size
+    urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))
+    return str(urls[0]).replace("http", "ws", 1) + "/"

@@ -3,7 +3,9 @@
 Run: ``python -m tests.bench core`` (or ``nox -s bench``). Compares the real signed path
 with the signer replaced by a no-op, to show what Ed25519 signing costs per frame; and what
 putting one 100-byte message in a WebSocket frame costs a node, through wsproto's
-``Connection.send`` and built directly by ``mux.wsframes`` (``AsgiSocket.send_many``).
+``Connection.send`` and built directly by ``mux.wsframes`` (``AsgiSocket.send_many``); and
+what taking one out of a client's masked frame costs, through wsproto and parsed directly by
+``mux.wsframes.ClientFrames`` (``AsgiSocket``'s fast receive).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import trio
 from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import TextMessage
+from wsproto.frame_protocol import FrameProtocol
 
 import mux
-from mux.wsframes import server_frames
+from mux.wsframes import ClientFrames, server_frames
 
 __all__ = ["bench_local_channel", "run"]
 
@@ -71,6 +74,7 @@ def run(frames: int = 20_000) -> list[tuple[str, str]]:
             )
         )
     rows.append(frame_encode_row())
+    rows += [frame_parse_row(1), frame_parse_row(16)]
     return rows
 
 
@@ -93,5 +97,36 @@ def frame_encode_row(messages: int = 64, repeat: int = 7, number: int = 200) -> 
             best[name] = min(best[name], timeit.timeit(fn, number=number) / (number * messages) * 1e6)
     return (
         f"WebSocket frame for a 100 B message, {messages} per write: wsproto / mux.wsframes",
+        f"{best['wsproto']:9.2f} / {best['direct']:.2f} us  ({best['wsproto'] / best['direct']:.0f}x)",
+    )
+
+
+def frame_parse_row(per_read: int, repeat: int = 7, reads: int = 400) -> tuple[str, str]:
+    """Microseconds to take one 100-byte text message out of a client's masked frames,
+    ``per_read`` frames arriving together: wsproto (as Hypercorn uses it) against
+    ``ClientFrames`` (best of ``repeat`` interleaved timings of ``reads`` reads)."""
+    message = '{"action":"send","channel_id":"ch-0123456789abcdef","payload":{"text":"' + "x" * 40 + '"}}'
+    data = bytes(FrameProtocol(client=True, extensions=[]).send_data(message)) * per_read
+    conn = Connection(ConnectionType.SERVER)
+    parser = ClientFrames(max_size=1 << 24)
+
+    def wsproto() -> None:
+        for _ in range(reads):
+            conn.receive_data(data)
+            for event in conn.events():
+                assert isinstance(event, TextMessage)
+
+    def direct() -> None:
+        for _ in range(reads):
+            parser.feed(data)
+            while parser.next() is not None:
+                pass
+
+    best = {"wsproto": float("inf"), "direct": float("inf")}
+    for _ in range(repeat):
+        for name, fn in (("wsproto", wsproto), ("direct", direct)):
+            best[name] = min(best[name], timeit.timeit(fn, number=1) / (reads * per_read) * 1e6)
+    return (
+        f"client frame parsed, 100 B message, {per_read} per read: wsproto / mux.wsframes",
         f"{best['wsproto']:9.2f} / {best['direct']:.2f} us  ({best['wsproto'] / best['direct']:.0f}x)",
     )

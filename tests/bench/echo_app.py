@@ -3,10 +3,12 @@
 A node serves its WebSocket on Hypercorn straight through ASGI (``mux.sockets``:
 :class:`~mux.sockets.FastSocketApp` and :class:`~mux.sockets.AsgiSocket`), and its REST
 routes through Quart. ``/echo`` is that WebSocket stack with nothing but an echo on top,
-using what a node's connection uses: it takes the messages the server already holds (up to
-``mux.app.READ_AHEAD``) and writes their echoes in one ``send_many``. ``/echo-single``
-echoes one message at a time (one write each), as the DESIGN.md table measured a bare
-ASGI echo; ``/quart-echo`` is a Quart-Trio route on the same server, for comparison.
+using what a node's connection uses: the client's frames parsed directly (``fast_receive``),
+the messages the server already holds taken together (up to ``mux.app.READ_AHEAD``) and
+their echoes written in one ``send_many``. ``/echo-single`` echoes one message at a time
+(one write each) and leaves receiving to Hypercorn and wsproto: a bare ASGI echo, as the
+DESIGN.md table measured it. ``/quart-echo`` is a Quart-Trio route on the same server, for
+comparison.
 ``python -m tests.bench.echo_app`` serves all three on 127.0.0.1 (free port) and prints its URL.
 """
 
@@ -58,7 +60,7 @@ async def asgi_echo_single(sock: AsgiSocket) -> None:
         await sock.send(message)
 
 
-_single = FastSocketApp(quart_app, "/echo-single", asgi_echo_single)
+_single = FastSocketApp(quart_app, "/echo-single", asgi_echo_single, fast_receive=False)
 app = FastSocketApp(_single, "/echo", asgi_echo)
 
 
