@@ -264,6 +264,8 @@ class _FastReceive:
         stream = self._stream
         if not isinstance(event, _HypercornData) or stream.closed or stream.state != _WSState.CONNECTED:
             await self._stock(event)
+            if stream.closed:  # the stream and this handler would hold each other until a GC pass
+                stream.__dict__.pop("handle", None)
             return
         frames = self._frames
         if frames is None:

@@ -68,7 +68,8 @@ class ClientFrames:
     text frame and ``bytes`` for a binary one, or a :class:`Passed` for wsproto.
 
     Only the frames clients send all the time are parsed here: FIN set, no RSV bit, masked,
-    text (valid UTF-8) or binary, at most ``max_size`` bytes. A ping or a pong is handed on
+    the length in its shortest form, text (valid UTF-8) or binary, at most ``max_size``
+    bytes. A ping or a pong is handed on
     whole and parsing goes on. Anything else (a close, a fragment, an unmasked or oversized
     frame, invalid UTF-8, an unknown opcode or RSV bit) is handed on together with every
     byte after it, and the parser is off from then on (:attr:`off`): wsproto, which saw
@@ -107,18 +108,19 @@ class ClientFrames:
         b0, b1 = buf[pos], buf[pos + 1]
         n = b1 & 0x7F
         start = pos + 6
+        shortest = True  # the length in as few bytes as it fits (RFC 6455 requires it)
         if n == 126:
             if avail < 4:
                 return None
             n = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-            start = pos + 8
+            start, shortest = pos + 8, n > 125
         elif n == 127:
             if avail < 10:
                 return None
             n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-            start = pos + 14
+            start, shortest = pos + 14, n > 65535
         opcode = b0 & 0x0F
-        plain = b0 & 0xF0 == 0x80 and b1 & 0x80  # FIN, no RSV bit, masked
+        plain = b0 & 0xF0 == 0x80 and b1 & 0x80 and shortest  # FIN, no RSV bit, masked
         if not plain or n > self.max_size or (opcode not in (1, 2) and not (opcode in (9, 10) and n <= 125)):
             return self._hand_off()
         end = start + n

@@ -4,6 +4,9 @@ Hypercorn server with the fast path on and off and expects the same."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -128,9 +131,10 @@ async def test_messages_pings_and_fragments_arrive_in_order(
         (_masked(0x81, b"\xff\xfe"), None),  # text that is not UTF-8
         (bytes([0x81, 0x01, ord("x")]), None),  # a client frame without a mask
         (_masked(0xC1, b"x"), None),  # an RSV bit without an extension
+        (bytes([0x81, 0xFE, 0x00, 0x01]) + _masked(0x81, b"x")[2:], None),  # a length not in its shortest form
         (bytes(FrameProtocol(client=True, extensions=[]).send_data(b"x" * 2000)), 1009),  # over the size limit
     ],
-    ids=["bad_utf8", "unmasked", "rsv", "too_big"],
+    ids=["bad_utf8", "unmasked", "rsv", "long_length", "too_big"],
 )
 async def test_bad_frames_close_the_connection_as_wsproto_does(
     nursery: trio.Nursery, fast: bool, frame: bytes, code: int | None
@@ -142,4 +146,31 @@ async def test_bad_frames_close_the_connection_as_wsproto_does(
     got = await _exchange(url, (bytes(client.send_data("first")), 1), (frame + bytes(client.send_data("never")), 1))
     assert got == (["first"] if code is None else ["first", ("close", code)])  # and "never" is not echoed
     assert app.handler == ("fast" if fast else "stock")  # "first" came through the fast path
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_closed_connection_s_stream_is_freed_at_once(nursery: trio.Nursery, fast: bool) -> None:
+    """The fast handler and Hypercorn's stream refer to each other while the connection is
+    open; once it closes the stream goes as soon as Hypercorn lets go, as without it (no
+    garbage-collection pass needed)."""
+    streams: list[weakref.ref[Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        sock = AsgiSocket(scope, receive, send_, fast_receive=fast)
+        streams.append(weakref.ref(sock._stream))
+        await sock.accept(None)
+        with contextlib.suppress(Disconnected):
+            while True:
+                await sock.send(await sock.receive())
+
+    url = await serve_raw(nursery, app)
+    client = FrameProtocol(client=True, extensions=[])
+    gc.collect()
+    gc.disable()
+    try:
+        assert await _exchange(url, (bytes(client.send_data("x")), 1)) == ["x"]
+        await trio.sleep(0.2)
+        assert streams[0]() is None
+    finally:
+        gc.enable()
     nursery.cancel_scope.cancel()

@@ -100,7 +100,7 @@ def test_pings_and_pongs_go_to_wsproto_whole_and_parsing_goes_on() -> None:
 
 @pytest.mark.parametrize(
     "odd",
-    ["close", "fragment", "unmasked", "rsv", "reserved_opcode", "bad_utf8", "long_ping"],
+    ["close", "fragment", "unmasked", "rsv", "reserved_opcode", "bad_utf8", "long_ping", "long_length"],
 )
 def test_any_other_frame_hands_wsproto_everything_from_it_on(odd: str) -> None:
     client = _client()
@@ -113,6 +113,7 @@ def test_any_other_frame_hands_wsproto_everything_from_it_on(odd: str) -> None:
         "reserved_opcode": _masked(0x83, b"x"),
         "bad_utf8": _masked(0x81, b"\xff\xfe"),
         "long_ping": _masked(0x89, b"p" * 126),
+        "long_length": _masked(0x81, b"x" * 126)[:1] + b"\xfe\x00\x05" + _masked(0x81, b"hello")[2:],
     }[odd]
     parser = ClientFrames(max_size=1000)
     parser.feed(before + frame + after)
