@@ -1,6 +1,7 @@
-"""A node parses its clients' plain frames itself (``mux.sockets``, ``mux.wsframes``) and
-answers everything else exactly as Hypercorn and wsproto do: each test runs on a real
-Hypercorn server with the fast path on and off and expects the same."""
+"""``AsgiSocket``, a node's WebSocket, parses its clients' plain frames itself
+(``mux.sockets``, ``mux.wsframes``) and leaves everything else to Hypercorn and wsproto,
+which answer as they always did: each test runs on a real Hypercorn server with the fast
+path on and off and expects the same."""
 
 from __future__ import annotations
 
@@ -18,14 +19,9 @@ from wsproto.frame_protocol import FrameProtocol
 from mux.sockets import AsgiSocket, Disconnected, _FastReceive
 from mux.wsframes import ClientFrames
 
-from .wsutil import serve_raw
+from .wsutil import masked_frame, serve_raw
 
 pytestmark = pytest.mark.parametrize("fast", [True, False], ids=["fast", "stock"])
-
-
-def _masked(first: int, payload: bytes) -> bytes:
-    key = b"\x0f\xf0\x55\xaa"
-    return bytes([first, 0x80 | len(payload)]) + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 class _Echo:
@@ -128,10 +124,10 @@ async def test_messages_pings_and_fragments_arrive_in_order(
     ("frame", "code"),
     [
         # protocol errors: Hypercorn drops the connection without a close frame
-        (_masked(0x81, b"\xff\xfe"), None),  # text that is not UTF-8
+        (masked_frame(0x81, b"\xff\xfe"), None),  # text that is not UTF-8
         (bytes([0x81, 0x01, ord("x")]), None),  # a client frame without a mask
-        (_masked(0xC1, b"x"), None),  # an RSV bit without an extension
-        (bytes([0x81, 0xFE, 0x00, 0x01]) + _masked(0x81, b"x")[2:], None),  # a length not in its shortest form
+        (masked_frame(0xC1, b"x"), None),  # an RSV bit without an extension
+        (bytes([0x81, 0xFE, 0x00, 0x01]) + masked_frame(0x81, b"x")[2:], None),  # a length not in its shortest form
         (bytes(FrameProtocol(client=True, extensions=[]).send_data(b"x" * 2000)), 1009),  # over the size limit
     ],
     ids=["bad_utf8", "unmasked", "rsv", "long_length", "too_big"],

@@ -10,6 +10,8 @@ from wsproto.frame_protocol import FrameProtocol
 
 from mux.wsframes import ClientFrames, Passed, server_frames
 
+from .wsutil import masked_frame
+
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 200_000]
 
 
@@ -31,15 +33,6 @@ def test_several_messages_are_joined_in_order() -> None:
 
 def _client() -> FrameProtocol:
     return FrameProtocol(client=True, extensions=[])
-
-
-def _masked(first: int, payload: bytes) -> bytes:
-    """A masked client frame with header byte ``first``, built by hand (wsproto would refuse
-    some of these)."""
-    key = b"\x0f\xf0\x55\xaa"
-    n = len(payload)
-    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
-    return bytes([first]) + size + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def _drain(parser: ClientFrames) -> list[str | bytes | Passed]:
@@ -110,10 +103,10 @@ def test_any_other_frame_hands_wsproto_everything_from_it_on(odd: str) -> None:
         "fragment": bytes(client.send_data("frag", fin=False)) + bytes(client.send_data("ment", fin=True)),
         "unmasked": bytes(FrameProtocol(client=False, extensions=[]).send_data("x")),
         "rsv": bytes([after[0] | 0x40]) + after[1:],
-        "reserved_opcode": _masked(0x83, b"x"),
-        "bad_utf8": _masked(0x81, b"\xff\xfe"),
-        "long_ping": _masked(0x89, b"p" * 126),
-        "long_length": _masked(0x81, b"x" * 126)[:1] + b"\xfe\x00\x05" + _masked(0x81, b"hello")[2:],
+        "reserved_opcode": masked_frame(0x83, b"x"),
+        "bad_utf8": masked_frame(0x81, b"\xff\xfe"),
+        "long_ping": masked_frame(0x89, b"p" * 126),
+        "long_length": masked_frame(0x81, b"x" * 126)[:1] + b"\xfe\x00\x05" + masked_frame(0x81, b"hello")[2:],
     }[odd]
     parser = ClientFrames(max_size=1000)
     parser.feed(before + frame + after)

@@ -13,7 +13,7 @@ from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from mux.wire import unpack_binary
 
-__all__ = ["open_cuttable_ws", "recv", "recv_until", "send", "serve_raw", "ws_url"]
+__all__ = ["masked_frame", "open_cuttable_ws", "recv", "recv_until", "send", "serve_raw", "ws_url"]
 
 
 def ws_url(base: str, agent: str) -> str:
@@ -86,3 +86,13 @@ async def serve_raw(nursery: trio.Nursery, ws_app: Any, *, max_message_size: int
         cfg.websocket_max_message_size = max_message_size
     urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))
     return str(urls[0]).replace("http", "ws", 1) + "/"
+
+
+def masked_frame(first: int, payload: bytes) -> bytes:
+    """A masked client WebSocket frame with header byte ``first`` (FIN, RSV bits, opcode),
+    built by hand: wsproto refuses to build some that tests need (bad UTF-8, RSV bits, long
+    control frames)."""
+    key = b"\x0f\xf0\x55\xaa"
+    n = len(payload)
+    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return bytes([first]) + size + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
