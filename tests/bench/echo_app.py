@@ -8,8 +8,7 @@ the messages the server already holds taken together (up to ``mux.app.READ_AHEAD
 their echoes written in one ``send_many``. ``/echo-single`` echoes one message at a time
 (one write each) and leaves receiving to Hypercorn and wsproto: a bare ASGI echo, as the
 DESIGN.md table measured it. ``/quart-echo`` is a Quart-Trio route on the same server, for
-comparison.
-``python -m tests.bench.echo_app`` serves all three on 127.0.0.1 (free port) and prints its URL.
+comparison. ``python -m tests.bench.echo_app`` serves all three on 127.0.0.1 (free port) and prints its URL.
 """
 
 from __future__ import annotations
