@@ -73,9 +73,11 @@ class ClientFrames:
     whole and parsing goes on. Anything else (a close, a fragment, an unmasked or oversized
     frame, invalid UTF-8, an unknown opcode or RSV bit) is handed on together with every
     byte after it, and the parser is off from then on (:attr:`off`): wsproto, which saw
-    nothing of the stream before, takes it up at a frame boundary and answers exactly as
-    it would have (a close, a protocol error, a message too big). Holds at most one frame
-    that is not yet whole.
+    nothing of the stream before, takes it up at a frame boundary and answers as it would
+    have (a close, a protocol error, a message too big). A frame is judged by its header as
+    soon as that arrives, and its payload (UTF-8) once whole; at most one frame that is not
+    yet whole is held. tests/test_wsframes.py checks all this against wsproto alone on
+    random streams of valid, odd and garbage frames cut anywhere.
     """
 
     max_size: int
@@ -106,9 +108,12 @@ class ClientFrames:
         if avail < 2:
             return None
         b0, b1 = buf[pos], buf[pos + 1]
-        n = b1 & 0x7F
+        opcode, n = b0 & 0x0F, b1 & 0x7F
+        # FIN, no RSV bit, masked; text or binary, or a ping or pong of at most 125 bytes:
+        # decided from the first two bytes, as wsproto does
+        if b0 & 0xF0 != 0x80 or not b1 & 0x80 or (opcode not in (1, 2) and not (opcode in (9, 10) and n <= 125)):
+            return self._hand_off()
         start = pos + 6
-        shortest = True  # the length in as few bytes as it fits (RFC 6455 requires it)
         if n == 126:
             if avail < 4:
                 return None
@@ -119,9 +124,9 @@ class ClientFrames:
                 return None
             n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
             start, shortest = pos + 14, n > 65535
-        opcode = b0 & 0x0F
-        plain = b0 & 0xF0 == 0x80 and b1 & 0x80 and shortest  # FIN, no RSV bit, masked
-        if not plain or n > self.max_size or (opcode not in (1, 2) and not (opcode in (9, 10) and n <= 125)):
+        else:
+            shortest = True
+        if not shortest or n > self.max_size:  # the length in more bytes than it needs, or too big
             return self._hand_off()
         end = start + n
         if len(buf) < end:

@@ -3,9 +3,13 @@ frames parsed directly give the messages wsproto gives, and wsproto gets everyth
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import CloseConnection, Message, Ping
+from wsproto.events import CloseConnection, Message, Ping, Pong
 from wsproto.frame_protocol import FrameProtocol
 
 from mux.wsframes import ClientFrames, Passed, server_frames
@@ -132,3 +136,85 @@ def test_an_oversized_frame_is_handed_on_as_soon_as_its_header_says_so() -> None
     exact = ClientFrames(max_size=5000)
     exact.feed(big)
     assert _drain(exact) == [b"x" * 5000]
+
+
+def _events_of(conn: Connection, data: bytes, out: list[tuple[str, Any]], parts: list[Any]) -> bool:
+    """Feed ``data`` to wsproto ``conn``; append what it makes of it to ``out`` (whole
+    messages, pings, pongs, a close); True once closed."""
+    conn.receive_data(data)
+    for event in conn.events():
+        if isinstance(event, Message):
+            parts.append(event.data)
+            if event.message_finished:
+                out.append(("message", "".join(parts) if isinstance(event.data, str) else b"".join(parts)))
+                parts.clear()
+        elif isinstance(event, (Ping, Pong)):
+            out.append((type(event).__name__, bytes(event.payload)))
+        elif isinstance(event, CloseConnection):
+            out.append(("close", int(event.code)))
+            return True
+    return False
+
+
+def _raw_frame(first: int, masked: bool, form: int, payload: bytes) -> bytes:
+    """A frame with its length in its shortest ``form`` (0), or in 16 (1) or 64 bits (2)
+    whether it needs them or not; masked (by a zero key: the payload as it is) or not."""
+    n = len(payload)
+    if form == 0 and n > 125:
+        form = 1
+    size = (
+        bytes([n])
+        if form == 0
+        else bytes([126]) + n.to_bytes(2, "big")
+        if form == 1
+        else bytes([127]) + n.to_bytes(8, "big")
+    )
+    head = bytes([first, size[0] | (0x80 if masked else 0)]) + size[1:]
+    return head + (b"\0\0\0\0" if masked else b"") + payload
+
+
+_frame = st.one_of(
+    st.text(max_size=300).map(lambda t: bytes(_client().send_data(t))),
+    st.binary(max_size=70_000).map(lambda b: bytes(_client().send_data(b))),
+    st.binary(max_size=125).map(lambda b: bytes(_client().ping(b))),
+    st.binary(max_size=125).map(lambda b: bytes(_client().pong(b))),
+    st.tuples(st.text(max_size=20), st.text(max_size=20)).map(
+        lambda ab: bytes(_client().send_data(ab[0], fin=False)) + bytes(_client().send_data(ab[1]))
+    ),
+    st.binary(max_size=40).map(lambda b: masked_frame(0x81, b)),  # text, maybe not UTF-8
+    st.tuples(st.integers(0, 255), st.binary(max_size=200)).map(lambda fb: masked_frame(fb[0], fb[1])),
+    st.tuples(st.sampled_from([0x81, 0x82, 0x89]), st.booleans(), st.integers(0, 2), st.binary(max_size=300)).map(
+        lambda f: _raw_frame(*f)
+    ),
+    st.just(bytes(_client().close(1000, "bye"))),
+    st.binary(min_size=1, max_size=12),  # garbage
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(frames=st.lists(_frame, max_size=8), cuts=st.lists(st.integers(1, 4096), max_size=6))
+def test_client_frames_then_wsproto_make_what_wsproto_alone_makes(frames: list[bytes], cuts: list[int]) -> None:
+    """Differential: any stream of frames (valid, odd or garbage), cut anywhere, gives the
+    same messages, pings, pongs and close through the parser (wsproto taking what it is
+    handed) as through wsproto alone."""
+    data = b"".join(frames)
+    alone: list[tuple[str, Any]] = []
+    _events_of(Connection(ConnectionType.SERVER), data, alone, [])
+    both: list[tuple[str, Any]] = []
+    conn, parts = Connection(ConnectionType.SERVER), []
+    parser = ClientFrames(max_size=1 << 20)
+    pos, closed = 0, False
+    for cut in [*cuts, len(data)]:
+        chunk, pos = data[pos : pos + cut], pos + cut
+        if closed or not chunk:
+            continue
+        if parser.off:
+            closed = _events_of(conn, chunk, both, parts)
+            continue
+        parser.feed(chunk)
+        while not closed and (item := parser.next()) is not None:
+            if isinstance(item, Passed):
+                closed = _events_of(conn, item.raw, both, parts)
+            else:
+                both.append(("message", item))
+    assert both == alone
