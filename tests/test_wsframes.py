@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong
@@ -191,7 +191,12 @@ _frame = st.one_of(
 )
 
 
-@settings(max_examples=600, deadline=None)
+@settings(
+    max_examples=600,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(frames=st.lists(_frame, max_size=8), cuts=st.lists(st.integers(1, 4096), max_size=6))
 def test_client_frames_then_wsproto_make_what_wsproto_alone_makes(frames: list[bytes], cuts: list[int]) -> None:
     """Differential: any stream of frames (valid, odd or garbage), cut anywhere, gives the
