@@ -145,10 +145,11 @@ async def test_bad_frames_close_the_connection_as_wsproto_does(
     nursery.cancel_scope.cancel()
 
 
-async def test_a_closed_connection_s_stream_is_freed_at_once(nursery: trio.Nursery, fast: bool) -> None:
+@pytest.mark.parametrize("graceful", [True, False], ids=["close_frame", "tcp_close"])
+async def test_a_closed_connection_s_stream_is_freed_at_once(nursery: trio.Nursery, fast: bool, graceful: bool) -> None:
     """The fast handler and Hypercorn's stream refer to each other while the connection is
-    open; once it closes the stream goes as soon as Hypercorn lets go, as without it (no
-    garbage-collection pass needed)."""
+    open; once it closes (a close handshake, or the client just goes) the stream goes as
+    soon as Hypercorn lets go, as without it (no garbage-collection pass needed)."""
     streams: list[weakref.ref[Any]] = []
 
     async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
@@ -164,7 +165,10 @@ async def test_a_closed_connection_s_stream_is_freed_at_once(nursery: trio.Nurse
     gc.collect()
     gc.disable()
     try:
-        assert await _exchange(url, (bytes(client.send_data("x")), 1)) == ["x"]
+        steps = [(bytes(client.send_data("x")), 1)]
+        if graceful:
+            steps.append((bytes(client.close(1000, "done")), 1))
+        assert await _exchange(url, *steps) == ["x", ("close", 1000)][: len(steps)]
         await trio.sleep(0.2)
         assert streams[0]() is None
     finally:
