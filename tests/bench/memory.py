@@ -203,7 +203,9 @@ async def _cycle(
                 ready.release()
 
     async def keepalive(ws: trio_websocket.WebSocketConnection) -> None:
-        # The node (Hypercorn read_timeout) drops a socket that sends nothing for 60 s.
+        # As a client keeping its connection warm would (the node needs none: it sets no read
+        # timeout on WebSockets). Measured: without these pings the channel phase's RSS figure
+        # is the same (+25.8% against +25.6%).
         while True:
             await trio.sleep(KEEPALIVE_S)
             await ws.send_message('{"action":"ping"}')
