@@ -46,19 +46,30 @@ def _drain(parser: ClientFrames) -> list[str | bytes | Passed]:
     return items
 
 
+def _events_of(conn: Connection, data: bytes, out: list[tuple[str, Any]], parts: list[Any]) -> bool:
+    """Feed ``data`` to wsproto ``conn``; append what it makes of it to ``out`` (whole
+    messages, pings, pongs, a close); True once closed."""
+    conn.receive_data(data)
+    for event in conn.events():
+        if isinstance(event, Message):
+            parts.append(event.data)
+            if event.message_finished:
+                out.append(("message", "".join(parts) if isinstance(event.data, str) else b"".join(parts)))
+                parts.clear()
+        elif isinstance(event, (Ping, Pong)):
+            out.append((type(event).__name__, bytes(event.payload)))
+        elif isinstance(event, CloseConnection):
+            out.append(("close", int(event.code)))
+            return True
+    return False
+
+
 def _wsproto_messages(data: bytes) -> list[str | bytes]:
     """What wsproto, as a server, makes of ``data``: whole messages, in order."""
-    conn = Connection(ConnectionType.SERVER)
-    conn.receive_data(data)
-    messages: list[str | bytes] = []
-    parts: list[str | bytes] = []
-    for event in conn.events():
-        assert isinstance(event, Message)
-        parts.append(event.data)
-        if event.message_finished:
-            messages.append("".join(parts) if isinstance(event.data, str) else b"".join(parts))  # type: ignore[arg-type]
-            parts = []
-    return messages
+    events: list[tuple[str, Any]] = []
+    _events_of(Connection(ConnectionType.SERVER), data, events, [])
+    assert all(kind == "message" for kind, _ in events)
+    return [message for _, message in events]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -136,24 +147,6 @@ def test_an_oversized_frame_is_handed_on_as_soon_as_its_header_says_so() -> None
     exact = ClientFrames(max_size=5000)
     exact.feed(big)
     assert _drain(exact) == [b"x" * 5000]
-
-
-def _events_of(conn: Connection, data: bytes, out: list[tuple[str, Any]], parts: list[Any]) -> bool:
-    """Feed ``data`` to wsproto ``conn``; append what it makes of it to ``out`` (whole
-    messages, pings, pongs, a close); True once closed."""
-    conn.receive_data(data)
-    for event in conn.events():
-        if isinstance(event, Message):
-            parts.append(event.data)
-            if event.message_finished:
-                out.append(("message", "".join(parts) if isinstance(event.data, str) else b"".join(parts)))
-                parts.clear()
-        elif isinstance(event, (Ping, Pong)):
-            out.append((type(event).__name__, bytes(event.payload)))
-        elif isinstance(event, CloseConnection):
-            out.append(("close", int(event.code)))
-            return True
-    return False
 
 
 def _raw_frame(first: int, masked: bool, form: int, payload: bytes) -> bytes:
