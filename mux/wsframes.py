@@ -9,15 +9,17 @@ permessage-deflate) was negotiated, at about a twentieth of its cost; ``mux.sock
 it only in that case and goes through wsproto otherwise.
 
 A client's data frame is the same with the payload masked (XOR with a 4-byte key sent in
-the header). :class:`ClientFrames` takes whole unfragmented text and binary messages out of
-a client's byte stream, at a fraction of wsproto's cost, and hands wsproto everything else
-(pings and pongs one by one; from any other frame on, all of it).
+the header; undone by the websockets package's compiled loop where it is built, as it is
+where mux installs from wheels, else as one big integer, as wsproto does).
+:class:`ClientFrames` takes whole unfragmented text and binary messages out of a client's
+byte stream, at a fraction of wsproto's cost, and hands wsproto everything else (pings and
+pongs one by one; from any other frame on, all of it).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -134,7 +136,7 @@ class ClientFrames:
         self._pos = end
         if opcode >= 9:
             return Passed(bytes(buf[pos:end]))
-        payload = _unmask(bytes(buf[start - 4 : start]), bytes(buf[start:end]))
+        payload = _unmask(bytes(buf[start - 4 : start]), buf[start:end])
         if opcode == 2:
             return payload
         try:
@@ -155,10 +157,31 @@ class ClientFrames:
         return Passed(self.stop())
 
 
-def _unmask(mask: bytes, payload: bytes) -> bytes:
-    """``payload`` XOR the 4-byte ``mask`` repeated (RFC 6455, section 5.3)."""
+def _unmask_int(mask: bytes, payload: bytes | bytearray) -> bytes:
+    """``payload`` XOR the 4-byte ``mask`` repeated, as one big integer (RFC 6455, 5.3)."""
     n = len(payload)
     if not n:
         return b""
     key = (mask * (n // 4 + 1))[:n]
     return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+def _compiled_mask() -> Callable[[bytes | bytearray, bytes], bytes] | None:
+    """The websockets package's C loop (``apply_mask(data, mask)``), if it is built here: it
+    unmasks 16 KiB in about 1.2 us where the integer takes 36 to 62."""
+    try:
+        from websockets.speedups import apply_mask
+    except ImportError:  # a platform without its compiled extension
+        return None
+    return apply_mask
+
+
+COMPILED_MASK = _compiled_mask()
+"""The compiled unmasking loop in use, or None (then :func:`_unmask_int`)."""
+
+
+def _unmask(mask: bytes, payload: bytes | bytearray) -> bytes:
+    """``payload`` XOR the 4-byte ``mask`` repeated (RFC 6455, section 5.3)."""
+    if COMPILED_MASK is not None:
+        return COMPILED_MASK(payload, mask)
+    return _unmask_int(mask, payload)

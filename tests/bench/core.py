@@ -18,11 +18,11 @@ from typing import Any
 import trio
 from wsproto import ConnectionType
 from wsproto.connection import Connection
-from wsproto.events import TextMessage
+from wsproto.events import Message, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 
 import mux
-from mux.wsframes import ClientFrames, server_frames
+from mux.wsframes import COMPILED_MASK, ClientFrames, server_frames
 
 __all__ = ["bench_local_channel", "run"]
 
@@ -74,7 +74,7 @@ def run(frames: int = 20_000) -> list[tuple[str, str]]:
             )
         )
     rows.append(frame_encode_row())
-    rows += [frame_parse_row(1), frame_parse_row(16)]
+    rows += [frame_parse_row(1), frame_parse_row(16), frame_parse_row(1, 16 << 10), frame_parse_row(1, 512 << 10)]
     return rows
 
 
@@ -101,20 +101,24 @@ def frame_encode_row(messages: int = 64, repeat: int = 7, number: int = 200) -> 
     )
 
 
-def frame_parse_row(per_read: int, repeat: int = 7, reads: int = 400) -> tuple[str, str]:
-    """Microseconds to take one 100-byte text message out of a client's masked frames,
-    ``per_read`` frames arriving together: wsproto (as Hypercorn uses it) against
-    ``ClientFrames`` (best of ``repeat`` interleaved timings of ``reads`` reads)."""
-    message = '{"action":"send","channel_id":"ch-0123456789abcdef","payload":{"text":"' + "x" * 40 + '"}}'
+def frame_parse_row(per_read: int, size: int = 100, repeat: int = 7, reads: int = 400) -> tuple[str, str]:
+    """Microseconds to take one message out of a client's masked frames, ``per_read`` frames
+    arriving together: a 100-byte text action, or ``size`` bytes of binary. wsproto (as
+    Hypercorn uses it) against ``ClientFrames`` (best of ``repeat`` interleaved timings of
+    ``reads`` reads)."""
+    message: str | bytes = '{"action":"send","channel_id":"ch-0123456789abcdef","payload":{"text":"' + "x" * 40 + '"}}'
+    if size != 100:
+        message = bytes(range(256)) * (size // 256)
     data = bytes(FrameProtocol(client=True, extensions=[]).send_data(message)) * per_read
     conn = Connection(ConnectionType.SERVER)
     parser = ClientFrames(max_size=1 << 24)
+    reads = max(4, reads * 100 // size)
 
     def wsproto() -> None:
         for _ in range(reads):
             conn.receive_data(data)
             for event in conn.events():
-                assert isinstance(event, TextMessage)
+                assert isinstance(event, Message)
 
     def direct() -> None:
         for _ in range(reads):
@@ -126,7 +130,9 @@ def frame_parse_row(per_read: int, repeat: int = 7, reads: int = 400) -> tuple[s
     for _ in range(repeat):
         for name, fn in (("wsproto", wsproto), ("direct", direct)):
             best[name] = min(best[name], timeit.timeit(fn, number=1) / (reads * per_read) * 1e6)
+    what = "100 B message" if size == 100 else f"{size >> 10} KiB binary message"
+    mask = "" if size == 100 else (" (C mask)" if COMPILED_MASK is not None else " (integer mask)")
     return (
-        f"client frame parsed, 100 B message, {per_read} per read: wsproto / mux.wsframes",
+        f"client frame parsed, {what}, {per_read} per read: wsproto / mux.wsframes{mask}",
         f"{best['wsproto']:9.2f} / {best['direct']:.2f} us  ({best['wsproto'] / best['direct']:.0f}x)",
     )
