@@ -24,7 +24,8 @@ Receiving, the same in reverse: on Hypercorn, unless ``fast_receive=False``,
 connection is open with no extension negotiated, it takes whole text and binary messages
 out of the client's bytes itself (``mux.wsframes.ClientFrames``) and puts them on the
 app's queue as Hypercorn would; pings and pongs, and from any other frame on every byte,
-go to Hypercorn and wsproto, which answer exactly as without it (tests/test_fast_receive.py).
+go to Hypercorn and wsproto, which answer as without it (tests/test_fast_receive.py; a
+malformed payload is only found once its frame is whole).
 """
 
 from __future__ import annotations

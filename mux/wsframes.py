@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-__all__ = ["ClientFrames", "Passed", "server_frames"]
+__all__ = ["COMPILED_MASK", "ClientFrames", "Passed", "server_frames"]
 
 _TEXT = 0x81  # FIN + opcode 1
 _BINARY = 0x82  # FIN + opcode 2
@@ -71,12 +71,12 @@ class ClientFrames:
 
     Only the frames clients send all the time are parsed here: FIN set, no RSV bit, masked,
     the length in its shortest form, text (valid UTF-8) or binary, at most ``max_size``
-    bytes. A ping or a pong is handed on
-    whole and parsing goes on. Anything else (a close, a fragment, an unmasked or oversized
-    frame, invalid UTF-8, an unknown opcode or RSV bit) is handed on together with every
-    byte after it, and the parser is off from then on (:attr:`off`): wsproto, which saw
-    nothing of the stream before, takes it up at a frame boundary and answers as it would
-    have (a close, a protocol error, a message too big). A frame is judged by its header as
+    bytes. A ping or a pong is handed on whole and parsing goes on. Anything else (a close,
+    a fragment, an unmasked, oversized or overlong frame, invalid UTF-8, an unknown opcode
+    or RSV bit) is handed on together with every byte after it, and the parser is off from
+    then on (:attr:`off`): wsproto, which saw nothing of the stream before, takes it up at
+    a frame boundary and answers as it would have (a close, a protocol error, a message too
+    big). A frame is judged by its header as
     soon as that arrives, and its payload (UTF-8) once whole; at most one frame that is not
     yet whole is held. tests/test_wsframes.py checks all this against wsproto alone on
     random streams of valid, odd and garbage frames cut anywhere.
