@@ -89,6 +89,8 @@ class WireSession:
         most connections never send durably)."""
         self._ack_lot = trio.lowlevel.ParkingLot()
         self._sinks: dict[str, _ChannelSink] = {}
+        self._realtime: set[str] = set()
+        """The held channels (with a sink) whose intent is real-time (calls)."""
         self._ack_pump_running = False
         bulk_rate = mux.config.realtime_bulk_rate
         # a small burst (20 ms of the rate): bulk is let in a frame or two at a time, never as
@@ -106,6 +108,12 @@ class WireSession:
     def agent(self) -> str:
         """The agent on the other side of this connection."""
         return self.endpoint.agent
+
+    @property
+    def holds_realtime(self) -> bool:
+        """True while this connection holds a real-time channel (a call): its writer then
+        keeps each write to one piece's worth, so a call's frame never waits behind more."""
+        return bool(self._realtime)
 
     def hello(self) -> str:
         """The first message of every connection (with a resume token when resumable)."""
@@ -338,6 +346,8 @@ class WireSession:
             return  # the end moved on (left, or re-attached elsewhere) meanwhile
         sink = _ChannelSink(self, ch._state, end)
         self._sinks[ch.id] = sink
+        if ch._state.intent.realtime:
+            self._realtime.add(ch.id)
         end.use_sink(sink)
 
     def _on_take(self, key: str) -> None:
@@ -446,6 +456,7 @@ class _ChannelSink:
         session = self.session
         if session._sinks.get(self.key) is self:
             del session._sinks[self.key]
+            session._realtime.discard(self.key)
         if self.key in session._closed_told:
             session._closed_told.discard(self.key)
         elif self.state.close_frame is not None and not session._closed:

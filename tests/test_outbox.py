@@ -466,3 +466,46 @@ async def test_the_writer_puts_ready_messages_in_one_write_up_to_a_pieces_size(n
         await trio.lowlevel.checkpoint()
     assert writer.idle
     nursery.cancel_scope.cancel()
+
+
+async def test_without_a_call_held_a_large_frames_pieces_share_writes(nursery: trio.Nursery) -> None:
+    """A connection that holds no real-time channel has no call frame to keep waiting: the
+    pieces of a large frame go out ``BULK_WRITE_BYTES`` at a time (a sixteenth of the
+    writes); one that holds a call writes one piece's worth at a time."""
+    from mux.app import BULK_WRITE_BYTES, WRITE_BYTES, _Writer
+
+    piece = "p" * (WRITE_BYTES - 100)
+    pieces = BULK_WRITE_BYTES // WRITE_BYTES
+    for call_held, writes in ((False, [pieces, pieces]), (True, [1] * (2 * pieces))):
+        sock = _ReadySocket("writer-b", [], lambda: None)
+        box = Outbox(per_key=1000)
+        box.put_nowait("bulk", 8, *[piece] * (2 * pieces))
+
+        def held(value: bool = call_held) -> bool:
+            return value
+
+        writer = _Writer(sock, box, 5.0, trio.CancelScope(), "writer-b", holds_realtime=held)  # type: ignore[arg-type]
+        async with trio.open_nursery() as inner:
+            inner.start_soon(writer.run)
+            with trio.fail_after(5):
+                await sock.wait_sent(2 * pieces)
+            inner.cancel_scope.cancel()
+        assert sock.writes == writes, call_held
+        assert all(sum(map(len, sock.sent[i : i + n])) <= BULK_WRITE_BYTES for i, n in ((0, pieces), (pieces, pieces)))
+
+
+async def test_a_session_knows_when_it_holds_a_call(node: mux.Mux, nursery: trio.Nursery) -> None:
+    """Both ends of a real-time channel count it while it is open; a bulk channel does not."""
+    alice, bob = (WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "bob"))
+    await nursery.start(alice.run)
+    await nursery.start(bob.run)
+    alice.handle('{"action":"open","target":"bob","intent":"stream"}')
+    await trio.sleep(0.05)
+    assert not alice.holds_realtime and not bob.holds_realtime
+    (opened,) = alice.handle('{"action":"open","target":"bob","intent":"call:voice"}')
+    call = orjson.loads(opened)["channel_id"]
+    await trio.sleep(0.05)
+    assert alice.holds_realtime and bob.holds_realtime
+    alice.handle(orjson.dumps({"action": "close", "channel_id": call}).decode())
+    await trio.sleep(0.05)
+    assert not alice.holds_realtime and not bob.holds_realtime
