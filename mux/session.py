@@ -89,8 +89,9 @@ class WireSession:
         most connections never send durably)."""
         self._ack_lot = trio.lowlevel.ParkingLot()
         self._sinks: dict[str, _ChannelSink] = {}
-        self._realtime: set[str] = set()
-        """The held channels (with a sink) whose intent is real-time (calls)."""
+        self._realtime: set[str] | None = None
+        """The held channels (with a sink) whose intent is real-time (calls); made by the
+        first (most connections never hold one)."""
         self._ack_pump_running = False
         bulk_rate = mux.config.realtime_bulk_rate
         # a small burst (20 ms of the rate): bulk is let in a frame or two at a time, never as
@@ -347,6 +348,8 @@ class WireSession:
         sink = _ChannelSink(self, ch._state, end)
         self._sinks[ch.id] = sink
         if ch._state.intent.realtime:
+            if self._realtime is None:
+                self._realtime = set()
             self._realtime.add(ch.id)
         end.use_sink(sink)
 
@@ -456,7 +459,10 @@ class _ChannelSink:
         session = self.session
         if session._sinks.get(self.key) is self:
             del session._sinks[self.key]
-            session._realtime.discard(self.key)
+            if session._realtime is not None:
+                session._realtime.discard(self.key)
+                if not session._realtime:
+                    session._realtime = None
         if self.key in session._closed_told:
             session._closed_told.discard(self.key)
         elif self.state.close_frame is not None and not session._closed:
