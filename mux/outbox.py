@@ -40,7 +40,6 @@ class _Queue:
     items: collections.deque[Outgoing] = attrs.field(factory=collections.deque)
     room: trio.lowlevel.ParkingLot | None = None
     """Made when a ``put`` first waits for room (most queues never need one)."""
-    scheduled: bool = False
 
 
 class Outbox:
@@ -60,12 +59,6 @@ class Outbox:
     def _limit(self, key: str) -> int:
         return self.control_limit if key == CONTROL else self.per_key
 
-    def _queue(self, key: str, urgency: int) -> _Queue:
-        q = self._queues.get(key)
-        if q is None:
-            q = self._queues[key] = _Queue(urgency)
-        return q
-
     def has_room(self, key: str, n: int = 1) -> bool:
         """True when ``key``'s queue can take ``n`` more messages."""
         q = self._queues.get(key)
@@ -73,22 +66,22 @@ class Outbox:
 
     def put_nowait(self, key: str, urgency: int, *messages: Outgoing) -> None:
         """Queue ``messages`` under ``key`` without waiting (callers check ``has_room``)."""
-        q = self._queue(key, urgency)
+        q = self._queues.get(key)
+        if q is None:  # a queue exists only while it holds something: a new one joins its ring
+            q = self._queues[key] = _Queue(urgency)
+            ring = self._rings.get(urgency)
+            if ring is None:
+                ring = self._rings[urgency] = collections.deque()
+            ring.append(key)
         q.items.extend(messages)
         self.queued += len(messages)
-        if not q.scheduled:
-            q.scheduled = True
-            ring = self._rings.get(q.urgency)
-            if ring is None:
-                ring = self._rings[q.urgency] = collections.deque()
-            ring.append(key)
         if self._ready:
             self._ready.unpark_all()
 
     async def put(self, key: str, urgency: int, *messages: Outgoing) -> None:
         """Queue ``messages`` under ``key``, waiting while its queue is full."""
         while not self.has_room(key, len(messages)):
-            q = self._queue(key, urgency)
+            q = self._queues[key]  # full, so it exists
             if q.room is None:
                 q.room = trio.lowlevel.ParkingLot()
             await q.room.park()
@@ -100,9 +93,7 @@ class Outbox:
         if not self.queued:
             return None
         for urgency in sorted(self._rings):
-            ring = self._rings[urgency]
-            if not ring:
-                continue
+            ring = self._rings[urgency]  # never empty: deleted with its last key
             key = ring[0]
             q = self._queues[key]
             if limit is not None and len(q.items[0]) > limit:
@@ -113,7 +104,6 @@ class Outbox:
             if q.items:
                 ring.append(key)
             else:
-                q.scheduled = False
                 del self._queues[key]
                 if not ring:
                     del self._rings[urgency]

@@ -384,22 +384,19 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                 singles.append(_go(relay_run, node, f"bench-relay{r}", n=per_round, window=window, end_to_end=True))
                 quiets.append(_go(relay_run, node, f"bench-quiet{r}", n=per_round, window=window, quiet=True))
                 signed.append(_go(relay_run, heads, f"bench-heads{r}", n=per_round, window=window, quiet=True))
-            rate, rtt, m = _median(echoes, lambda e: e[0])
-            rows.append(
-                (
-                    f"(f) raw WS echo, same stack (ceiling), {per_round} msgs, window {window}, median of {rounds}",
-                    f"{rate:>8.0f} msg/s     RTT {fmt_ms(rtt)}   {m.per(per_round).replace('node', 'srv ')}"
-                    f"   (rounds {_spread([e[0] for e in echoes])})",
+            ceiling = f"(f) raw WS echo, same stack (ceiling), {per_round} msgs, window {window}, median of {rounds}"
+            for runs_of_echo, label in (
+                (echoes, ceiling),
+                (one_by_one, "(f') the same echo, one message per write (the unit of the seed's CPU figure)"),
+            ):
+                rate, rtt, m = _median(runs_of_echo, lambda e: e[0])
+                rows.append(
+                    (
+                        label,
+                        f"{rate:>8.0f} msg/s     RTT {fmt_ms(rtt)}   {m.per(per_round).replace('node', 'srv ')}"
+                        f"   (rounds {_spread([e[0] for e in runs_of_echo])})",
+                    )
                 )
-            )
-            rate, rtt, m = _median(one_by_one, lambda e: e[0])
-            rows.append(
-                (
-                    "(f') the same echo, one message per write (the unit of the seed's CPU figure)",
-                    f"{rate:>8.0f} msg/s     RTT {fmt_ms(rtt)}   {m.per(per_round).replace('node', 'srv ')}"
-                    f"   (rounds {_spread([e[0] for e in one_by_one])})",
-                )
-            )
             q_rate, q_rtt, qm = _go(echo_run, echo, n, window, "/quart-echo")
             rows.append(
                 (
