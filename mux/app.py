@@ -513,6 +513,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
             node.sessions[session] = writer  # watched by the node's one _watchdog
             if grant.exp:
                 nursery.start_soon(_expire_with_token, sock, grant, nursery.cancel_scope)
+            sock.handle_inline(partial(_handle_inline, session), READ_AHEAD)
             while True:
                 try:
                     message = await sock.receive()
@@ -528,10 +529,14 @@ async def serve_socket(node: Node, sock: Socket) -> None:
                 # the server's socket reader meanwhile finds its queue to us full and reads
                 # what has arrived in one go, not one message per read syscall (README, "For
                 # speed"). A stuck writer is parked, not runnable: it is not waited for.
+                # While this task waits in receive(), the server's reader handles what it
+                # reads itself (_handle_inline, at most READ_AHEAD a read), and its next read
+                # is that scheduling turn.
                 await trio.lowlevel.checkpoint()
     except Disconnected:
         pass  # gone during the handshake
     finally:
+        sock.handle_inline(None)
         session.close("ws_disconnect")
         node.sessions.pop(session, None)
         node.closed_sessions += 1
@@ -550,6 +555,19 @@ async def _handle_ready(session: WireSession, sock: Socket, message: str | bytes
         if ready is None:
             return
         message, taken = ready, taken + 1
+
+
+def _handle_inline(session: WireSession, message: str | bytes) -> bool:
+    """Handle ``message`` in the server's reader (``Socket.handle_inline``) when its reply
+    fits in the outbox now (every action has at most one reply); else False, and the
+    connection's own task handles it, waiting for room."""
+    outbox = session.outbox
+    if not outbox.has_room(CONTROL):
+        return False
+    replies = session.handle(message)
+    if replies:
+        outbox.put_nowait(CONTROL, CONTROL_URGENCY, *replies)
+    return True
 
 
 READ_AHEAD = 16

@@ -26,31 +26,50 @@ out of the client's bytes itself (``mux.wsframes.ClientFrames``) and puts them o
 app's queue as Hypercorn would; pings and pongs, and from any other frame on every byte,
 go to Hypercorn and wsproto, which answer as without it (tests/test_fast_receive.py; a
 malformed payload is only found once its frame is whole).
+
+Handling in the reader: :meth:`AsgiSocket.handle_inline` gives the fast path a plain
+function for messages. While the app's task waits in :meth:`~AsgiSocket.receive` with
+nothing queued, each message the reader takes apart goes to that function at once (at most
+``most`` per read) instead of through the queue and a wake of the app's task; a message
+it declines (False), and every message while the app's task is busy, is queued as before,
+so the app sees every message once and in order. An exception in the function is raised
+by the app's next ``receive``, as if the app had handled that message itself.
+
+Writing straight to the socket: on HTTP/1.1 over plain TCP (loopback, or TLS ended in front
+of the node), while Hypercorn is not writing itself, :meth:`AsgiSocket.send_many` puts its
+bytes on the socket with one non-blocking ``send``; what does not fit, and every write over
+TLS or HTTP/2, goes down Hypercorn's own path (its lock, its shielded ``send_all``), which
+waits for the socket and meets a broken connection as it always does.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import trio
 from hypercorn.protocol.events import Data as _HypercornData
+from hypercorn.protocol.h11 import H11Protocol as _H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState as _WSState
 from hypercorn.protocol.ws_stream import WSStream as _WSStream
+from hypercorn.trio.tcp_server import TCPServer as _TCPServer
 from quart import websocket
 from wsproto.connection import Connection as _WSConnection
 from wsproto.connection import ConnectionState as _WSConnectionState
 from wsproto.events import BytesMessage, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from .wsframes import ClientFrames, server_frames
+from .wsframes import ClientFrames, Passed, server_frames
 
-__all__ = ["AsgiSocket", "Disconnected", "FastSocketApp", "QuartSocket", "Socket"]
+__all__ = ["AsgiSocket", "Disconnected", "FastSocketApp", "InlineHandler", "QuartSocket", "Socket"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+InlineHandler = Callable[[str | bytes], bool]
+"""Handles one message in the server's reader; False leaves it to ``receive``."""
 
 
 class Socket(Protocol):
@@ -84,6 +103,11 @@ class Socket(Protocol):
 
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code``."""
+
+    def handle_inline(self, handler: InlineHandler | None, most: int = 16) -> None:
+        """While the app waits in :meth:`receive` with nothing queued, hand up to ``most``
+        messages of each read to ``handler`` in the server's reader (None: stop); a server
+        that cannot does nothing, and every message arrives through ``receive``."""
 
 
 class Disconnected(Exception):
@@ -125,6 +149,9 @@ class QuartSocket:
         """Close with ``code``."""
         await websocket.close(code, reason)
 
+    def handle_inline(self, handler: InlineHandler | None, most: int = 16) -> None:
+        """Nothing: Quart's reader is out of reach (every message arrives through ``receive``)."""
+
 
 class AsgiSocket:
     """:class:`Socket` straight over an ASGI ``websocket`` connection; on Hypercorn, with
@@ -150,8 +177,15 @@ class AsgiSocket:
         stream = getattr(send, "__self__", None)
         self._stream = stream if isinstance(stream, _WSStream) else None
         """Hypercorn's stream behind ``send`` (for :meth:`send_many`), else None."""
+        self._tcp = _plain_tcp(self._stream) if self._stream is not None else None
+        """Hypercorn's send lock and socket when the stream is HTTP/1.1 on plain TCP (direct writes)."""
+        self.inline: InlineHandler | None = None
+        """Set by :meth:`handle_inline`."""
+        self.inline_most = 16
+        self.inline_failure: Exception | None = None
+        """What ``inline`` raised, for the app's next ``receive``."""
         if self._stream is not None and fast_receive:
-            self._stream.handle = _FastReceive(self._stream)  # type: ignore[method-assign]
+            self._stream.handle = _FastReceive(self._stream, self)  # type: ignore[method-assign]
         queue = getattr(receive, "__self__", None)
         self._receive_nowait = queue.receive_nowait if isinstance(queue, trio.MemoryReceiveChannel) else None
         """The server's queue of received events behind ``receive`` (Hypercorn's is a trio
@@ -169,8 +203,9 @@ class AsgiSocket:
 
     async def send(self, message: str | bytes) -> None:
         """Send one message (nothing once closed)."""
-        if self.closed:
-            return
+        await self.send_many((message,))
+
+    async def _send_asgi(self, message: str | bytes) -> None:
         if isinstance(message, str):
             await self._send({"type": "websocket.send", "text": message})
         else:
@@ -178,13 +213,14 @@ class AsgiSocket:
 
     async def send_many(self, messages: Sequence[str | bytes]) -> None:
         """Send ``messages`` in one write through Hypercorn's stream when there is one and it
-        is open; otherwise one by one (nothing once closed)."""
+        is open (straight onto a plain TCP socket when it can: see the module); otherwise
+        one by one (nothing once closed)."""
         if self.closed:
             return
         stream = self._stream
         if stream is None or stream.closed or stream.state != _WSState.CONNECTED:
             for message in messages:
-                await self.send(message)
+                await self._send_asgi(message)
             return
         connection = stream.connection
         if _plain(connection):
@@ -197,12 +233,26 @@ class AsgiSocket:
                 )
             except LocalProtocolError:  # the connection is closing: as Hypercorn's own send does
                 return
+        tcp = self._tcp
+        if tcp is not None and not tcp[0].locked():
+            sent = _write_some(tcp[1], data)
+            if sent == len(data):
+                await trio.lowlevel.checkpoint()  # a send is a scheduling point: others get their turn
+                return
+            data = data[sent:]
         await stream.send(_HypercornData(stream_id=stream.stream_id, data=data))
 
     async def receive(self) -> str | bytes:
         """The next message; :class:`Disconnected` once the peer went away."""
         event, self._held = self._held, None
         return self._message(event if event is not None else await self._receive())
+
+    def handle_inline(self, handler: InlineHandler | None, most: int = 16) -> None:
+        """While this app waits in :meth:`receive` with nothing queued, hand up to ``most``
+        messages of each read to ``handler`` in Hypercorn's reader (fast receive only; see
+        the module); None stops it."""
+        self.inline = handler
+        self.inline_most = most
 
     def receive_ready(self) -> str | bytes | None:
         """The next message if the server has already queued it for us, else None (a
@@ -225,6 +275,10 @@ class AsgiSocket:
             if text is not None:
                 return str(text)
             return bytes(event.get("bytes") or b"")
+        if kind == _INLINE_FAILED:
+            failure, self.inline_failure = self.inline_failure, None
+            assert failure is not None
+            raise failure
         self.closed = True
         raise Disconnected()
 
@@ -234,6 +288,34 @@ class AsgiSocket:
             return
         self.closed = True
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+_INLINE_FAILED = "mux.inline_failed"
+"""Queued for the app when its inline handler raised (``AsgiSocket.inline_failure``)."""
+
+
+def _plain_tcp(stream: _WSStream) -> tuple[trio.Lock, trio.SocketStream] | None:
+    """Hypercorn's send lock and plain TCP stream under ``stream`` when the stream's bytes
+    go onto that socket as they are (HTTP/1.1, no TLS), else None."""
+    proto = getattr(stream.send, "__self__", None)
+    if not isinstance(proto, _H11Protocol):
+        return None
+    tcp = getattr(proto.send, "__self__", None)
+    if not isinstance(tcp, _TCPServer) or not isinstance(tcp.stream, trio.SocketStream):
+        return None
+    return tcp.send_lock, tcp.stream
+
+
+def _write_some(stream: trio.SocketStream, data: bytes) -> int:
+    """Write what the socket takes now of ``data`` without waiting; 0 when it takes nothing
+    or is closed or broken (Hypercorn's own send then meets that and closes as it does)."""
+    fd = stream.socket.fileno()
+    if fd < 0:
+        return 0
+    try:
+        return os.write(fd, data)
+    except OSError:  # EAGAIN (full), EPIPE, ECONNRESET, ...
+        return 0
 
 
 def _plain(connection: _WSConnection) -> bool:
@@ -256,8 +338,9 @@ class _FastReceive:
     to the stream's own ``handle`` (wsproto). A connection that negotiated an extension,
     or is no longer open, is left to Hypercorn entirely."""
 
-    def __init__(self, stream: _WSStream) -> None:
+    def __init__(self, stream: _WSStream, sock: AsgiSocket) -> None:
         self._stream = stream
+        self._sock = sock
         self._stock = stream.handle
         self._frames: ClientFrames | None = None
 
@@ -282,6 +365,10 @@ class _FastReceive:
         frames.feed(event.data)
         put = stream.app_put
         assert put is not None
+        sock = self._sock
+        queue: trio.MemorySendChannel[Any] = put.__self__  # type: ignore[attr-defined]
+        inline = sock.inline
+        most = sock.inline_most if inline is not None else 0
         while not stream.closed:
             if stream.connection.state is not _WSConnectionState.OPEN:  # closing: wsproto's part
                 rest = frames.stop()
@@ -291,6 +378,18 @@ class _FastReceive:
             item = frames.next()
             if item is None:
                 return
+            if most and not isinstance(item, Passed) and queue.statistics().tasks_waiting_receive:
+                # the app's task waits in receive() on an empty queue: handle it here
+                most -= 1
+                try:
+                    if inline(item):  # type: ignore[misc]
+                        continue
+                except Exception as exc:
+                    sock.inline = None
+                    most = 0
+                    sock.inline_failure = exc
+                    await put({"type": _INLINE_FAILED})
+                    continue
             if isinstance(item, str):
                 await put({"type": "websocket.receive", "bytes": None, "text": item})
             elif isinstance(item, bytes):

@@ -392,6 +392,9 @@ class _ReadySocket:
     async def close(self, code: int, reason: str) -> None:
         pass
 
+    def handle_inline(self, handler: Any, most: int = 16) -> None:
+        pass  # every message comes through receive (as under Quart)
+
 
 async def test_the_reader_takes_what_is_ready_then_gives_writers_a_turn(node: mux.Mux, nursery: trio.Nursery) -> None:
     """The socket handler takes the client messages the server already holds, at most

@@ -1,0 +1,229 @@
+"""A node's WebSocket handles messages in Hypercorn's reader while its task waits
+(``AsgiSocket.handle_inline``) and writes straight onto a plain TCP socket when it can
+(``mux.sockets``): on a real Hypercorn server, every message is handled once and in order,
+a declined message or a failing handler goes through the app's own ``receive``, and a
+write the socket cannot take at once goes down Hypercorn's path with nothing lost or
+reordered."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import urllib.parse
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Message, Request
+from wsproto.frame_protocol import FrameProtocol
+
+import mux.sockets
+from mux.session import WireSession
+from mux.sockets import AsgiSocket, Disconnected
+
+from .nodes import serve_node
+from .wsutil import recv, recv_until, send, serve_raw, ws_url
+
+
+class _RawClient:
+    """A WebSocket client on a plain TCP stream that writes whole bursts in one ``send``."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.frames = FrameProtocol(client=True, extensions=[])
+        self.parts: list[Any] = []
+
+    async def burst(self, *messages: str) -> None:
+        """All of ``messages`` in one write (so one read on the server, on loopback)."""
+        await self.stream.send_all(b"".join(bytes(self.frames.send_data(m)) for m in messages))
+
+    async def messages(self, n: int) -> list[str | bytes]:
+        """The next ``n`` whole messages."""
+        got: list[str | bytes] = []
+        with trio.fail_after(10):
+            while len(got) < n:
+                for event in self.ws.events():
+                    if isinstance(event, Message):
+                        self.parts.append(event.data)
+                        if event.message_finished:
+                            whole = self.parts
+                            self.parts = []
+                            got.append("".join(whole) if isinstance(whole[0], str) else b"".join(whole))
+                if len(got) < n:
+                    chunk = await self.stream.receive_some(1 << 16)
+                    assert chunk, "the server closed the connection"
+                    self.ws.receive_data(chunk)
+        return got
+
+
+@contextlib.asynccontextmanager
+async def _raw_client(url: str) -> AsyncIterator[_RawClient]:
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    client = _RawClient(stream)
+    try:
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        await stream.send_all(client.ws.send(Request(host=parts.netloc, target=target)))
+        with trio.fail_after(5):
+            while not any(isinstance(e, AcceptConnection) for e in client.ws.events()):
+                client.ws.receive_data(await stream.receive_some(1 << 16))
+        yield client
+    finally:
+        await stream.aclose()
+
+
+class _LoggingApp:
+    """Logs who handled each message (the reader's ``inline`` or the app's ``receive``);
+    the handler declines ``report``, ``wait`` and messages starting with ``q``, and raises
+    on ``boom``. On ``report`` the app sends the log as one message ``who:message,...``;
+    on ``wait`` it is busy for a while."""
+
+    def __init__(self, most: int = 16) -> None:
+        self.most = most
+        self.log: list[tuple[str, str | bytes]] = []
+        self.failures: list[Exception] = []
+
+    def inline(self, message: str | bytes) -> bool:
+        if message == "boom":
+            raise ValueError("the handler failed")
+        if message in ("report", "wait") or (isinstance(message, str) and message.startswith("q")):
+            return False
+        self.log.append(("inline", message))
+        return True
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        sock = AsgiSocket(scope, receive, send_)
+        await sock.accept(None)
+        sock.handle_inline(self.inline, self.most)
+        while True:
+            try:
+                message = await sock.receive()
+            except Disconnected:
+                return
+            except ValueError as exc:  # raised for the handler, here
+                self.failures.append(exc)
+                await sock.send(f"failed:{exc}")
+                continue
+            self.log.append(("app", message))
+            if message == "report":
+                await sock.send(",".join(f"{who}:{m!s}" for who, m in self.log))
+            elif message == "wait":  # busy: what arrives meanwhile queues
+                await trio.sleep(0.2)
+
+
+async def test_messages_are_handled_in_the_reader_once_and_in_order(nursery: trio.Nursery) -> None:
+    app = _LoggingApp(most=3)
+    async with _raw_client(await serve_raw(nursery, app)) as client:
+        sent = ["a1", "a2", "q1", "a3", "a4"]
+        await client.burst(*sent)
+        await trio.sleep(0.2)  # the app is done with what it was given, and waits again
+        await client.burst("b1", "b2", "b3", "b4", "b5")  # three in the reader, then the app's
+        await trio.sleep(0.2)
+        await client.burst("wait")
+        await trio.sleep(0.05)
+        await client.burst("c1", "c2")  # while the app is busy: queued for it
+        await trio.sleep(0.3)
+        await client.burst("d1", "report")
+        (report,) = await client.messages(1)
+    assert isinstance(report, str)
+    log = [tuple(entry.split(":", 1)) for entry in report.split(",")]
+    handled = [m for _, m in log]
+    assert handled == [*sent, "b1", "b2", "b3", "b4", "b5", "wait", "c1", "c2", "d1", "report"]  # each once, in order
+    who = dict((m, w) for w, m in log)
+    assert who["a1"] == who["a2"] == "inline"
+    assert who["q1"] == "app"  # declined
+    assert who["a3"] == who["a4"] == "app"  # behind the declined one, while the app is busy with it
+    assert [who[m] for m in ("b1", "b2", "b3", "b4", "b5")] == ["inline"] * 3 + ["app"] * 2  # most=3 per read
+    assert who["c1"] == who["c2"] == "app"
+    assert who["d1"] == "inline"
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_handler_raises_in_the_app_s_receive(nursery: trio.Nursery) -> None:
+    """The handler's exception reaches the app's task, as if the app had handled the
+    message itself; from then on every message goes through ``receive``."""
+    app = _LoggingApp()
+    async with _raw_client(await serve_raw(nursery, app)) as client:
+        await client.burst("x1", "boom", "x2")
+        assert await client.messages(1) == ["failed:the handler failed"]
+        await client.burst("x3", "report")
+        (report,) = await client.messages(1)
+    assert report == "inline:x1,app:x2,app:x3,app:report"
+    assert len(app.failures) == 1
+    nursery.cancel_scope.cancel()
+
+
+async def test_writes_the_socket_cannot_take_go_down_hypercorn_s_path_intact(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small writes go straight onto the socket; 24 MiB sent to a client that reads
+    nothing for a while fill it: the rest of each write waits in Hypercorn's send, and the
+    client then gets every byte, in order."""
+    writes: list[tuple[int, int]] = []
+    write_some = mux.sockets._write_some
+
+    def counted(stream: trio.SocketStream, data: bytes) -> int:
+        sent = write_some(stream, data)
+        writes.append((sent, len(data)))
+        return sent
+
+    monkeypatch.setattr(mux.sockets, "_write_some", counted)
+    blobs = [bytes([i]) * (1 << 20) for i in range(24)]
+    direct: list[bool] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        sock = AsgiSocket(scope, receive, send_)
+        await sock.accept(None)
+        direct.append(sock._tcp is not None)
+        with contextlib.suppress(Disconnected):
+            await sock.send(await sock.receive())
+            for i in range(0, len(blobs), 4):
+                await sock.send_many(blobs[i : i + 4])
+            await sock.send("done")
+            await sock.receive()
+
+    async with _raw_client(await serve_raw(nursery, app)) as client:
+        await client.burst("hello")
+        assert await client.messages(1) == ["hello"]
+        assert writes and writes[0][0] == writes[0][1]  # the small one went straight out
+        await trio.sleep(0.3)  # not reading: the socket's buffers fill
+        got = await client.messages(len(blobs) + 1)
+    assert direct == [True]
+    assert [hashlib.sha256(g).digest() for g in got[:-1]] == [hashlib.sha256(b).digest() for b in blobs]
+    assert got[-1] == "done"
+    assert any(0 <= sent < size for sent, size in writes), writes  # some went down Hypercorn's path
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_node_session_failing_in_the_reader_ends_that_connection_only(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a session's handling (here: a planted exception) while the reader handles
+    the message ends that connection; the node and its other connections go on."""
+    handle = WireSession.handle
+
+    def planted(self: WireSession, message: str | bytes) -> Any:
+        if isinstance(message, str) and "planted-bug" in message:
+            raise RuntimeError("planted bug")
+        return handle(self, message)
+
+    monkeypatch.setattr(WireSession, "handle", planted)
+    info = await serve_node(nursery)
+    async with open_websocket_url(ws_url(info.url, "bystander")) as other:
+        await recv(other)  # connected
+        async with _raw_client(ws_url(info.url, "victim")) as victim:
+            await victim.messages(1)  # connected
+            await victim.burst('{"action":"ping","ref":"before"}')
+            assert '"ref":"before"' in str(await victim.messages(1))
+            await victim.burst('{"action":"ping","ref":"planted-bug"}')
+            with trio.fail_after(5):
+                while await victim.stream.receive_some(1 << 16):  # until the node drops it
+                    pass
+        await send(other, action="ping", ref="after")
+        assert (await recv_until(other, lambda m: m.get("event") == "pong"))["ref"] == "after"
+    nursery.cancel_scope.cancel()
