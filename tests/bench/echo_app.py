@@ -5,13 +5,17 @@ A node serves its WebSocket on Hypercorn straight through ASGI (``mux.sockets``:
 routes through Quart. ``/echo`` is that WebSocket stack with nothing but an echo on top,
 using what a node's connection uses: the client's frames parsed directly (``fast_receive``),
 the messages the server already holds taken together (up to ``mux.app.READ_AHEAD``) and
-their echoes written in one ``send_many``. ``/echo-single`` echoes one message at a time
-(one write each) and leaves receiving to Hypercorn and wsproto: a bare ASGI echo, as the
-DESIGN.md table measured it. ``/quart-echo`` is a Quart-Trio route on the same server, for
-comparison. ``python -m tests.bench.echo_app`` serves all three on 127.0.0.1 (free port) and prints its URL.
+their echoes written in one ``send_many`` (straight onto the socket when it can). ``/echo-single``
+echoes one message at a time (one ASGI send each) and leaves receiving and sending to
+Hypercorn and wsproto: a bare ASGI callable, as the DESIGN.md table measured it (nothing
+of ``mux.sockets``). ``/quart-echo`` is a Quart-Trio route on the same server, for
+comparison. ``python -m tests.bench.echo_app`` serves all three on 127.0.0.1 (free port)
+and prints its URL.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -48,19 +52,24 @@ async def asgi_echo(sock: AsgiSocket) -> None:
         await sock.send_many(batch)
 
 
-async def asgi_echo_single(sock: AsgiSocket) -> None:
-    """Send every message straight back, one write each."""
-    await sock.accept(None)
-    while True:
-        try:
-            message = await sock.receive()
-        except Disconnected:
-            return
-        await sock.send(message)
+async def bare_echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Send every message straight back, one ASGI send each: nothing of ``mux.sockets``."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    while (event := await receive())["type"] == "websocket.receive":
+        await send({"type": "websocket.send", "text": event.get("text"), "bytes": event.get("bytes")})
 
 
-_single = FastSocketApp(quart_app, "/echo-single", asgi_echo_single, fast_receive=False)
-app = FastSocketApp(_single, "/echo", asgi_echo)
+_rest = FastSocketApp(quart_app, "/echo", asgi_echo)
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """``/echo-single`` to :func:`bare_echo`, the rest as the module says."""
+    if scope["type"] == "websocket" and scope.get("path") == "/echo-single":
+        await bare_echo(scope, receive, send)
+    else:
+        await _rest(scope, receive, send)
 
 
 async def main() -> None:
