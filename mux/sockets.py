@@ -368,7 +368,10 @@ class _FastReceive:
         sock = self._sock
         queue: trio.MemorySendChannel[Any] = put.__self__  # type: ignore[attr-defined]
         inline = sock.inline
-        most = sock.inline_most if inline is not None else 0
+        # Inline only while the app's task waits in receive() on an empty queue. Nothing
+        # but this reader puts on that queue, and the handler never waits, so that holds
+        # until this reader puts or waits itself: after that, the rest of the read queues.
+        most = sock.inline_most if inline is not None and queue.statistics().tasks_waiting_receive else 0
         while not stream.closed:
             if stream.connection.state is not _WSConnectionState.OPEN:  # closing: wsproto's part
                 rest = frames.stop()
@@ -378,8 +381,7 @@ class _FastReceive:
             item = frames.next()
             if item is None:
                 return
-            if most and not isinstance(item, Passed) and queue.statistics().tasks_waiting_receive:
-                # the app's task waits in receive() on an empty queue: handle it here
+            if most and not isinstance(item, Passed):
                 most -= 1
                 try:
                     if inline(item):  # type: ignore[misc]
@@ -390,6 +392,7 @@ class _FastReceive:
                     sock.inline_failure = exc
                     await put({"type": _INLINE_FAILED})
                     continue
+            most = 0
             if isinstance(item, str):
                 await put({"type": "websocket.receive", "bytes": None, "text": item})
             elif isinstance(item, bytes):

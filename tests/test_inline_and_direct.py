@@ -37,9 +37,11 @@ class _RawClient:
         self.frames = FrameProtocol(client=True, extensions=[])
         self.parts: list[Any] = []
 
-    async def burst(self, *messages: str) -> None:
-        """All of ``messages`` in one write (so one read on the server, on loopback)."""
-        await self.stream.send_all(b"".join(bytes(self.frames.send_data(m)) for m in messages))
+    async def burst(self, *messages: str | None) -> None:
+        """All of ``messages`` in one write (so one read on the server, on loopback); None
+        is a ping."""
+        frames = (self.frames.ping(b"p") if m is None else self.frames.send_data(m) for m in messages)
+        await self.stream.send_all(b"".join(bytes(f) for f in frames))
 
     async def messages(self, n: int) -> list[str | bytes]:
         """The next ``n`` whole messages."""
@@ -128,19 +130,22 @@ async def test_messages_are_handled_in_the_reader_once_and_in_order(nursery: tri
         await trio.sleep(0.05)
         await client.burst("c1", "c2")  # while the app is busy: queued for it
         await trio.sleep(0.3)
-        await client.burst("d1", "report")
+        await client.burst("d1", None, "d2")  # after a ping (Hypercorn's to answer), the app's
+        await trio.sleep(0.2)
+        await client.burst("report")
         (report,) = await client.messages(1)
     assert isinstance(report, str)
     log = [tuple(entry.split(":", 1)) for entry in report.split(",")]
     handled = [m for _, m in log]
-    assert handled == [*sent, "b1", "b2", "b3", "b4", "b5", "wait", "c1", "c2", "d1", "report"]  # each once, in order
+    # each once, in order
+    assert handled == [*sent, "b1", "b2", "b3", "b4", "b5", "wait", "c1", "c2", "d1", "d2", "report"]
     who = dict((m, w) for w, m in log)
     assert who["a1"] == who["a2"] == "inline"
     assert who["q1"] == "app"  # declined
     assert who["a3"] == who["a4"] == "app"  # behind the declined one, while the app is busy with it
     assert [who[m] for m in ("b1", "b2", "b3", "b4", "b5")] == ["inline"] * 3 + ["app"] * 2  # most=3 per read
     assert who["c1"] == who["c2"] == "app"
-    assert who["d1"] == "inline"
+    assert (who["d1"], who["d2"]) == ("inline", "app")
     nursery.cancel_scope.cancel()
 
 

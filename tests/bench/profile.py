@@ -10,7 +10,8 @@ CPU per message split into layers:
 - read: the server's socket reader (Hypercorn, wsproto, trio socket), up to handing a message
   to the application;
 - app: the application between receive and send (for the node: ``WireSession.handle``:
-  parse, chain, hash, sign, deliver into the receiver's outbox; plus its reader loop);
+  parse, chain, hash, sign, deliver into the receiver's outbox; plus its reader loop), also
+  where the node handles a message in the server's reader (``mux.app._handle_inline``);
 - send: the application's sends (``AsgiSocket.send`` and ``send_many`` down through
   Hypercorn, wsproto and the socket), and for the node its per-connection writer around them;
 - loop: trio's scheduler and epoll, and anything else.
@@ -45,12 +46,13 @@ FRAMES = 6000
 RATE_HZ = 500
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("app", ("_handle_inline (",)),  # a message the node handles in the server's reader
     ("read", ("TCPServer._read_data (",)),
     ("send", ("AsgiSocket.send (", "AsgiSocket.send_many (", "_Writer.run (")),
     ("app", ("WireSession.handle (", "serve_socket (", "asgi_echo (")),
 )
 """Layer name and the frames (``function (`` as py-spy names them) that put a stack in it,
-in order; a stack with none of them is ``loop``."""
+in order (the first that matches wins); a stack with none of them is ``loop``."""
 
 
 def classify(stack: str) -> str:
