@@ -235,11 +235,15 @@ class AsgiSocket:
                 return
         tcp = self._tcp
         if tcp is not None and not tcp[0].locked():
+            await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: nothing is written (as trio's send)
             sent = _write_some(tcp[1], data)
             if sent == len(data):
-                await trio.lowlevel.checkpoint()  # a send is a scheduling point: others get their turn
+                await trio.lowlevel.cancel_shielded_checkpoint()  # others' turn; written is written
                 return
-            data = data[sent:]
+            if sent:  # the rest of a frame already begun must follow it, cancelled or not
+                with trio.CancelScope(shield=True):  # (Hypercorn shields its writes anyway)
+                    await stream.send(_HypercornData(stream_id=stream.stream_id, data=data[sent:]))
+                return
         await stream.send(_HypercornData(stream_id=stream.stream_id, data=data))
 
     async def receive(self) -> str | bytes:

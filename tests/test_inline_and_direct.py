@@ -232,3 +232,48 @@ async def test_a_node_session_failing_in_the_reader_ends_that_connection_only(
         await send(other, action="ping", ref="after")
         assert (await recv_until(other, lambda m: m.get("event") == "pong"))["ref"] == "after"
     nursery.cancel_scope.cancel()
+
+
+async def test_a_cancelled_sender_writes_nothing_and_a_write_begun_is_finished(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender already cancelled writes nothing (``Cancelled``, as trio's own sends); a
+    write the socket took only part of is finished through Hypercorn, whole, though the
+    sender's scope is cancelled while it waits there (the client never sees half a frame)."""
+    write_some = mux.sockets._write_some
+
+    def half(stream: trio.SocketStream, data: bytes) -> int:
+        return write_some(stream, data[: len(data) // 2])
+
+    monkeypatch.setattr(mux.sockets, "_write_some", half)
+    outcomes: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        sock = AsgiSocket(scope, receive, send_)
+        await sock.accept(None)
+        with contextlib.suppress(Disconnected):
+            await sock.receive()
+            with trio.CancelScope() as cancelled:
+                cancelled.cancel()
+                try:
+                    await sock.send_many(["skipped"])
+                except trio.Cancelled:
+                    outcomes.append("nothing written")
+                    raise
+            with trio.CancelScope() as scope_:
+
+                async def cancel_soon() -> None:
+                    scope_.cancel()
+
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(cancel_soon)
+                    await sock.send_many(["x" * 100_000, "y" * 1000])  # half written, then cancelled
+            outcomes.append("cancelled" if scope_.cancelled_caught else "finished")
+            await sock.send("after")
+            await sock.receive()
+
+    async with _raw_client(await serve_raw(nursery, app)) as client:
+        await client.burst("go")
+        assert await client.messages(3) == ["x" * 100_000, "y" * 1000, "after"]
+    assert outcomes[0] == "nothing written"
+    nursery.cancel_scope.cancel()
