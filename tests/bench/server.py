@@ -23,7 +23,10 @@ Run: ``python -m tests.bench server`` (part of ``nox -s bench``). Prints, side b
 - the node's CPU per relayed frame of (b), (b'), (b'') and (c) in echoed messages of (f')
   measured in the same round (the medians), beside the seed's figure in the same unit
   (``SEED_IN_ECHOES``): the issue's "no more than the seed's CPU per frame", as a ratio that
-  holds on a VM whose speed drifts.
+  holds on a VM whose speed drifts; and the same ratio with one frame in flight (window 1,
+  ``LONE`` frames, twice, the lowest): with 64 in flight a run may read and write several
+  messages at once or not, and its per-frame cost moves with that; one at a time, nothing
+  is ever batched, on either side;
 
 (f), (f'), (b), (b') and (b'') run ``ROUNDS`` times, interleaved (f, f', b, b', b'', f, ...), so
 each relay figure is set against echoes measured seconds before it: this VM's speed drifts by
@@ -67,6 +70,8 @@ BATCH = 16
 RUN_TIMEOUT_S = 60.0
 ROUNDS = 3
 """(f), (b), (b') and (b'') run this many times, interleaved; rows give the median and range."""
+LONE = 1500
+"""Messages of the window-1 rows (one in flight: the per-message cost with no batching)."""
 CLIENT_TASKS = 64
 """(c'): tasks sending concurrently through one ``mux.client`` connection."""
 
@@ -460,6 +465,19 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                     + (" / (c)" if batched.batch_supported else ""),
                     f"{' / '.join(in_echoes):>8}  (the seed's {SEED_US_PER_ACK} us per acked frame was"
                     f" {SEED_IN_ECHOES} of a Hypercorn echo on its machine: DESIGN.md)",
+                )
+            )
+            lone_echo, lone_relay, lone_heads = [], [], []
+            for _ in range(2):  # one message in flight: nothing is ever read or written together
+                lone_echo.append(_go(echo_run, echo, LONE, 1, "/echo-single")[2].node_cpu / LONE)
+                lone_relay.append(_cpu_per_frame(_go(relay_run, node, "bench-lone", n=LONE, window=1, end_to_end=True)))
+                lone_heads.append(_cpu_per_frame(_go(relay_run, heads, "bench-lone", n=LONE, window=1, quiet=True)))
+            rows.append(
+                (
+                    "    the same, one frame in flight (window 1), in (f') messages one in flight: (b) / (b'')",
+                    f"{min(lone_relay) / min(lone_echo):>8.2f} / {min(lone_heads) / min(lone_echo):.2f}"
+                    f"  (node CPU per frame {min(lone_relay) * 1e6:.0f} / {min(lone_heads) * 1e6:.0f} us;"
+                    f" (f') {min(lone_echo) * 1e6:.0f} us; lowest of 2)",
                 )
             )
             client_n = max(1000, n // 5)
