@@ -182,6 +182,7 @@ class AsgiSocket:
         self.inline: InlineHandler | None = None
         """Set by :meth:`handle_inline`."""
         self.inline_most = 16
+        """At most this many messages of one read go to ``inline``."""
         self.inline_failure: Exception | None = None
         """What ``inline`` raised, for the app's next ``receive``."""
         if self._stream is not None and fast_receive:

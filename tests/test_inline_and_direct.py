@@ -119,6 +119,9 @@ class _LoggingApp:
 
 
 async def test_messages_are_handled_in_the_reader_once_and_in_order(nursery: trio.Nursery) -> None:
+    """The reader hands a read's messages to the handler while the app waits (at most
+    ``most`` of them); a declined one, and everything behind it while the app is busy, and
+    the rest of a read after a ping, come through ``receive``: every message once, in order."""
     app = _LoggingApp(most=3)
     async with _raw_client(await serve_raw(nursery, app)) as client:
         sent = ["a1", "a2", "q1", "a3", "a4"]
