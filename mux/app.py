@@ -513,7 +513,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
             node.sessions[session] = writer  # watched by the node's one _watchdog
             if grant.exp:
                 nursery.start_soon(_expire_with_token, sock, grant, nursery.cancel_scope)
-            sock.handle_inline(partial(_handle_inline, session), READ_AHEAD)
+            sock.handle_inline(partial(_handle_inline, session), READ_AHEAD, INLINE_BYTES)
             while True:
                 try:
                     message = await sock.receive()
@@ -530,8 +530,8 @@ async def serve_socket(node: Node, sock: Socket) -> None:
                 # what has arrived in one go, not one message per read syscall (README, "For
                 # speed"). A stuck writer is parked, not runnable: it is not waited for.
                 # While this task waits in receive(), the server's reader handles what it
-                # reads itself (_handle_inline, at most READ_AHEAD a read), and its next read
-                # is that scheduling turn.
+                # reads itself (_handle_inline, at most READ_AHEAD or INLINE_BYTES a read), and
+                # its next read is that scheduling turn.
                 await trio.lowlevel.checkpoint()
     except Disconnected:
         pass  # gone during the handshake
@@ -573,6 +573,12 @@ def _handle_inline(session: WireSession, message: str | bytes) -> bool:
 READ_AHEAD = 16
 """Messages the server already holds that a socket's reader handles before its writers'
 turn (Hypercorn queues at most 10 per connection)."""
+INLINE_BYTES = 4096
+"""The server's reader handles a read's messages itself (``_handle_inline``) up to
+``READ_AHEAD`` of them and until they add up to this many characters; the rest go through the
+connection's task, which gives the writers a turn as it goes: a ``batch`` of many sends has
+its frames on their way before the next is taken (measured: with only the count, batched
+relaying ran in lock step, a tenth slower)."""
 WRITE_BYTES = wire.CHUNK_BYTES
 """Messages ready together are written at once up to this many characters in all, on a
 connection that holds a real-time channel (a call's frame waits for at most that much)..."""

@@ -30,7 +30,8 @@ malformed payload is only found once its frame is whole).
 Handling in the reader: :meth:`AsgiSocket.handle_inline` gives the fast path a plain
 function for messages. While the app's task waits in :meth:`~AsgiSocket.receive` with
 nothing queued, each message the reader takes apart goes to that function at once (at most
-``most`` per read) instead of through the queue and a wake of the app's task; a message
+``most`` of a read, and none after ``most_bytes`` of them) instead of through the queue and a
+wake of the app's task; a message
 it declines (False), and every message while the app's task is busy, is queued as before,
 so the app sees every message once and in order. An exception in the function is raised
 by the app's next ``receive``, as if the app had handled that message itself.
@@ -104,10 +105,11 @@ class Socket(Protocol):
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code``."""
 
-    def handle_inline(self, handler: InlineHandler | None, most: int = 16) -> None:
+    def handle_inline(self, handler: InlineHandler | None, most: int = 16, most_bytes: int = 4096) -> None:
         """While the app waits in :meth:`receive` with nothing queued, hand up to ``most``
-        messages of each read to ``handler`` in the server's reader (None: stop); a server
-        that cannot does nothing, and every message arrives through ``receive``."""
+        messages of each read to ``handler`` in the server's reader, none after ``most_bytes``
+        of them (None: stop); a server that cannot does nothing, and every message arrives
+        through ``receive``."""
 
 
 class Disconnected(Exception):
@@ -149,7 +151,7 @@ class QuartSocket:
         """Close with ``code``."""
         await websocket.close(code, reason)
 
-    def handle_inline(self, handler: InlineHandler | None, most: int = 16) -> None:
+    def handle_inline(self, handler: InlineHandler | None, most: int = 16, most_bytes: int = 4096) -> None:
         """Nothing: Quart's reader is out of reach (every message arrives through ``receive``)."""
 
 
@@ -182,7 +184,9 @@ class AsgiSocket:
         self.inline: InlineHandler | None = None
         """Set by :meth:`handle_inline`."""
         self.inline_most = 16
-        """At most this many messages of one read go to ``inline``."""
+        """At most this many messages of one read go to ``inline``..."""
+        self.inline_bytes = 4096
+        """... and none after this many characters or bytes of them."""
         self.inline_failure: Exception | None = None
         """What ``inline`` raised, for the app's next ``receive``."""
         if self._stream is not None and fast_receive:
@@ -252,12 +256,13 @@ class AsgiSocket:
         event, self._held = self._held, None
         return self._message(event if event is not None else await self._receive())
 
-    def handle_inline(self, handler: InlineHandler | None, most: int = 16) -> None:
+    def handle_inline(self, handler: InlineHandler | None, most: int = 16, most_bytes: int = 4096) -> None:
         """While this app waits in :meth:`receive` with nothing queued, hand up to ``most``
-        messages of each read to ``handler`` in Hypercorn's reader (fast receive only; see
-        the module); None stops it."""
+        messages of each read to ``handler`` in Hypercorn's reader, none after ``most_bytes``
+        of them (fast receive only; see the module); None stops it."""
         self.inline = handler
         self.inline_most = most
+        self.inline_bytes = most_bytes
 
     def receive_ready(self) -> str | bytes | None:
         """The next message if the server has already queued it for us, else None (a
@@ -377,6 +382,7 @@ class _FastReceive:
         # but this reader puts on that queue, and the handler never waits, so that holds
         # until this reader puts or waits itself: after that, the rest of the read queues.
         most = sock.inline_most if inline is not None and queue.statistics().tasks_waiting_receive else 0
+        room = sock.inline_bytes
         while not stream.closed:
             if stream.connection.state is not _WSConnectionState.OPEN:  # closing: wsproto's part
                 rest = frames.stop()
@@ -390,6 +396,9 @@ class _FastReceive:
                 most -= 1
                 try:
                     if inline(item):  # type: ignore[misc]
+                        room -= len(item)
+                        if room <= 0:  # a big message's frames go out before the next is taken
+                            most = 0
                         continue
                 except Exception as exc:
                     sock.inline = None

@@ -85,8 +85,9 @@ class _LoggingApp:
     on ``boom``. On ``report`` the app sends the log as one message ``who:message,...``;
     on ``wait`` it is busy for a while."""
 
-    def __init__(self, most: int = 16) -> None:
+    def __init__(self, most: int = 16, most_bytes: int = 4096) -> None:
         self.most = most
+        self.most_bytes = most_bytes
         self.log: list[tuple[str, str | bytes]] = []
         self.failures: list[Exception] = []
 
@@ -101,7 +102,7 @@ class _LoggingApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send_: Any) -> None:
         sock = AsgiSocket(scope, receive, send_)
         await sock.accept(None)
-        sock.handle_inline(self.inline, self.most)
+        sock.handle_inline(self.inline, self.most, self.most_bytes)
         while True:
             try:
                 message = await sock.receive()
@@ -149,6 +150,21 @@ async def test_messages_are_handled_in_the_reader_once_and_in_order(nursery: tri
     assert [who[m] for m in ("b1", "b2", "b3", "b4", "b5")] == ["inline"] * 3 + ["app"] * 2  # most=3 per read
     assert who["c1"] == who["c2"] == "app"
     assert (who["d1"], who["d2"]) == ("inline", "app")
+    nursery.cancel_scope.cancel()
+
+
+async def test_the_reader_stops_after_most_bytes_of_a_read(nursery: trio.Nursery) -> None:
+    """Messages of a read go to the handler until they add up to ``most_bytes``: the one
+    that crosses it still does, the rest of the read goes through ``receive``."""
+    app = _LoggingApp(most_bytes=10)
+    async with _raw_client(await serve_raw(nursery, app)) as client:
+        await client.burst("aaaaaa", "bbbbbb", "cc", "dd")
+        await trio.sleep(0.2)
+        await client.burst("e" * 20, "ff")  # over at once
+        await trio.sleep(0.2)
+        await client.burst("report")
+        (report,) = await client.messages(1)
+    assert report == "inline:aaaaaa,inline:bbbbbb,app:cc,app:dd,inline:" + "e" * 20 + ",app:ff,app:report"
     nursery.cancel_scope.cancel()
 
 

@@ -392,7 +392,7 @@ class _ReadySocket:
     async def close(self, code: int, reason: str) -> None:
         pass
 
-    def handle_inline(self, handler: Any, most: int = 16) -> None:
+    def handle_inline(self, handler: Any, most: int = 16, most_bytes: int = 4096) -> None:
         pass  # every message comes through receive (as under Quart)
 
 
