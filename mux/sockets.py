@@ -38,7 +38,7 @@ by the app's next ``receive``, as if the app had handled that message itself.
 
 Writing straight to the socket: on HTTP/1.1 over plain TCP (loopback, or TLS ended in front
 of the node), while Hypercorn is not writing itself, :meth:`AsgiSocket.send_many` puts its
-bytes on the socket with one non-blocking ``send``; what does not fit, and every write over
+bytes on the socket with one non-blocking ``write``; what does not fit, and every write over
 TLS or HTTP/2, goes down Hypercorn's own path (its lock, its shielded ``send_all``), which
 waits for the socket and meets a broken connection as it always does.
 """
