@@ -37,7 +37,7 @@ from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
 from .session import WireSession
 from .settings import NodeSettings
 from .signing import NodeKey
-from .sockets import Disconnected, FastSocketApp, QuartSocket, Socket
+from .sockets import INLINE_BYTES, Disconnected, FastSocketApp, QuartSocket, Socket
 from .storage import STORE_FILE, MemoryStore, SqliteStore, Store
 
 __all__ = ["HTTP_STATUS", "Node", "create_app", "create_blueprint", "node_asgi", "serve_socket"]
@@ -573,14 +573,6 @@ def _handle_inline(session: WireSession, message: str | bytes) -> bool:
 READ_AHEAD = 16
 """Messages the server already holds that a socket's reader handles before its writers'
 turn (Hypercorn queues at most 10 per connection)."""
-INLINE_BYTES = 4096
-"""The server's reader handles a read's messages itself (``_handle_inline``) up to
-``READ_AHEAD`` of them and until they add up to this many characters; the rest go through the
-connection's task, which gives the writers a turn as it goes: a ``batch`` of many sends has
-its frames on their way before the next is taken. Measured on the batched relay (16 sends a
-message, 64 frames in flight): with only the count, the two sides took turns (0.9 messages
-per 16 frames to the clients, where the connection's task alone made 1.5) and it ran about
-a tenth slower; with this bound, 1.1, within the scatter of the old rate."""
 WRITE_BYTES = wire.CHUNK_BYTES
 """Messages ready together are written at once up to this many characters in all, on a
 connection that holds a real-time channel (a call's frame waits for at most that much)..."""

@@ -180,8 +180,13 @@ COMPILED_MASK = _compiled_mask()
 """The compiled unmasking loop in use, or None (then :func:`_unmask_int`)."""
 
 
-def _unmask(mask: bytes, payload: bytes | bytearray) -> bytes:
-    """``payload`` XOR the 4-byte ``mask`` repeated (RFC 6455, section 5.3)."""
-    if COMPILED_MASK is not None:
-        return COMPILED_MASK(payload, mask)
-    return _unmask_int(mask, payload)
+def _unmask_by(apply_mask: Callable[[bytes | bytearray, bytes], bytes]) -> Callable[[bytes, bytes | bytearray], bytes]:
+    def unmask(mask: bytes, payload: bytes | bytearray) -> bytes:
+        return apply_mask(payload, mask)
+
+    return unmask
+
+
+_unmask = _unmask_int if COMPILED_MASK is None else _unmask_by(COMPILED_MASK)
+"""``payload`` XOR the 4-byte ``mask`` repeated (RFC 6455, section 5.3): the compiled loop
+when there is one (chosen once, at import), else :func:`_unmask_int`."""
