@@ -33,7 +33,7 @@ from .core import Mux, start_mux
 from .errors import BadRequest, MuxError
 from .frames import Frame
 from .heap import trimmer
-from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
+from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing, WriteThrough
 from .session import WireSession
 from .settings import NodeSettings
 from .signing import NodeKey
@@ -79,6 +79,8 @@ class Node:
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
     closed_sessions: int = 0
     """WebSocket connections that ended (counted for ``mux.heap``)."""
+    write_through: WriteThrough = attrs.field(factory=WriteThrough)
+    """What the server readers' turns give waiting writers, written at the turn's end."""
     _auth: Authenticator | None = None
     _rest_buckets: collections.OrderedDict[str, TokenBucket] = attrs.field(factory=collections.OrderedDict)
 
@@ -511,9 +513,13 @@ async def serve_socket(node: Node, sock: Socket) -> None:
             )
             nursery.start_soon(writer.run)
             node.sessions[session] = writer  # watched by the node's one _watchdog
+            session.outbox.write_through = node.write_through
+            session.outbox.write_now = writer.write_now
             if grant.exp:
                 nursery.start_soon(_expire_with_token, sock, grant, nursery.cancel_scope)
-            sock.handle_inline(partial(_handle_inline, session), READ_AHEAD, INLINE_BYTES)
+            sock.handle_inline(
+                partial(_handle_inline, session, node.write_through), READ_AHEAD, INLINE_BYTES, node.write_through.flush
+            )
             while True:
                 try:
                     message = await sock.receive()
@@ -537,6 +543,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         pass  # gone during the handshake
     finally:
         sock.handle_inline(None)
+        session.outbox.write_now = None
         session.close("ws_disconnect")
         node.sessions.pop(session, None)
         node.closed_sessions += 1
@@ -557,13 +564,16 @@ async def _handle_ready(session: WireSession, sock: Socket, message: str | bytes
         message, taken = ready, taken + 1
 
 
-def _handle_inline(session: WireSession, message: str | bytes) -> bool:
+def _handle_inline(session: WireSession, through: WriteThrough, message: str | bytes) -> bool:
     """Handle ``message`` in the server's reader (``Socket.handle_inline``) when its reply
     fits in the outbox now (every action has at most one reply); else False, and the
-    connection's own task handles it, waiting for room."""
+    connection's own task handles it, waiting for room. What it gives waiting writers (its
+    reply, the frames it relays) is written when the reader's turn ends (``through.flush``
+    is the socket's ``inline_done``)."""
     outbox = session.outbox
     if not outbox.has_room(CONTROL):
         return False
+    through.holding = True
     replies = session.handle(message)
     if replies:
         outbox.put_nowait(CONTROL, CONTROL_URGENCY, *replies)
@@ -586,6 +596,12 @@ _CLOSE = "\x00close"
 _CLOSE_KEY = "*close*"
 _LAST_URGENCY = 1 << 20
 """The marker's own queue, less urgent than any channel: it goes out last."""
+_REST = "\x00rest"
+"""Put in a waiting writer's outbox when the socket took only part of a direct write
+(``_Writer.write_now``): the writer writes the rest before anything else."""
+_REST_KEY = "*rest*"
+_FIRST_URGENCY = -(1 << 20)
+"""The marker's own queue, more urgent than anything: it goes out first."""
 
 _BATCH_HEAD = '{"event":"batch","items":['
 
@@ -620,6 +636,29 @@ class _Writer:
         """True when nothing is queued or being written."""
         return not self.busy and self.outbox.empty
 
+    def write_now(self) -> bool:
+        """While this writer waits for work (``Outbox.write_now``, in a server reader's turn):
+        take what is queued as :meth:`_write` would and write it straight to the socket
+        without waiting. True when that is all done; False when this writer's task has to
+        go on (the socket cannot be written directly now, or took only part: the rest is
+        marked to go out first, or more is queued than one write takes)."""
+        if self.busy or not self.sock.direct_ready():
+            return False
+        message = self.outbox.get_nowait()
+        if message is None:
+            return True
+        if message is _CLOSE or message is _REST:  # the writer's own business
+            self._put_back(message)
+            return False
+        if self.batching and isinstance(message, str):
+            written = self.sock.send_now((self._coalesce(message),))
+        else:
+            written = self.sock.send_now((message, *self._following(len(message))))
+        if not written:
+            self.outbox.put_nowait(_REST_KEY, _FIRST_URGENCY, _REST)
+            return False
+        return not self.outbox.queued
+
     def _coalesce(self, first: str) -> str:
         """``first`` plus whatever JSON is ready next (in urgency order), as one flat batch
         (the items of a ``batch`` reply are spliced in, never nested)."""
@@ -629,8 +668,8 @@ class _Writer:
             nxt = self.outbox.get_nowait()
             if nxt is None:
                 break
-            if nxt is _CLOSE:  # the shutdown marker stays last
-                self.outbox.put_nowait(_CLOSE_KEY, _LAST_URGENCY, nxt)
+            if nxt is _CLOSE or nxt is _REST:  # the writer's markers go back
+                self._put_back(nxt)
                 break
             if isinstance(nxt, bytes):  # binary keeps its own message: put it back in front
                 self.outbox.put_nowait(CONTROL, CONTROL_URGENCY - 1, nxt)
@@ -654,7 +693,9 @@ class _Writer:
             self.connection.cancel()
             return False
         self.busy, self.since = True, trio.current_time()
-        if self.batching and isinstance(message, str):
+        if message is _REST:  # what the socket did not take of a direct write
+            await self.sock.send_many(())
+        elif self.batching and isinstance(message, str):
             await self.sock.send(self._coalesce(message))
         else:
             await self.sock.send_many([message, *self._following(len(message))])
@@ -671,12 +712,19 @@ class _Writer:
             nxt = self.outbox.get_nowait(limit=most - size)
             if nxt is None:
                 break
-            if nxt is _CLOSE:  # the shutdown marker stays last
-                self.outbox.put_nowait(_CLOSE_KEY, _LAST_URGENCY, nxt)
+            if nxt is _CLOSE or nxt is _REST:  # the writer's markers go back
+                self._put_back(nxt)
                 break
             out.append(nxt)
             size += len(nxt)
         return out
+
+    def _put_back(self, marker: str) -> None:
+        """Queue a marker taken out of turn again: the shutdown's last, the rest's first."""
+        if marker is _CLOSE:
+            self.outbox.put_nowait(_CLOSE_KEY, _LAST_URGENCY, marker)
+        else:
+            self.outbox.put_nowait(_REST_KEY, _FIRST_URGENCY, marker)
 
     def stalled(self, now: float) -> bool:
         """True when a send has not completed for ``send_timeout_s`` (a slow consumer)."""

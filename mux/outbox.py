@@ -14,6 +14,15 @@ Each key's queue holds at most ``per_key`` messages: a channel whose queue is fu
 more frames (its sender gets ``receiver_full``, or waits; that channel only), the others go
 on. ``on_take(key)`` is called whenever a message of a channel key leaves, so its room can
 be announced.
+
+Writing through: while a connection's writer waits for work, what is put in its outbox
+during a server reader's turn (``mux.app``: the replies to the messages the reader handled,
+the frames they relay to other connections) need not wake that writer. With a shared
+:class:`WriteThrough` that is ``holding``, ``put_nowait`` only notes the outbox; at the end
+of the turn :meth:`WriteThrough.flush` has each noted outbox call its ``write_now`` (the
+writer's: take what is queued, as the writer would, and write it straight to the socket
+without waiting), and wakes the writer when that could not be done whole. Messages queued
+together still go out in one write; no task switch is spent on the way.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-__all__ = ["CONTROL", "CONTROL_URGENCY", "Outbox", "Outgoing"]
+__all__ = ["CONTROL", "CONTROL_URGENCY", "Outbox", "Outgoing", "WriteThrough"]
 
 Outgoing = str | bytes
 """A message for the socket: text (JSON) or bytes (binary framing)."""
@@ -42,13 +51,54 @@ class _Queue:
     """Made when a ``put`` first waits for room (most queues never need one)."""
 
 
+@attrs.define(eq=False)
+class WriteThrough:
+    """Outboxes given messages while ``holding`` (one reader's turn), written at its end."""
+
+    holding: bool = False
+    """Set by whoever will call :meth:`flush` before anything can wait."""
+    _noted: list[Outbox] = attrs.field(factory=list)
+
+    def note(self, outbox: Outbox) -> None:
+        """``outbox`` was given messages while its writer waits."""
+        self._noted.append(outbox)
+
+    def flush(self) -> None:
+        """Stop holding; each noted outbox writes now or wakes its writer."""
+        self.holding = False
+        noted = self._noted
+        failure: Exception | None = None
+        try:
+            for outbox in noted:
+                try:
+                    outbox.kick()
+                except Exception as exc:  # the others still write (kick woke that writer)
+                    failure = failure or exc
+        finally:
+            noted.clear()
+        if failure is not None:
+            raise failure
+
+
 class Outbox:
     """Per-connection scheduler of outgoing messages (see the module docstring)."""
 
-    def __init__(self, *, per_key: int = 64, control: int = 1024, on_take: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        per_key: int = 64,
+        control: int = 1024,
+        on_take: Callable[[str], None] | None = None,
+        write_through: WriteThrough | None = None,
+    ) -> None:
         self.per_key = per_key
         self.on_take = on_take
         self.control_limit = control
+        self.write_through = write_through
+        self.write_now: Callable[[], bool] | None = None
+        """Set by the writer: write what is queued now without waiting; False when the
+        writer's task must be woken for it (see the module docstring)."""
+        self._noted = False
         # A key's queue and an urgency's ring exist only while they hold something: an idle
         # connection keeps none, and a burst of channels leaves none behind.
         self._queues: dict[str, _Queue] = {}
@@ -75,8 +125,26 @@ class Outbox:
             ring.append(key)
         q.items.extend(messages)
         self.queued += len(messages)
-        if self._ready:
-            self._ready.unpark_all()
+        if self._ready:  # the writer waits for work
+            through = self.write_through
+            if through is not None and through.holding and self.write_now is not None:
+                if not self._noted:
+                    self._noted = True
+                    through.note(self)
+            else:
+                self._ready.unpark_all()
+
+    def kick(self) -> None:
+        """If the writer still waits and something is queued: ``write_now``, or wake it."""
+        self._noted = False
+        if self.queued and self._ready:
+            write_now = self.write_now
+            written = False
+            try:
+                written = write_now is not None and write_now()
+            finally:
+                if not written:
+                    self._ready.unpark_all()
 
     async def put(self, key: str, urgency: int, *messages: Outgoing) -> None:
         """Queue ``messages`` under ``key``, waiting while its queue is full."""

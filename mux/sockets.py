@@ -41,6 +41,12 @@ of the node), while Hypercorn is not writing itself, :meth:`AsgiSocket.send_many
 bytes on the socket with one non-blocking ``write``; what does not fit, and every write over
 TLS or HTTP/2, goes down Hypercorn's own path (its lock, its shielded ``send_all``), which
 waits for the socket and meets a broken connection as it always does.
+
+Writing without waiting: :meth:`AsgiSocket.send_now` is that one write from code that cannot
+wait (the node's reader, at the end of its turn: ``mux.outbox.WriteThrough``), when
+:meth:`~AsgiSocket.direct_ready`. What the socket does not take is kept and written before
+anything else: by the next ``send_many`` or ``close``, or by the reader before it lets
+Hypercorn answer a ping, so no other bytes ever land inside a frame begun.
 """
 
 from __future__ import annotations
@@ -114,6 +120,13 @@ class Socket(Protocol):
         """Send ``messages`` in order, each its own WebSocket message, in as few writes as
         the server allows."""
 
+    def direct_ready(self) -> bool:
+        """True when :meth:`send_now` can put messages straight on the socket now."""
+
+    def send_now(self, messages: Sequence[str | bytes]) -> bool:
+        """Only when :meth:`direct_ready`: write ``messages`` without waiting; True when all
+        of it went out, else the rest is kept and the next :meth:`send_many` writes it first."""
+
     async def receive(self) -> str | bytes:
         """The next message; raises :class:`Disconnected` when the peer went away."""
 
@@ -125,11 +138,16 @@ class Socket(Protocol):
         """Close with ``code``."""
 
     def handle_inline(
-        self, handler: InlineHandler | None, most: int = INLINE_MOST, most_bytes: int = INLINE_BYTES
+        self,
+        handler: InlineHandler | None,
+        most: int = INLINE_MOST,
+        most_bytes: int = INLINE_BYTES,
+        done: Callable[[], None] | None = None,
     ) -> None:
         """While the app waits in :meth:`receive` with nothing queued, hand up to ``most``
         messages of each read to ``handler`` in the server's reader, none after ``most_bytes``
-        of them (None: stop); a server that cannot does nothing, and every message arrives
+        of them (None: stop), and call ``done`` after the last of a read, before the reader
+        waits for anything; a server that cannot does nothing, and every message arrives
         through ``receive``."""
 
 
@@ -159,6 +177,14 @@ class QuartSocket:
         for message in messages:
             await websocket.send(message)
 
+    def direct_ready(self) -> bool:
+        """False: Quart's socket is out of reach."""
+        return False
+
+    def send_now(self, messages: Sequence[str | bytes]) -> bool:
+        """Never called (:meth:`direct_ready` is False)."""
+        raise RuntimeError("QuartSocket cannot write without waiting")
+
     async def receive(self) -> str | bytes:
         """The next message (Quart hands an empty binary message over as None)."""
         message = await websocket.receive()
@@ -173,7 +199,11 @@ class QuartSocket:
         await websocket.close(code, reason)
 
     def handle_inline(
-        self, handler: InlineHandler | None, most: int = INLINE_MOST, most_bytes: int = INLINE_BYTES
+        self,
+        handler: InlineHandler | None,
+        most: int = INLINE_MOST,
+        most_bytes: int = INLINE_BYTES,
+        done: Callable[[], None] | None = None,
     ) -> None:
         """Nothing: Quart's reader is out of reach (every message arrives through ``receive``)."""
 
@@ -210,8 +240,12 @@ class AsgiSocket:
         """At most this many messages of one read go to ``inline``..."""
         self.inline_bytes = INLINE_BYTES
         """... and none after this many characters or bytes of them."""
+        self.inline_done: Callable[[], None] | None = None
+        """Called after the last message of a read that went to ``inline``."""
         self.inline_failure: Exception | None = None
-        """What ``inline`` raised, for the app's next ``receive``."""
+        """What ``inline`` (or ``inline_done``) raised, for the app's next ``receive``."""
+        self._rest = b""
+        """The part of a :meth:`send_now` write the socket did not take: written before anything else."""
         if self._stream is not None and fast_receive:
             self._stream.handle = _FastReceive(self._stream, self)  # type: ignore[method-assign]
         queue = getattr(receive, "__self__", None)
@@ -244,6 +278,11 @@ class AsgiSocket:
         is open (straight onto a plain TCP socket when it can: see the module); otherwise
         one by one (nothing once closed)."""
         if self.closed:
+            self._rest = b""
+            return
+        if self._rest:
+            await self.flush_rest()
+        if not messages:
             return
         stream = self._stream
         if stream is None or stream.closed or stream.state != _WSState.CONNECTED:
@@ -274,20 +313,62 @@ class AsgiSocket:
                 return
         await stream.send(_HypercornData(stream_id=stream.stream_id, data=data))
 
+    def direct_ready(self) -> bool:
+        """True on HTTP/1.1 over plain TCP while the connection is open with no extension,
+        nothing is left of an earlier :meth:`send_now` and Hypercorn is not writing."""
+        stream, tcp = self._stream, self._tcp
+        return (
+            tcp is not None
+            and stream is not None
+            and not self.closed
+            and not self._rest
+            and not tcp[0].locked()
+            and not stream.closed
+            and stream.state == _WSState.CONNECTED
+            and _plain(stream.connection)
+        )
+
+    def send_now(self, messages: Sequence[str | bytes]) -> bool:
+        """Only when :meth:`direct_ready`: one non-blocking write of ``messages``; True when
+        the socket took it all. Else what it did not take is kept: :meth:`send_many`,
+        :meth:`close` and the reader (before it lets Hypercorn write a pong) write it first,
+        so no other bytes get into a frame begun."""
+        assert self._tcp is not None
+        data = server_frames(messages)
+        sent = _write_some(self._tcp[1], data)
+        if sent == len(data):
+            return True
+        self._rest = data[sent:]
+        return False
+
+    async def flush_rest(self) -> None:
+        """Write what :meth:`send_now` left, through Hypercorn (its lock, waiting for the
+        socket), shielded: a frame begun is never left half sent."""
+        rest, self._rest = self._rest, b""
+        stream = self._stream
+        if rest and stream is not None and not stream.closed:
+            with trio.CancelScope(shield=True):
+                await stream.send(_HypercornData(stream_id=stream.stream_id, data=rest))
+
     async def receive(self) -> str | bytes:
         """The next message; :class:`Disconnected` once the peer went away."""
         event, self._held = self._held, None
         return self._message(event if event is not None else await self._receive())
 
     def handle_inline(
-        self, handler: InlineHandler | None, most: int = INLINE_MOST, most_bytes: int = INLINE_BYTES
+        self,
+        handler: InlineHandler | None,
+        most: int = INLINE_MOST,
+        most_bytes: int = INLINE_BYTES,
+        done: Callable[[], None] | None = None,
     ) -> None:
         """While this app waits in :meth:`receive` with nothing queued, hand up to ``most``
         messages of each read to ``handler`` in Hypercorn's reader, none after ``most_bytes``
-        of them (fast receive only; see the module); None stops it."""
+        of them, then call ``done`` (fast receive only; see the module); None stops it."""
         self.inline = handler
         self.inline_most = most
         self.inline_bytes = most_bytes
+        self.inline_done = done
 
     def receive_ready(self) -> str | bytes | None:
         """The next message if the server has already queued it for us, else None (a
@@ -321,6 +402,8 @@ class AsgiSocket:
         """Close with ``code`` (once)."""
         if self.closed:
             return
+        if self._rest:
+            await self.flush_rest()
         self.closed = True
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
@@ -381,8 +464,9 @@ class _FastReceive:
 
     async def __call__(self, event: Any) -> None:
         stream = self._stream
+        sock = self._sock
         if not isinstance(event, _HypercornData) or stream.closed or stream.state != _WSState.CONNECTED:
-            await self._stock(event)
+            await self._stock_after_rest(event)
             if stream.closed:  # the stream and this handler would hold each other until a GC pass
                 stream.__dict__.pop("handle", None)
             return
@@ -391,53 +475,101 @@ class _FastReceive:
             proto = getattr(stream.connection, "_proto", None)
             if proto is None or proto.extensions or proto.client:
                 del stream.handle  # Hypercorn's own from now on
-                await self._stock(event)
+                await self._stock_after_rest(event)
                 return
             frames = self._frames = ClientFrames(stream.config.websocket_max_message_size)
         if frames.off:
-            await self._stock(event)
+            await self._stock_after_rest(event)
             return
         frames.feed(event.data)
         put = stream.app_put
         assert put is not None
-        sock = self._sock
         queue: trio.MemorySendChannel[Any] = put.__self__  # type: ignore[attr-defined]
         inline = sock.inline
         # Inline only while the app's task waits in receive() on an empty queue. Nothing
         # but this reader puts on that queue, and the handler never waits, so that holds
         # until this reader puts or waits itself: after that, the rest of the read queues.
+        # inline_done runs after the last message handled here, before this reader waits.
         most = sock.inline_most if inline is not None and queue.statistics().tasks_waiting_receive else 0
         room = sock.inline_bytes
-        while not stream.closed:
-            if stream.connection.state is not _WSConnectionState.OPEN:  # closing: wsproto's part
-                rest = frames.stop()
-                if rest:
-                    await self._stock(_HypercornData(stream_id=stream.stream_id, data=rest))
-                return
-            item = frames.next()
-            if item is None:
-                return
-            if most and not isinstance(item, Passed):
-                most -= 1
-                try:
-                    if inline(item):  # type: ignore[misc]
-                        room -= len(item)
-                        if room <= 0:  # a big message's frames go out before the next is taken
-                            most = 0
+        handled = False  # messages went to inline since inline_done was last called
+        try:
+            while not stream.closed:
+                if stream.connection.state is not _WSConnectionState.OPEN:  # closing: wsproto's part
+                    if handled:
+                        handled = False
+                        await self._done(put)
+                    rest = frames.stop()
+                    if rest:
+                        await self._stock_after_rest(_HypercornData(stream_id=stream.stream_id, data=rest))
+                    return
+                item = frames.next()
+                if item is None:
+                    return
+                if most and not isinstance(item, Passed):
+                    most -= 1
+                    handled = True
+                    try:
+                        if inline(item):  # type: ignore[misc]
+                            room -= len(item)
+                            if room <= 0:  # a big message's frames go out before the next is taken
+                                most = 0
+                            continue
+                    except Exception as exc:
+                        handled, most = False, 0
+                        await self._done(put)
+                        await self._fail(exc, put)
                         continue
-                except Exception as exc:
-                    sock.inline = None
-                    most = 0
-                    sock.inline_failure = exc
-                    await put({"type": _INLINE_FAILED})
-                    continue
-            most = 0
-            if isinstance(item, str):
-                await put({"type": "websocket.receive", "bytes": None, "text": item})
-            elif isinstance(item, bytes):
-                await put({"type": "websocket.receive", "bytes": item, "text": None})
-            else:
-                await self._stock(_HypercornData(stream_id=stream.stream_id, data=item.raw))
+                most = 0
+                if handled:
+                    handled = False
+                    await self._done(put)
+                if isinstance(item, str):
+                    await put({"type": "websocket.receive", "bytes": None, "text": item})
+                elif isinstance(item, bytes):
+                    await put({"type": "websocket.receive", "bytes": item, "text": None})
+                else:
+                    await self._stock_after_rest(_HypercornData(stream_id=stream.stream_id, data=item.raw))
+        finally:
+            if handled:  # never leave inline_done uncalled, however this ends
+                self._call_done()
+
+    def _call_done(self) -> Exception | None:
+        """Call the socket's ``inline_done``; what it raised (it is not called again)."""
+        sock = self._sock
+        done = sock.inline_done
+        if done is None:
+            return None
+        try:
+            done()
+        except Exception as exc:
+            sock.inline_done = None
+            if sock.inline_failure is None:
+                sock.inline_failure = exc
+            return exc
+        return None
+
+    async def _done(self, put: Callable[[Any], Awaitable[None]]) -> None:
+        """After the last message of a run handled inline: ``inline_done``, before this
+        reader waits for anything; a failure ends the app as the handler's would."""
+        exc = self._call_done()
+        if exc is not None:
+            await self._fail(exc, put)
+
+    async def _fail(self, exc: Exception, put: Callable[[Any], Awaitable[None]]) -> None:
+        """Stop handling inline; the app's next ``receive`` raises the first failure."""
+        sock = self._sock
+        sock.inline = None
+        if sock.inline_failure is None or sock.inline_failure is exc:
+            sock.inline_failure = exc
+            await put({"type": _INLINE_FAILED})
+
+    async def _stock_after_rest(self, event: Any) -> None:
+        """Hypercorn's own handling of ``event`` (which may write: a pong, a close), after
+        what is left of a direct write."""
+        if self._sock._rest:
+            await self._sock.flush_rest()
+        await self._stock(event)
 
 
 class FastSocketApp:

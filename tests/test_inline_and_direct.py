@@ -13,13 +13,15 @@ import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 import trio
 from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Message, Request
+from wsproto.events import AcceptConnection, Message, Pong, Request
 from wsproto.frame_protocol import FrameProtocol
 
+import mux.app
 import mux.sockets
 from mux.session import WireSession
 from mux.sockets import AsgiSocket, Disconnected
@@ -36,6 +38,7 @@ class _RawClient:
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.frames = FrameProtocol(client=True, extensions=[])
         self.parts: list[Any] = []
+        self.pongs = 0
 
     async def burst(self, *messages: str | None) -> None:
         """All of ``messages`` in one write (so one read on the server, on loopback); None
@@ -49,7 +52,9 @@ class _RawClient:
         with trio.fail_after(10):
             while len(got) < n:
                 for event in self.ws.events():
-                    if isinstance(event, Message):
+                    if isinstance(event, Pong):
+                        self.pongs += 1
+                    elif isinstance(event, Message):
                         self.parts.append(event.data)
                         if event.message_finished:
                             whole = self.parts
@@ -295,4 +300,121 @@ async def test_a_cancelled_sender_writes_nothing_and_a_write_begun_is_finished(
         await client.burst("go")
         assert await client.messages(3) == ["x" * 100_000, "y" * 1000, "after"]
     assert outcomes[0] == "nothing written"
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_node_writes_replies_and_relayed_frames_in_the_reader_s_turn(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One frame at a time from one agent to another: the sender's ack and the receiver's
+    frame are written straight to their sockets at the end of the reader's turn
+    (``_Writer.write_now``), not by waking each connection's writer task; every frame
+    arrives once, in order, acknowledged."""
+    counts = {"task": 0, "through": 0}
+    write, write_now = mux.app._Writer._write, mux.app._Writer.write_now
+
+    async def by_task(self: mux.app._Writer, message: Any) -> bool:
+        counts["task"] += 1
+        return await write(self, message)
+
+    def through(self: mux.app._Writer) -> bool:
+        done = write_now(self)
+        counts["through"] += done
+        return done
+
+    monkeypatch.setattr(mux.app._Writer, "_write", by_task)
+    monkeypatch.setattr(mux.app._Writer, "write_now", through)
+    info = await serve_node(nursery)
+    async with open_websocket_url(ws_url(info.url, "wt-tx")) as tx, open_websocket_url(ws_url(info.url, "wt-rx")) as rx:
+        await recv(tx)
+        await recv(rx)  # connected
+        await send(tx, action="open", target="wt-rx", intent="stream", ref="o")
+        cid = (await recv_until(tx, lambda m: m.get("event") == "channel_opened"))["channel_id"]
+        await recv_until(rx, lambda m: m.get("event") == "channel_opened")
+        await trio.sleep(0.1)  # both writers wait again
+        before = dict(counts)
+        for n in range(40):
+            await send(tx, action="send", channel_id=cid, payload={"n": n}, ref=n)
+            ack = await recv(tx)
+            assert (ack["event"], ack["ref"], ack["delivered"]) == ("frame_ack", n, True), ack
+            frame = await recv(rx)
+            assert (frame["event"], frame["seq"], frame["payload"]) == ("frame", ack["seq"], {"n": n}), frame
+        by_writers = counts["task"] - before["task"]
+        written_through = counts["through"] - before["through"]
+    assert written_through >= 76, counts  # an ack and a frame per send (a few may meet a busy writer)
+    assert by_writers <= 4, counts
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_direct_write_the_socket_takes_part_of_is_finished_before_anything_else(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames relayed to a receiver that reads nothing for a while fill its socket: a write
+    in the reader's turn is then only partly taken, and its rest goes out first (through the
+    writer's task, or the reader before Hypercorn answers a ping). Once the receiver reads,
+    every delivered frame arrives whole and in order, and its ping is answered. The writer
+    is made slow to take up the first rest, so the ping meets one still held."""
+    partial = 0
+    send_now = AsgiSocket.send_now
+    write = mux.app._Writer._write
+    slowed: list[bool] = []
+    held = trio.Event()
+
+    async def slow_rest(self: mux.app._Writer, message: Any) -> bool:
+        if message is mux.app._REST and not slowed:
+            slowed.append(True)
+            await trio.sleep(0.6)  # the ping arrives meanwhile; the reader writes the rest first
+        return await write(self, message)
+
+    def counted(self: AsgiSocket, messages: Any) -> bool:
+        nonlocal partial
+        done = send_now(self, messages)
+        partial += not done
+        if not done:
+            held.set()
+        return done
+
+    monkeypatch.setattr(AsgiSocket, "send_now", counted)
+    monkeypatch.setattr(mux.app._Writer, "_write", slow_rest)
+    info = await serve_node(nursery)
+    body = "x" * 12_000
+    async with open_websocket_url(ws_url(info.url, "pw-tx")) as tx, _raw_client(ws_url(info.url, "pw-rx")) as rx:
+        await recv(tx)
+        await rx.messages(1)  # connected
+        await send(tx, action="open", target="pw-rx", intent="stream", ref="o")
+        cid = (await recv_until(tx, lambda m: m.get("event") == "channel_opened"))["channel_id"]
+        await rx.messages(1)  # channel_opened
+        delivered: list[int] = []
+        outcomes = 0
+
+        async def sender() -> None:
+            nonlocal outcomes
+            for n in range(400):
+                await send(tx, action="send", channel_id=cid, payload={"n": n, "p": body}, ref=n)
+            while outcomes < 400:
+                reply = await recv(tx, timeout=20)
+                if reply.get("event") == "frame_ack":
+                    outcomes += 1
+                    if reply["delivered"]:
+                        delivered.append(reply["ref"])
+                elif reply.get("error") == "receiver_full":
+                    outcomes += 1
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(sender)
+            with trio.fail_after(10):  # the receiver reads nothing: its socket fills
+                await held.wait()
+            await rx.burst(None)  # a ping, while the rest of a frame is held
+            await trio.sleep(1.0)
+            got: list[int] = []
+            with trio.fail_after(30):
+                while outcomes < 400 or len(got) < len(delivered):
+                    for message in await rx.messages(1):
+                        event = orjson.loads(message)
+                        assert event["event"] == "frame" and event["payload"]["p"] == body, str(message)[:200]
+                        got.append(event["payload"]["n"])
+    assert partial > 0  # some writes in the reader's turn were only partly taken
+    assert got == delivered and len(got) >= 64, (len(got), len(delivered))
+    assert got == sorted(got)
+    assert rx.pongs == 1
     nursery.cancel_scope.cancel()

@@ -11,12 +11,13 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import trio
 import trio.testing
 
 import mux
 from mux.client import connect, open_ws
-from mux.outbox import CONTROL, CONTROL_URGENCY, Outbox
+from mux.outbox import CONTROL, CONTROL_URGENCY, Outbox, WriteThrough
 from mux.server import ServeInfo
 from mux.session import WireSession
 from mux.wire import frame_messages, pack_binary, unpack_binary
@@ -41,6 +42,68 @@ def test_most_urgent_first_and_turns_among_equals() -> None:
     # burst of channels leaves none behind).
     assert box._queues == {}
     assert box._rings == {}
+
+
+async def test_a_held_turn_writes_through_at_its_end_or_wakes_the_writer() -> None:
+    """While a ``WriteThrough`` holds, putting into an outbox whose writer waits only notes
+    it (once); ``flush`` has it ``write_now``. A ``write_now`` that cannot (False) or fails
+    wakes its writer, which then gets what was queued; the other outboxes still write."""
+    through = WriteThrough()
+    written: dict[str, list[Any]] = {"a": [], "b": [], "c": []}
+    can = {"a": True, "b": False, "c": True}
+
+    def writer_of(name: str, box: Outbox) -> Any:
+        def write_now() -> bool:
+            if name == "c":
+                raise RuntimeError("planted")
+            if not can[name]:
+                return False
+            while (m := box.get_nowait()) is not None:
+                written[name].append(m)
+            return True
+
+        return write_now
+
+    boxes = {name: Outbox(write_through=through) for name in written}
+    for name, box in boxes.items():
+        box.write_now = writer_of(name, box)
+    got: dict[str, list[Any]] = {name: [] for name in written}
+
+    async def writer(name: str) -> None:
+        got[name].append(await boxes[name].get())
+
+    async with trio.open_nursery() as nursery:
+        for name in boxes:
+            nursery.start_soon(writer, name)
+        await trio.testing.wait_all_tasks_blocked()
+        through.holding = True
+        for name, box in boxes.items():
+            box.put_nowait(CONTROL, CONTROL_URGENCY, f"{name}1", f"{name}2")
+            box.put_nowait("ch", 3, f"{name}3")
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == {"a": [], "b": [], "c": []}  # nobody woken while held
+        assert len(through._noted) == 3  # each noted once
+        with pytest.raises(RuntimeError, match="planted"):
+            through.flush()
+        assert not through.holding and not through._noted
+        await trio.testing.wait_all_tasks_blocked()
+        assert written["a"] == ["a1", "a2", "a3"] and got["a"] == []  # written through; its writer still waits
+        assert got["b"] == ["b1"] and got["c"] == ["c1"]  # woken: they take it themselves
+        nursery.cancel_scope.cancel()
+    # not holding: a put wakes the writer at once, as always
+    box = Outbox(write_through=through)
+    box.write_now = lambda: pytest.fail("write_now outside a held turn")
+    async with trio.open_nursery() as nursery:
+        took: list[Any] = []
+
+        async def take() -> None:
+            took.append(await box.get())
+
+        nursery.start_soon(take)
+        await trio.testing.wait_all_tasks_blocked()
+        box.put_nowait(CONTROL, CONTROL_URGENCY, "now")
+        await trio.testing.wait_all_tasks_blocked()
+        assert took == ["now"]
 
 
 async def test_a_full_channel_queue_waits_alone() -> None:
@@ -392,7 +455,14 @@ class _ReadySocket:
     async def close(self, code: int, reason: str) -> None:
         pass
 
-    def handle_inline(self, handler: Any, most: int = 16, most_bytes: int = 4096) -> None:
+    def direct_ready(self) -> bool:
+        """Never: every write goes through send_many, as on a server without a direct path."""
+        return False
+
+    def send_now(self, messages: Sequence[str | bytes]) -> bool:
+        raise AssertionError("send_now without direct_ready")
+
+    def handle_inline(self, handler: Any, most: int = 16, most_bytes: int = 4096, done: Any = None) -> None:
         pass  # every message comes through receive (as under Quart)
 
 
