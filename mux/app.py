@@ -37,7 +37,7 @@ from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing, WriteThrough
 from .session import WireSession
 from .settings import NodeSettings
 from .signing import NodeKey
-from .sockets import INLINE_BYTES, Disconnected, FastSocketApp, QuartSocket, Socket
+from .sockets import Disconnected, FastSocketApp, QuartSocket, Socket
 from .storage import STORE_FILE, MemoryStore, SqliteStore, Store
 
 __all__ = ["HTTP_STATUS", "Node", "create_app", "create_blueprint", "node_asgi", "serve_socket"]
@@ -518,7 +518,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
             if grant.exp:
                 nursery.start_soon(_expire_with_token, sock, grant, nursery.cancel_scope)
             sock.handle_inline(
-                partial(_handle_inline, session, node.write_through), READ_AHEAD, INLINE_BYTES, node.write_through.flush
+                partial(_handle_inline, session, node.write_through), READ_AHEAD, None, node.write_through.flush
             )
             while True:
                 try:
@@ -536,7 +536,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
                 # what has arrived in one go, not one message per read syscall (README, "For
                 # speed"). A stuck writer is parked, not runnable: it is not waited for.
                 # While this task waits in receive(), the server's reader handles what it
-                # reads itself (_handle_inline, at most READ_AHEAD or INLINE_BYTES a read), and
+                # reads itself (_handle_inline, at most READ_AHEAD a read), and
                 # its next read is that scheduling turn.
                 await trio.lowlevel.checkpoint()
     except Disconnected:

@@ -25,6 +25,7 @@ import mux.app
 import mux.sockets
 from mux.session import WireSession
 from mux.sockets import AsgiSocket, Disconnected
+from mux.wire import pack_binary, unpack_binary
 
 from .nodes import serve_node
 from .wsutil import recv, recv_until, send, serve_raw, ws_url
@@ -40,7 +41,7 @@ class _RawClient:
         self.parts: list[Any] = []
         self.pongs = 0
 
-    async def burst(self, *messages: str | None) -> None:
+    async def burst(self, *messages: str | bytes | None) -> None:
         """All of ``messages`` in one write (so one read on the server, on loopback); None
         is a ping."""
         frames = (self.frames.ping(b"p") if m is None else self.frames.send_data(m) for m in messages)
@@ -417,4 +418,48 @@ async def test_a_direct_write_the_socket_takes_part_of_is_finished_before_anythi
     assert got == delivered and len(got) >= 64, (len(got), len(delivered))
     assert got == sorted(got)
     assert rx.pongs == 1
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_call_frame_behind_a_bulk_frame_in_one_read_is_written_first(nursery: trio.Nursery) -> None:
+    """A 16 KiB bulk frame and then a call's 200-byte frame arrive in one read: the reader
+    handles both in its turn (no byte bound on a node), so the receiver's writer gets both
+    and, by urgency, writes the call's frame first."""
+    info = await serve_node(nursery)
+    async with (
+        _raw_client(ws_url(info.url, "hol-caller")) as caller,
+        open_websocket_url(ws_url(info.url, "hol-callee")) as callee,
+    ):
+        await caller.messages(1)  # connected
+        await recv(callee)
+        channels = {}
+        for intent in ("call:voice", "stream"):
+            await caller.burst(f'{{"action":"open","target":"hol-callee","intent":"{intent}"}}')
+            (opened,) = await caller.messages(1)
+            channels[intent] = orjson.loads(opened)["channel_id"]
+            await recv_until(callee, lambda m: m.get("event") == "channel_opened")
+        call, bulk = channels["call:voice"], channels["stream"]
+        await caller.burst(
+            orjson.dumps({"action": "send", "channel_id": call, "payload": {"type": "offer", "sdp": "v=0"}}).decode()
+        )
+        await caller.messages(1)  # its ack
+        assert (await recv(callee))["payload"]["type"] == "offer"
+        await send(callee, action="send", channel_id=call, payload={"type": "answer", "sdp": "v=0"})
+        assert (await recv(callee))["event"] == "frame_ack"
+        await caller.messages(1)  # the answer
+        for round_ in range(3):
+            voice = bytes([round_]) * 200
+            await caller.burst(
+                pack_binary({"action": "send", "channel_id": bulk}, bytes(16 << 10)),
+                pack_binary({"action": "send", "channel_id": call}, voice),
+            )
+            with trio.fail_after(5):
+                first, second = await callee.get_message(), await callee.get_message()
+            assert isinstance(first, bytes) and isinstance(second, bytes)
+            (head, payload), (head2, _) = unpack_binary(first), unpack_binary(second)
+            assert (head["channel_id"], payload) == (call, voice), head  # the call's frame first
+            assert head2["channel_id"] == bulk
+            acks = [orjson.loads(m) for m in await caller.messages(2)]
+            assert [a["event"] for a in acks] == ["frame_ack", "frame_ack"], acks
+            await trio.sleep(0.2)  # the bulk frame's pace hint: the call's connection has a bulk budget
     nursery.cancel_scope.cancel()
