@@ -506,7 +506,12 @@ class _FastReceive:
                         await self._stock_after_rest(_HypercornData(stream_id=stream.stream_id, data=rest))
                     return
                 item = frames.next()
-                if item is None:
+                if item is None:  # the read's end (the common one: no coroutine for _done)
+                    if handled:
+                        handled = False
+                        failure = self._call_done()
+                        if failure is not None:
+                            await self._fail(failure, put)
                     return
                 if most and not isinstance(item, Passed):
                     most -= 1
@@ -519,7 +524,9 @@ class _FastReceive:
                             continue
                     except Exception as exc:
                         handled, most = False, 0
-                        await self._done(put)
+                        if sock.inline_failure is None:  # the handler's failure is the one raised
+                            sock.inline_failure = exc
+                        self._call_done()
                         await self._fail(exc, put)
                         continue
                 most = 0
@@ -537,7 +544,8 @@ class _FastReceive:
                 self._call_done()
 
     def _call_done(self) -> Exception | None:
-        """Call the socket's ``inline_done``; what it raised (it is not called again)."""
+        """Call the socket's ``inline_done``; what it raised (then neither it nor ``inline``
+        is called again: nothing is handled here that would need it)."""
         sock = self._sock
         done = sock.inline_done
         if done is None:
@@ -545,7 +553,7 @@ class _FastReceive:
         try:
             done()
         except Exception as exc:
-            sock.inline_done = None
+            sock.inline = sock.inline_done = None
             if sock.inline_failure is None:
                 sock.inline_failure = exc
             return exc

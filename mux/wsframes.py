@@ -92,6 +92,11 @@ class ClientFrames:
         """True once everything goes to wsproto."""
         return self._off
 
+    @property
+    def held(self) -> int:
+        """Bytes held of a frame not yet whole (after :meth:`next` returned None)."""
+        return len(self._buf) - self._pos
+
     def feed(self, data: bytes) -> None:
         """Add bytes received from the client (RuntimeError once off: they are wsproto's)."""
         if self._off:

@@ -96,6 +96,7 @@ class _LoggingApp:
         self.most_bytes = most_bytes
         self.log: list[tuple[str, str | bytes]] = []
         self.failures: list[Exception] = []
+        self.done: Any = None
 
     def inline(self, message: str | bytes) -> bool:
         if message == "boom":
@@ -108,7 +109,7 @@ class _LoggingApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send_: Any) -> None:
         sock = AsgiSocket(scope, receive, send_)
         await sock.accept(None)
-        sock.handle_inline(self.inline, self.most, self.most_bytes)
+        sock.handle_inline(self.inline, self.most, self.most_bytes, self.done)
         while True:
             try:
                 message = await sock.receive()
@@ -185,6 +186,36 @@ async def test_a_failing_handler_raises_in_the_app_s_receive(nursery: trio.Nurse
         (report,) = await client.messages(1)
     assert report == "inline:x1,app:x2,app:x3,app:report"
     assert len(app.failures) == 1
+    nursery.cancel_scope.cancel()
+
+
+async def test_done_runs_once_after_a_read_s_inline_run_and_its_failure_reaches_the_app(
+    nursery: trio.Nursery,
+) -> None:
+    """``done`` is called once after the messages of a read that went to the handler,
+    before anything of that read is queued for the app; if it raises, the app's next
+    ``receive`` raises it and the reader hands nothing more to the handler."""
+    app = _LoggingApp()
+    calls: list[list[str]] = []
+
+    def done() -> None:
+        calls.append([str(m) for _, m in app.log])
+        if ("inline", "dboom") in app.log:
+            raise ValueError("done failed")
+
+    app.done = done
+    async with _raw_client(await serve_raw(nursery, app)) as client:
+        await client.burst("x1", "x2")
+        await trio.sleep(0.2)
+        await client.burst("y1", "q1", "y2")  # done before the declined one is queued
+        await trio.sleep(0.2)
+        await client.burst("dboom", "x3")
+        assert await client.messages(1) == ["failed:done failed"]
+        await client.burst("x4", "report")
+        (report,) = await client.messages(1)
+    assert report == "inline:x1,inline:x2,inline:y1,app:q1,app:y2,inline:dboom,inline:x3,app:x4,app:report"
+    assert calls == [["x1", "x2"], ["x1", "x2", "y1"], ["x1", "x2", "y1", "q1", "y2", "dboom", "x3"]]
+    assert [str(f) for f in app.failures] == ["done failed"]
     nursery.cancel_scope.cancel()
 
 
