@@ -148,9 +148,9 @@ class Socket(Protocol):
     ) -> None:
         """While the app waits in :meth:`receive` with nothing queued, hand up to ``most``
         messages of each read to ``handler`` in the server's reader, none after ``most_bytes``
-        of them (None: stop), and call ``done`` after the last of a read, before the reader
-        waits for anything; a server that cannot does nothing, and every message arrives
-        through ``receive``."""
+        of them (None: no byte bound), and call ``done`` after the last of a read, before the
+        reader waits for anything; a ``handler`` of None stops it. A server that cannot does
+        nothing, and every message arrives through ``receive``."""
 
 
 class Disconnected(Exception):
@@ -366,7 +366,8 @@ class AsgiSocket:
     ) -> None:
         """While this app waits in :meth:`receive` with nothing queued, hand up to ``most``
         messages of each read to ``handler`` in Hypercorn's reader, none after ``most_bytes``
-        of them, then call ``done`` (fast receive only; see the module); None stops it."""
+        of them (None: no byte bound), then call ``done`` (fast receive only; see the module);
+        a ``handler`` of None stops it."""
         self.inline = handler
         self.inline_most = most
         self.inline_bytes = most_bytes
