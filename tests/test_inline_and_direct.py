@@ -3,7 +3,9 @@
 (``mux.sockets``): on a real Hypercorn server, every message is handled once and in order,
 a declined message or a failing handler goes through the app's own ``receive``, and a
 write the socket cannot take at once goes down Hypercorn's path with nothing lost or
-reordered."""
+reordered. On a node, what a reader's turn produces (acks, relayed frames) is written at the
+turn's end straight from the reader, by urgency, and the rest of a write the socket took only
+part of goes out before anything else, a pong included."""
 
 from __future__ import annotations
 
