@@ -650,14 +650,17 @@ class _Writer:
         if message is _CLOSE or message is _REST:  # the writer's own business
             self._put_back(message)
             return False
-        if self.batching and isinstance(message, str):
-            written = self.sock.send_now((self._coalesce(message),))
-        else:
-            written = self.sock.send_now((message, *self._following(len(message))))
-        if not written:
+        if not self.sock.send_now(self._one_write(message)):
             self.outbox.put_nowait(_REST_KEY, _FIRST_URGENCY, _REST)
             return False
         return not self.outbox.queued
+
+    def _one_write(self, message: Outgoing) -> list[Outgoing]:
+        """``message`` and what is ready behind it, for one write: coalesced into one
+        ``batch`` for a batching client, else as :meth:`_following` takes it."""
+        if self.batching and isinstance(message, str):
+            return [self._coalesce(message)]
+        return [message, *self._following(len(message))]
 
     def _coalesce(self, first: str) -> str:
         """``first`` plus whatever JSON is ready next (in urgency order), as one flat batch
@@ -695,10 +698,8 @@ class _Writer:
         self.busy, self.since = True, trio.current_time()
         if message is _REST:  # what the socket did not take of a direct write
             await self.sock.send_many(())
-        elif self.batching and isinstance(message, str):
-            await self.sock.send(self._coalesce(message))
         else:
-            await self.sock.send_many([message, *self._following(len(message))])
+            await self.sock.send_many(self._one_write(message))
         self.busy = False
         return True
 

@@ -310,8 +310,8 @@ class AsgiSocket:
                 await trio.lowlevel.cancel_shielded_checkpoint()  # others' turn; written is written
                 return
             if sent:  # the rest of a frame already begun must follow it, cancelled or not
-                with trio.CancelScope(shield=True):  # (Hypercorn shields its writes anyway)
-                    await stream.send(_HypercornData(stream_id=stream.stream_id, data=data[sent:]))
+                self._rest = data[sent:]
+                await self.flush_rest()
                 return
         await stream.send(_HypercornData(stream_id=stream.stream_id, data=data))
 
@@ -507,12 +507,10 @@ class _FastReceive:
                         await self._stock_after_rest(_HypercornData(stream_id=stream.stream_id, data=rest))
                     return
                 item = frames.next()
-                if item is None:  # the read's end (the common one: no coroutine for _done)
+                if item is None:  # the read's end
                     if handled:
                         handled = False
-                        failure = self._call_done()
-                        if failure is not None:
-                            await self._fail(failure, put)
+                        await self._done(put)
                     return
                 if most and not isinstance(item, Passed):
                     most -= 1
