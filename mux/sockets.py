@@ -27,6 +27,14 @@ app's queue as Hypercorn would; pings and pongs, and from any other frame on eve
 go to Hypercorn and wsproto, which answer as without it (tests/test_fast_receive.py; a
 malformed payload is only found once its frame is whole).
 
+Reading the socket: on HTTP/1.1 over plain TCP, once the connection is open and Hypercorn's
+HTTP/1.1 protocol only passes bytes through, :class:`_LeanRead` takes the place of trio's
+``receive_some`` on the socket: each read goes straight to the stream's ``handle``, past
+Hypercorn's read loop (its timeout scope and events, the protocol's pass-through) and trio's
+socket wrappers (a checkpoint before and a scheduler pass after every read that found data);
+it lets other tasks run every ``LEAN_READS_PER_YIELD`` reads that did not wait, and hands
+the end of the stream, errors and every read once the stream closes back to Hypercorn.
+
 Handling in the reader: :meth:`AsgiSocket.handle_inline` gives the fast path a plain
 function for messages. While the app's task waits in :meth:`~AsgiSocket.receive` with
 nothing queued, each message the reader takes apart goes to that function at once (at most
@@ -53,6 +61,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
@@ -60,6 +69,7 @@ from urllib.parse import parse_qsl
 import trio
 from hypercorn.protocol.events import Data as _HypercornData
 from hypercorn.protocol.h11 import H11Protocol as _H11Protocol
+from hypercorn.protocol.h11 import H11WSConnection as _H11WSConnection
 from hypercorn.protocol.ws_stream import ASGIWebsocketState as _WSState
 from hypercorn.protocol.ws_stream import WSStream as _WSStream
 from hypercorn.trio.tcp_server import TCPServer as _TCPServer
@@ -250,6 +260,7 @@ class AsgiSocket:
         """The part of a :meth:`send_now` write the socket did not take: written before anything else."""
         if self._stream is not None and fast_receive:
             self._stream.handle = _FastReceive(self._stream, self)  # type: ignore[method-assign]
+            _LeanRead.install(self._stream)
         queue = getattr(receive, "__self__", None)
         self._receive_nowait = queue.receive_nowait if isinstance(queue, trio.MemoryReceiveChannel) else None
         """The server's queue of received events behind ``receive`` (Hypercorn's is a trio
@@ -579,6 +590,91 @@ class _FastReceive:
         if self._sock._rest:
             await self._sock.flush_rest()
         await self._stock(event)
+
+
+LEAN_READS_PER_YIELD = 4
+"""The lean reader (:class:`_LeanRead`) lets other tasks run after this many reads in a row
+that found data without waiting (a read that waits has let them run already)."""
+
+
+class _LeanRead:
+    """``receive_some`` of a WebSocket connection's plain TCP socket, in place of trio's,
+    while Hypercorn's HTTP/1.1 protocol only passes bytes through to the WebSocket stream:
+    each read goes straight to the stream's ``handle`` (the fast receive), skipping for
+    every read Hypercorn's read loop (its timeout scope, its ``RawData`` and the HTTP/1.1
+    protocol's pass-through) and trio's socket wrappers (their checkpoint before and
+    scheduler pass after every read that found data). It returns to Hypercorn's loop only
+    what that loop must see: the end of the stream, a read the stream no longer takes this
+    way (before the handshake is done, once closed), or an error (then through trio's own
+    ``receive_some``, which raises it as trio does). Not installed when Hypercorn has a read
+    timeout."""
+
+    def __init__(self, sock: trio.SocketStream, proto: _H11Protocol, stream: _WSStream) -> None:
+        self._proto = proto
+        self._stream = stream
+        self._socket = sock
+        self._raw: socket.socket = sock.socket._sock  # type: ignore[attr-defined]
+
+    @classmethod
+    def install(cls, stream: _WSStream) -> None:
+        """Read ``stream``'s connection this way when it is HTTP/1.1 on plain TCP with no
+        read timeout; else leave it to Hypercorn."""
+        proto = getattr(stream.send, "__self__", None)
+        tcp = getattr(getattr(proto, "send", None), "__self__", None)
+        if isinstance(proto, _H11Protocol) and isinstance(tcp, _TCPServer) and not tcp.config.read_timeout:
+            sock: Any = tcp.stream
+            if type(sock) is trio.SocketStream:
+                sock.receive_some = cls(sock, proto, stream)  # type: ignore[method-assign]
+
+    def _passing_through(self) -> bool:
+        """True while Hypercorn would hand every read, as it is, to this stream's ``handle``."""
+        proto, stream = self._proto, self._stream
+        connection = proto.connection
+        return (
+            proto.stream is stream
+            and isinstance(connection, _H11WSConnection)
+            and not connection.buffer
+            and not stream.closed
+        )
+
+    async def __call__(self, max_bytes: int | None = None) -> bytes:
+        size = max_bytes or _LEAN_RECV
+        raw = self._raw
+        stream = self._stream
+        in_a_row = 0
+        try:
+            while self._passing_through():
+                try:
+                    data = raw.recv(size)
+                except BlockingIOError:
+                    in_a_row = 0
+                    await trio.lowlevel.wait_readable(raw)
+                    continue
+                except OSError:
+                    self._drop()
+                    break  # trio's receive_some meets it again and raises as it does
+                if not data:
+                    self._drop()
+                    return data  # the end: Hypercorn closes
+                await stream.handle(_HypercornData(stream_id=stream.stream_id, data=data))
+                in_a_row += 1
+                if in_a_row >= LEAN_READS_PER_YIELD:
+                    in_a_row = 0
+                    await trio.lowlevel.checkpoint()
+        except BaseException:
+            self._drop()  # cancelled or failed: Hypercorn's read loop ends
+            raise
+        if stream.closed:
+            self._drop()
+        return await trio.SocketStream.receive_some(self._socket, max_bytes)
+
+    def _drop(self) -> None:
+        """Hypercorn's and trio's own reads from now on (and nothing left holding this
+        connection's objects in a cycle)."""
+        self._socket.__dict__.pop("receive_some", None)
+
+
+_LEAN_RECV = 2**16
 
 
 class FastSocketApp:

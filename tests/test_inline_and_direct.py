@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import urllib.parse
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 import trio
 from trio_websocket import open_websocket_url
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Message, Pong, Request
-from wsproto.frame_protocol import FrameProtocol
 
 import mux.app
 import mux.sockets
@@ -30,61 +25,7 @@ from mux.sockets import AsgiSocket, Disconnected
 from mux.wire import pack_binary, unpack_binary
 
 from .nodes import serve_node
-from .wsutil import recv, recv_until, send, serve_raw, ws_url
-
-
-class _RawClient:
-    """A WebSocket client on a plain TCP stream that writes whole bursts in one ``send``."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.ws = WSConnection(ConnectionType.CLIENT)
-        self.frames = FrameProtocol(client=True, extensions=[])
-        self.parts: list[Any] = []
-        self.pongs = 0
-
-    async def burst(self, *messages: str | bytes | None) -> None:
-        """All of ``messages`` in one write (so one read on the server, on loopback); None
-        is a ping."""
-        frames = (self.frames.ping(b"p") if m is None else self.frames.send_data(m) for m in messages)
-        await self.stream.send_all(b"".join(bytes(f) for f in frames))
-
-    async def messages(self, n: int) -> list[str | bytes]:
-        """The next ``n`` whole messages."""
-        got: list[str | bytes] = []
-        with trio.fail_after(10):
-            while len(got) < n:
-                for event in self.ws.events():
-                    if isinstance(event, Pong):
-                        self.pongs += 1
-                    elif isinstance(event, Message):
-                        self.parts.append(event.data)
-                        if event.message_finished:
-                            whole = self.parts
-                            self.parts = []
-                            got.append("".join(whole) if isinstance(whole[0], str) else b"".join(whole))
-                if len(got) < n:
-                    chunk = await self.stream.receive_some(1 << 16)
-                    assert chunk, "the server closed the connection"
-                    self.ws.receive_data(chunk)
-        return got
-
-
-@contextlib.asynccontextmanager
-async def _raw_client(url: str) -> AsyncIterator[_RawClient]:
-    parts = urllib.parse.urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-    client = _RawClient(stream)
-    try:
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        await stream.send_all(client.ws.send(Request(host=parts.netloc, target=target)))
-        with trio.fail_after(5):
-            while not any(isinstance(e, AcceptConnection) for e in client.ws.events()):
-                client.ws.receive_data(await stream.receive_some(1 << 16))
-        yield client
-    finally:
-        await stream.aclose()
+from .wsutil import raw_client, recv, recv_until, send, serve_raw, ws_url
 
 
 class _LoggingApp:
@@ -133,7 +74,7 @@ async def test_messages_are_handled_in_the_reader_once_and_in_order(nursery: tri
     ``most`` of them); a declined one, and everything behind it while the app is busy, and
     the rest of a read after a ping, come through ``receive``: every message once, in order."""
     app = _LoggingApp(most=3)
-    async with _raw_client(await serve_raw(nursery, app)) as client:
+    async with raw_client(await serve_raw(nursery, app)) as client:
         sent = ["a1", "a2", "q1", "a3", "a4"]
         await client.burst(*sent)
         await trio.sleep(0.2)  # the app is done with what it was given, and waits again
@@ -166,7 +107,7 @@ async def test_the_reader_stops_after_most_bytes_of_a_read(nursery: trio.Nursery
     """Messages of a read go to the handler until they add up to ``most_bytes``: the one
     that crosses it still does, the rest of the read goes through ``receive``."""
     app = _LoggingApp(most_bytes=10)
-    async with _raw_client(await serve_raw(nursery, app)) as client:
+    async with raw_client(await serve_raw(nursery, app)) as client:
         await client.burst("aaaaaa", "bbbbbb", "cc", "dd")
         await trio.sleep(0.2)
         await client.burst("e" * 20, "ff")  # over at once
@@ -181,7 +122,7 @@ async def test_a_failing_handler_raises_in_the_app_s_receive(nursery: trio.Nurse
     """The handler's exception reaches the app's task, as if the app had handled the
     message itself; from then on every message goes through ``receive``."""
     app = _LoggingApp()
-    async with _raw_client(await serve_raw(nursery, app)) as client:
+    async with raw_client(await serve_raw(nursery, app)) as client:
         await client.burst("x1", "boom", "x2")
         assert await client.messages(1) == ["failed:the handler failed"]
         await client.burst("x3", "report")
@@ -206,7 +147,7 @@ async def test_done_runs_once_after_a_read_s_inline_run_and_its_failure_reaches_
             raise ValueError("done failed")
 
     app.done = done
-    async with _raw_client(await serve_raw(nursery, app)) as client:
+    async with raw_client(await serve_raw(nursery, app)) as client:
         await client.burst("x1", "x2")
         await trio.sleep(0.2)
         await client.burst("y1", "q1", "y2")  # done before the declined one is queued
@@ -250,7 +191,7 @@ async def test_writes_the_socket_cannot_take_go_down_hypercorn_s_path_intact(
             await sock.send("done")
             await sock.receive()
 
-    async with _raw_client(await serve_raw(nursery, app)) as client:
+    async with raw_client(await serve_raw(nursery, app)) as client:
         await client.burst("hello")
         assert await client.messages(1) == ["hello"]
         assert writes and writes[0][0] == writes[0][1]  # the small one went straight out
@@ -279,7 +220,7 @@ async def test_a_node_session_failing_in_the_reader_ends_that_connection_only(
     info = await serve_node(nursery)
     async with open_websocket_url(ws_url(info.url, "bystander")) as other:
         await recv(other)  # connected
-        async with _raw_client(ws_url(info.url, "victim")) as victim:
+        async with raw_client(ws_url(info.url, "victim")) as victim:
             await victim.messages(1)  # connected
             await victim.burst('{"action":"ping","ref":"before"}')
             assert '"ref":"before"' in str(await victim.messages(1))
@@ -330,7 +271,7 @@ async def test_a_cancelled_sender_writes_nothing_and_a_write_begun_is_finished(
             await sock.send("after")
             await sock.receive()
 
-    async with _raw_client(await serve_raw(nursery, app)) as client:
+    async with raw_client(await serve_raw(nursery, app)) as client:
         await client.burst("go")
         assert await client.messages(3) == ["x" * 100_000, "y" * 1000, "after"]
     assert outcomes[0] == "nothing written"
@@ -412,7 +353,7 @@ async def test_a_direct_write_the_socket_takes_part_of_is_finished_before_anythi
     monkeypatch.setattr(mux.app._Writer, "_write", slow_rest)
     info = await serve_node(nursery)
     body = "x" * 12_000
-    async with open_websocket_url(ws_url(info.url, "pw-tx")) as tx, _raw_client(ws_url(info.url, "pw-rx")) as rx:
+    async with open_websocket_url(ws_url(info.url, "pw-tx")) as tx, raw_client(ws_url(info.url, "pw-rx")) as rx:
         await recv(tx)
         await rx.messages(1)  # connected
         await send(tx, action="open", target="pw-rx", intent="stream", ref="o")
@@ -460,7 +401,7 @@ async def test_a_call_frame_behind_a_bulk_frame_in_one_read_is_written_first(nur
     and, by urgency, writes the call's frame first."""
     info = await serve_node(nursery)
     async with (
-        _raw_client(ws_url(info.url, "hol-caller")) as caller,
+        raw_client(ws_url(info.url, "hol-caller")) as caller,
         open_websocket_url(ws_url(info.url, "hol-callee")) as callee,
     ):
         await caller.messages(1)  # connected

@@ -10,10 +10,23 @@ from typing import Any
 import orjson
 import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Message, Pong, Request
+from wsproto.frame_protocol import FrameProtocol
 
 from mux.wire import unpack_binary
 
-__all__ = ["masked_frame", "open_cuttable_ws", "recv", "recv_until", "send", "serve_raw", "ws_url"]
+__all__ = [
+    "RawClient",
+    "masked_frame",
+    "open_cuttable_ws",
+    "raw_client",
+    "recv",
+    "recv_until",
+    "send",
+    "serve_raw",
+    "ws_url",
+]
 
 
 def ws_url(base: str, agent: str) -> str:
@@ -66,9 +79,12 @@ async def open_cuttable_ws(url: str) -> AsyncIterator[tuple[WebSocketConnection,
         await trio.aclose_forcefully(stream)
 
 
-async def serve_raw(nursery: trio.Nursery, ws_app: Any, *, max_message_size: int | None = None) -> str:
+async def serve_raw(
+    nursery: trio.Nursery, ws_app: Any, *, max_message_size: int | None = None, read_timeout: int | None = None
+) -> str:
     """Serve the raw ASGI WebSocket app ``ws_app`` on Hypercorn (lifespan answered here);
-    return its ``ws://`` URL. ``max_message_size``: Hypercorn's ``websocket_max_message_size``."""
+    return its ``ws://`` URL. ``max_message_size``: Hypercorn's ``websocket_max_message_size``;
+    ``read_timeout``: its ``read_timeout``."""
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
@@ -84,6 +100,7 @@ async def serve_raw(nursery: trio.Nursery, ws_app: Any, *, max_message_size: int
     cfg.bind = ["127.0.0.1:0"]
     if max_message_size is not None:
         cfg.websocket_max_message_size = max_message_size
+    cfg.read_timeout = read_timeout
     urls = await nursery.start(lambda task_status: hypercorn_serve(app, cfg, task_status=task_status))
     return str(urls[0]).replace("http", "ws", 1) + "/"
 
@@ -96,3 +113,58 @@ def masked_frame(first: int, payload: bytes) -> bytes:
     n = len(payload)
     size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
     return bytes([first]) + size + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+class RawClient:
+    """A WebSocket client on a plain TCP stream that writes whole bursts in one ``send``."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.frames = FrameProtocol(client=True, extensions=[])
+        self.parts: list[Any] = []
+        self.pongs = 0
+
+    async def burst(self, *messages: str | bytes | None) -> None:
+        """All of ``messages`` in one write (so one read on the server, on loopback); None
+        is a ping."""
+        frames = (self.frames.ping(b"p") if m is None else self.frames.send_data(m) for m in messages)
+        await self.stream.send_all(b"".join(bytes(f) for f in frames))
+
+    async def messages(self, n: int) -> list[str | bytes]:
+        """The next ``n`` whole messages."""
+        got: list[str | bytes] = []
+        with trio.fail_after(10):
+            while len(got) < n:
+                for event in self.ws.events():
+                    if isinstance(event, Pong):
+                        self.pongs += 1
+                    elif isinstance(event, Message):
+                        self.parts.append(event.data)
+                        if event.message_finished:
+                            whole = self.parts
+                            self.parts = []
+                            got.append("".join(whole) if isinstance(whole[0], str) else b"".join(whole))
+                if len(got) < n:
+                    chunk = await self.stream.receive_some(1 << 16)
+                    assert chunk, "the server closed the connection"
+                    self.ws.receive_data(chunk)
+        return got
+
+
+@asynccontextmanager
+async def raw_client(url: str) -> AsyncIterator[RawClient]:
+    """A :class:`RawClient` connected (handshake done) to ``url``."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    client = RawClient(stream)
+    try:
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        await stream.send_all(client.ws.send(Request(host=parts.netloc, target=target)))
+        with trio.fail_after(5):
+            while not any(isinstance(e, AcceptConnection) for e in client.ws.events()):
+                client.ws.receive_data(await stream.receive_some(1 << 16))
+        yield client
+    finally:
+        await stream.aclose()
