@@ -644,6 +644,7 @@ class _LeanRead:
         in_a_row = 0
         try:
             while self._passing_through():
+                await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: no more reads, as trio's
                 try:
                     data = raw.recv(size)
                 except BlockingIOError:

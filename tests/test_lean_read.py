@@ -10,13 +10,15 @@ import contextlib
 import socket
 import threading
 import time
+import types
 import urllib.parse
 from typing import Any
 
+import h11
 import pytest
 import trio
 from hypercorn.events import RawData
-from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.frame_protocol import FrameProtocol
@@ -167,3 +169,62 @@ async def test_a_connection_whose_reads_never_wait_lets_others_run(
     assert log[:where] == [m[:1] for m in flood[:where]]  # the flood in order around it
     assert where < len(flood) // 2, f"handled after {where} of the flood's {len(flood)} messages"
     nursery.cancel_scope.cancel()
+
+
+class _Stream:
+    """What the lean reader uses of Hypercorn's WebSocket stream: it records each read."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.stream_id = 1
+        self.reads: list[bytes] = []
+        self.arrived = trio.Event()
+
+    async def handle(self, event: Any) -> None:
+        self.reads.append(bytes(event.data))
+        self.arrived.set()
+
+
+def _lean_pair() -> tuple[socket.socket, trio.SocketStream, _Stream, _LeanRead]:
+    """A socket pair: the client's end, and the server's with a lean reader installed on it."""
+    client, server = socket.socketpair()
+    sock = trio.SocketStream(trio.socket.from_stdlib_socket(server))
+    stream = _Stream()
+    proto = types.SimpleNamespace(stream=stream, connection=H11WSConnection(h11.Connection(h11.SERVER)))
+    lean = _LeanRead(sock, proto, stream)  # type: ignore[arg-type]
+    sock.receive_some = lean  # type: ignore[method-assign]
+    return client, sock, stream, lean
+
+
+async def test_the_lean_reader_reads_until_the_end_and_stops_when_cancelled() -> None:
+    """One call reads and hands on everything up to the peer's end, which it returns (b"")
+    with the lean reader gone; a cancelled reader reads nothing more, as trio's own would
+    not, and leaves the socket to trio."""
+    client, sock, stream, _ = _lean_pair()
+    ended: list[bytes] = []
+
+    async def read() -> None:
+        ended.append(await sock.receive_some(1024))
+
+    with client, trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            for part in (b"one", b"two"):
+                client.sendall(part)
+                await stream.arrived.wait()
+                stream.arrived = trio.Event()
+            client.shutdown(socket.SHUT_WR)
+    assert (stream.reads, ended) == ([b"one", b"two"], [b""])
+    assert "receive_some" not in sock.__dict__
+    await sock.aclose()
+
+    client, sock, stream, _ = _lean_pair()
+    with client:
+        client.sendall(b"never")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await sock.receive_some(1024)
+        assert stream.reads == []
+        assert "receive_some" not in sock.__dict__
+        assert await sock.receive_some(1024) == b"never"  # trio's own
+    await sock.aclose()
