@@ -1,8 +1,9 @@
 """Once a plain-TCP WebSocket is open, ``AsgiSocket`` reads its socket itself
 (``mux.sockets._LeanRead``) and hands each read straight to the stream, past Hypercorn's
 read loop and trio's socket wrappers: on a real Hypercorn server, the HTTP/1.1 protocol sees
-only the handshake, every message and ping is answered as before, a read timeout keeps
-Hypercorn's own loop, and a connection whose reads never wait still lets the others run."""
+no more than the handshake, every message and ping is answered as before, a read timeout
+keeps Hypercorn's own loop, and a connection whose reads never wait still lets the others
+run; on a socket pair, it reads to the end and stops when cancelled, as trio's own."""
 
 from __future__ import annotations
 
@@ -35,11 +36,13 @@ class _Echo:
     def __init__(self, fast: bool = True) -> None:
         self.fast = fast
         self.lean: list[bool] = []
+        self.sockets: list[trio.SocketStream] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send_: Any) -> None:
         sock = AsgiSocket(scope, receive, send_, fast_receive=self.fast)
         await sock.accept(None)
         assert sock._tcp is not None
+        self.sockets.append(sock._tcp[1])
         with contextlib.suppress(Disconnected):
             while True:
                 message = await sock.receive()
@@ -81,6 +84,8 @@ async def test_once_open_reads_go_straight_to_the_stream(
         await client.stream.send_all(whole[1000:])
         got += await client.messages(1)
         pongs = client.pongs
+    await trio.sleep(0.2)  # the server meets the end of the stream
+    assert [s.__dict__.get("receive_some") for s in app.sockets] == [None]
     assert got == [m for i in range(10) for m in (f"a{i}", f"b{i}" * 50)] + [b"x" * 3000]
     assert pongs == 10
     assert app.lean == [fast] * 21
