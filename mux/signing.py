@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 KEY_FILE = "node.key"
+_crypto_sign = nacl.bindings.crypto_sign
 
 
 @attrs.frozen
@@ -39,6 +41,13 @@ class NodeKey:
     """A node's Ed25519 signing key (PyNaCl)."""
 
     signing_key: nacl.signing.SigningKey
+    _secret: bytes = attrs.field(init=False, repr=False, eq=False)
+    """libsodium's 64-byte secret key for ``signing_key`` (signing through the binding skips
+    PyNaCl's ``SignedMessage`` and encoders: about 3 to 5 us of each frame's 30 to 40 us)."""
+
+    @_secret.default
+    def _secret_key(self) -> bytes:
+        return nacl.bindings.crypto_sign_seed_keypair(bytes(self.signing_key))[1]
 
     @classmethod
     def generate(cls) -> NodeKey:
@@ -66,7 +75,7 @@ class NodeKey:
 
     def sign(self, digest: bytes) -> str:
         """Hex Ed25519 signature over ``digest`` (a frame's 32-byte ``tbz_hash``)."""
-        return self.signing_key.sign(digest).signature.hex()
+        return _crypto_sign(digest, self._secret)[:64].hex()
 
 
 def load_public_key(key: str | bytes | nacl.signing.VerifyKey) -> nacl.signing.VerifyKey:

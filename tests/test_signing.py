@@ -179,3 +179,14 @@ def test_cli_verify(chain: tuple[list[dict[str, Any]], str], tmp_path: Path) -> 
     junk.write_text("{not json\n")
     r = _cli("verify", str(junk), "--key", key)
     assert r.returncode == 2 and "line 1" in r.stderr
+
+
+def test_the_node_key_signs_as_pynacl_and_verifies(tmp_path: Path) -> None:
+    """``NodeKey.sign`` (through libsodium's binding) gives PyNaCl's own Ed25519 signature,
+    which the public key verifies, for a fresh key and one loaded from its file."""
+    for key in (NodeKey.generate(), NodeKey.load_or_create(tmp_path), NodeKey.load_or_create(tmp_path)):
+        for i in range(8):
+            digest = hashlib.sha256(b"frame %d" % i).digest()
+            sig = key.sign(digest)
+            assert sig == key.signing_key.sign(digest).signature.hex()
+            key.signing_key.verify_key.verify(digest, bytes.fromhex(sig))
