@@ -725,6 +725,8 @@ class Mux:
             holder = end.holder
             if holder is not None:
                 holder._held.pop(state.id, None)
+                if not holder._held:  # a dict keeps the table it grew to: start small again
+                    holder._held = {}
             if not self._undelivered(state, end.agent):
                 end.shut()
                 end.holder = None  # a closed channel kept for lookups holds no connection
@@ -868,6 +870,8 @@ class Endpoint:
             if state.durable and handle.local == state.target:
                 handle._end.detach()
                 del self._held[state.id]
+                if not self._held:
+                    self._held = {}
             else:
                 self.mux._close_nowait(state, reason, by=self.agent)
 

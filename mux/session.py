@@ -459,6 +459,8 @@ class _ChannelSink:
         session = self.session
         if session._sinks.get(self.key) is self:
             del session._sinks[self.key]
+            if not session._sinks:  # a dict keeps the table it grew to: start small again
+                session._sinks = {}
             if session._realtime is not None:
                 session._realtime.discard(self.key)
                 if not session._realtime:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 
 import orjson
@@ -56,6 +57,33 @@ async def test_a_closed_channel_is_freed_while_its_connections_stay(node: mux.Mu
         assert node.channels(agent="bob", include_closed=True) == []
         gc.collect()
         assert ref() is None  # both sessions are still open
+        connections.cancel_scope.cancel()
+
+
+async def test_a_connection_that_held_many_channels_shrinks_back(node: mux.Mux) -> None:
+    """Once a connection's 25 channels have closed, its session's and both endpoints' maps
+    of held channels are as small as an empty dict again (a dict otherwise keeps the table
+    it grew to: about 1 KiB per connection and agent that once held many channels)."""
+    async with trio.open_nursery() as connections:
+        alice, bob = (WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "bob"))
+        await connections.start(alice.run)
+        await connections.start(bob.run)
+        for _ in range(25):
+            alice.handle('{"action":"open","target":"bob"}')
+        await trio.sleep(0.1)
+        held = node.channels(agent="bob")
+        assert len(held) == 25
+        grown = [sys.getsizeof(d) for d in (alice._sinks, bob._sinks, alice.endpoint._held, bob.endpoint._held)]
+        assert min(grown) > sys.getsizeof({})
+        for info in held:
+            alice.handle(orjson.dumps({"action": "close", "channel_id": info["channel_id"]}).decode())
+        await trio.sleep(0.1)
+        assert node.channels(agent="bob") == []
+        for d in (alice._sinks, bob._sinks, alice.endpoint._held, bob.endpoint._held):
+            assert (len(d), sys.getsizeof(d)) == (0, sys.getsizeof({}))
+        alice.handle('{"action":"open","target":"bob"}')  # and they work as before
+        await trio.sleep(0.05)
+        assert len(node.channels(agent="bob")) == 1 == len(alice._sinks) == len(bob.endpoint._held)
         connections.cancel_scope.cancel()
 
 
