@@ -426,15 +426,24 @@ _INLINE_FAILED = "mux.inline_failed"
 """Queued for the app when its inline handler raised (``AsgiSocket.inline_failure``)."""
 
 
-def _plain_tcp(stream: _WSStream) -> tuple[trio.Lock, trio.SocketStream] | None:
-    """Hypercorn's send lock and plain TCP stream under ``stream`` when the stream's bytes
-    go onto that socket as they are (HTTP/1.1, no TLS), else None."""
+def _h11_on_tcp(stream: _WSStream) -> tuple[_H11Protocol, _TCPServer] | None:
+    """Hypercorn's HTTP/1.1 protocol and TCP server under ``stream`` when its bytes go onto
+    a plain TCP socket as they are (HTTP/1.1, no TLS), else None."""
     proto = getattr(stream.send, "__self__", None)
     if not isinstance(proto, _H11Protocol):
         return None
     tcp = getattr(proto.send, "__self__", None)
     if not isinstance(tcp, _TCPServer) or not isinstance(tcp.stream, trio.SocketStream):
         return None
+    return proto, tcp
+
+
+def _plain_tcp(stream: _WSStream) -> tuple[trio.Lock, trio.SocketStream] | None:
+    """Hypercorn's send lock and plain TCP stream under ``stream`` (see :func:`_h11_on_tcp`)."""
+    under = _h11_on_tcp(stream)
+    if under is None:
+        return None
+    tcp: Any = under[1]  # its stream is typed as TLS; _h11_on_tcp checked it is plain
     return tcp.send_lock, tcp.stream
 
 
@@ -619,12 +628,11 @@ class _LeanRead:
     def install(cls, stream: _WSStream) -> None:
         """Read ``stream``'s connection this way when it is HTTP/1.1 on plain TCP with no
         read timeout; else leave it to Hypercorn."""
-        proto = getattr(stream.send, "__self__", None)
-        tcp = getattr(getattr(proto, "send", None), "__self__", None)
-        if isinstance(proto, _H11Protocol) and isinstance(tcp, _TCPServer) and not tcp.config.read_timeout:
+        under = _h11_on_tcp(stream)
+        if under is not None and not under[1].config.read_timeout:
+            proto, tcp = under
             sock: Any = tcp.stream
-            if type(sock) is trio.SocketStream:
-                sock.receive_some = cls(sock, proto, stream)  # type: ignore[method-assign]
+            sock.receive_some = cls(sock, proto, stream)
 
     def _passing_through(self) -> bool:
         """True while Hypercorn would hand every read, as it is, to this stream's ``handle``."""
