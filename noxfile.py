@@ -1,10 +1,15 @@
-"""nox sessions: tests, lint (ruff), typecheck (mypy), bench (prints numbers)."""
+"""nox sessions: tests, lowest (the tests on the oldest dependencies allowed), lint (ruff),
+typecheck (mypy), bench (prints numbers)."""
 
 from __future__ import annotations
 
+import re
+import tomllib
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "lowest"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -17,6 +22,29 @@ def _python() -> str | None:
 def tests(session: nox.Session) -> None:
     """Install the package with test extras and run the whole test suite."""
     session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+PYPROJECT = Path(__file__).with_name("pyproject.toml")
+
+
+def lowest_pins(pyproject: Path = PYPROJECT) -> list[str]:
+    """``name==X`` for every run-time dependency declared ``name>=X`` in ``pyproject.toml``."""
+    declared = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    pins = []
+    for requirement in declared:
+        found = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)", requirement)
+        if found is None:
+            raise ValueError(f"dependency without a lower bound: {requirement!r}")
+        pins.append(f"{found[1]}=={found[2]}")
+    return pins
+
+
+@nox.session(python=_python())
+def lowest(session: nox.Session) -> None:
+    """The whole suite with every run-time dependency at the lowest version pyproject.toml
+    allows (test tools at their newest): the declared lower bounds are ones that work."""
+    session.install("-e", ".[test]", *lowest_pins())
     session.run("pytest", *session.posargs)
 
 
