@@ -5,7 +5,9 @@ Sections (default: all but ``profile``, in this order): ``core`` (library, no ne
 under a bulk flood on the same connection), ``memory`` (10,000 channels over 2,000
 connections), ``transfer`` (tunnel and file transfer MB/s next to a direct TCP copy),
 ``durable`` (acks after a SQLite commit), and, only when named, ``profile`` (where the
-node's CPU goes per relayed frame, by layer, next to the echo's; needs py-spy).
+node's CPU goes per relayed frame, by layer, next to the echo's; needs py-spy) and
+``instructions`` (instructions per relayed send through the protocol logic, counted by
+valgrind: repeatable where timings are not).
 Each server section starts its own node subprocess. Progress goes to stderr while the
 sections run; the table of every number is printed at the end, after a header naming the
 machine. A section that fails prints its error in the table (and its traceback on stderr);
@@ -21,7 +23,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from . import core, durable, latency, memory, profile, server, transfer
+from . import core, durable, instructions, latency, memory, profile, server, transfer
 
 __all__ = ["SECTIONS", "main"]
 
@@ -33,11 +35,13 @@ SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "transfer": transfer.run,
     "durable": durable.run,
     "profile": profile.run,
+    "instructions": instructions.run,
 }
 """Section name -> function returning (label, value) rows."""
 
 DEFAULT = ["core", "server", "voice", "memory", "transfer", "durable"]
-"""What runs without arguments: ``profile`` (sampling slows the node) runs when named."""
+"""What runs without arguments: ``profile`` (sampling slows the node) and ``instructions``
+(valgrind runs the code some 50 times slower) run when named."""
 
 _WIDTH = 90
 
