@@ -33,7 +33,11 @@ HTTP/1.1 protocol only passes bytes through, :class:`_LeanRead` takes the place 
 Hypercorn's read loop (its timeout scope and events, the protocol's pass-through) and trio's
 socket wrappers (a checkpoint before and a scheduler pass after every read that found data);
 it lets other tasks run every ``LEAN_READS_PER_YIELD`` reads that did not wait, and hands
-the end of the stream, errors and every read once the stream closes back to Hypercorn.
+the end of the stream, errors and every read once the stream closes back to Hypercorn. Over
+TLS (trio's ``SSLStream``), :class:`_LeanTLSRead` does the same with the connection's own
+SSLObject: the socket's bytes go into its incoming BIO and what it decrypts to ``handle``;
+anything but plain reading (the transport's end, a TLS error or close, the TLS layer having
+something to send) goes on in trio's ``receive_some``, on the same SSLObject.
 
 Handling in the reader: :meth:`AsgiSocket.handle_inline` gives the fast path a plain
 function for messages. While the app's task waits in :meth:`~AsgiSocket.receive` with
@@ -44,11 +48,13 @@ it declines (False), and every message while the app's task is busy, is queued a
 so the app sees every message once and in order. An exception in the function is raised
 by the app's next ``receive``, as if the app had handled that message itself.
 
-Writing straight to the socket: on HTTP/1.1 over plain TCP (loopback, or TLS ended in front
-of the node), while Hypercorn is not writing itself, :meth:`AsgiSocket.send_many` puts its
-bytes on the socket with one non-blocking ``write``; what does not fit, and every write over
-TLS or HTTP/2, goes down Hypercorn's own path (its lock, its shielded ``send_all``), which
-waits for the socket and meets a broken connection as it always does.
+Writing straight to the socket: on HTTP/1.1, while Hypercorn is not writing itself,
+:meth:`AsgiSocket.send_many` puts its bytes on the socket with one non-blocking ``write``
+(:class:`_PlainWire`); over TLS it first encrypts them with the connection's own SSLObject,
+while trio is not writing either, so the records stay in order (:class:`_TLSWire`). What
+does not fit goes on under Hypercorn's lock, waiting for the socket, before anything else
+(plain bytes down Hypercorn's own path, ciphertext as it is); every write over HTTP/2 goes
+down Hypercorn's path, which meets a broken connection as it always does.
 
 Writing without waiting: :meth:`AsgiSocket.send_now` is that one write from code that cannot
 wait (the node's reader, at the end of its turn: ``mux.outbox.WriteThrough``), when
@@ -62,11 +68,13 @@ from __future__ import annotations
 import math
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import parse_qsl
 
 import trio
+from hypercorn.events import Closed as _Closed
 from hypercorn.protocol.events import Data as _HypercornData
 from hypercorn.protocol.h11 import H11Protocol as _H11Protocol
 from hypercorn.protocol.h11 import H11WSConnection as _H11WSConnection
@@ -244,8 +252,8 @@ class AsgiSocket:
         stream = getattr(send, "__self__", None)
         self._stream = stream if isinstance(stream, _WSStream) else None
         """Hypercorn's stream behind ``send`` (for :meth:`send_many`), else None."""
-        self._tcp = _plain_tcp(self._stream) if self._stream is not None else None
-        """Hypercorn's send lock and socket when the stream is HTTP/1.1 on plain TCP (direct writes)."""
+        self._wire = _wire_under(self._stream) if self._stream is not None else None
+        """Direct writes when the stream is HTTP/1.1 on plain TCP or on TLS."""
         self.inline: InlineHandler | None = None
         """Set by :meth:`handle_inline`."""
         self.inline_most = INLINE_MOST
@@ -313,29 +321,30 @@ class AsgiSocket:
                 )
             except LocalProtocolError:  # the connection is closing: as Hypercorn's own send does
                 return
-        tcp = self._tcp
-        if tcp is not None and not tcp[0].locked():
+        wire = self._wire
+        if wire is not None and wire.ready():
             await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: nothing is written (as trio's send)
-            sent = _write_some(tcp[1], data)
-            if sent == len(data):
+            rest = wire.write(data)
+            if not rest and not wire.broken:
                 await trio.lowlevel.cancel_shielded_checkpoint()  # others' turn; written is written
                 return
-            if sent:  # the rest of a frame already begun must follow it, cancelled or not
-                self._rest = data[sent:]
+            if rest and not (wire.plain and len(rest) == len(data)):  # begun, or encrypted:
+                self._rest = rest  # it follows, cancelled or not
                 await self.flush_rest()
                 return
+        # nothing went out (or the TLS failed): Hypercorn's path, waiting for the socket
         await stream.send(_HypercornData(stream_id=stream.stream_id, data=data))
 
     def direct_ready(self) -> bool:
-        """True on HTTP/1.1 over plain TCP while the connection is open with no extension,
-        nothing is left of an earlier :meth:`send_now` and Hypercorn is not writing."""
-        stream, tcp = self._stream, self._tcp
+        """True on HTTP/1.1 over plain TCP or TLS while the connection is open with no
+        extension, nothing is left of an earlier :meth:`send_now` and nobody else writes."""
+        stream, wire = self._stream, self._wire
         return (
-            tcp is not None
+            wire is not None
             and stream is not None
             and not self.closed
             and not self._rest
-            and not tcp[0].locked()
+            and wire.ready()
             and not stream.closed
             and stream.state == _WSState.CONNECTED
             and _plain(stream.connection)
@@ -346,22 +355,17 @@ class AsgiSocket:
         the socket took it all. Else what it did not take is kept: :meth:`send_many`,
         :meth:`close` and the reader (before it lets Hypercorn write a pong) write it first,
         so no other bytes get into a frame begun."""
-        assert self._tcp is not None
-        data = server_frames(messages)
-        sent = _write_some(self._tcp[1], data)
-        if sent == len(data):
-            return True
-        self._rest = data[sent:]
-        return False
+        assert self._wire is not None
+        self._rest = self._wire.write(server_frames(messages))
+        return not self._rest
 
     async def flush_rest(self) -> None:
-        """Write what :meth:`send_now` left, through Hypercorn (its lock, waiting for the
-        socket), shielded: a frame begun is never left half sent."""
+        """Write what a direct write left (under Hypercorn's lock, waiting for the socket),
+        shielded: a frame begun is never left half sent."""
         rest, self._rest = self._rest, b""
-        stream = self._stream
-        if rest and stream is not None and not stream.closed:
+        if rest and self._wire is not None:
             with trio.CancelScope(shield=True):
-                await stream.send(_HypercornData(stream_id=stream.stream_id, data=rest))
+                await self._wire.write_rest(rest)
 
     async def receive(self) -> str | bytes:
         """The next message; :class:`Disconnected` once the peer went away."""
@@ -426,25 +430,121 @@ _INLINE_FAILED = "mux.inline_failed"
 """Queued for the app when its inline handler raised (``AsgiSocket.inline_failure``)."""
 
 
-def _h11_on_tcp(stream: _WSStream) -> tuple[_H11Protocol, _TCPServer] | None:
-    """Hypercorn's HTTP/1.1 protocol and TCP server under ``stream`` when its bytes go onto
-    a plain TCP socket as they are (HTTP/1.1, no TLS), else None."""
+def _h11_under(stream: _WSStream) -> tuple[_H11Protocol, _TCPServer] | None:
+    """Hypercorn's HTTP/1.1 protocol and TCP server under ``stream``, else None (HTTP/2)."""
     proto = getattr(stream.send, "__self__", None)
     if not isinstance(proto, _H11Protocol):
         return None
     tcp = getattr(proto.send, "__self__", None)
-    if not isinstance(tcp, _TCPServer) or not isinstance(tcp.stream, trio.SocketStream):
-        return None
-    return proto, tcp
+    return (proto, tcp) if isinstance(tcp, _TCPServer) else None
 
 
-def _plain_tcp(stream: _WSStream) -> tuple[trio.Lock, trio.SocketStream] | None:
-    """Hypercorn's send lock and plain TCP stream under ``stream`` (see :func:`_h11_on_tcp`)."""
-    under = _h11_on_tcp(stream)
+def _tls_known(tls: Any) -> bool:
+    """True when ``tls`` is trio's ``SSLStream`` over a plain socket, as this module knows it:
+    its SSLObject, memory BIOs, inner send lock, state and delayed handshake bytes."""
+    return (
+        isinstance(tls, trio.SSLStream)
+        and isinstance(tls.transport_stream, trio.SocketStream)
+        and isinstance(getattr(tls, "_ssl_object", None), ssl.SSLObject)
+        and isinstance(getattr(tls, "_incoming", None), ssl.MemoryBIO)
+        and isinstance(getattr(tls, "_outgoing", None), ssl.MemoryBIO)
+        and isinstance(getattr(tls, "_inner_send_lock", None), trio.StrictFIFOLock)
+        and hasattr(getattr(tls, "_state", None), "name")
+        and hasattr(tls, "_delayed_outgoing")
+    )
+
+
+class _PlainWire:
+    """Direct writes onto the plain TCP socket under a Hypercorn HTTP/1.1 connection."""
+
+    __slots__ = ("lock", "sock", "stream")
+    plain = True
+    """What :meth:`write` leaves is the data's own tail (nothing is begun when it is all)."""
+    broken = False
+
+    def __init__(self, tcp: Any, stream: _WSStream) -> None:
+        self.lock: trio.Lock = tcp.send_lock
+        self.sock: trio.SocketStream = tcp.stream
+        self.stream = stream
+
+    def ready(self) -> bool:
+        """True while Hypercorn is not writing."""
+        return not self.lock.locked()
+
+    def write(self, data: bytes) -> bytes:
+        """Put ``data`` on the socket without waiting; what it did not take."""
+        return data[_write_some(self.sock, data) :]
+
+    async def write_rest(self, rest: bytes) -> None:
+        """Write ``rest`` (of :meth:`write`) through Hypercorn: its lock, waiting for room."""
+        stream = self.stream
+        if not stream.closed:
+            await stream.send(_HypercornData(stream_id=stream.stream_id, data=rest))
+
+
+class _TLSWire:
+    """Direct writes through the TLS under a Hypercorn HTTP/1.1 connection (trio's
+    ``SSLStream``): the connection's own SSLObject encrypts, so its records stay in order,
+    and the ciphertext goes onto the socket with one non-blocking write. Ready only while
+    neither Hypercorn nor trio is writing (trio takes its ciphertext out of the BIO and its
+    send lock in one step) and nothing of the handshake waits to be sent."""
+
+    __slots__ = ("broken", "tcp", "tls")
+    plain = False
+    """What :meth:`write` leaves is ciphertext: it must follow, as it is."""
+
+    def __init__(self, tcp: Any) -> None:
+        self.tcp = tcp
+        self.tls: Any = tcp.stream
+        self.broken = False
+
+    def ready(self) -> bool:
+        """True while the TLS is open and nobody else writes."""
+        tls = self.tls
+        return (
+            not self.broken
+            and not self.tcp.send_lock.locked()
+            and not tls._inner_send_lock.locked()
+            and tls._delayed_outgoing is None
+            and tls._state.name == "OK"
+        )
+
+    def write(self, data: bytes) -> bytes:
+        """Encrypt ``data`` and put it on the socket without waiting; the ciphertext it did
+        not take. When the TLS fails, nothing (and ``broken``: Hypercorn's path, which the
+        caller takes then, meets the failure and closes)."""
+        tls = self.tls
+        try:
+            tls._ssl_object.write(data)
+        except ssl.SSLError:
+            self.broken = True
+            return b""
+        wire: bytes = tls._outgoing.read()
+        return wire[_write_some(tls.transport_stream, wire) :]
+
+    async def write_rest(self, rest: bytes) -> None:
+        """Write ciphertext ``rest`` (of :meth:`write`) as it is, under Hypercorn's and
+        trio's send locks, waiting for room; a broken socket closes as Hypercorn's does."""
+        tcp, tls = self.tcp, self.tls
+        async with tcp.send_lock, tls._inner_send_lock:
+            try:
+                await tls.transport_stream.send_all(rest)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.broken = True
+                await tcp.protocol.handle(_Closed())
+
+
+def _wire_under(stream: _WSStream) -> _PlainWire | _TLSWire | None:
+    """How to write straight onto ``stream``'s connection: HTTP/1.1 on plain TCP or on TLS."""
+    under = _h11_under(stream)
     if under is None:
         return None
-    tcp: Any = under[1]  # its stream is typed as TLS; _h11_on_tcp checked it is plain
-    return tcp.send_lock, tcp.stream
+    tcp = under[1]
+    if isinstance(tcp.stream, trio.SocketStream):
+        return _PlainWire(tcp, stream)
+    if _tls_known(tcp.stream):
+        return _TLSWire(tcp)
+    return None
 
 
 def _write_some(stream: trio.SocketStream, data: bytes) -> int:
@@ -621,18 +721,22 @@ class _LeanRead:
     def __init__(self, sock: trio.SocketStream, proto: _H11Protocol, stream: _WSStream) -> None:
         self._proto = proto
         self._stream = stream
-        self._socket = sock
+        self._socket: Any = sock
         self._raw: socket.socket = sock.socket._sock  # type: ignore[attr-defined]
 
-    @classmethod
-    def install(cls, stream: _WSStream) -> None:
-        """Read ``stream``'s connection this way when it is HTTP/1.1 on plain TCP with no
-        read timeout; else leave it to Hypercorn."""
-        under = _h11_on_tcp(stream)
-        if under is not None and not under[1].config.read_timeout:
-            proto, tcp = under
-            sock: Any = tcp.stream
-            sock.receive_some = cls(sock, proto, stream)
+    @staticmethod
+    def install(stream: _WSStream) -> None:
+        """Read ``stream``'s connection this way when it is HTTP/1.1 on plain TCP or TLS (then
+        :class:`_LeanTLSRead`) with no read timeout; else leave it to Hypercorn."""
+        under = _h11_under(stream)
+        if under is None or under[1].config.read_timeout:
+            return
+        proto, tcp = under
+        sock: Any = tcp.stream
+        if isinstance(sock, trio.SocketStream):
+            sock.receive_some = _LeanRead(sock, proto, stream)  # type: ignore[method-assign]
+        elif _tls_known(sock):
+            sock.receive_some = _LeanTLSRead(sock, proto, stream)
 
     def _passing_through(self) -> bool:
         """True while Hypercorn would hand every read, as it is, to this stream's ``handle``."""
@@ -645,6 +749,21 @@ class _LeanRead:
             and not stream.closed
         )
 
+    def _read(self, size: int) -> bytes | None:
+        """One non-blocking read: its bytes (b"" at the end of the stream), ``_WAIT`` when
+        there is nothing yet, or None when the read is trio's to make (an error)."""
+        try:
+            return self._raw.recv(size)
+        except BlockingIOError:
+            return _WAIT
+        except OSError:
+            self._drop()
+            return None  # trio's receive_some meets it again and raises as it does
+
+    async def _stock(self, max_bytes: int | None) -> bytes:
+        """trio's own ``receive_some``."""
+        return await trio.SocketStream.receive_some(self._socket, max_bytes)
+
     async def __call__(self, max_bytes: int | None = None) -> bytes:
         size = max_bytes or _LEAN_RECV
         raw = self._raw
@@ -653,15 +772,13 @@ class _LeanRead:
         try:
             while self._passing_through():
                 await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: no more reads, as trio's
-                try:
-                    data = raw.recv(size)
-                except BlockingIOError:
+                data = self._read(size)
+                if data is _WAIT:
                     in_a_row = 0
                     await trio.lowlevel.wait_readable(raw)
                     continue
-                except OSError:
-                    self._drop()
-                    break  # trio's receive_some meets it again and raises as it does
+                if data is None:
+                    break
                 if not data:
                     self._drop()
                     return data  # the end: Hypercorn closes
@@ -675,7 +792,7 @@ class _LeanRead:
             raise
         if stream.closed:
             self._drop()
-        return await trio.SocketStream.receive_some(self._socket, max_bytes)
+        return await self._stock(max_bytes)
 
     def _drop(self) -> None:
         """Hypercorn's and trio's own reads from now on (and nothing left holding this
@@ -684,6 +801,52 @@ class _LeanRead:
 
 
 _LEAN_RECV = 2**16
+_WAIT = b"wait"
+"""What a lean read step returns when the socket has nothing yet (compared by identity)."""
+
+
+class _LeanTLSRead(_LeanRead):
+    """:class:`_LeanRead` over TLS, in place of trio's ``SSLStream.receive_some``: the
+    socket's bytes go into the stream's own SSLObject (its incoming BIO) and what it decrypts
+    straight to the WebSocket stream's ``handle``. Whatever is not plain reading goes to
+    trio's ``receive_some`` on the same SSLObject, which goes on from where this left off: the
+    transport's end, a TLS error, a close, or the TLS layer having something to send (a key
+    update: trio sends it)."""
+
+    def __init__(self, sock: trio.SSLStream[Any], proto: _H11Protocol, stream: _WSStream) -> None:
+        self._proto = proto
+        self._stream = stream
+        self._socket = sock
+        self._raw = sock.transport_stream.socket._sock
+
+    def _read(self, size: int) -> bytes | None:
+        """Decrypted bytes, ``_WAIT`` when the socket has nothing yet, or None: trio's turn."""
+        tls = self._socket
+        obj: ssl.SSLObject = tls._ssl_object
+        while tls._state.name == "OK":
+            try:
+                data = obj.read(size)
+            except ssl.SSLWantReadError:
+                if tls._outgoing.pending:
+                    return None  # the TLS layer has something to send
+                try:
+                    received = self._raw.recv(size)
+                except BlockingIOError:
+                    return _WAIT
+                except OSError:
+                    return None  # trio's receive_some meets it again and raises as it does
+                if not received:
+                    return None  # the transport's end: trio's receive_some says what it means
+                tls._incoming.write(received)
+                continue
+            except ssl.SSLError:
+                return None  # as trio's receive_some finds it
+            return data or None  # b"": the peer's close_notify, which trio's receive_some returns
+        return None
+
+    async def _stock(self, max_bytes: int | None) -> bytes:
+        """trio's own ``SSLStream.receive_some``, on the same SSLObject."""
+        return cast(bytes, await trio.SSLStream.receive_some(self._socket, max_bytes))  # SSLObject.read: bytes
 
 
 class FastSocketApp:

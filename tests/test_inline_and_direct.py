@@ -183,7 +183,7 @@ async def test_writes_the_socket_cannot_take_go_down_hypercorn_s_path_intact(
     async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
         sock = AsgiSocket(scope, receive, send_)
         await sock.accept(None)
-        direct.append(sock._tcp is not None)
+        direct.append(sock._wire is not None)
         with contextlib.suppress(Disconnected):
             await sock.send(await sock.receive())
             for i in range(0, len(blobs), 4):

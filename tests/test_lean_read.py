@@ -25,7 +25,7 @@ from wsproto.events import AcceptConnection, Request
 from wsproto.frame_protocol import FrameProtocol
 
 import mux.sockets
-from mux.sockets import AsgiSocket, Disconnected, _LeanRead
+from mux.sockets import AsgiSocket, Disconnected, _LeanRead, _PlainWire
 
 from .wsutil import raw_client, serve_raw
 
@@ -41,12 +41,12 @@ class _Echo:
     async def __call__(self, scope: dict[str, Any], receive: Any, send_: Any) -> None:
         sock = AsgiSocket(scope, receive, send_, fast_receive=self.fast)
         await sock.accept(None)
-        assert sock._tcp is not None
-        self.sockets.append(sock._tcp[1])
+        assert isinstance(sock._wire, _PlainWire)
+        self.sockets.append(sock._wire.sock)
         with contextlib.suppress(Disconnected):
             while True:
                 message = await sock.receive()
-                self.lean.append(isinstance(sock._tcp[1].__dict__.get("receive_some"), _LeanRead))
+                self.lean.append(isinstance(sock._wire.sock.__dict__.get("receive_some"), _LeanRead))
                 await sock.send(message)
 
 

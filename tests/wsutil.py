@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -116,9 +117,9 @@ def masked_frame(first: int, payload: bytes) -> bytes:
 
 
 class RawClient:
-    """A WebSocket client on a plain TCP stream that writes whole bursts in one ``send``."""
+    """A WebSocket client on a TCP (or TLS) stream that writes whole bursts in one ``send``."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.frames = FrameProtocol(client=True, extensions=[])
@@ -148,23 +149,25 @@ class RawClient:
                 if len(got) < n:
                     chunk = await self.stream.receive_some(1 << 16)
                     assert chunk, "the server closed the connection"
-                    self.ws.receive_data(chunk)
+                    self.ws.receive_data(bytes(chunk))
         return got
 
 
 @asynccontextmanager
-async def raw_client(url: str) -> AsyncIterator[RawClient]:
-    """A :class:`RawClient` connected (handshake done) to ``url``."""
+async def raw_client(url: str, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[RawClient]:
+    """A :class:`RawClient` connected (handshake done) to ``url``; over TLS with ``ssl_context``."""
     parts = urllib.parse.urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    if ssl_context is not None:
+        stream = trio.SSLStream(stream, ssl_context, server_hostname=parts.hostname, https_compatible=True)
     client = RawClient(stream)
     try:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         await stream.send_all(client.ws.send(Request(host=parts.netloc, target=target)))
         with trio.fail_after(5):
             while not any(isinstance(e, AcceptConnection) for e in client.ws.events()):
-                client.ws.receive_data(await stream.receive_some(1 << 16))
+                client.ws.receive_data(bytes(await stream.receive_some(1 << 16)))
         yield client
     finally:
         await stream.aclose()

@@ -17,6 +17,7 @@ import math
 import os
 import resource
 import select
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ __all__ = [
     "percentile",
     "process",
     "raise_nofile",
+    "tls_node_process",
 ]
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -57,6 +59,8 @@ class Proc:
     popen: subprocess.Popen[str]
     url: str
     stderr: IO[str]
+    ssl_context: ssl.SSLContext | None = None
+    """Trusts the node's certificate when it serves TLS (``url`` is then ``https://``)."""
 
     @property
     def pid(self) -> int:
@@ -64,7 +68,8 @@ class Proc:
         return self.popen.pid
 
     def ws(self, agent: str, **query: str) -> str:
-        """The node's WebSocket URL for ``agent`` (extra query parameters appended)."""
+        """The node's WebSocket URL for ``agent`` (extra query parameters appended; ``wss``
+        when it serves TLS)."""
         extra = "".join(f"&{k}={v}" for k, v in query.items())
         return self.url.replace("http", "ws", 1) + f"/api/mux/ws?agent={agent}{extra}"
 
@@ -159,6 +164,21 @@ def node_process(*extra: str, nofile: int | None = None, env: dict[str, str] | N
     args = [sys.executable, "-m", "mux", "serve", "--port", "0", "--memory", "--open", "--agent", "bench", *extra]
     with process(args, "listening on", env={**NODE_ENV, **(env or {})}, nofile=nofile) as proc:
         yield proc
+
+
+@contextmanager
+def tls_node_process(*extra: str) -> Iterator[Proc]:
+    """:func:`node_process` serving TLS 1.3 with a fresh self-signed certificate for
+    127.0.0.1; the :class:`Proc`'s ``ssl_context`` trusts it."""
+    from mux.tls import write_self_signed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        certfile, keyfile = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        write_self_signed(certfile, keyfile, hosts=["127.0.0.1"], days=1)
+        with node_process(*extra, "--certfile", certfile, "--keyfile", keyfile) as proc:
+            proc.url = proc.url.replace("http://", "https://", 1)
+            proc.ssl_context = ssl.create_default_context(cafile=certfile)
+            yield proc
 
 
 @attrs.define

@@ -20,6 +20,8 @@ Run: ``python -m tests.bench server`` (part of ``nox -s bench``). Prints, side b
 - (c') the library client, ``mux.client.connect``: ``CLIENT_TASKS`` tasks sending on one
   channel, without and with ``batch=True`` (concurrent sends folded into ``batch`` actions);
 - REST ``POST /send`` with 8 concurrent keep-alive clients;
+- (b''-tls): (b'') on a third node serving TLS 1.3 itself (``--certfile``; the client on
+  ``wss``), 64 in flight and one in flight, beside plain (b'');
 - the node's CPU per relayed frame of (b), (b'), (b'') and (c) in echoed messages of (f')
   measured in the same round (the medians), beside the seed's figure in the same unit
   (``SEED_IN_ECHOES``): the issue's "no more than the seed's CPU per frame", as a ratio that
@@ -59,7 +61,7 @@ import trio_websocket
 
 from mux.client import connect, open_ws
 
-from .common import Meter, Proc, events, fmt_ms, json_payload, node_process, process
+from .common import Meter, Proc, events, fmt_ms, json_payload, node_process, process, tls_node_process
 
 __all__ = ["RelayResult", "echo_run", "expect", "relay_run", "run"]
 
@@ -158,7 +160,8 @@ async def relay_run(
     end_to_end = end_to_end or quiet
     query = {"batch": "1"} if batch else {}
     tx_query = {**query, "acks": "errors"} if quiet else query
-    async with open_ws(node.ws(f"{tag}-tx", **tx_query)) as tx, open_ws(node.ws(f"{tag}-rx", **query)) as rx:
+    tx_url, rx_url, ctx = node.ws(f"{tag}-tx", **tx_query), node.ws(f"{tag}-rx", **query), node.ssl_context
+    async with open_ws(tx_url, ctx) as tx, open_ws(rx_url, ctx) as rx:
         await expect(tx, "connected")
         await expect(rx, "connected")
         if batch:
@@ -374,10 +377,12 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
         with (
             node_process() as node,
             node_process("--config", config) as heads,
+            tls_node_process("--config", config) as tls_heads,
             process([sys.executable, "-m", "tests.bench.echo_app"], "http://") as echo,
         ):
             _go(relay_run, node, "bench-warm", n=1000, channels=8)  # warm-up, not reported
             _go(relay_run, heads, "bench-warm", n=1000, quiet=True)
+            _go(relay_run, tls_heads, "bench-warm", n=1000, quiet=True)
             echoes: list[tuple[float, list[float], Meter]] = []
             one_by_one: list[tuple[float, list[float], Meter]] = []
             singles: list[RelayResult] = []
@@ -467,17 +472,34 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                     f" {SEED_IN_ECHOES} of a Hypercorn echo on its machine: DESIGN.md)",
                 )
             )
-            lone_echo, lone_relay, lone_heads = [], [], []
+            lone_echo, lone_relay, lone_heads, lone_tls = [], [], [], []
             for _ in range(2):  # one message in flight: nothing is ever read or written together
                 lone_echo.append(_go(echo_run, echo, LONE, 1, "/echo-single")[2].node_cpu / LONE)
                 lone_relay.append(_cpu_per_frame(_go(relay_run, node, "bench-lone", n=LONE, window=1, end_to_end=True)))
                 lone_heads.append(_cpu_per_frame(_go(relay_run, heads, "bench-lone", n=LONE, window=1, quiet=True)))
+                lone_tls.append(_cpu_per_frame(_go(relay_run, tls_heads, "bench-lone", n=LONE, window=1, quiet=True)))
             rows.append(
                 (
                     "    the same, one frame in flight (window 1), in (f') messages one in flight: (b) / (b'')",
                     f"{min(lone_relay) / min(lone_echo):>8.2f} / {min(lone_heads) / min(lone_echo):.2f}"
                     f"  (node CPU per frame {min(lone_relay) * 1e6:.0f} / {min(lone_heads) * 1e6:.0f} us;"
                     f" (f') {min(lone_echo) * 1e6:.0f} us; lowest of 2)",
+                )
+            )
+            tls = _go(relay_run, tls_heads, "bench-tls", n=per_round, window=window, quiet=True)
+            assert tls.meter is not None
+            rows.append(
+                (
+                    f"(b''-tls) = (b'') over the node's own TLS 1.3 (wss), {per_round}x100 B, {window} in flight",
+                    f"{tls.rx_rate:>8.0f} frames/s  e2e {fmt_ms(tls.rx_lat)}   {tls.meter.per(tls.received)}"
+                    f"{tls.refusals()}   ({_cpu_per_frame(tls) / _median(echo_cpu):.2f} of (f'))",
+                )
+            )
+            rows.append(
+                (
+                    "    the same, one frame in flight: node CPU per frame, over TLS / plain (b'')",
+                    f"{min(lone_tls) * 1e6:>8.0f} / {min(lone_heads) * 1e6:.0f} us"
+                    f"  ({min(lone_tls) / min(lone_heads):.2f}x; lowest of 2)",
                 )
             )
             client_n = max(1000, n // 5)

@@ -1,0 +1,179 @@
+"""A node's own reads and writes over TLS (``mux.sockets._LeanTLSRead``, ``_TLSWire``).
+
+Over TLS the node reads its socket into the connection's own SSLObject and hands what it
+decrypts straight to the WebSocket parser, and writes by encrypting with that SSLObject and
+putting the ciphertext on the socket itself, past trio's ``SSLStream`` machinery and
+Hypercorn's read loop and send path. These tests run a real node with TLS 1.3 and real TLS
+clients: every frame arrives whole and in order (a record out of order or lost would fail
+the client's TLS), pings are answered after what a direct write left, and the node's
+``SSLStream.receive_some``/``send_all`` are not used for the relay (they are on the stock
+path, which the same count shows).
+"""
+
+from __future__ import annotations
+
+import collections
+import ssl
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+import mux.app
+import mux.sockets
+from mux.tls import write_self_signed
+
+from .nodes import serve_node
+from .wsutil import RawClient, raw_client, ws_url
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[str, str, ssl.SSLContext]:
+    """A self-signed certificate and key for 127.0.0.1, and a client context trusting it."""
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    write_self_signed(certfile, keyfile, hosts=["127.0.0.1"], days=2)
+    return str(certfile), str(keyfile), ssl.create_default_context(cafile=str(certfile))
+
+
+def _count_server_tls_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """Count the node's (server-side) calls of trio's ``SSLStream.receive_some``/``send_all``."""
+    calls: collections.Counter[str] = collections.Counter()
+    for name in ("receive_some", "send_all"):
+        stock = getattr(trio.SSLStream, name)
+
+        def counted(self: Any, *args: Any, _stock: Any = stock, _name: str = name, **kwargs: Any) -> Any:
+            if self._ssl_object.server_side:
+                calls[_name] += 1
+            return _stock(self, *args, **kwargs)
+
+        monkeypatch.setattr(trio.SSLStream, name, counted)
+    return calls
+
+
+async def _events(client: RawClient, n: int) -> list[dict[str, Any]]:
+    return [orjson.loads(m) for m in await client.messages(n)]
+
+
+async def _open(tx: RawClient, rx: RawClient, target: str) -> str:
+    await _events(tx, 1)  # connected
+    await _events(rx, 1)
+    await tx.burst(orjson.dumps({"action": "open", "target": target, "intent": "stream", "ref": "o"}).decode())
+    (opened,) = await _events(tx, 1)
+    assert opened["event"] == "channel_opened", opened
+    await _events(rx, 1)
+    return str(opened["channel_id"])
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "stock"])
+async def test_over_tls_the_node_reads_and_writes_through_the_ssl_object_itself(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tls_files: tuple[str, str, ssl.SSLContext], direct: bool
+) -> None:
+    """300 frames of 100 B to 15 KB, sent 10 to a write with pings among them (writes of
+    several TLS records each way), arrive whole and in order with their acks and pongs.
+    Directly, the node calls trio's ``SSLStream`` for none of the relay's reads and for none
+    of its frames and acks (only Hypercorn's pongs); on the stock path (the TLS stream made
+    unknown to ``mux.sockets``) it calls it for the reads and writes of every burst."""
+    if not direct:
+        monkeypatch.setattr(mux.sockets, "_tls_known", lambda tls: False)
+    calls = _count_server_tls_calls(monkeypatch)
+    certfile, keyfile, ctx = tls_files
+    info = await serve_node(nursery, certfile=certfile, keyfile=keyfile)
+    url = info.url.replace("https", "http", 1)
+    async with raw_client(ws_url(url, "tlsd-tx"), ctx) as tx, raw_client(ws_url(url, "tlsd-rx"), ctx) as rx:
+        cid = await _open(tx, rx, "tlsd-rx")
+        sizes = [100, 3_000, 15_000, 9_000, 100]
+        calls.clear()
+        sent = 0
+        for burst in range(30):
+            items: list[str | None] = []
+            for i in range(10):
+                n = burst * 10 + i
+                body = {"n": n, "p": chr(97 + n % 26) * sizes[n % len(sizes)]}
+                items.append(orjson.dumps({"action": "send", "channel_id": cid, "ref": n, "payload": body}).decode())
+            items.insert(5, None)  # a ping among the sends
+            await tx.burst(*items)
+            sent += 10
+            acks = await _events(tx, 10)
+            assert [a["ref"] for a in acks] == list(range(sent - 10, sent)), acks
+            assert all(a["event"] == "frame_ack" and a["delivered"] for a in acks), acks
+            got = await _events(rx, 10)
+            for event in got:
+                n = event["payload"]["n"]
+                assert event["payload"]["p"] == chr(97 + n % 26) * sizes[n % len(sizes)]
+            assert [e["payload"]["n"] for e in got] == list(range(sent - 10, sent))
+        for client in (tx, rx):  # a WebSocket ping, then a ping action: its reply comes after the pong
+            await client.burst(None, orjson.dumps({"action": "ping"}).decode())
+            (reply,) = await _events(client, 1)
+            assert reply["event"] == "pong", reply
+        assert (tx.pongs, rx.pongs) == (31, 1)
+    if direct:
+        assert calls["receive_some"] <= 2, calls  # the read each side was already waiting in
+        assert calls["send_all"] <= 32, calls  # Hypercorn's pongs, nothing of the relay
+    else:
+        assert calls["receive_some"] >= 30 and calls["send_all"] >= 60, calls  # each burst, each way
+    nursery.cancel_scope.cancel()
+
+
+async def test_over_tls_a_direct_write_the_socket_takes_part_of_goes_out_first(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tls_files: tuple[str, str, ssl.SSLContext]
+) -> None:
+    """Frames relayed over TLS to a receiver that reads nothing for a while fill its socket:
+    an encrypted write is then only partly taken, and the rest of its ciphertext goes out
+    before anything else (through the writer's task, or the reader before Hypercorn answers
+    a ping). Once the receiver reads, every delivered frame arrives whole and in order (its
+    TLS would fail on a record out of place) and its ping is answered."""
+    partial = 0
+    held = trio.Event()
+    write = mux.sockets._TLSWire.write
+
+    def counted(self: mux.sockets._TLSWire, data: bytes) -> bytes:
+        nonlocal partial
+        rest = write(self, data)
+        if rest:
+            partial += 1
+            held.set()
+        return rest
+
+    monkeypatch.setattr(mux.sockets._TLSWire, "write", counted)
+    certfile, keyfile, ctx = tls_files
+    info = await serve_node(nursery, certfile=certfile, keyfile=keyfile)
+    url = info.url.replace("https", "http", 1)
+    body = "x" * 12_000
+    async with raw_client(ws_url(url, "tlsp-tx"), ctx) as tx, raw_client(ws_url(url, "tlsp-rx"), ctx) as rx:
+        cid = await _open(tx, rx, "tlsp-rx")
+        delivered: list[int] = []
+        outcomes = 0
+
+        async def sender() -> None:
+            nonlocal outcomes
+            for n in range(400):
+                send = {"action": "send", "channel_id": cid, "ref": n, "payload": {"n": n, "p": body}}
+                await tx.burst(orjson.dumps(send).decode())
+            while outcomes < 400:
+                for reply in await _events(tx, 1):
+                    if reply.get("event") == "frame_ack":
+                        outcomes += 1
+                        if reply["delivered"]:
+                            delivered.append(reply["ref"])
+                    elif reply.get("error") == "receiver_full":
+                        outcomes += 1
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(sender)  # every send is answered (receiver_full once its queue is full)
+            with trio.fail_after(10):  # the receiver reads nothing: its socket fills
+                await held.wait()
+            await rx.burst(None)  # a ping, while the rest of a write is held
+        got: list[int] = []
+        with trio.fail_after(30):
+            while len(got) < len(delivered):
+                for message in await rx.messages(1):
+                    event = orjson.loads(message)
+                    assert event["event"] == "frame" and event["payload"]["p"] == body, str(message)[:200]
+                    got.append(event["payload"]["n"])
+    assert partial > 0  # some encrypted writes were only partly taken
+    assert got == delivered and len(got) >= 64, (len(got), len(delivered))
+    assert got == sorted(got)
+    assert rx.pongs == 1
+    nursery.cancel_scope.cancel()
