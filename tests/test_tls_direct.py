@@ -13,6 +13,7 @@ writes (on the stock path they are, which the same count shows).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ssl
 from pathlib import Path
 from typing import Any
@@ -186,4 +187,89 @@ async def test_over_tls_a_direct_write_the_socket_takes_part_of_goes_out_first(
     assert got == delivered and len(got) >= 64, (len(got), len(delivered))
     assert got == sorted(got)
     assert rx.pongs == 1
+    nursery.cancel_scope.cancel()
+
+
+async def test_over_tls_garbage_from_a_client_ends_its_connection_only(
+    nursery: trio.Nursery, tls_files: tuple[str, str, ssl.SSLContext]
+) -> None:
+    """A client whose bytes stop being TLS (written under its TLS, straight onto the TCP
+    socket) fails the node's decryption in the lean reader: trio's reader meets the same
+    error and that connection ends. Another pair of clients relays on, before and after."""
+    certfile, keyfile, ctx = tls_files
+    info = await serve_node(nursery, certfile=certfile, keyfile=keyfile)
+    url = info.url.replace("https", "http", 1)
+    async with (
+        raw_client(ws_url(url, "tlsg-a"), ctx) as a,
+        raw_client(ws_url(url, "tlsg-b"), ctx) as b,
+        raw_client(ws_url(url, "tlsg-bad"), ctx) as bad,
+    ):
+        cid = await _open(a, b, "tlsg-b")
+        await _events(bad, 1)  # connected
+
+        async def relay(n: int) -> None:
+            await a.burst(orjson.dumps({"action": "send", "channel_id": cid, "ref": n, "payload": {"n": n}}).decode())
+            (ack,) = await _events(a, 1)
+            assert ack["event"] == "frame_ack" and ack["delivered"], ack
+            (frame,) = await _events(b, 1)
+            assert frame["payload"] == {"n": n}
+
+        await relay(1)
+        await bad.burst(orjson.dumps({"action": "ping"}).decode())  # the read Hypercorn was already waiting in
+        (pong,) = await _events(bad, 1)
+        assert pong["event"] == "pong"
+        assert isinstance(bad.stream, trio.SSLStream)
+        await bad.stream.transport_stream.send_all(b"\x17\x03\x03\x00\x20" + bytes(range(32)))  # a forged record
+        with trio.fail_after(10):
+            while await bad.stream.receive_some(1 << 16):
+                pass  # the node answers with an alert at most, then ends the connection
+        await relay(2)
+    nursery.cancel_scope.cancel()
+
+
+async def test_over_tls_a_write_the_tls_layer_refuses_closes_that_connection_only(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tls_files: tuple[str, str, ssl.SSLContext]
+) -> None:
+    """When the node's SSLObject refuses a write (here: any write carrying a marked payload),
+    the direct write writes nothing and hands the data to Hypercorn's own path, which meets
+    the same failure and closes that connection's stream: its channel closes, its socket
+    ends at its next read (as on Hypercorn's own path), and the sender's other channel goes
+    on."""
+    stock = ssl.SSLObject.write
+
+    def write(self: ssl.SSLObject, data: Any) -> int:
+        if self.server_side and b"refuse-me" in bytes(data):
+            raise ssl.SSLError("refused by the test")
+        return stock(self, data)
+
+    monkeypatch.setattr(ssl.SSLObject, "write", write)
+    certfile, keyfile, ctx = tls_files
+    info = await serve_node(nursery, certfile=certfile, keyfile=keyfile)
+    url = info.url.replace("https", "http", 1)
+    async with (
+        raw_client(ws_url(url, "tlsw-a"), ctx) as a,
+        raw_client(ws_url(url, "tlsw-b"), ctx) as b,
+        raw_client(ws_url(url, "tlsw-c"), ctx) as c,
+    ):
+        to_b = await _open(a, b, "tlsw-b")
+        await _events(c, 1)  # connected
+        await a.burst(orjson.dumps({"action": "open", "target": "tlsw-c", "intent": "stream", "ref": "o"}).decode())
+        (opened,) = await _events(a, 1)
+        await _events(c, 1)
+        to_c = opened["channel_id"]
+        send = {"action": "send", "channel_id": to_b, "ref": 1, "payload": {"p": "refuse-me"}}
+        await a.burst(orjson.dumps(send).decode())
+        ack, closed = await _events(a, 2)  # delivered to b's connection, whose write then fails
+        assert ack["event"] == "frame_ack" and ack["ref"] == 1, ack
+        assert closed["event"] == "channel_closed" and closed["channel_id"] == to_b, closed
+        await b.burst(None)  # the node reads it on a connection whose stream is closed: the end
+        with trio.fail_after(10), contextlib.suppress(trio.BrokenResourceError):
+            while await b.stream.receive_some(1 << 16):
+                pass
+        send = {"action": "send", "channel_id": to_c, "ref": 2, "payload": {"p": "fine"}}
+        await a.burst(orjson.dumps(send).decode())
+        (ack,) = await _events(a, 1)
+        assert ack["event"] == "frame_ack" and ack["ref"] == 2 and ack["delivered"], ack
+        (frame,) = await _events(c, 1)
+        assert frame["payload"] == {"p": "fine"}
     nursery.cancel_scope.cancel()
