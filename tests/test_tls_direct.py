@@ -61,6 +61,14 @@ def _count_server_tls_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Coun
     return calls
 
 
+async def _tls_node(nursery: trio.Nursery, tls_files: tuple[str, str, ssl.SSLContext]) -> tuple[str, ssl.SSLContext]:
+    """A node serving TLS 1.3 with ``tls_files``: its base URL (for :func:`ws_url`) and a
+    client context trusting it."""
+    certfile, keyfile, ctx = tls_files
+    info = await serve_node(nursery, certfile=certfile, keyfile=keyfile)
+    return info.url.replace("https", "http", 1), ctx
+
+
 async def _events(client: RawClient, n: int) -> list[dict[str, Any]]:
     return [orjson.loads(m) for m in await client.messages(n)]
 
@@ -88,9 +96,7 @@ async def test_over_tls_the_node_reads_and_writes_through_the_ssl_object_itself(
     if not direct:
         monkeypatch.setattr(mux.sockets, "_tls_known", lambda tls: False)
     calls = _count_server_tls_calls(monkeypatch)
-    certfile, keyfile, ctx = tls_files
-    info = await serve_node(nursery, certfile=certfile, keyfile=keyfile)
-    url = info.url.replace("https", "http", 1)
+    url, ctx = await _tls_node(nursery, tls_files)
     async with raw_client(ws_url(url, "tlsd-tx"), ctx) as tx, raw_client(ws_url(url, "tlsd-rx"), ctx) as rx:
         cid = await _open(tx, rx, "tlsd-rx")
         sizes = [100, 3_000, 15_000, 9_000, 100]
@@ -148,9 +154,7 @@ async def test_over_tls_a_direct_write_the_socket_takes_part_of_goes_out_first(
         return rest
 
     monkeypatch.setattr(mux.sockets._TLSWire, "write", counted)
-    certfile, keyfile, ctx = tls_files
-    info = await serve_node(nursery, certfile=certfile, keyfile=keyfile)
-    url = info.url.replace("https", "http", 1)
+    url, ctx = await _tls_node(nursery, tls_files)
     body = "x" * 12_000
     async with raw_client(ws_url(url, "tlsp-tx"), ctx) as tx, raw_client(ws_url(url, "tlsp-rx"), ctx) as rx:
         cid = await _open(tx, rx, "tlsp-rx")
@@ -196,9 +200,7 @@ async def test_over_tls_garbage_from_a_client_ends_its_connection_only(
     """A client whose bytes stop being TLS (written under its TLS, straight onto the TCP
     socket) fails the node's decryption in the lean reader: trio's reader meets the same
     error and that connection ends. Another pair of clients relays on, before and after."""
-    certfile, keyfile, ctx = tls_files
-    info = await serve_node(nursery, certfile=certfile, keyfile=keyfile)
-    url = info.url.replace("https", "http", 1)
+    url, ctx = await _tls_node(nursery, tls_files)
     async with (
         raw_client(ws_url(url, "tlsg-a"), ctx) as a,
         raw_client(ws_url(url, "tlsg-b"), ctx) as b,
@@ -243,9 +245,7 @@ async def test_over_tls_a_write_the_tls_layer_refuses_closes_that_connection_onl
         return stock(self, data)
 
     monkeypatch.setattr(ssl.SSLObject, "write", write)
-    certfile, keyfile, ctx = tls_files
-    info = await serve_node(nursery, certfile=certfile, keyfile=keyfile)
-    url = info.url.replace("https", "http", 1)
+    url, ctx = await _tls_node(nursery, tls_files)
     async with (
         raw_client(ws_url(url, "tlsw-a"), ctx) as a,
         raw_client(ws_url(url, "tlsw-b"), ctx) as b,
