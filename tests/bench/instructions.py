@@ -22,7 +22,6 @@ totals over ``MANY - FEW`` sends is the count per send (start-up and imports can
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -95,7 +94,7 @@ def count(n: int, sign_every: int, acks: bool, sign: bool) -> int:
         str(int(acks)),
         str(int(sign)),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=os.getcwd())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     found = _REFS.search(done.stderr)
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"callgrind run failed ({done.returncode}): {done.stderr[-400:]}")
