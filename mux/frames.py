@@ -32,6 +32,7 @@ __all__ = [
     "ChainHead",
     "Frame",
     "canonical_json",
+    "exact",
     "frame_hash",
     "payload_bytes",
 ]
@@ -53,13 +54,20 @@ def canonical_json(value: Any) -> bytes:
         raise BadRequest(f"payload is not JSON-serializable: {exc}", code="bad_payload") from exc
 
 
+def exact(data: bytes) -> bytes:
+    """An exact-size copy of ``orjson.dumps`` output, for bytes that are kept or piled up.
+
+    orjson hands back its whole working buffer: 1 KiB for ``{}`` with orjson 3.10, 4 KiB
+    with 3.13, and 8 KiB for a 600-byte frame (measured with ``tracemalloc``).
+    """
+    return bytes(memoryview(data))
+
+
 def payload_bytes(payload: Any) -> tuple[str, bytes]:
     """The payload's encoding name and the exact bytes its hash covers."""
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return "bytes", bytes(payload)
-    # orjson hands back a buffer with about 4 KiB of slack; frames keep these bytes (ledger,
-    # mailboxes), so keep an exact-size copy
-    return "json", bytes(memoryview(canonical_json(payload)))
+    return "json", exact(canonical_json(payload))  # frames keep these (ledger, mailboxes)
 
 
 def frame_hash(
@@ -207,7 +215,7 @@ class Frame:
 
     def to_json(self) -> bytes:
         """``to_dict`` as JSON bytes, reusing the canonical payload bytes (never decoded)."""
-        return orjson.dumps(self._with_payload(orjson.Fragment(self.raw)))
+        return exact(orjson.dumps(self._with_payload(orjson.Fragment(self.raw))))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Frame:

@@ -27,7 +27,8 @@ import attrs
 import orjson
 import trio
 
-from .frames import Frame
+from .frames import Frame, exact
+from .sqlite_batch import BatchWriter, Operation
 
 __all__ = ["STORE_FILE", "ChannelRow", "MemoryStore", "Snapshot", "SqliteStore", "Store"]
 
@@ -203,25 +204,26 @@ CREATE TABLE IF NOT EXISTS mailbox (
     PRIMARY KEY (agent, channel_id, seq)) WITHOUT ROWID;
 """
 
-_OPS = {
-    "frame": "INSERT OR IGNORE INTO frames (channel_id, seq, target, ts, frame) VALUES (?, ?, ?, ?, ?)",
-    "open": "INSERT OR IGNORE INTO channels (id, intent, agent, target, metadata, opened_at) VALUES (?, ?, ?, ?, ?, ?)",
-    "close": "UPDATE channels SET closed = 1, close_reason = ? WHERE id = ?",
-    "mail": "INSERT OR IGNORE INTO mailbox (agent, channel_id, seq) VALUES (?, ?, ?)",
-    "ack": "DELETE FROM mailbox WHERE agent = ? AND channel_id = ? AND seq <= ?",
-    "drop": "DELETE FROM mailbox WHERE agent = ? AND channel_id = ? AND seq = ?",
-}
-
 
 class SqliteStore:
     """Durable store in one SQLite file (WAL), written by a worker thread in batches.
 
     ``synchronous="NORMAL"`` (default) survives a killed process; ``"FULL"`` also survives
     power loss at some cost per commit. ``max_queue`` bounds what may wait for the writer.
+    While nobody waits for durability (``flushed``), the writer lets operations gather for up
+    to ``linger_s`` (or until ``batch`` are queued) before it commits: a live relay's ledger
+    frames then go in a few large transactions instead of one small one per wake-up, each of
+    which cost a thread hand-off and a commit. A durable send never waits for the linger.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL", max_queue: int = 50_000, batch: int = 2048
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "NORMAL",
+        max_queue: int = 50_000,
+        batch: int = 2048,
+        linger_s: float = 0.02,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
@@ -230,28 +232,35 @@ class SqliteStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._writer = BatchWriter(self._db)
         self._limiter = trio.CapacityLimiter(1)
-        self._queue: collections.deque[tuple[str, tuple[Any, ...], Frame | None]] = collections.deque()
+        self._queue: collections.deque[Operation] = collections.deque()
         self._wake = trio.Event()
+        self._urgent = trio.Event()
         self._done = trio.lowlevel.ParkingLot()
         self.max_queue = max_queue
         self.batch = batch
+        self.linger_s = linger_s
         self.position = 0
         self.durable = 0
         self.failed: BaseException | None = None
+        self._stopped = False
 
     def _put(self, op: str, args: tuple[Any, ...], frame: Frame | None = None) -> None:
         self._queue.append((op, args, frame))
         self.position += 1
         self._wake.set()
+        if len(self._queue) >= self.batch:
+            self._urgent.set()
 
     def append(self, frame: Frame) -> None:
-        """Queue ``frame`` for the ledger table."""
-        self._put("frame", (frame.channel_id, frame.seq, frame.target, frame.ts, frame.to_json()), frame)
+        """Queue ``frame`` for the ledger table (encoded by the writer, when it writes)."""
+        self._put("frame", (), frame)
 
     def record_open(self, row: ChannelRow) -> None:
         """Queue a channel row."""
-        self._put("open", (row.id, row.intent, row.agent, row.target, orjson.dumps(row.metadata), row.opened_at))
+        metadata = exact(orjson.dumps(row.metadata))
+        self._put("open", (row.id, row.intent, row.agent, row.target, metadata, row.opened_at))
 
     def record_close(self, channel_id: str, reason: str) -> None:
         """Queue a channel's close."""
@@ -278,14 +287,16 @@ class SqliteStore:
         while self.durable < position:
             if self.failed is not None:
                 raise RuntimeError(f"store writer failed: {self.failed!r}")
+            if self._stopped:
+                raise RuntimeError("store writer stopped")
+            self._urgent.set()
             await self._done.park()
 
-    def _write(self, batch: list[tuple[str, tuple[Any, ...], Frame | None]]) -> None:
+    def _write(self, batch: list[Operation]) -> None:
         db = self._db
         db.execute("BEGIN")
         try:
-            for op, args, _ in batch:
-                db.execute(_OPS[op], args)
+            self._writer.apply(batch)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -299,6 +310,10 @@ class SqliteStore:
                 if not self._queue:
                     self._wake = trio.Event()
                     await self._wake.wait()
+                if not self._done and len(self._queue) < self.batch:  # nobody waits: let more gather
+                    with trio.move_on_after(self.linger_s):
+                        await self._urgent.wait()
+                self._urgent = trio.Event()
                 n = min(len(self._queue), self.batch)
                 batch = [self._queue[i] for i in range(n)]
                 with trio.CancelScope(shield=True):  # a batch is committed and dequeued as one
@@ -307,13 +322,16 @@ class SqliteStore:
                     self._queue.popleft()
                 self.durable += n
                 self._done.unpark_all()
+        except trio.Cancelled:
+            raise  # stopping is not failing: what is still queued is written below
         except BaseException as exc:
             self.failed = exc
-            self._done.unpark_all()
             raise
         finally:
             with trio.CancelScope(shield=True):
                 await self._drain_on_exit()
+            self._stopped = True
+            self._done.unpark_all()
 
     async def _drain_on_exit(self) -> None:
         if self._queue and self.failed is None:

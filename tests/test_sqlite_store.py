@@ -1,0 +1,236 @@
+"""The SQLite store's writer: batches in few statements with the same end state, a linger
+that durable sends never wait for, nothing queued lost when it stops, no orjson slack kept."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from mux.frames import Frame, canonical_json, exact
+from mux.sqlite_batch import BatchWriter, Operation
+from mux.storage import _SCHEMA, ChannelRow, SqliteStore
+
+
+def _frame(cid: str, seq: int, payload: Any = None) -> Frame:
+    """A ledger frame as the store sees it (the store neither hashes nor verifies)."""
+    return Frame.from_dict(
+        {
+            "channel_id": cid,
+            "seq": seq,
+            "kind": "data",
+            "sender": "a",
+            "target": "b",
+            "intent": "stream",
+            "ts": 1_000 + seq,
+            "prev": "0" * 64,
+            "payload": {"n": seq} if payload is None else payload,
+            "tbz_hash": f"{seq:064x}",
+            "sig": "s",
+        }
+    )
+
+
+def _db() -> sqlite3.Connection:
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.executescript(_SCHEMA)
+    return db
+
+
+def _one_by_one(db: sqlite3.Connection, batch: list[Operation]) -> None:
+    """The reference: each operation as its own statement, in order."""
+    sql = {
+        "open": "INSERT OR IGNORE INTO channels (id, intent, agent, target, metadata, opened_at) VALUES (?,?,?,?,?,?)",
+        "close": "UPDATE channels SET closed = 1, close_reason = ? WHERE id = ?",
+        "mail": "INSERT OR IGNORE INTO mailbox (agent, channel_id, seq) VALUES (?, ?, ?)",
+        "ack": "DELETE FROM mailbox WHERE agent = ? AND channel_id = ? AND seq <= ?",
+        "drop": "DELETE FROM mailbox WHERE agent = ? AND channel_id = ? AND seq = ?",
+    }
+    for op, args, frame in batch:
+        if op == "frame":
+            assert frame is not None
+            db.execute(
+                "INSERT OR IGNORE INTO frames (channel_id, seq, target, ts, frame) VALUES (?, ?, ?, ?, ?)",
+                (frame.channel_id, frame.seq, frame.target, frame.ts, frame.to_json()),
+            )
+        else:
+            db.execute(sql[op], args)
+
+
+def _tables(db: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    return {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall() for t in ("channels", "frames", "mailbox")}
+
+
+def _random_batch(rng: random.Random, n: int) -> list[Operation]:
+    """Operations as a node makes them: a channel opens before its frames, mail and close;
+    frames repeat now and then (the first copy must win); acks and drops follow mail."""
+    batch: list[Operation] = []
+    open_ids: list[str] = []
+    seqs: dict[str, int] = {}
+    for i in range(n):
+        roll = rng.random()
+        if roll < 0.15 or not open_ids:
+            cid = f"ch-{i}"
+            open_ids.append(cid)
+            seqs[cid] = 0
+            batch.append(("open", (cid, "chat", "a", "b", b"{}", float(i)), None))
+        elif roll < 0.6:
+            cid = rng.choice(open_ids)
+            seq = seqs[cid] if rng.random() > 0.1 or not seqs[cid] else seqs[cid] - 1  # now and then a repeat
+            seqs[cid] = max(seqs[cid], seq + 1)
+            batch.append(("frame", (), _frame(cid, seq, {"n": seq, "copy": rng.random()})))
+        elif roll < 0.75:
+            cid = rng.choice(open_ids)
+            batch.append(("mail", ("b", cid, seqs[cid]), None))
+        elif roll < 0.82:
+            cid = rng.choice(open_ids)
+            batch.append(("ack", ("b", cid, rng.randrange(seqs[cid] + 1)), None))
+        elif roll < 0.88:
+            cid = rng.choice(open_ids)
+            batch.append(("drop", ("b", cid, rng.randrange(seqs[cid] + 1)), None))
+        else:
+            cid = open_ids.pop(rng.randrange(len(open_ids)))
+            batch.append(("close", (f"reason-{i}", cid), None))
+    return batch
+
+
+@pytest.mark.parametrize("update_from", [True, False], ids=["update-from", "sqlite-before-3.33"])
+@pytest.mark.parametrize("n", [1, 7, 9, 65, 600, 1500])
+def test_a_batch_ends_as_its_operations_applied_one_by_one(n: int, update_from: bool) -> None:
+    """Sizes below, at and across the statement sizes (8, 64, 512), padded parts included."""
+    for seed in range(3):
+        batch = _random_batch(random.Random(seed * 1000 + n), n)
+        ours, reference = _db(), _db()
+        writer = BatchWriter(ours)
+        writer._update_from = update_from and writer._update_from
+        writer.apply(batch)
+        _one_by_one(reference, batch)
+        assert _tables(ours) == _tables(reference)
+        assert _tables(ours)["frames"] or n < 3
+
+
+def test_a_batch_takes_a_few_statements() -> None:
+    """1,000 frames, 200 opens and 200 closes: a handful of statements, not 1,400 (each one
+    gives up the GIL and waits to take it back from the event loop)."""
+    db = _db()
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    batch: list[Operation] = [("open", (f"c{i}", "stream", "a", "b", b"{}", 0.0), None) for i in range(200)]
+    batch += [("frame", (), _frame(f"c{i % 200}", i // 200)) for i in range(1000)]
+    batch += [("close", ("done", f"c{i}"), None) for i in range(200)]
+    BatchWriter(db).apply(batch)
+    assert len(statements) <= 8, len(statements)
+    assert db.execute("SELECT count(*) FROM frames").fetchone() == (1000,)
+    assert db.execute("SELECT count(*) FROM channels WHERE closed = 1 AND close_reason = 'done'").fetchone() == (200,)
+
+
+def test_the_statement_sizes_follow_the_connections_parameter_limit() -> None:
+    db = _db()
+    db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)  # SQLite's default before 3.32
+    writer = BatchWriter(db)
+    assert writer.sizes == (64, 8)
+    batch: list[Operation] = [("frame", (), _frame("c", i)) for i in range(300)]
+    writer.apply(batch)
+    assert db.execute("SELECT count(*) FROM frames").fetchone() == (300,)
+
+
+def _store(tmp_path: Path, **kw: Any) -> SqliteStore:
+    return SqliteStore(tmp_path / "mux.sqlite3", **kw)
+
+
+def _rows(tmp_path: Path) -> int:
+    with sqlite3.connect(tmp_path / "mux.sqlite3") as db:
+        return int(db.execute("SELECT count(*) FROM frames").fetchone()[0])
+
+
+async def test_live_frames_gather_into_one_commit(tmp_path: Path) -> None:
+    store = _store(tmp_path, linger_s=0.2)
+    commits = 0
+    write = store._write
+
+    def counting(batch: list[Operation]) -> None:
+        nonlocal commits
+        commits += 1
+        write(batch)
+
+    store._write = counting  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        for i in range(50):
+            store.append(_frame("c", i))
+            await trio.sleep(0.001)  # frames arrive one by one, the writer is free to wake
+        with trio.fail_after(5):
+            while store.durable < 50:  # noqa: ASYNC110  (flushed() would hurry the writer)
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    store.close()
+    assert commits == 1
+    assert _rows(tmp_path) == 50
+
+
+async def test_a_durable_send_does_not_wait_for_the_linger(tmp_path: Path) -> None:
+    store = _store(tmp_path, linger_s=30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        store.append(_frame("c", 0))
+        await trio.sleep(0.05)  # the writer lingers now
+        store.append(_frame("c", 1))
+        with trio.fail_after(5):
+            await store.flushed(store.position)
+        assert store.durable == 2
+        nursery.cancel_scope.cancel()
+    store.close()
+    assert _rows(tmp_path) == 2
+
+
+async def test_a_full_batch_does_not_wait_for_the_linger(tmp_path: Path) -> None:
+    store = _store(tmp_path, linger_s=30.0, batch=64)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        for i in range(64):
+            store.append(_frame("c", i))
+        with trio.fail_after(5):
+            while store.durable < 64:  # noqa: ASYNC110  (flushed() would hurry the writer)
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+async def test_what_is_queued_is_written_when_the_writer_stops(tmp_path: Path) -> None:
+    """Cancelled while it lingers, the writer still commits what is queued; a later durable
+    wait fails clearly instead of hanging."""
+    store = _store(tmp_path, linger_s=30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        for i in range(10):
+            store.append(_frame("c", i))
+        store.record_open(ChannelRow("c", "stream", "a", "b", {"k": 1}, 0.0, False, None, None, None))
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert store.durable == store.position == 11
+    store.append(_frame("c", 10))
+    with pytest.raises(RuntimeError, match="stopped"):
+        await store.flushed(store.position)
+    store.close()
+    assert _rows(tmp_path) == 10
+
+
+def test_kept_json_carries_no_orjson_slack() -> None:
+    """orjson returns its whole working buffer (1-8 KiB); what frames and the store keep is
+    exact-size."""
+    frames = [_frame("c", i) for i in range(200)]
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        kept = [f.to_json() for f in frames] + [exact(orjson.dumps({})) for _ in range(200)]
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < sum(len(b) + 64 for b in kept) + 200 * 8 + 4096
+    assert exact(canonical_json({"b": 1, "a": 2})) == b'{"a":2,"b":1}'
