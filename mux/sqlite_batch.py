@@ -26,10 +26,13 @@ from typing import Any
 
 from .frames import Frame
 
-__all__ = ["BatchWriter", "Operation"]
+__all__ = ["BatchWriter", "Operation", "Statement"]
 
 Operation = tuple[str, tuple[Any, ...], Frame | None]
 """A queued store operation: its kind, its row (empty for a ledger frame) and the frame."""
+
+Statement = tuple[str, list[Any], bool]
+"""SQL, its parameters, and whether they are rows for ``executemany``."""
 
 SIZES = (512, 64, 8)
 """Rows per statement; a part takes the smallest that holds it."""
@@ -59,8 +62,10 @@ def _flat(rows: Iterable[tuple[Any, ...]]) -> list[Any]:
 
 
 class BatchWriter:
-    """Writes batches of :data:`Operation` to one SQLite connection (the caller holds the
-    transaction)."""
+    """Turns batches of :data:`Operation` into a few statements (:meth:`plan`, pure: the
+    event loop runs it) and runs them on one SQLite connection (:meth:`execute`: the writer
+    thread runs it, inside the caller's transaction). The thread then holds the GIL only to
+    bind parameters, never for Python work the event loop would wait on."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
@@ -69,8 +74,8 @@ class BatchWriter:
         """The statement sizes this connection allows (6 parameters per row at most)."""
         self._update_from = sqlite3.sqlite_version_info >= (3, 33, 0)
 
-    def apply(self, batch: Sequence[Operation]) -> None:
-        """Apply ``batch`` with the end state of applying its operations in order."""
+    def plan(self, batch: Sequence[Operation]) -> list[Statement]:
+        """The statements that leave the end state of applying ``batch`` in order."""
         opens: list[tuple[Any, ...]] = []
         frames: list[tuple[Any, ...]] = []
         closes: list[tuple[Any, ...]] = []
@@ -87,24 +92,39 @@ class BatchWriter:
                 mailbox[-1][1].append(args)
             else:
                 mailbox.append((op, [args]))
-        self._rows(*_INSERT["open"], opens)
-        self._rows(*_INSERT["frame"], frames)
+        out: list[Statement] = []
+        self._rows(out, *_INSERT["open"], opens)
+        self._rows(out, *_INSERT["frame"], frames)
         if self._update_from:
-            self._rows(*_CLOSE_FROM, closes)
-        else:
-            self._db.executemany(_CLOSE_ONE, closes)
+            self._rows(out, *_CLOSE_FROM, closes)
+        elif closes:
+            out.append((_CLOSE_ONE, closes, True))
         for op, rows in mailbox:
             if op in _INSERT:
-                self._rows(*_INSERT[op], rows)
+                self._rows(out, *_INSERT[op], rows)
             else:
-                self._db.executemany(_DELETE[op], rows)
+                out.append((_DELETE[op], rows, True))
+        return out
 
-    def _rows(self, head: str, width: int, rows: list[tuple[Any, ...]]) -> None:
+    def execute(self, plan: Iterable[Statement]) -> None:
+        """Run ``plan`` (from :meth:`plan`) on the connection."""
+        db = self._db
+        for sql, params, many in plan:
+            if many:
+                db.executemany(sql, params)
+            else:
+                db.execute(sql, params)
+
+    def apply(self, batch: Sequence[Operation]) -> None:
+        """Plan and execute ``batch`` at once."""
+        self.execute(self.plan(batch))
+
+    def _rows(self, out: list[Statement], head: str, width: int, rows: list[tuple[Any, ...]]) -> None:
         done = 0
         while done < len(rows):
             left = len(rows) - done
             size = next((s for s in reversed(self.sizes) if s >= left), self.sizes[0])
             part = rows[done : done + size]
             part += [part[-1]] * (size - len(part))
-            self._db.execute(_values(head, width, size), _flat(part))
+            out.append((_values(head, width, size), _flat(part), False))
             done += size

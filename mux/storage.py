@@ -28,7 +28,7 @@ import orjson
 import trio
 
 from .frames import Frame, exact
-from .sqlite_batch import BatchWriter, Operation
+from .sqlite_batch import BatchWriter, Operation, Statement
 
 __all__ = ["STORE_FILE", "ChannelRow", "MemoryStore", "Snapshot", "SqliteStore", "Store"]
 
@@ -292,11 +292,11 @@ class SqliteStore:
             self._urgent.set()
             await self._done.park()
 
-    def _write(self, batch: list[Operation]) -> None:
+    def _write(self, plan: list[Statement]) -> None:
         db = self._db
         db.execute("BEGIN")
         try:
-            self._writer.apply(batch)
+            self._writer.execute(plan)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -317,7 +317,8 @@ class SqliteStore:
                 n = min(len(self._queue), self.batch)
                 batch = [self._queue[i] for i in range(n)]
                 with trio.CancelScope(shield=True):  # a batch is committed and dequeued as one
-                    await trio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
+                    plan = self._writer.plan(batch)  # here: the thread needs the GIL only to bind
+                    await trio.to_thread.run_sync(self._write, plan, limiter=self._limiter)
                 for _ in range(n):
                     self._queue.popleft()
                 self.durable += n
@@ -336,7 +337,7 @@ class SqliteStore:
     async def _drain_on_exit(self) -> None:
         if self._queue and self.failed is None:
             batch = list(self._queue)
-            await trio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
+            await trio.to_thread.run_sync(self._write, self._writer.plan(batch), limiter=self._limiter)
             self._queue.clear()
             self.durable = self.position
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from mux.frames import Frame, canonical_json, exact
-from mux.sqlite_batch import BatchWriter, Operation
+from mux.sqlite_batch import BatchWriter, Operation, Statement
 from mux.storage import _SCHEMA, ChannelRow, SqliteStore
 
 
@@ -154,10 +154,10 @@ async def test_live_frames_gather_into_one_commit(tmp_path: Path) -> None:
     commits = 0
     write = store._write
 
-    def counting(batch: list[Operation]) -> None:
+    def counting(plan: list[Statement]) -> None:
         nonlocal commits
         commits += 1
-        write(batch)
+        write(plan)
 
     store._write = counting  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:

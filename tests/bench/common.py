@@ -159,9 +159,14 @@ def process(
 
 
 @contextmanager
-def node_process(*extra: str, nofile: int | None = None, env: dict[str, str] | None = None) -> Iterator[Proc]:
-    """A benchmark node: ``python -m mux serve --port 0 --memory --open --agent bench``."""
-    args = [sys.executable, "-m", "mux", "serve", "--port", "0", "--memory", "--open", "--agent", "bench", *extra]
+def node_process(
+    *extra: str, nofile: int | None = None, env: dict[str, str] | None = None, data_dir: str | None = None
+) -> Iterator[Proc]:
+    """A benchmark node: ``python -m mux serve --port 0 --memory --open --agent bench``; with
+    ``data_dir``, ``--data-dir DATA_DIR`` instead of ``--memory`` (the default node: its key and
+    SQLite store in that directory)."""
+    store = ["--data-dir", data_dir] if data_dir is not None else ["--memory"]
+    args = [sys.executable, "-m", "mux", "serve", "--port", "0", *store, "--open", "--agent", "bench", *extra]
     with process(args, "listening on", env={**NODE_ENV, **(env or {})}, nofile=nofile) as proc:
         yield proc
 

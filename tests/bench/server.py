@@ -14,6 +14,8 @@ Run: ``python -m tests.bench server`` (part of ``nox -s bench``). Prints, side b
 - (c) the same with batching: ``batch`` actions of 16 sends (still 64 frames in flight) and
   both sockets connected with ``?batch=1`` (events delivered in ``batch`` messages); "n/a"
   when the node answers a probe ``batch`` with ``unknown_action``;
+- (b-store) = (b) on a node started as the README starts one, its ledger in a SQLite store
+  in ``--data-dir`` (every other node here runs ``--memory``), in the same rounds as (b);
 - (b') = (b) with the sender on ``?acks=errors`` (fire-and-forget: no ``frame_ack`` per
   delivered send), and (b'') the same on a second node that signs chain heads
   (``sign_every``), both against the ceiling (f);
@@ -376,22 +378,26 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
             fh.write(f"rate_messages_per_s = 0\n[mux]\nsign_every = {HEADS_SIGN_EVERY}\n")
         with (
             node_process() as node,
+            node_process(data_dir=os.path.join(tmp, "store")) as stored,
             node_process("--config", config) as heads,
             tls_node_process("--config", config) as tls_heads,
             process([sys.executable, "-m", "tests.bench.echo_app"], "http://") as echo,
         ):
             _go(relay_run, node, "bench-warm", n=1000, channels=8)  # warm-up, not reported
+            _go(relay_run, stored, "bench-warm", n=1000, channels=8)
             _go(relay_run, heads, "bench-warm", n=1000, quiet=True)
             _go(relay_run, tls_heads, "bench-warm", n=1000, quiet=True)
             echoes: list[tuple[float, list[float], Meter]] = []
             one_by_one: list[tuple[float, list[float], Meter]] = []
             singles: list[RelayResult] = []
+            on_disk: list[RelayResult] = []
             quiets: list[RelayResult] = []
             signed: list[RelayResult] = []
             for r in range(rounds):  # interleaved: each round sees the machine in the same mood
                 echoes.append(_go(echo_run, echo, per_round, window))
                 one_by_one.append(_go(echo_run, echo, per_round, window, "/echo-single"))
                 singles.append(_go(relay_run, node, f"bench-relay{r}", n=per_round, window=window, end_to_end=True))
+                on_disk.append(_go(relay_run, stored, f"bench-disk{r}", n=per_round, window=window, end_to_end=True))
                 quiets.append(_go(relay_run, node, f"bench-quiet{r}", n=per_round, window=window, quiet=True))
                 signed.append(_go(relay_run, heads, f"bench-heads{r}", n=per_round, window=window, quiet=True))
             ceiling = f"(f) raw WS echo, same stack (ceiling), {per_round} msgs, window {window}, median of {rounds}"
@@ -448,6 +454,17 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                         f" {', '.join(f'{x:.0f}' for x in ratios)} %)",
                     )
                 )
+            mid = _median(on_disk, lambda x: x.rx_rate)
+            assert mid.meter is not None
+            vs_memory = [_cpu_per_frame(d) / _cpu_per_frame(s) for d, s in zip(on_disk, singles, strict=True)]
+            rows.append(
+                (
+                    "(b-store) = (b) on the default node: SQLite store in --data-dir (ledger on disk)",
+                    f"{mid.rx_rate:>8.0f} frames/s  e2e {fmt_ms(mid.rx_lat)}   "
+                    f"{mid.meter.per(mid.received)}{mid.refusals()}   (node CPU per frame, of (b) in its round:"
+                    f" {', '.join(f'{x:.2f}' for x in vs_memory)})",
+                )
+            )
             batched: RelayResult = _go(relay_run, node, "bench-batch", n=n, window=window, batch=BATCH, end_to_end=True)
             label = f"(c) = (b) with batching: {n} frames, {BATCH} sends per batch action, ?batch=1"
             if not batched.batch_supported:
