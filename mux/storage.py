@@ -3,16 +3,17 @@
 How this works: the core calls the synchronous *record* methods (``append`` a frame,
 ``record_open``/``record_close`` a channel, ``mail_put``/``mail_ack`` a mailbox entry) on its
 hot path; they never block. A store queues them in order and its writer task (``run``)
-applies them in batches, one transaction per batch (group commit). ``position`` counts what
+applies them in batches, one transaction per batch (group commit; while nobody waits in
+``flushed``, :class:`SqliteStore` lets a batch gather for ``linger_s``). ``position`` counts what
 was recorded, ``await flushed(p)`` returns once everything up to ``p`` is durable: that is
 what a durable ``frame_ack`` waits for. ``has_room`` is False while the queue is over its
 bound, and the core then refuses new data frames with ``store_busy`` rather than grow.
 
 :class:`MemoryStore` is the in-process default (nothing survives a restart; the ledger is
 bounded). :class:`SqliteStore` keeps everything in ``DATA_DIR/mux.sqlite3`` (WAL mode),
-working in a worker thread so the event loop never waits on the disk. Another store (for
-instance one shared by several nodes) implements the same :class:`Store` protocol; none
-ships yet.
+working in a worker thread so the event loop never waits on the disk (the statements come
+from :mod:`mux.sqlite_batch`). Another store (for instance one shared by several nodes)
+implements the same :class:`Store` protocol; none ships yet.
 """
 
 from __future__ import annotations
