@@ -330,10 +330,12 @@ class SqliteStore:
             self.failed = exc
             raise
         finally:
-            with trio.CancelScope(shield=True):
-                await self._drain_on_exit()
-            self._stopped = True
-            self._done.unpark_all()
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._drain_on_exit()
+            finally:  # written or not, no durable wait is left parked
+                self._stopped = True
+                self._done.unpark_all()
 
     async def _drain_on_exit(self) -> None:
         if self._queue and self.failed is None:

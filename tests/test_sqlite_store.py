@@ -234,3 +234,38 @@ def test_kept_json_carries_no_orjson_slack() -> None:
         tracemalloc.stop()
     assert grown < sum(len(b) + 64 for b in kept) + 200 * 8 + 4096
     assert exact(canonical_json({"b": 1, "a": 2})) == b'{"a":2,"b":1}'
+
+
+async def test_a_failed_last_write_leaves_no_durable_wait_parked(tmp_path: Path) -> None:
+    """The writer's last write at its stop fails: a durable wait hears that the writer
+    stopped rather than wait forever."""
+    store = _store(tmp_path, linger_s=30.0)
+    scope = trio.CancelScope()
+    seen: list[str] = []
+
+    async def writer() -> None:
+        with scope:
+            try:
+                await store.run()
+            except sqlite3.OperationalError as exc:
+                seen.append(f"writer: {exc}")
+
+    async def durable_wait() -> None:
+        with pytest.raises(RuntimeError, match="stopped"):
+            await store.flushed(store.position)
+        seen.append("waiter: stopped")
+
+    def broken(plan: list[Statement]) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            await trio.sleep(0.01)
+            store.append(_frame("c", 0))
+            await trio.sleep(0.05)  # the writer lingers
+            store._write = broken  # type: ignore[method-assign]
+            scope.cancel()
+            nursery.start_soon(durable_wait)
+    store.close()
+    assert sorted(seen) == ["waiter: stopped", "writer: disk I/O error"]
