@@ -1,11 +1,12 @@
 """Applying a batch of store operations to SQLite in a few statements.
 
 Why few: the store's writer runs in a worker thread, and every statement gives up Python's
-GIL while SQLite runs it; taking it back from a busy event loop can take up to
-``sys.getswitchinterval()`` (5 ms). With one statement per operation, a burst of 10,000
-channel opens left the writer seconds behind, its queue holding some 20,000 operations (and
-tens of MB) meanwhile, and a live relay on the SQLite store cost the node a third more CPU
-per frame than on the memory store.
+GIL while SQLite runs it and must then win it back from the event loop, which on a busy
+node can take milliseconds (a thread waiting for the GIL is woken, and loses the race,
+each time the loop releases it around a socket call). One statement per operation made a
+2,048-operation batch 2,048 such hand-backs; a few multi-row statements make it a handful.
+On an event loop that never rests (a burst of 10,000 channel opens) the writer still falls
+behind by seconds; docs/security.md says so.
 
 How: the rows of one kind go in as multi-row ``INSERT OR IGNORE ... VALUES (...), (...)``
 statements (channel closes as one ``UPDATE ... FROM (VALUES ...)``) of a few fixed sizes,
