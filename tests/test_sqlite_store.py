@@ -150,7 +150,7 @@ def _rows(tmp_path: Path) -> int:
 
 
 async def test_live_frames_gather_into_one_commit(tmp_path: Path) -> None:
-    store = _store(tmp_path, linger_s=0.2)
+    store = _store(tmp_path, linger_s=0.5)
     commits = 0
     write = store._write
 
@@ -164,7 +164,7 @@ async def test_live_frames_gather_into_one_commit(tmp_path: Path) -> None:
         await nursery.start(store.run)
         for i in range(50):
             store.append(_frame("c", i))
-            await trio.sleep(0.001)  # frames arrive one by one, the writer is free to wake
+            await trio.lowlevel.checkpoint()  # frames arrive one by one; the writer may wake between
         with trio.fail_after(5):
             while store.durable < 50:  # noqa: ASYNC110  (flushed() would hurry the writer)
                 await trio.sleep(0.01)
