@@ -39,11 +39,16 @@ SIZES = (512, 64, 8)
 """Rows per statement; a part takes the smallest that holds it."""
 
 _INSERT = {
-    "open": ("INSERT OR IGNORE INTO channels (id, intent, agent, target, metadata, opened_at) VALUES ", 6),
-    "frame": ("INSERT OR IGNORE INTO frames (channel_id, seq, target, ts, frame) VALUES ", 5),
-    "mail": ("INSERT OR IGNORE INTO mailbox (agent, channel_id, seq) VALUES ", 3),
+    "open": ("INSERT OR IGNORE INTO channels (id, intent, agent, target, metadata, opened_at) VALUES ", 6, ""),
+    "frame": ("INSERT OR IGNORE INTO frames (channel_id, seq, target, ts, frame) VALUES ", 5, ""),
+    "mail": ("INSERT OR IGNORE INTO mailbox (agent, channel_id, seq) VALUES ", 3, ""),
 }
-_CLOSE_FROM = ("UPDATE channels SET closed = 1, close_reason = v.column1 FROM (VALUES ", 2)
+"""Per multi-row statement: what precedes its rows, their width, what follows them."""
+_CLOSE_FROM = (
+    "UPDATE channels SET closed = 1, close_reason = v.column1 FROM (VALUES ",
+    2,
+    ") AS v WHERE channels.id = v.column2",
+)
 _CLOSE_ONE = "UPDATE channels SET closed = 1, close_reason = ? WHERE id = ?"
 _DELETE = {
     "ack": "DELETE FROM mailbox WHERE agent = ? AND channel_id = ? AND seq <= ?",
@@ -52,10 +57,9 @@ _DELETE = {
 
 
 @functools.lru_cache(maxsize=32)
-def _values(head: str, width: int, rows: int) -> str:
+def _values(head: str, width: int, tail: str, rows: int) -> str:
     one = "(" + ", ".join("?" * width) + ")"
-    sql = head + ", ".join([one] * rows)
-    return sql + ") AS v WHERE channels.id = v.column2" if head == _CLOSE_FROM[0] else sql
+    return head + ", ".join([one] * rows) + tail
 
 
 def _flat(rows: Iterable[tuple[Any, ...]]) -> list[Any]:
@@ -116,16 +120,12 @@ class BatchWriter:
             else:
                 db.execute(sql, params)
 
-    def apply(self, batch: Sequence[Operation]) -> None:
-        """Plan and execute ``batch`` at once."""
-        self.execute(self.plan(batch))
-
-    def _rows(self, out: list[Statement], head: str, width: int, rows: list[tuple[Any, ...]]) -> None:
+    def _rows(self, out: list[Statement], head: str, width: int, tail: str, rows: list[tuple[Any, ...]]) -> None:
         done = 0
         while done < len(rows):
             left = len(rows) - done
             size = next((s for s in reversed(self.sizes) if s >= left), self.sizes[0])
             part = rows[done : done + size]
             part += [part[-1]] * (size - len(part))
-            out.append((_values(head, width, size), _flat(part), False))
+            out.append((_values(head, width, tail, size), _flat(part), False))
             done += size

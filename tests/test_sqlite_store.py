@@ -109,7 +109,7 @@ def test_a_batch_ends_as_its_operations_applied_one_by_one(n: int, update_from: 
         ours, reference = _db(), _db()
         writer = BatchWriter(ours)
         writer._update_from = update_from and writer._update_from
-        writer.apply(batch)
+        writer.execute(writer.plan(batch))
         _one_by_one(reference, batch)
         assert _tables(ours) == _tables(reference)
         assert _tables(ours)["frames"] or n < 3
@@ -124,7 +124,8 @@ def test_a_batch_takes_a_few_statements() -> None:
     batch: list[Operation] = [("open", (f"c{i}", "stream", "a", "b", b"{}", 0.0), None) for i in range(200)]
     batch += [("frame", (), _frame(f"c{i % 200}", i // 200)) for i in range(1000)]
     batch += [("close", ("done", f"c{i}"), None) for i in range(200)]
-    BatchWriter(db).apply(batch)
+    writer = BatchWriter(db)
+    writer.execute(writer.plan(batch))
     assert len(statements) <= 8, len(statements)
     assert db.execute("SELECT count(*) FROM frames").fetchone() == (1000,)
     assert db.execute("SELECT count(*) FROM channels WHERE closed = 1 AND close_reason = 'done'").fetchone() == (200,)
@@ -136,7 +137,7 @@ def test_the_statement_sizes_follow_the_connections_parameter_limit() -> None:
     writer = BatchWriter(db)
     assert writer.sizes == (64, 8)
     batch: list[Operation] = [("frame", (), _frame("c", i)) for i in range(300)]
-    writer.apply(batch)
+    writer.execute(writer.plan(batch))
     assert db.execute("SELECT count(*) FROM frames").fetchone() == (300,)
 
 
