@@ -501,7 +501,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         await sock.accept(subprotocol)
         await sock.send(session.hello())
         async with trio.open_nursery() as nursery:
-            await nursery.start(session.run)
+            session.start(nursery)
             writer = _Writer(
                 sock,
                 session.outbox,

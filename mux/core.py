@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -783,17 +782,21 @@ class Endpoint:
         self.mux = mux
         self.agent = agent
         self._held: dict[str, Channel] = {}
-        # unbounded here, bounded by the opens it admits (incoming_buffer_channels) and by the
-        # agent's own mailbox channels announced at attach
-        self._incoming_send, self._incoming_recv = trio.open_memory_channel[Channel](math.inf)
-        self._pending = 0
+        # Announced channels not yet accepted, oldest first, and the tasks waiting in accept():
+        # made by the first that needs them (a connection takes its channels as they come, see
+        # take_channels, and most endpoints never queue one). Unbounded here, bounded by the
+        # opens it admits (incoming_buffer_channels) and by the agent's own mailbox channels
+        # announced at attach.
+        self._incoming: collections.deque[Channel] | None = None
+        self._arrived: trio.lowlevel.ParkingLot | None = None
+        self._take: Callable[[Channel], bool] | None = None
         self.attached = True
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.agent} holding {len(self._held)} channels>"
 
     def _has_room(self) -> bool:
-        return self._pending < self.mux.config.incoming_buffer_channels
+        return self._incoming is None or len(self._incoming) < self.mux.config.incoming_buffer_channels
 
     def _announce(self, state: ChannelState) -> None:
         end = state.ends[self.agent]
@@ -801,10 +804,27 @@ class Endpoint:
         handle = Channel(self.mux, state, end)
         if state.is_open:
             self._held[state.id] = handle
-        self._incoming_send.send_nowait(handle)
-        self._pending += 1
+        take = self._take
+        if take is None or self._incoming or not take(handle):  # queued ones go first
+            self._queue(handle)
         if state.on_room is not None:
             state.on_room(state, end)
+
+    def _queue(self, handle: Channel) -> None:
+        if self._incoming is None:
+            self._incoming = collections.deque()
+        self._incoming.append(handle)
+        if self._arrived is not None:
+            self._arrived.unpark_all()
+
+    def take_channels(self, take: Callable[[Channel], bool]) -> None:
+        """Hand every channel announced from now on (and those waiting now, oldest first)
+        to ``take`` as it is announced, instead of queueing it for :meth:`accept`; ``take``
+        returns False to leave it (and every later one) queued, for ``accept_nowait``. A
+        connection takes its channels this way: no task waits in ``accept`` for it."""
+        self._take = take
+        while self._incoming and take(self._incoming[0]):
+            self._incoming.popleft()
 
     @property
     def channels(self) -> list[Channel]:
@@ -812,24 +832,26 @@ class Endpoint:
         return list(self._held.values())
 
     async def accept(self) -> Channel:
-        """The next channel opened to this agent (raises ChannelClosed once detached)."""
-        try:
-            ch = await self._incoming_recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise ChannelClosed(f"endpoint {self.agent} is detached") from None
-        self._pending -= 1
-        return ch
+        """The next channel opened to this agent (raises ChannelClosed once detached and
+        every announced channel is taken)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            ch = self.accept_nowait()
+            if ch is not None:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # taken: not lost to a cancel
+                return ch
+            if self._arrived is None:
+                self._arrived = trio.lowlevel.ParkingLot()
+            await self._arrived.park()
 
     def accept_nowait(self) -> Channel | None:
-        """The next announced channel, or None when none is waiting."""
-        try:
-            ch = self._incoming_recv.receive_nowait()
-        except trio.WouldBlock:
-            return None
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise ChannelClosed(f"endpoint {self.agent} is detached") from None
-        self._pending -= 1
-        return ch
+        """The next announced channel, or None when none is waiting (ChannelClosed once
+        detached and every announced channel is taken)."""
+        if self._incoming:
+            return self._incoming.popleft()
+        if not self.attached:
+            raise ChannelClosed(f"endpoint {self.agent} is detached")
+        return None
 
     def __aiter__(self) -> Endpoint:
         return self
@@ -879,7 +901,9 @@ class Endpoint:
         if not self.attached:
             return
         self.attached = False
-        self._incoming_send.close()
+        self._take = None
+        if self._arrived is not None:
+            self._arrived.unpark_all()  # accept() raises once the queue is empty
         if self.mux._endpoints.get(self.agent) is self:
             del self.mux._endpoints[self.agent]
 

@@ -27,7 +27,7 @@ from .auth import Grant
 from .bandwidth import Cadence, TokenBucket
 from .channel import Channel, ChannelState, End
 from .core import Endpoint, Mux
-from .errors import BadRequest, ChannelError, ChannelNotFound, ChannelThrottled, MuxError
+from .errors import BadRequest, ChannelClosed, ChannelError, ChannelNotFound, ChannelThrottled, MuxError
 from .frames import AgentSignature, Frame, payload_bytes
 from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
 from .resume import Resumed, new_token
@@ -104,6 +104,8 @@ class WireSession:
         """Resumed channels still replaying what their agent missed."""
         self._closed = False
         self._nursery: trio.Nursery | None = None
+        self._announcing = False
+        """True while ``_announce_waiting`` runs (announcements queue behind it, in order)."""
 
     @property
     def agent(self) -> str:
@@ -363,16 +365,38 @@ class WireSession:
             if state.on_room is not None:
                 state.on_room(state, end)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Announce incoming channels (and start sending their frames); the durable-ack pump
-        runs here too, from the first durable send on."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            async for ch in self.endpoint:
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start serving: each channel opened to this agent is announced (``channel_opened``)
+        and its frames sent, the moment it is opened; ``nursery`` (the connection's) runs
+        the few tasks a connection may need (the durable-ack pump from its first durable
+        send, resumed channels' replays, announcements waiting for a full control queue)."""
+        self._nursery = nursery
+        self.endpoint.take_channels(self._take_channel)
+
+    def _take_channel(self, ch: Channel) -> bool:
+        """Announce ``ch`` now; False (it stays queued at the endpoint) while the control
+        queue is full or earlier ones wait: ``_announce_waiting`` sends them in order."""
+        if self._announcing or not self.outbox.has_room(CONTROL):
+            if not self._announcing and self._nursery is not None:
+                self._announcing = True
+                self._nursery.start_soon(self._announce_waiting)
+            return False
+        self.outbox.put_nowait(CONTROL, CONTROL_URGENCY, wire.channel_opened_event(ch._state, "target"))
+        self._watch(ch)
+        return True
+
+    async def _announce_waiting(self) -> None:
+        """Announce the channels queued at the endpoint, waiting for room in the control
+        queue (a peer that does not read); ends when none is left."""
+        try:
+            while (ch := self.endpoint.accept_nowait()) is not None:
                 await self.outbox.put(CONTROL, CONTROL_URGENCY, wire.channel_opened_event(ch._state, "target"))
                 self._watch(ch)
-                del ch  # not kept alive (with its state) while waiting for the next one
+                del ch  # not kept alive (with its state) while waiting for room
+        except ChannelClosed:
+            pass  # detached meanwhile: the connection is going
+        finally:
+            self._announcing = False
 
     async def _ack_pump(self) -> None:
         """Send durable ``frame_ack``s in order, each once the store has committed its frame."""

@@ -22,7 +22,7 @@ async def test_closed_channels_keep_no_connection(node: mux.Mux) -> None:
         sessions = []
         for name in ("alice", "bob"):
             s = WireSession(node, node.attach(name), max_message_bytes=1 << 20)
-            await connections.start(s.run)
+            s.start(connections)
             sessions.append(s)
         alice, bob = sessions
         for _ in range(3):
@@ -42,12 +42,12 @@ async def test_closed_channels_keep_no_connection(node: mux.Mux) -> None:
 
 async def test_a_closed_channel_is_freed_while_its_connections_stay(node: mux.Mux) -> None:
     """Nothing of a connection's last channel stays alive once it is closed and forgotten:
-    the session's loop that announces incoming channels does not hold on to it."""
+    announcing the channels opened to a connection holds on to none of them."""
     node.config.closed_retention = 0
     async with trio.open_nursery() as connections:
         alice, bob = (WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "bob"))
-        await connections.start(alice.run)
-        await connections.start(bob.run)
+        alice.start(connections)
+        bob.start(connections)
         alice.handle('{"action":"open","target":"bob"}')
         await trio.sleep(0.05)
         (info,) = node.channels(agent="bob")
@@ -66,8 +66,8 @@ async def test_a_connection_that_held_many_channels_shrinks_back(node: mux.Mux) 
     it grew to: about 1 KiB per connection and agent that once held many channels)."""
     async with trio.open_nursery() as connections:
         alice, bob = (WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "bob"))
-        await connections.start(alice.run)
-        await connections.start(bob.run)
+        alice.start(connections)
+        bob.start(connections)
         for _ in range(25):
             alice.handle('{"action":"open","target":"bob"}')
         await trio.sleep(0.1)

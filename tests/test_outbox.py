@@ -142,7 +142,7 @@ async def test_voice_overtakes_a_queued_bulk_flood(node: mux.Mux, nursery: trio.
     """The receiver's outbox holds a bulk flood; a voice frame sent after it goes out next."""
     sender = node.attach("alice")
     receiver = WireSession(node, node.attach("bob"), max_message_bytes=1 << 20)
-    await nursery.start(receiver.run)
+    receiver.start(nursery)
     bulk = await sender.open("bob", "stream")
     voice = await sender.open("bob", "tibet:ping:voiceish")  # priority 2, live relay
     opened = [await receiver.outbox.get() for _ in range(2)]
@@ -259,7 +259,7 @@ async def test_bulk_beside_a_call_is_shaped_on_that_connection_only(node: mux.Mu
         sessions = {}
         for name in ("alice", "bob", "carol"):
             s = WireSession(node, node.attach(name), max_message_bytes=2 << 20)
-            await connections.start(s.run)
+            s.start(connections)
             sessions[name] = s
         alice, carol = sessions["alice"], sessions["carol"]
 
@@ -303,7 +303,7 @@ async def _bulk_paces_beside_a_steady_call(clock: trio.testing.MockClock, gaps: 
     paces: list[Any] = []
     async with mux.open_mux(agent="n", realtime_bulk_gaps=gaps) as m, trio.open_nursery() as connections:
         alice = WireSession(m, m.attach("alice"), max_message_bytes=1 << 20)
-        await connections.start(alice.run)
+        alice.start(connections)
         m.attach("bob")
 
         def act(**action: Any) -> dict[str, Any]:
@@ -352,7 +352,7 @@ async def test_a_bulk_frame_refused_by_its_intent_does_not_spend_the_calls_share
     async with mux.open_mux(agent="n", intent_policies={"bulk:tiny": {"rate": 1000, "burst": 1000}}) as m:
         async with trio.open_nursery() as connections:
             alice = WireSession(m, m.attach("alice"), max_message_bytes=1 << 20)
-            await connections.start(alice.run)
+            alice.start(connections)
             m.attach("bob")
 
             def open_(intent: str) -> str:
@@ -570,8 +570,8 @@ async def test_without_a_call_held_a_large_frames_pieces_share_writes(nursery: t
 async def test_a_session_knows_when_it_holds_a_call(node: mux.Mux, nursery: trio.Nursery) -> None:
     """Both ends of a real-time channel count it while it is open; a bulk channel does not."""
     alice, bob = (WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "bob"))
-    await nursery.start(alice.run)
-    await nursery.start(bob.run)
+    alice.start(nursery)
+    bob.start(nursery)
     alice.handle('{"action":"open","target":"bob","intent":"stream"}')
     await trio.sleep(0.05)
     assert not alice.holds_realtime and not bob.holds_realtime

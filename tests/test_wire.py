@@ -36,7 +36,7 @@ class Peer:
 async def pair(node: mux.Mux, nursery: trio.Nursery) -> tuple[Peer, Peer]:
     a, b = Peer(node, "a"), Peer(node, "b")
     for p in (a, b):
-        await nursery.start(p.session.run)
+        p.session.start(nursery)
     return a, b
 
 
