@@ -512,6 +512,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
                 lambda: session.holds_realtime,
             )
             nursery.start_soon(writer.run)
+            session.outbox.start_writer = partial(_restart, nursery, writer)
             node.sessions[session] = writer  # watched by the node's one _watchdog
             session.outbox.write_through = node.write_through
             session.outbox.write_now = writer.write_now
@@ -547,6 +548,15 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         session.close("ws_disconnect")
         node.sessions.pop(session, None)
         node.closed_sessions += 1
+
+
+def _restart(nursery: trio.Nursery, writer: _Writer) -> None:
+    """Start a retired writer's task again (not once its connection is ending)."""
+    writer.since = trio.current_time()
+    try:
+        nursery.start_soon(writer.run)
+    except RuntimeError:  # the connection's nursery is closing: nothing more is written
+        pass
 
 
 async def _handle_ready(session: WireSession, sock: Socket, message: str | bytes) -> None:
@@ -685,9 +695,10 @@ class _Writer:
 
     async def run(self) -> None:
         """Send each message; a client that takes none for ``send_timeout_s`` is dropped
-        (slow consumer): nothing queues past the outbox bounds meanwhile."""
-        while await self._write(await self.outbox.get()):
-            pass  # _write's locals are gone: nothing written stays referenced while we wait
+        (slow consumer): nothing queues past the outbox bounds meanwhile. Ends when the
+        outbox retires it (idle; ``Outbox.retire``): the next message starts it again."""
+        while (message := await self.outbox.get()) is not None and await self._write(message):
+            del message  # nothing written stays referenced while we wait
 
     async def _write(self, message: Outgoing) -> bool:
         """Write ``message`` and whatever is ready behind it; False after the shutdown marker."""
@@ -733,15 +744,17 @@ class _Writer:
 
 
 async def _watchdog(node: Node) -> None:
-    """Drop slow consumers, every connection of the node from one task.
+    """Drop slow consumers, and end idle writers' tasks, every connection of the node from
+    one task.
 
     Hypercorn writes to the socket in a shielded scope, so a send to a client that stopped
     reading cannot be cancelled: the agent leaves the mux here (its channels close with
     ``slow_consumer``, every frame queued for it is released), and the one message on the
     wire stays with the connection until the peer goes away."""
-    timeout = node.settings.send_timeout_s
+    timeout, idle_s = node.settings.send_timeout_s, node.settings.writer_idle_s
+    period = min(1.0, timeout / 4, idle_s / 2 if idle_s > 0 else 1.0)
     while True:
-        await trio.sleep(min(1.0, timeout / 4))
+        await trio.sleep(period)
         now = trio.current_time()
         for session, writer in node._writing():
             if writer.stalled(now):
@@ -749,6 +762,8 @@ async def _watchdog(node: Node) -> None:
                 session.close("slow_consumer")
                 node.sessions.pop(session, None)
                 writer.connection.cancel()
+            elif idle_s > 0 and not writer.busy and now - writer.since > idle_s:
+                writer.outbox.retire()  # idle: its task ends until the next message
 
 
 async def _expire_with_token(sock: Socket, grant: Grant, scope: trio.CancelScope) -> None:

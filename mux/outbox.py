@@ -105,6 +105,10 @@ class Outbox:
         self._rings: dict[int, collections.deque[str]] = {}
         self._ready = trio.lowlevel.ParkingLot()
         self.queued = 0
+        self.start_writer: Callable[[], None] | None = None
+        """Set by a writer that may retire (:meth:`retire`): starts its task again."""
+        self._retiring = False
+        self._retired = False
 
     def _limit(self, key: str) -> int:
         return self.control_limit if key == CONTROL else self.per_key
@@ -125,26 +129,50 @@ class Outbox:
             ring.append(key)
         q.items.extend(messages)
         self.queued += len(messages)
-        if self._ready:  # the writer waits for work
+        if self._ready or self._retired:  # the writer waits for work (or has retired)
             through = self.write_through
             if through is not None and through.holding and self.write_now is not None:
                 if not self._noted:
                     self._noted = True
                     through.note(self)
             else:
-                self._ready.unpark_all()
+                self._wake()
 
     def kick(self) -> None:
         """If the writer still waits and something is queued: ``write_now``, or wake it."""
         self._noted = False
-        if self.queued and self._ready:
+        if self.queued and (self._ready or self._retired):
             write_now = self.write_now
             written = False
             try:
                 written = write_now is not None and write_now()
             finally:
                 if not written:
-                    self._ready.unpark_all()
+                    self._wake()
+
+    def _wake(self) -> None:
+        """Wake the waiting writer, or start the retired one's task again."""
+        if self._retired:
+            self._retired = False
+            if self.start_writer is not None:
+                self.start_writer()
+        else:
+            self._ready.unpark_all()
+
+    @property
+    def retired(self) -> bool:
+        """True while the writer's task has ended (:meth:`retire`) and nothing restarted it."""
+        return self._retired
+
+    def retire(self) -> bool:
+        """Ask the writer waiting in :meth:`get` with nothing queued to end its task (``get``
+        returns None): an idle connection keeps no writer task. The next message queued
+        starts it again (``start_writer``). False when no writer waits or none can restart."""
+        if not self._ready or self.queued or self.start_writer is None:
+            return False
+        self._retiring = True
+        self._ready.unpark_all()
+        return True
 
     async def put(self, key: str, urgency: int, *messages: Outgoing) -> None:
         """Queue ``messages`` under ``key``, waiting while its queue is full."""
@@ -182,12 +210,17 @@ class Outbox:
             return message
         return None
 
-    async def get(self) -> Outgoing:
-        """Wait for and return the next message."""
+    async def get(self) -> Outgoing | None:
+        """Wait for and return the next message; None when :meth:`retire` asked the writer
+        to leave and nothing came meanwhile."""
         while True:
             message = self.get_nowait()
             if message is not None:
+                self._retiring = False
                 return message
+            if self._retiring:
+                self._retiring, self._retired = False, True
+                return None
             await self._ready.park()
 
     @property

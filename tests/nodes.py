@@ -18,6 +18,7 @@ TEST_NODE: dict[str, Any] = {
     "data_dir": None,
     "agent": "node",
     "graceful_timeout_s": 1.0,
+    "writer_idle_s": 0.05,  # writers end after 50 ms idle: every test with a node restarts them
 }
 """A test node: no authentication, in-memory key and store, quick to shut down."""
 
