@@ -83,7 +83,8 @@ class WireSession:
         self.resume_grace_s = resume_grace_s
         """With a grace period the connection is resumable: see ``mux.resume``."""
         self.resume_token = new_token() if resume_grace_s else None
-        self._closed_told: set[str] = set()
+        self._closed_told: set[str] | None = None
+        """Channels whose close this connection's reply announced (made by the first)."""
         self._durable_acks: collections.deque[tuple[int, str]] | None = None
         """Durable sends' acks waiting for their commit, oldest first (made by the first one:
         most connections never send durably)."""
@@ -296,6 +297,8 @@ class WireSession:
         reason = action.get("reason", "closed")
         if not reason or len(reason) > 200:
             raise BadRequest("close: reason must be 1-200 characters", code="bad_request")
+        if self._closed_told is None:
+            self._closed_told = set()
         self._closed_told.add(ch.id)  # this reply tells it: the channel's sink stays quiet
         self.mux._close_nowait(ch._state, reason, by=self.agent)
         return [wire.channel_closed_event(ch._state, action.ref)]
@@ -489,7 +492,10 @@ class _ChannelSink:
                 session._realtime.discard(self.key)
                 if not session._realtime:
                     session._realtime = None
-        if self.key in session._closed_told:
-            session._closed_told.discard(self.key)
+        told = session._closed_told
+        if told is not None and self.key in told:
+            told.discard(self.key)
+            if not told:
+                session._closed_told = None  # an emptied set keeps its grown table
         elif self.state.close_frame is not None and not session._closed:
             session.outbox.put_nowait(self.key, self.urgency, wire.channel_closed_event(self.state))
