@@ -23,6 +23,11 @@ of the turn :meth:`WriteThrough.flush` has each noted outbox call its ``write_no
 writer's: take what is queued, as the writer would, and write it straight to the socket
 without waiting), and wakes the writer when that could not be done whole. Messages queued
 together still go out in one write; no task switch is spent on the way.
+
+An idle writer's task may end (:meth:`Outbox.retire`, asked by ``mux.app``'s watchdog after
+``writer_idle_s``): a retired writer counts as waiting, so what is queued next is written
+through as above, and whatever must wait for the socket starts the task again
+(``start_writer``).
 """
 
 from __future__ import annotations
