@@ -11,8 +11,8 @@ both ends attached). Every connection has a reader task that takes every event o
 socket. The node's resident memory (``VmRSS`` of ``/proc/PID/status``) is read after a
 small warm-up (the baseline), with all connections open, with all channels open, after
 every channel is closed, and after every connection is gone (each reading after the node's
-``/status`` agrees and a short settle); the whole cycle runs twice, so the second shows
-whether memory is reused rather than grown. Per-connection and per-channel figures are the
+``/status`` agrees and a short settle); the whole cycle runs three times (time allowing), so
+the later ones show whether memory is reused rather than grown. Per-connection and per-channel figures are the
 differences divided by the counts. The target (memory back within 5% after 10,000 channels
 open and close) compares the RSS after the channels close with the RSS just before they
 opened, the 2,000 connections open both times. The node's ``/status`` confirms the counts it holds.
@@ -44,12 +44,13 @@ CONNECT_PARALLEL = 64
 SETTLE_S = 1.0
 SETTLE_MAX_S = 8.0
 """After counts agree, RSS is read until it stops falling (at most this long)."""
-CYCLES = 2
+CYCLES = 3
 PHASE_TIMEOUT_S = 90.0
 KEEPALIVE_S = 20.0
 MEMORY_TIMEOUT_S = 330.0
-SECOND_CYCLE_IF_UNDER_S = 110.0
-"""The second cycle runs only when the first took less than this (keeps the suite bounded)."""
+MORE_CYCLES_UNDER_S = 110.0
+"""Another cycle starts only while the cycles so far took less than this (keeps the suite
+bounded)."""
 
 
 @attrs.define(eq=False)
@@ -293,8 +294,8 @@ async def _memory_cycles(node: Proc, res: MemoryResult, connections: int, opener
         res.heap_baseline = _heap(await _status(http))
         started = trio.current_time()
         for c in range(CYCLES):
-            if c and trio.current_time() - started > SECOND_CYCLE_IF_UNDER_S:
-                _progress(f"cycle {c + 1} skipped: cycle 1 took {trio.current_time() - started:.0f} s")
+            if c and trio.current_time() - started > MORE_CYCLES_UNDER_S:
+                _progress(f"cycle {c + 1} skipped: cycles so far took {trio.current_time() - started:.0f} s")
                 break
             res.cycles.append(await _cycle(node, http, f"m{c}", connections, openers, per_opener))
 
@@ -347,23 +348,24 @@ def run(connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int 
         )
     )
     if len(r.cycles) > 1:
-        c2 = r.cycles[1]
-        errors = f"; errors: {dict(c2.errors)}" if c2.errors else ""
+        later = r.cycles[1:]
+        errors = "".join(f"; cycle {i + 2} errors: {dict(x.errors)}" for i, x in enumerate(later) if x.errors)
+        peaks = " / ".join(f"{x.rss_channels / 1024:.1f}" for x in r.cycles)
+        gone = " / ".join(f"{x.rss_gone / 1024:.1f}" for x in r.cycles)
+        kept = ", ".join(f"{(b.rss_gone - a.rss_gone) / 1024:+.1f}" for a, b in zip(r.cycles, later, strict=False))
         rows.append(
             (
-                "(e) cycle 2, same again: peak RSS / RSS after all closed",
-                f"{c2.rss_channels / 1024:8.1f} / {c2.rss_gone / 1024:.1f} MiB (cycle 1: {c.rss_channels / 1024:.1f} /"
-                f" {c.rss_gone / 1024:.1f}): {(c2.rss_gone - c.rss_gone) / 1024:+.1f} MiB kept per cycle{errors}",
+                f"(e) cycles 1-{len(r.cycles)}, the same again: peak RSS; RSS after all closed",
+                f"{peaks} MiB; {gone} MiB: {kept} MiB kept by each later cycle{errors}",
             )
         )
         rows.append(
             (
-                "(e) cycle 2: RSS after the channels close, vs just before they opened",
-                f"{c2.rss_closed / 1024:8.1f} MiB = {_pct(c2.rss_closed, c2.rss_conns)}"
-                f" vs {c2.rss_conns / 1024:.1f} MiB (a node that held channels before reuses that memory;"
-                " it is not given back)",
+                f"(e) cycles 2-{len(r.cycles)}: RSS after the channels close, vs just before they opened",
+                ", ".join(f"{_pct(x.rss_closed, x.rss_conns)} ({x.rss_closed / 1024:.1f} MiB)" for x in later)
+                + " (a node that held channels before reuses that memory; it is not given back)",
             )
         )
     else:
-        rows.append(("(e) cycle 2", "skipped (cycle 1 too slow for the time budget)"))
+        rows.append(("(e) cycles 2-3", "skipped (cycle 1 too slow for the time budget)"))
     return rows
