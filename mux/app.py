@@ -639,7 +639,8 @@ class _Writer:
     """True while the connection holds a real-time channel: writes stay within
     ``WRITE_BYTES``; else within ``BULK_WRITE_BYTES``."""
     busy: bool = False
-    since: float = 0.0
+    since: float = attrs.field(factory=trio.current_time)
+    """When the last write began (or the writer was made, or started again)."""
 
     @property
     def idle(self) -> bool:

@@ -43,9 +43,10 @@ class NodeSettings:
     """Messages a connection may send in a burst above the rate."""
     send_timeout_s: float = 15.0
     """A client that does not take a message for this long is disconnected (slow consumer)."""
-    writer_idle_s: float = 5.0
-    """A connection that has had nothing to write for about this long keeps no writer task
-    (2.4 KiB less per idle connection) until its next message; 0 = writers never retire."""
+    writer_idle_s: float = 1.0
+    """A connection whose writer task has had nothing to write for about this long keeps no
+    writer task (2.4 KiB less per idle connection) until a message must wait for its socket
+    (most are written straight through without one); 0 = writers never retire."""
     trusted_proxy_hops: int = 0
     """TLS-terminating proxies in front of the node whose X-Forwarded-For/-Proto to trust."""
     longpoll_max_s: float = 30.0

@@ -110,3 +110,11 @@ async def test_outbox_retire_ends_a_waiting_writer_and_the_next_message_starts_i
     box.put_nowait(CONTROL, 0, "x")
     assert box.get_nowait() == "x"  # a restarted writer takes what came, in order
     assert [box.get_nowait() for _ in range(3)] == ["c", "d", "e"]
+
+
+async def test_a_new_connection_keeps_its_writer_for_writer_idle_s(nursery: trio.Nursery) -> None:
+    info = await serve_node(nursery, writer_idle_s=0.6)
+    async with connect(info.url, "alice"):
+        await trio.sleep(0.3)  # connected, nothing written by its writer yet: not idle for long
+        assert _writer_tasks() == 1
+        await _all_retired(info, 1)  # once it has been
