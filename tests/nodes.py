@@ -1,7 +1,9 @@
-"""Starting real nodes in tests: Hypercorn on a free loopback port, in the test's nursery."""
+"""Starting real nodes in tests: Hypercorn on a free loopback port, in the test's nursery;
+and counting the tasks an in-process node runs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -9,7 +11,7 @@ import trio
 from mux.server import ServeInfo, serve
 from mux.settings import NodeSettings
 
-__all__ = ["serve_node"]
+__all__ = ["running_tasks", "serve_node"]
 
 TEST_NODE: dict[str, Any] = {
     "open_mode": True,
@@ -28,3 +30,14 @@ async def serve_node(nursery: trio.Nursery, **settings: Any) -> ServeInfo:
     node_settings = NodeSettings(**{**TEST_NODE, **settings})
     info: ServeInfo = await nursery.start(lambda task_status: serve(node_settings, task_status=task_status))
     return info
+
+
+def running_tasks(named: Callable[[str], bool]) -> int:
+    """How many tasks of this trio run (an in-process node's among them) have a name for
+    which ``named`` is true."""
+
+    def walk(task: trio.lowlevel.Task) -> int:
+        own = int(named(task.name))
+        return own + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+    return walk(trio.lowlevel.current_root_task())

@@ -10,17 +10,12 @@ from mux.client import connect
 from mux.outbox import CONTROL, Outbox, Outgoing
 from mux.server import ServeInfo
 
-from .nodes import serve_node
+from .nodes import running_tasks, serve_node
 
 
 def _writer_tasks() -> int:
     """The ``_Writer.run`` tasks running in this trio run (the node is in-process)."""
-
-    def walk(task: trio.lowlevel.Task) -> int:
-        own = int(task.name.endswith("_Writer.run"))
-        return own + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
-
-    return walk(trio.lowlevel.current_root_task())
+    return running_tasks(lambda name: name.endswith("_Writer.run"))
 
 
 async def _all_retired(info: ServeInfo, connections: int) -> None:

@@ -15,6 +15,8 @@ import mux
 from mux import heap
 from mux.session import WireSession
 
+from .nodes import running_tasks
+
 
 async def test_closed_channels_keep_no_connection(node: mux.Mux) -> None:
     """After both connections leave, nothing (the closed-channel lookup included) holds them."""
@@ -126,11 +128,7 @@ def test_release_memory_collects_and_trims() -> None:
 
 
 def _channel_tasks() -> int:
-    def walk(task: trio.lowlevel.Task) -> int:
-        own = task.name.startswith("mux-channel-")
-        return own + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
-
-    return walk(trio.lowlevel.current_root_task())
+    return running_tasks(lambda name: name.startswith("mux-channel-"))
 
 
 async def test_only_backends_with_background_work_get_a_task(node: mux.Mux) -> None:

@@ -12,8 +12,8 @@ socket. The node's resident memory (``VmRSS`` of ``/proc/PID/status``) is read a
 small warm-up (the baseline), with all connections open, with all channels open, after
 every channel is closed, and after every connection is gone (each reading after the node's
 ``/status`` agrees and a short settle); the whole cycle runs three times (time allowing), so
-the later ones show whether memory is reused rather than grown. Per-connection and per-channel figures are the
-differences divided by the counts. The target (memory back within 5% after 10,000 channels
+the later ones show whether memory is reused rather than grown. Per-connection and
+per-channel figures are the differences divided by the counts. The target (memory back within 5% after 10,000 channels
 open and close) compares the RSS after the channels close with the RSS just before they
 opened, the 2,000 connections open both times. The node's ``/status`` confirms the counts it holds.
 """
@@ -21,6 +21,7 @@ opened, the 2,000 connections open both times. The node's ``/status`` confirms t
 from __future__ import annotations
 
 import collections
+import itertools
 import sys
 from typing import Any
 
@@ -352,7 +353,7 @@ def run(connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int 
         errors = "".join(f"; cycle {i + 2} errors: {dict(x.errors)}" for i, x in enumerate(later) if x.errors)
         peaks = " / ".join(f"{x.rss_channels / 1024:.1f}" for x in r.cycles)
         gone = " / ".join(f"{x.rss_gone / 1024:.1f}" for x in r.cycles)
-        kept = ", ".join(f"{(b.rss_gone - a.rss_gone) / 1024:+.1f}" for a, b in zip(r.cycles, later, strict=False))
+        kept = ", ".join(f"{(b.rss_gone - a.rss_gone) / 1024:+.1f}" for a, b in itertools.pairwise(r.cycles))
         rows.append(
             (
                 f"(e) cycles 1-{len(r.cycles)}, the same again: peak RSS; RSS after all closed",
@@ -367,5 +368,5 @@ def run(connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int 
             )
         )
     else:
-        rows.append(("(e) cycles 2-3", "skipped (cycle 1 too slow for the time budget)"))
+        rows.append((f"(e) cycles 2-{CYCLES}", "skipped (cycle 1 too slow for the time budget)"))
     return rows
