@@ -57,8 +57,8 @@ async def drive(n: int, sign_every: int, acks: bool, sign: bool) -> None:
         async with trio.open_nursery() as nursery:
             alice = WireSession(node, node.attach("alice"), max_message_bytes=1 << 20, live_acks=acks)
             bob = WireSession(node, node.attach("bob"), max_message_bytes=1 << 20)
-            await nursery.start(alice.run)
-            await nursery.start(bob.run)
+            alice.start(nursery)
+            bob.start(nursery)
             alice.handle('{"action":"open","target":"bob","intent":"stream"}')
             with trio.fail_after(10):  # bob's session takes the channel: frames go to its outbox
                 while '"channel_opened"' not in str(await bob.outbox.get()):
