@@ -68,6 +68,7 @@ async def drive(n: int, sign_every: int, acks: bool, sign: bool) -> None:
             cid = node.channels(agent="bob")[0]["channel_id"]
             payload = '{"t":1790000000000000000,"p":"' + "x" * 69 + '"}'  # 100 bytes
             messages = [f'{{"action":"send","channel_id":"{cid}","ref":{i},"payload":{payload}}}' for i in range(n)]
+            delivered = 0
             for message in messages:
                 replies = alice.handle(message)
                 if acks and not (replies and '"frame_ack"' in replies[0]):
@@ -75,7 +76,9 @@ async def drive(n: int, sign_every: int, acks: bool, sign: bool) -> None:
                 while alice.outbox.get_nowait() is not None:
                     pass
                 while bob.outbox.get_nowait() is not None:
-                    pass
+                    delivered += 1
+            if delivered < n:
+                raise RuntimeError(f"{delivered} messages reached the receiver's outbox for {n} sends")
             nursery.cancel_scope.cancel()
 
 
