@@ -20,18 +20,20 @@ import attrs
 __all__ = ["GAP_CLOSES", "GAP_OPENS", "UNLIMITED", "Cadence", "TokenBucket"]
 
 
+_SLACK = 1e-6
+"""Credit short by less than this (bytes) counts as enough: refill is float arithmetic, and a
+frame retried after its ``retry_after_ms`` must not be refused for a rounding error."""
+
+
 @attrs.define
 class TokenBucket:
     """Byte credit for one channel: ``rate`` bytes/s, at most ``burst`` bytes banked."""
 
     rate: int
     burst: int
-    tokens: float = attrs.field(default=-1.0)
+    tokens: float = attrs.field(default=attrs.Factory(lambda self: float(self.burst), takes_self=True))
+    """Credit now (a full bucket unless given); below zero after a frame larger than ``burst``."""
     stamp: float | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if self.tokens < 0:
-            self.tokens = float(self.burst)
 
     def take(self, nbytes: int, now: float) -> bool:
         """Spend ``nbytes`` of credit at time ``now``; False (and nothing spent) if short.
@@ -44,7 +46,8 @@ class TokenBucket:
         if self.stamp is not None:
             self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= nbytes or self.tokens >= self.burst:
+        credit = self.tokens + _SLACK
+        if credit >= nbytes or credit >= self.burst:
             self.tokens -= nbytes
             return True
         return False
