@@ -134,8 +134,11 @@ class ChannelFull(ChannelThrottled):
 class VerificationError(MuxError):
     """A frame or chain did not verify; ``reason`` says precisely why.
 
-    Reasons: ``bad_hash``, ``bad_signature``, ``broken_link``, ``gap``, ``reorder``,
-    ``wrong_channel``, ``bad_start``, ``malformed``, ``duplicate``.
+    Reasons: of a frame, ``bad_hash``, ``bad_signature``, ``unsigned``, ``malformed``; of a
+    chain, also ``broken_link``, ``gap``, ``reorder``, ``duplicate``, ``wrong_channel``,
+    ``bad_start``, ``after_close``, ``unsigned_tail``, ``empty``; of an agent's signature,
+    ``bad_agent_signature``, ``not_agent_signed``, ``wrong_agent_key``; of a token,
+    ``expired``, ``not_yet_valid``.
     """
 
     code = "verification_failed"
