@@ -1,7 +1,8 @@
 """The token bucket's promises, checked on random traffic (hypothesis): a channel never
 passes more than its budget (``burst`` plus ``rate`` per second, and at most one frame larger
 than ``burst`` beyond that); a refused frame spends nothing; and a frame refused with
-``retry_after_ms`` passes when retried that much later."""
+``retry_after_ms`` passes when retried that much later. And bulk paced beside a call goes in
+the gap after one of the call's frames, never before it is ready, at most a period later."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mux.bandwidth import TokenBucket
+from mux.bandwidth import GAP_CLOSES, GAP_OPENS, Cadence, TokenBucket
 
 traffic = st.lists(st.tuples(st.integers(0, 400), st.integers(1, 6000)), min_size=1, max_size=80)
 """Frames: milliseconds since the previous one, and its size in bytes."""
@@ -46,3 +47,30 @@ def test_a_bucket_keeps_to_its_budget_and_its_retry_hints(rate: int, burst: int,
             largest = max(largest, size)
             allowed = burst + rate * (end - start) + max(0, largest - burst)
             assert total <= allowed + 1e-5, f"{total} B passed in {end - start:.3f} s; the budget is {allowed:.1f}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gaps=st.lists(st.one_of(st.floats(0.0, 0.2), st.just(1.5)), min_size=1, max_size=30),
+    start=st.floats(0.0, 1e5),
+    after=st.floats(0.0, 0.5),
+)
+def test_bulk_is_put_in_the_gap_after_a_call_frame(gaps: list[float], start: float, after: float) -> None:
+    cadence = Cadence()
+    now = start
+    for gap in gaps:
+        now += gap
+        cadence.frame(now)
+    ready = now + after
+    when = cadence.next_gap(ready)
+    period = cadence.period
+    if period is None:
+        assert when == ready
+        return
+    assert 0.005 <= period <= 0.1, "a period is learnt only from gaps of 5 to 100 ms"
+    assert when >= ready - 1e-9, "never earlier than the frame is ready"
+    assert when - ready <= (1 - GAP_CLOSES + GAP_OPENS) * period + 1e-9, "at most the rest of one period later"
+    phase = ((when - cadence.last) / period) % 1.0
+    assert GAP_OPENS - 1e-6 <= phase <= GAP_CLOSES + 1e-6 or phase >= 1 - 1e-6, (
+        f"sent at {phase:.3f} of the call's period, outside its gap"
+    )
