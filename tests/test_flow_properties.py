@@ -1,9 +1,11 @@
 """Flow control per channel (docs/protocol.md), checked on random traffic (hypothesis): one
-sender on one connection, two channels to a receiver that reads slowly or not at all and two
-to one that keeps up. The slow receiver's channels are refused ``receiver_full`` exactly when
-their queue is full, never closed, and its connection never holds more than its queues'
-bound; the other channels never see a refusal; and once read, every acknowledged frame has
-arrived, in order, and no refused one."""
+sender on one connection, two ``stream`` channels and a call's (``call:voice``, binary media)
+to a receiver that reads slowly or not at all, and two to one that keeps up. The slow
+receiver's stream channels are refused ``receiver_full`` exactly when their queue is full;
+the call's media is never refused but dropped late when its queue is full (acknowledged as
+``dropped``, and counted); no channel is closed, and the slow connection never holds more
+than its queues' bound; the quick receiver's channels never see a refusal; and once read,
+every frame acknowledged as delivered has arrived, in order, and nothing else."""
 
 from __future__ import annotations
 
@@ -17,20 +19,30 @@ from hypothesis import strategies as st
 
 import mux
 from mux.session import WireSession
+from mux.wire import pack_binary, unpack_binary
 
 plans = st.lists(
     st.one_of(
-        st.tuples(st.just("send"), st.integers(0, 3), st.integers(1, 6)),
+        st.tuples(st.just("send"), st.integers(0, 4), st.integers(1, 6)),
         st.tuples(st.just("slow_reads"), st.just(0), st.integers(1, 8)),
     ),
     max_size=40,
 )
-"""Steps: ``send`` k frames on channel i (0 and 1 go to the slow receiver), or the slow
-receiver reads k messages."""
+"""Steps: ``send`` k frames on channel i (0, 1 and the call, 4, go to the slow receiver), or
+the slow receiver reads k messages."""
+SLOW = (0, 1, 4)
+CALL = 4
 
 
 def _events(messages: list[str | bytes]) -> list[dict[str, Any]]:
-    return [orjson.loads(m) for m in messages]
+    out = []
+    for m in messages:
+        if isinstance(m, bytes):
+            header, payload = unpack_binary(m)
+            out.append({**header, "payload": {"n": int(payload)}})
+        else:
+            out.append(orjson.loads(m))
+    return out
 
 
 def _drain(session: WireSession, limit: int | None = None) -> list[dict[str, Any]]:
@@ -52,15 +64,21 @@ async def test_a_slow_receiver_is_refused_per_channel_and_loses_nothing_acknowle
         for session in (sender, slow, quick):
             session.start(nursery)
         channels: list[str] = []
-        for target in ("slow", "slow", "quick", "quick"):
-            (opened,) = _events(sender.handle(orjson.dumps({"action": "open", "target": target}).decode()))
+        for target, intent in (("slow", "stream"), ("slow", "stream"), ("quick", "stream"), ("quick", "stream")):
+            opening = {"action": "open", "target": target, "intent": intent}
+            (opened,) = _events(sender.handle(orjson.dumps(opening).decode()))
             channels.append(opened["channel_id"])
+        (call,) = _events(
+            sender.handle(orjson.dumps({"action": "open", "target": "slow", "intent": "call:voice"}).decode())
+        )
+        channels.append(call["channel_id"])
         announced = [e for e in _drain(slow) if e.get("event") == "channel_opened"]
-        assert len(announced) == 2  # the slow receiver reads these, then its channels' frames wait
+        assert len(announced) == 3  # the slow receiver reads these, then its channels' frames wait
         _drain(quick)
 
         acked: dict[str, list[int]] = collections.defaultdict(list)
         refused: dict[str, int] = collections.Counter()
+        dropped = 0
         arrived: dict[str, list[int]] = collections.defaultdict(list)
         n = 0
 
@@ -76,20 +94,32 @@ async def test_a_slow_receiver_is_refused_per_channel_and_loses_nothing_acknowle
             cid = channels[i]
             for _ in range(k):
                 n += 1
-                room = slow.outbox.has_room(cid) if i < 2 else True
-                message = {"action": "send", "channel_id": cid, "ref": n, "payload": {"n": n}}
-                (reply,) = _events(sender.handle(orjson.dumps(message).decode()))
+                room = slow.outbox.has_room(cid) if i in SLOW else True
+                if i == CALL:  # media: a binary send
+                    send = pack_binary({"action": "send", "channel_id": cid, "ref": n}, str(n).encode())
+                    (reply,) = _events(sender.handle(send))
+                else:
+                    message = {"action": "send", "channel_id": cid, "ref": n, "payload": {"n": n}}
+                    (reply,) = _events(sender.handle(orjson.dumps(message).decode()))
                 if room:
                     assert reply.get("event") == "frame_ack" and reply["ref"] == n, reply
+                    assert reply["disposition"] == "delivered", reply
                     acked[cid].append(n)
+                elif i == CALL:  # dropped late, never refused: the call goes on
+                    assert reply.get("event") == "frame_ack" and reply["disposition"] == "dropped", reply
+                    dropped += 1
                 else:
                     assert reply.get("error") == "receiver_full" and reply.get("channel_id") == cid, reply
                     refused[cid] += 1
                 arrive(_drain(quick))  # the quick receiver reads each frame as it comes
-            assert slow.outbox.queued <= 2 * buffer, "the slow connection holds at most its queues' bound"
+            assert slow.outbox.queued <= len(SLOW) * buffer, "the slow connection holds at most its queues' bound"
             assert _drain(sender) == []  # nothing else for the sender: no close, no error event
         assert all(channels[i] not in refused for i in (2, 3)), "a slow receiver never refuses another's channel"
-        assert {c["channel_id"] for c in node.channels()} >= set(channels), "no channel was closed"
+        assert channels[CALL] not in refused, "media is dropped late, never refused"
+        states = {c["channel_id"]: c for c in node.channels()}
+        assert set(states) >= set(channels), "no channel was closed"
+        call_state = states[channels[CALL]]
+        assert call_state["backend_state"]["media_dropped"] == call_state["dropped"] == dropped, "drops are counted"
         arrive(_drain(slow))
         for cid in channels:
             assert arrived[cid] == acked[cid], "every acknowledged frame arrived, in order, and no refused one"
