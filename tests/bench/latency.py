@@ -32,6 +32,7 @@ connection or the voice channel was closed; both sockets must answer a ``ping`` 
 from __future__ import annotations
 
 import collections
+import itertools
 import struct
 import time
 from typing import Any
@@ -81,6 +82,13 @@ class Phase:
     """How late the client's 20 ms ticker sent each frame (client-side jitter)."""
     dispositions: collections.Counter[str] = attrs.field(factory=collections.Counter)
     refused: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    block_ends: list[int] = attrs.field(factory=list)
+    """``len(lat)`` at the end of each block: the phase's latencies block by block."""
+
+    def blocks(self) -> list[list[float]]:
+        """The latencies of each block."""
+        starts = [0, *self.block_ends]
+        return [self.lat[a:b] for a, b in itertools.pairwise(starts)]
 
 
 @attrs.define
@@ -287,6 +295,7 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                     f.in_flight for f in res.floods
                 ):
                     await trio.sleep(0.05)
+            phase.block_ends.append(len(phase.lat))
             await trio.sleep(SETTLE_S)  # bulk still queued for the callee drains before the next block
             for flood in res.floods if p else ():  # keep this block's counters, start the next from zero
                 res.flood_runs.append((p, attrs.evolve(flood, refused=collections.Counter(flood.refused)), meter.wall))
@@ -325,6 +334,14 @@ def _phase_row(phase: Phase) -> str:
     )
 
 
+def _block_ratios(flood: Phase, alone: Phase) -> str:
+    """Each block's p99 over the alone block of its round, and the whole phase's p95 ratio:
+    a p99 of a few hundred frames is set by a handful, so these show how much it moves."""
+    pairs = zip(flood.blocks(), alone.blocks(), strict=True)
+    ratios = [f"{percentile(f, 99) / percentile(a, 99):.2f}" for f, a in pairs if f and a]
+    return f"{', '.join(ratios)}x; p95 {percentile(flood.lat, 95) / percentile(alone.lat, 95):.2f}x"
+
+
 def run(voice_frames: int = VOICE_FRAMES) -> list[tuple[str, str]]:
     """Start a node, run the voice benchmark, return printable rows."""
     with node_process() as node:
@@ -347,9 +364,13 @@ def run(voice_frames: int = VOICE_FRAMES) -> list[tuple[str, str]]:
             "(d) the same, the flood ignoring window (refuse-and-retry only)",
             _phase_row(ignored) + f"   p99 ratio {percentile(ignored.lat, 99) / p99a:.2f}x",
         ),
+        (
+            "    p99 ratios block by block (each flood block against the alone block before it); p95 ratio",
+            f"honouring {_block_ratios(honoured, alone)}; ignoring {_block_ratios(ignored, alone)}",
+        ),
     ]
     totals: dict[tuple[int, str], Flood] = {}
-    walls: collections.Counter[tuple[int, str]] = collections.Counter()
+    walls: collections.defaultdict[tuple[int, str], float] = collections.defaultdict(float)
     for p, f, wall in r.flood_runs:  # the blocks of each phase, summed
         t = totals.setdefault((p, f.intent), Flood(f.intent))
         t.sent, t.ok, t.rx_bytes = t.sent + f.sent, t.ok + f.ok, t.rx_bytes + f.rx_bytes
