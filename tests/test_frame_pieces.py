@@ -1,7 +1,8 @@
 """Large frames on the wire (docs/protocol.md, ``frame_part``), checked on random payloads and
 piece sizes (hypothesis): a frame that fits goes whole; a larger one in ``ceil(len / size)``
 pieces, none over the size, numbered in order, the first carrying the frame's header; joined,
-the pieces give back a frame that verifies offline, and a changed byte in any piece does not."""
+the pieces give back a frame that verifies offline, and a changed byte in any piece does not;
+and ``mux.client`` rebuilds the frames of several channels whose pieces come interleaved."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mux.client import MuxConnection
 from mux.errors import VerificationError
-from mux.frames import ChainHead
+from mux.frames import ChainHead, Frame
 from mux.signing import NodeKey, verify_frame
 from mux.wire import frame_messages, unpack_binary
 
@@ -79,3 +81,45 @@ def test_pieces_rebuild_a_frame_that_verifies(payload: Any, size: int, seq: int,
             with pytest.raises((VerificationError, orjson.JSONDecodeError, UnicodeDecodeError)):
                 tampered = _rebuilt(bad)
                 verify_frame(tampered, KEY.public_hex)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    streams=st.lists(st.lists(st.one_of(st.binary(max_size=900), JSON_PAYLOADS), max_size=5), min_size=2, max_size=4),
+    size=st.integers(16, 400),
+    data=st.data(),
+)
+async def test_the_client_rebuilds_pieces_of_several_channels_interleaved(
+    streams: list[list[Any]], size: int, data: st.DataObject
+) -> None:
+    """As the node's writer sends them (channels of one urgency take turns piece by piece, a
+    call's frames go between a bulk frame's pieces), any interleaving that keeps each
+    channel's order gives ``mux.client`` every channel's frames whole, in order."""
+    conn = MuxConnection(None, {"agent": "b"})  # type: ignore[arg-type]  # no socket: fed by hand
+    queues: list[list[str | bytes]] = []
+    sent: list[list[Frame]] = []
+    for k, payloads in enumerate(streams):
+        cid = f"ch-{k:032x}"
+        await conn._dispatch(orjson.dumps({"event": "channel_opened", "channel_id": cid, "role": "target"}).decode())
+        chain = ChainHead(cid, "file:sync", KEY.sign)
+        frames = [chain.append("data", "a", "b", p, 1_790_000_000_000) for p in payloads]
+        sent.append(frames)
+        queues.append([m for f in frames for m in frame_messages(f, size)])
+    turns = [k for k, q in enumerate(queues) for _ in q]
+    for k in data.draw(st.permutations(turns), label="order of the channels' messages"):
+        await conn._dispatch(queues[k].pop(0))
+    for k, frames in enumerate(sent):
+        channel = conn._channels[f"ch-{k:032x}"]
+        got = [channel._inbox_recv.receive_nowait() for _ in frames]
+        assert [(g["seq"], g["tbz_hash"], g["payload"]) for g in got] == [
+            (f.seq, f.tbz_hash, f.payload) for f in frames
+        ]
+        assert all(verify_frame(Frame.from_dict(_exported(g)), KEY.public_hex) for g in got)
+    assert conn._parts == {}, "no half-built frame is kept"
+
+
+def _exported(frame: dict[str, Any]) -> dict[str, Any]:
+    """A client's frame dict in the exported form (a bytes payload in base64)."""
+    if isinstance(frame["payload"], bytes):
+        return {**frame, "payload": base64.b64encode(frame["payload"]).decode()}
+    return frame
