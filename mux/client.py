@@ -475,10 +475,13 @@ class ClientChannel:
         next send waits that long. A ``throttled`` refusal still raises
         :class:`~mux.errors.ChannelThrottled` (with ``retry_after_ms``) for the caller to retry.
         """
-        while self.window is not None and self._in_flight >= self.window and self.closed_reason is None:
-            await self._room.park()
-        if self._not_before > trio.current_time() and self.closed_reason is None:
-            await trio.sleep_until(self._not_before)
+        while self.closed_reason is None:  # both gates again after any wait: either may have moved
+            if self.window is not None and self._in_flight >= self.window:
+                await self._room.park()
+            elif self._not_before > trio.current_time():
+                await trio.sleep_until(self._not_before)
+            else:
+                break
         if self.closed_reason is not None:
             self._raise_closed()
         self._in_flight += 1
