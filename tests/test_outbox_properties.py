@@ -1,13 +1,16 @@
 """The outbox's scheduling rules, checked on random sequences of puts and takes (hypothesis):
 nothing lost, duplicated or reordered within a key; always the most urgent key; strict turns
 among keys of one urgency; ``limit`` leaves the chosen message queued; ``has_room`` holds each
-queue to its bound; ``on_take`` for every channel message; nothing kept once drained."""
+queue to its bound; ``on_take`` for every channel message; nothing kept once drained. And with
+producers waiting for room and a writer that retires when idle: nothing lost."""
 
 from __future__ import annotations
 
 import collections
 
-from hypothesis import given, settings
+import trio
+import trio.testing
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from mux.outbox import CONTROL, CONTROL_URGENCY, Outbox
@@ -87,3 +90,71 @@ def test_random_puts_and_takes_keep_every_scheduling_rule(ops: list[tuple[str, o
         got.append(rest)
     assert collections.Counter(got) == collections.Counter(put), "every message leaves exactly once"
     assert box._queues == {} and box._rings == {}, "nothing is kept once drained"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    loads=st.lists(st.lists(st.integers(0, 15), min_size=1, max_size=12), min_size=1, max_size=4),
+    writer_ms=st.lists(st.integers(0, 10), min_size=1, max_size=20),
+    retire_ms=st.lists(st.integers(1, 20), min_size=1, max_size=20),
+    per_key=st.integers(1, 4),
+)
+def test_producers_a_writer_that_retires_and_restarts_lose_nothing(
+    loads: list[list[int]], writer_ms: list[int], retire_ms: list[int], per_key: int
+) -> None:
+    """Producers ``put`` (waiting for room) on keys with a small bound while the writer takes
+    messages at its own pace and is asked to retire whenever it waits (as the node's
+    watchdog does); whatever is put after it retired starts it again. Every message arrives,
+    each key's in order, and never two writer tasks at once."""
+    got: list[str] = []
+    running = 0
+    starts = 0
+
+    async def scenario() -> None:
+        nonlocal running
+        box = Outbox(per_key=per_key, control=per_key)
+        all_in = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def writer() -> None:
+                nonlocal running, starts
+                running += 1
+                starts += 1
+                assert running == 1, "two writer tasks at once"
+                try:
+                    i = 0
+                    while (message := await box.get()) is not None:
+                        got.append(str(message))
+                        if len(got) == sum(map(len, loads)):
+                            all_in.set()
+                        await trio.sleep(writer_ms[i % len(writer_ms)] / 1000)
+                        i += 1
+                finally:
+                    running -= 1
+
+            box.start_writer = lambda: nursery.start_soon(writer)
+            nursery.start_soon(writer)
+
+            async def producer(k: int, gaps: list[int]) -> None:
+                for n, gap in enumerate(gaps):
+                    await trio.sleep(gap / 1000)
+                    await box.put(KEYS[k + 1], URGENCY[KEYS[k + 1]], f"{KEYS[k + 1]}:{n:06d}")
+
+            async def retirer() -> None:
+                for i in range(1000):
+                    await trio.sleep(retire_ms[i % len(retire_ms)] / 1000)
+                    box.retire()
+
+            nursery.start_soon(retirer)
+            with trio.fail_after(60):  # virtual seconds: a message (or a producer) left behind fails here
+                async with trio.open_nursery() as producers:
+                    for k, gaps in enumerate(loads):
+                        producers.start_soon(producer, k, gaps)
+                await all_in.wait()
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    event("writer started again", starts > 1)
+    for k, gaps in enumerate(loads):
+        key = KEYS[k + 1]
+        assert [m for m in got if m.startswith(key + ":")] == [f"{key}:{n:06d}" for n in range(len(gaps))]
