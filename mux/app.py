@@ -612,6 +612,9 @@ _REST = "\x00rest"
 _REST_KEY = "*rest*"
 _FIRST_URGENCY = -(1 << 20)
 """The marker's own queue, more urgent than anything: it goes out first."""
+_AGAIN_KEY = "*again*"
+"""A binary message a batching writer took while gathering JSON goes back here, next in line
+after the rest of a write (whatever its own key held behind it stays behind it)."""
 
 _BATCH_HEAD = '{"event":"batch","items":['
 
@@ -686,7 +689,7 @@ class _Writer:
                 self._put_back(nxt)
                 break
             if isinstance(nxt, bytes):  # binary keeps its own message: put it back in front
-                self.outbox.put_nowait(CONTROL, CONTROL_URGENCY - 1, nxt)
+                self.outbox.put_nowait(_AGAIN_KEY, _FIRST_URGENCY + 1, nxt)
                 break
             items.append(_unbatch(nxt))
             size += len(nxt)
