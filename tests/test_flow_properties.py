@@ -64,14 +64,16 @@ async def test_a_slow_receiver_is_refused_per_channel_and_loses_nothing_acknowle
         for session in (sender, slow, quick):
             session.start(nursery)
         channels: list[str] = []
-        for target, intent in (("slow", "stream"), ("slow", "stream"), ("quick", "stream"), ("quick", "stream")):
+        for target, intent in (
+            ("slow", "stream"),
+            ("slow", "stream"),
+            ("quick", "stream"),
+            ("quick", "stream"),
+            ("slow", "call:voice"),
+        ):
             opening = {"action": "open", "target": target, "intent": intent}
             (opened,) = _events(sender.handle(orjson.dumps(opening).decode()))
             channels.append(opened["channel_id"])
-        (call,) = _events(
-            sender.handle(orjson.dumps({"action": "open", "target": "slow", "intent": "call:voice"}).decode())
-        )
-        channels.append(call["channel_id"])
         announced = [e for e in _drain(slow) if e.get("event") == "channel_opened"]
         assert len(announced) == 3  # the slow receiver reads these, then its channels' frames wait
         _drain(quick)
