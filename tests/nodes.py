@@ -1,5 +1,5 @@
 """Starting real nodes in tests: Hypercorn on a free loopback port, in the test's nursery;
-and counting the tasks an in-process node runs."""
+connections' protocol sessions driven by hand; and counting the tasks an in-process node runs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from typing import Any
 
 import trio
 
+from mux.core import Mux
 from mux.server import ServeInfo, serve
+from mux.session import WireSession
 from mux.settings import NodeSettings
 
-__all__ = ["running_tasks", "serve_node"]
+__all__ = ["running_tasks", "serve_node", "started_sessions"]
 
 TEST_NODE: dict[str, Any] = {
     "open_mode": True,
@@ -30,6 +32,15 @@ async def serve_node(nursery: trio.Nursery, **settings: Any) -> ServeInfo:
     node_settings = NodeSettings(**{**TEST_NODE, **settings})
     info: ServeInfo = await nursery.start(lambda task_status: serve(node_settings, task_status=task_status))
     return info
+
+
+def started_sessions(node: Mux, nursery: trio.Nursery, *agents: str) -> list[WireSession]:
+    """A started :class:`WireSession` per agent (attached to ``node``, its tasks in ``nursery``):
+    what a connection runs, with no socket; a test hands it messages and reads its outbox."""
+    sessions = [WireSession(node, node.attach(agent), max_message_bytes=1 << 20) for agent in agents]
+    for session in sessions:
+        session.start(nursery)
+    return sessions
 
 
 def running_tasks(named: Callable[[str], bool]) -> int:

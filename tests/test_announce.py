@@ -10,6 +10,8 @@ import mux
 from mux.outbox import CONTROL
 from mux.session import WireSession
 
+from .nodes import started_sessions
+
 
 def _events(session: WireSession) -> list[dict[str, object]]:
     """Everything queued on ``session``'s outbox, taken off it in order."""
@@ -94,8 +96,7 @@ async def test_take_channels_gets_the_waiting_ones_then_each_as_it_is_opened() -
 
 async def test_a_connection_announces_a_channel_the_moment_it_opens_with_no_task(node: mux.Mux) -> None:
     async with trio.open_nursery() as connection:
-        bob = WireSession(node, node.attach("bob"), max_message_bytes=1 << 20)
-        bob.start(connection)
+        (bob,) = started_sessions(node, connection, "bob")
         ch = await node.open("bob", "stream", agent="alice")
         (opened,) = _events(bob)  # queued by the open itself, before any scheduling turn
         assert opened["event"] == "channel_opened" and opened["channel_id"] == ch.id and opened["role"] == "target"

@@ -15,8 +15,9 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import mux
-from mux.session import WireSession
 from mux.signing import verify_chain
+
+from .nodes import started_sessions
 
 batches = st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=6)
 """Batches of sends, each on channel 0, 1 or 2 (channel 2 goes to a receiver that reads only
@@ -27,11 +28,7 @@ between batches, with room for ``buffer`` frames: some of its sends are refused)
 @given(plan=batches, buffer=st.integers(1, 4), reads=st.booleans())
 async def test_every_batch_leaves_each_chain_signed(plan: list[list[int]], buffer: int, reads: bool) -> None:
     async with mux.open_mux(agent="node", channel_buffer_frames=buffer) as node, trio.open_nursery() as nursery:
-        sender, quick, slow = (
-            WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "quick", "slow")
-        )
-        for session in (sender, quick, slow):
-            session.start(nursery)
+        sender, quick, slow = started_sessions(node, nursery, "alice", "quick", "slow")
         channels = []
         for target in ("quick", "quick", "slow"):
             (opened,) = sender.handle(orjson.dumps({"action": "open", "target": target}).decode())

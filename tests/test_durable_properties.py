@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mux
-from mux.session import WireSession
+
+from .nodes import started_sessions
 
 plans = st.lists(st.tuples(st.integers(1, 6), st.integers(0, 30)), min_size=1, max_size=12)
 """Rounds: this many sends at once, then a pause of this many milliseconds."""
@@ -32,8 +33,7 @@ def test_a_durable_ack_leaves_only_after_its_frame_is_committed(plan: list[tuple
 
 async def _scenario(data_dir: Path, plan: list[tuple[int, int]]) -> None:
     async with mux.open_mux(agent="node", data_dir=data_dir) as node, trio.open_nursery() as nursery:
-        sender = WireSession(node, node.attach("alice"), max_message_bytes=1 << 20)
-        sender.start(nursery)
+        (sender,) = started_sessions(node, nursery, "alice")
         (opened,) = sender.handle('{"action":"open","target":"bob","intent":"chat"}')  # bob is offline
         cid = orjson.loads(opened)["channel_id"]
         db = sqlite3.connect(data_dir / "mux.sqlite3")

@@ -21,6 +21,8 @@ import mux
 from mux.session import WireSession
 from mux.wire import pack_binary, unpack_binary
 
+from .nodes import started_sessions
+
 plans = st.lists(
     st.one_of(
         st.tuples(st.just("send"), st.integers(0, 4), st.integers(1, 6)),
@@ -58,11 +60,7 @@ async def test_a_slow_receiver_is_refused_per_channel_and_loses_nothing_acknowle
     buffer: int, plan: list[tuple[str, int, int]]
 ) -> None:
     async with mux.open_mux(agent="node", channel_buffer_frames=buffer) as node, trio.open_nursery() as nursery:
-        sender, slow, quick = (
-            WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "slow", "quick")
-        )
-        for session in (sender, slow, quick):
-            session.start(nursery)
+        sender, slow, quick = started_sessions(node, nursery, "alice", "slow", "quick")
         channels: list[str] = []
         for target, intent in (
             ("slow", "stream"),

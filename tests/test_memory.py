@@ -13,19 +13,14 @@ import trio.testing
 
 import mux
 from mux import heap
-from mux.session import WireSession
 
-from .nodes import running_tasks
+from .nodes import running_tasks, started_sessions
 
 
 async def test_closed_channels_keep_no_connection(node: mux.Mux) -> None:
     """After both connections leave, nothing (the closed-channel lookup included) holds them."""
     async with trio.open_nursery() as connections:  # as the socket handler runs them
-        sessions = []
-        for name in ("alice", "bob"):
-            s = WireSession(node, node.attach(name), max_message_bytes=1 << 20)
-            s.start(connections)
-            sessions.append(s)
+        sessions = started_sessions(node, connections, "alice", "bob")
         alice, bob = sessions
         for _ in range(3):
             alice.handle('{"action":"open","target":"bob"}')
@@ -34,7 +29,7 @@ async def test_closed_channels_keep_no_connection(node: mux.Mux) -> None:
         refs = [weakref.ref(s) for s in sessions]
         alice.close("ws_disconnect")  # closes the channels; bob's ends are shut, not detached
         bob.close("ws_disconnect")
-        del sessions, alice, bob, s
+        del sessions, alice, bob
         await trio.sleep(0.05)
         connections.cancel_scope.cancel()
     gc.collect()
@@ -47,9 +42,7 @@ async def test_a_closed_channel_is_freed_while_its_connections_stay(node: mux.Mu
     announcing the channels opened to a connection holds on to none of them."""
     node.config.closed_retention = 0
     async with trio.open_nursery() as connections:
-        alice, bob = (WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "bob"))
-        alice.start(connections)
-        bob.start(connections)
+        alice, _bob = started_sessions(node, connections, "alice", "bob")
         alice.handle('{"action":"open","target":"bob"}')
         await trio.sleep(0.05)
         (info,) = node.channels(agent="bob")
@@ -67,9 +60,7 @@ async def test_a_connection_that_held_many_channels_shrinks_back(node: mux.Mux) 
     of held channels are as small as an empty dict again (a dict otherwise keeps the table
     it grew to: about 1 KiB per connection and agent that once held many channels)."""
     async with trio.open_nursery() as connections:
-        alice, bob = (WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "bob"))
-        alice.start(connections)
-        bob.start(connections)
+        alice, bob = started_sessions(node, connections, "alice", "bob")
         for _ in range(25):
             alice.handle('{"action":"open","target":"bob"}')
         await trio.sleep(0.1)

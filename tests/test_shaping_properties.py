@@ -18,6 +18,8 @@ import mux
 from mux.session import WireSession
 from mux.wire import pack_binary
 
+from .nodes import started_sessions
+
 CALL_PERIOD_S = 0.020
 
 
@@ -44,11 +46,7 @@ def test_bulk_that_keeps_to_the_hints_is_never_refused_beside_a_call(
             mux.open_mux(agent="node", realtime_bulk_rate=rate, realtime_bulk_gaps=gaps) as node,
             trio.open_nursery() as nursery,
         ):
-            sender, receiver = (
-                WireSession(node, node.attach(name), max_message_bytes=1 << 20) for name in ("alice", "bob")
-            )
-            sender.start(nursery)
-            receiver.start(nursery)
+            sender, receiver = started_sessions(node, nursery, "alice", "bob")
             call = _reply(sender, '{"action":"open","target":"bob","intent":"call:voice"}')["channel_id"]
             bulk = _reply(sender, '{"action":"open","target":"bob","intent":"stream"}')["channel_id"]
 
