@@ -77,7 +77,9 @@ class MuxConfig:
     mailbox_max_bytes: int = 64 << 20
     """Unacknowledged durable payload bytes one agent's mailbox holds before ``mailbox_full``."""
     mailbox_max_age_s: float = 7 * 24 * 3600.0
-    """Unacknowledged durable frames older than this are expired (counted and logged)."""
+    """Unacknowledged durable frames older than this are expired (counted and logged): looked
+    for on durable puts and attaches, at most once in a quarter of this or in a minute,
+    whichever is shorter."""
     intent_policies: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     """Per-intent policy overrides, e.g. ``{"file:sync": {"rate": 0}}`` (TOML
     ``[mux.intent_policies."file:sync"]``): fields of :class:`BandwidthPolicy`."""
@@ -578,10 +580,10 @@ class Mux:
 
     def mail_put(self, state: ChannelState, frame: Frame) -> bool:
         """Put a durable frame in its target's mailbox (and store); True if delivered at once."""
+        self._expire_mail()  # first: it drops the mailboxes it empties
         box = self.mailboxes.get(frame.target)
         if box is None:
             box = self.mailboxes[frame.target] = Mailbox(frame.target)
-        self._expire_mail()
         mail = box.put(state, frame)
         self.store.mail_put(frame)
         self._pump(state, state.ends[frame.target])
@@ -623,8 +625,10 @@ class Mux:
         return removed
 
     def _expire_mail(self) -> None:
+        """Expire mailbox frames past ``mailbox_max_age_s`` (at most once in a quarter of
+        that age or in a minute, whichever is shorter)."""
         now = time.monotonic()
-        if now - self._last_expiry < 60.0:
+        if now - self._last_expiry < min(60.0, self.config.mailbox_max_age_s / 4):
             return
         self._last_expiry = now
         cutoff = now_ms() - int(self.config.mailbox_max_age_s * 1000)
@@ -758,6 +762,7 @@ class Mux:
             raise ChannelError(f"agent {name} is already attached", code="agent_attached")
         ep = Endpoint(self, name)
         self._endpoints[name] = ep
+        self._expire_mail()  # nothing past the retention age is delivered
         box = self.mailboxes.get(name)
         if box is not None:
             box.rewind()  # everything unacknowledged is delivered again

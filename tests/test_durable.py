@@ -70,6 +70,59 @@ async def test_mailbox_full_refuses_with_a_clear_error() -> None:
         await ch.send(4)
 
 
+AGE_S = 0.4
+"""A mailbox retention age short enough for a test (looked for every tenth of a second)."""
+
+
+async def test_mailbox_frames_past_the_retention_age_expire_counted(tmp_path: Path) -> None:
+    """An offline agent's unacknowledged frames older than ``mailbox_max_age_s`` leave its
+    mailbox (counted in ``expired``, and gone from the store: a restart does not bring them
+    back) on the next durable put; newer frames stay and are delivered."""
+    async with mux.open_mux(agent="n", data_dir=tmp_path, mailbox_max_age_s=AGE_S) as m:
+        old = await m.open("bob", "chat", agent="alice")
+        for i in range(3):
+            await old.send({"old": i})
+        await trio.sleep(AGE_S * 1.5)
+        new = await m.open("bob", "task", agent="carol")
+        await new.send({"new": 0})  # this put looks for expired frames
+        status = m.status()
+        assert status["expired"] == 3 and status["mailboxes"] == {"agents": 1, "frames": 1}
+        await old.send({"old": 3})  # the channel stays usable
+        assert m.status()["mailboxes"]["frames"] == 2
+        async with m.attach("bob") as bob:  # delivered live, not acknowledged
+            live = {}
+            for _ in range(2):
+                ch = await bob.accept()
+                live[ch.id] = [(await ch.receive()).payload]
+            assert live == {old.id: [{"old": 3}], new.id: [{"new": 0}]}
+    async with mux.open_mux(agent="n", data_dir=tmp_path, mailbox_max_age_s=3600) as m2, m2.attach("bob") as bob:
+        got = {}
+        for _ in range(2):
+            ch = await bob.accept()
+            got[ch.id] = [f.payload async for f in ch]  # closed by the restart: ends after its mail
+        assert got == {old.id: [{"old": 3}], new.id: [{"new": 0}]}
+
+
+async def test_an_agent_attaching_after_the_retention_age_gets_nothing_expired() -> None:
+    """Frames that passed the retention age while nothing else was put are expired when
+    their agent attaches, before anything is delivered; the channel itself is announced
+    (still open) and goes on."""
+    async with mux.open_mux(agent="n", mailbox_max_age_s=AGE_S) as m:
+        ch = await m.open("bob", "chat", agent="alice")
+        for i in range(4):
+            await ch.send(i)
+        await trio.sleep(AGE_S * 1.5)
+        async with m.attach("bob") as bob:
+            assert m.status()["expired"] == 4 and m.status()["mailboxes"]["frames"] == 0
+            peer = await bob.accept()
+            assert peer.id == ch.id and peer.receive_nowait() is None
+            await ch.send(4)
+            frame = await peer.receive()
+            assert frame.payload == 4
+            await peer.ack(frame.seq)
+        assert m.status()["mailboxes"] == {"agents": 0, "frames": 0}
+
+
 async def test_restart_on_the_same_data_dir_delivers_and_forgets_acked(tmp_path: Path) -> None:
     async with mux.open_mux(agent="n", data_dir=tmp_path) as m1:
         key = m1.public_key
