@@ -1,0 +1,79 @@
+"""The in-memory ledger stays within its bounds (``mux.storage.MemoryStore``), checked on
+random traffic (hypothesis): after every frame it holds at most ``max_channels`` chains,
+each at most ``max_frames_per_channel`` frames and ``max_bytes_per_channel`` payload bytes
+(a chain's newest frame is always kept), at most ``max_total_bytes`` in all (while more than
+one chain is held), and its byte count is the sum of what it holds. What it keeps of a chain
+is the newest part of that channel's frames, in order; the chains it forgets are the ones
+it began longest ago."""
+
+from __future__ import annotations
+
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mux.frames import ChainHead, Frame
+from mux.signing import NodeKey
+from mux.storage import MemoryStore
+
+KEY = NodeKey.generate()
+CHANNELS = [f"ch-{i:032x}" for i in range(6)]
+
+traffic = st.lists(st.tuples(st.integers(0, len(CHANNELS) - 1), st.integers(0, 300)), max_size=80)
+"""Frames in the order they are stored: which channel, and the payload's length."""
+
+
+def _held(store: MemoryStore) -> dict[str, list[Frame]]:
+    """Every chain the store holds, by channel, through its own ``chain`` read."""
+
+    async def read() -> dict[str, list[Frame]]:
+        return {cid: await store.chain(cid) for cid in CHANNELS}
+
+    return {cid: frames for cid, frames in trio.run(read).items() if frames}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    max_channels=st.integers(1, 5),
+    max_frames=st.integers(1, 8),
+    max_bytes=st.integers(1, 1500),
+    max_total=st.integers(1, 4000),
+    plan=traffic,
+)
+def test_the_memory_ledger_keeps_within_its_bounds(
+    max_channels: int, max_frames: int, max_bytes: int, max_total: int, plan: list[tuple[int, int]]
+) -> None:
+    store = MemoryStore(
+        max_channels=max_channels,
+        max_frames_per_channel=max_frames,
+        max_bytes_per_channel=max_bytes,
+        max_total_bytes=max_total,
+    )
+    heads = {cid: ChainHead(cid, "stream", KEY.sign) for cid in CHANNELS}
+    sent: dict[str, list[Frame]] = {cid: [] for cid in CHANNELS}
+    began: dict[str, int] = {}  # when the store last began each chain it had not held
+    for step, (index, size) in enumerate(plan):
+        cid = CHANNELS[index]
+        frame = heads[cid].append("data", "a", "b", "x" * size, step)
+        held_before = _held(store)
+        if cid not in held_before:
+            began[cid] = step
+        store.append(frame)
+        sent[cid].append(frame)
+        assert store.position == step + 1
+        held = _held(store)
+        assert 1 <= len(held) <= max_channels
+        sizes = {cid: sum(f.size for f in frames) for cid, frames in held.items()}
+        assert store._total == sum(sizes.values()), "the byte count is what the chains hold"
+        if len(held) > 1:
+            assert store._total <= max_total
+        for kept, frames in held.items():
+            assert len(frames) <= max_frames
+            assert sizes[kept] <= max_bytes or len(frames) == 1
+            whole = sent[kept]
+            assert frames == whole[len(whole) - len(frames) :], "the newest part of the channel, in order"
+            first = frames[0].seq
+            assert [f.seq for f in trio.run(store.chain, kept, first)] == [f.seq for f in frames[1:]]
+        forgotten = [began[c] for c in began if c not in held]
+        if forgotten:
+            assert max(forgotten) < min(began[c] for c in held), "the chains begun longest ago go first"
