@@ -13,7 +13,10 @@ import orjson
 import pytest
 import trio
 
+import mux
+from mux.core import MuxConfig, start_mux
 from mux.frames import Frame, canonical_json, exact
+from mux.signing import NodeKey, verify_chain
 from mux.sqlite_batch import BatchWriter, Operation, Statement
 from mux.storage import _SCHEMA, ChannelRow, SqliteStore
 
@@ -270,3 +273,48 @@ async def test_a_failed_last_write_leaves_no_durable_wait_parked(tmp_path: Path)
             nursery.start_soon(durable_wait)
     store.close()
     assert sorted(seen) == ["waiter: stopped", "writer: disk I/O error"]
+
+
+async def test_a_stalled_store_refuses_data_frames_with_store_busy_then_recovers(tmp_path: Path) -> None:
+    """While another connection holds the database's write lock (a disk or backup stall),
+    the writer cannot commit: once ``max_queue`` operations wait, data frames are refused
+    ``store_busy`` (never chained: no gap in the chain), the channel stays open, and when
+    the lock goes everything accepted is committed and delivered, and sends are taken again."""
+    store = _store(tmp_path, max_queue=16, linger_s=0.0)
+    async with trio.open_nursery() as nursery:
+        m = await start_mux(nursery, agent="n", key=NodeKey.generate(), config=MuxConfig(), store=store)
+        async with m.attach("bob") as bob:
+            ch = await m.open("bob", "stream", agent="alice")
+            peer = await bob.accept()
+            with trio.fail_after(5):
+                await store.flushed(store.position)
+            blocker = sqlite3.connect(tmp_path / "mux.sqlite3", isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the writer's commit waits
+            accepted: list[int] = []
+            refused = 0
+            for i in range(40):
+                try:
+                    await ch.send(i, wait=False)
+                    accepted.append(i)
+                except mux.ChannelFull as exc:
+                    assert exc.code == "store_busy" and exc.channel_id == ch.id
+                    refused += 1
+                await trio.sleep(0.005)  # the writer is stuck in its commit meanwhile
+            assert refused > 0 and 0 < len(accepted) <= 16, (accepted, refused)
+            assert ch.state == "open" and store.durable < store.position
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            with trio.fail_after(10):
+                await store.flushed(store.position)
+            await ch.send("after", wait=False)
+            got = []
+            while (frame := peer.receive_nowait()) is not None:
+                got.append(frame.payload)
+            assert got == [*accepted, "after"]
+            chain = await m.export(ch.id)
+            assert [f.seq for f in chain] == list(range(len(chain)))  # no gap where frames were refused
+            assert [f.payload for f in chain[1:]] == [*accepted, "after"]
+            assert verify_chain(chain, m.public_key).frames == len(chain)
+        nursery.cancel_scope.cancel()
+    store.close()
+    assert _rows(tmp_path) == len(accepted) + 2 + 1  # open, the accepted frames, "after", bob's close
