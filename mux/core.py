@@ -229,6 +229,7 @@ class Mux:
             "mailboxes": {"agents": len(self.mailboxes), "frames": sum(b.frames for b in self.mailboxes.values())},
             "acked": self._stats["acked"],
             "expired": self._stats["expired"],
+            "store_stalled": self.store.stalled,
             "intents": len(self.registry.routes),
         }
 

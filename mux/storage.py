@@ -8,6 +8,10 @@ applies them in batches, one transaction per batch (group commit; while nobody w
 was recorded, ``await flushed(p)`` returns once everything up to ``p`` is durable: that is
 what a durable ``frame_ack`` waits for. ``has_room`` is False while the queue is over its
 bound, and the core then refuses new data frames with ``store_busy`` rather than grow.
+A batch SQLite cannot commit for now (the database locked by another writer for longer than
+its busy timeout, the disk full, an I/O error) is tried again, ever less often, while the
+node goes on: nothing acknowledged is lost, durable acks wait, and once the queue is full
+data frames are refused ``store_busy`` until the writes succeed again.
 
 :class:`MemoryStore` is the in-process default (nothing survives a restart; the ledger is
 bounded). :class:`SqliteStore` keeps everything in ``DATA_DIR/mux.sqlite3`` (WAL mode),
@@ -19,6 +23,7 @@ implements the same :class:`Store` protocol; none ships yet.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -35,6 +40,12 @@ __all__ = ["STORE_FILE", "ChannelRow", "MemoryStore", "Snapshot", "SqliteStore",
 
 STORE_FILE = "mux.sqlite3"
 """The store's file name inside a node's data directory."""
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 2.0
+"""A batch SQLite could not commit is tried again after ``RETRY_FIRST_S``, then after twice
+as long each time, at most ``RETRY_MAX_S`` apart."""
+
+log = logging.getLogger("mux")
 
 
 @attrs.frozen
@@ -65,6 +76,8 @@ class Store(Protocol):
     """The storage seam. Record methods are sync and ordered; ``run`` applies them."""
 
     position: int
+    stalled: str | None
+    """Why the writer cannot commit now (it keeps trying), else None."""
 
     def append(self, frame: Frame) -> None:
         """Record a chained frame in the ledger."""
@@ -116,6 +129,8 @@ class MemoryStore:
     max_total_bytes: int = 64 << 20
     """Payload bytes kept in all; the chains begun longest ago are forgotten first."""
     position: int = 0
+    stalled: str | None = attrs.field(default=None, init=False)
+    """Never: memory does not stall."""
     _bytes: dict[str, int] = attrs.field(factory=dict, init=False)
     _total: int = attrs.field(default=0, init=False)
     _chains: collections.OrderedDict[str, list[Frame] | collections.deque[Frame]] = attrs.field(
@@ -215,6 +230,8 @@ class SqliteStore:
     to ``linger_s`` (or until ``batch`` are queued) before it commits: a live relay's ledger
     frames then go in a few large transactions instead of one small one per wake-up, each of
     which cost a thread hand-off and a commit. A durable send never waits for the linger.
+    ``busy_timeout_s`` is how long a statement waits for another writer's lock before the
+    commit counts as failed (and is tried again: see the module).
     """
 
     def __init__(
@@ -225,12 +242,13 @@ class SqliteStore:
         max_queue: int = 50_000,
         batch: int = 2048,
         linger_s: float = 0.02,
+        busy_timeout_s: float = 5.0,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._writer = BatchWriter(self._db)
@@ -245,6 +263,8 @@ class SqliteStore:
         self.position = 0
         self.durable = 0
         self.failed: BaseException | None = None
+        self.stalled: str | None = None
+        """The error of the last commit that failed and is being tried again, else None."""
         self._stopped = False
 
     def _put(self, op: str, args: tuple[Any, ...], frame: Frame | None = None) -> None:
@@ -300,8 +320,26 @@ class SqliteStore:
             self._writer.execute(plan)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT may have ended it already
+                db.execute("ROLLBACK")
             raise
+
+    async def _commit(self, plan: list[Statement]) -> bool:
+        """Commit ``plan`` in the worker thread; False (logged, ``stalled`` set) when SQLite
+        cannot for now, which leaves nothing of it written."""
+        try:
+            await trio.to_thread.run_sync(self._write, plan, limiter=self._limiter)
+        except sqlite3.OperationalError as exc:
+            if self.stalled is None:
+                log.warning(
+                    "store %s: cannot commit (%s); trying again, refusing data frames once full", self.path, exc
+                )
+            self.stalled = str(exc)
+            return False
+        if self.stalled is not None:
+            log.warning("store %s: commits again (after: %s)", self.path, self.stalled)
+            self.stalled = None
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer: take what is queued (up to ``batch``), commit it in one transaction."""
@@ -316,10 +354,15 @@ class SqliteStore:
                         await self._urgent.wait()
                 self._urgent = trio.Event()
                 n = min(len(self._queue), self.batch)
-                batch = [self._queue[i] for i in range(n)]
-                with trio.CancelScope(shield=True):  # a batch is committed and dequeued as one
-                    plan = self._writer.plan(batch)  # here: the thread needs the GIL only to bind
-                    await trio.to_thread.run_sync(self._write, plan, limiter=self._limiter)
+                plan = self._writer.plan([self._queue[i] for i in range(n)])  # the thread only binds
+                delay = RETRY_FIRST_S
+                while True:
+                    with trio.CancelScope(shield=True):  # a batch is committed and dequeued as one
+                        committed = await self._commit(plan)
+                    if committed:
+                        break
+                    await trio.sleep(delay)  # cancellable: the batch is still queued
+                    delay = min(delay * 2, RETRY_MAX_S)
                 for _ in range(n):
                     self._queue.popleft()
                 self.durable += n

@@ -318,3 +318,78 @@ async def test_a_stalled_store_refuses_data_frames_with_store_busy_then_recovers
         nursery.cancel_scope.cancel()
     store.close()
     assert _rows(tmp_path) == len(accepted) + 2 + 1  # open, the accepted frames, "after", bob's close
+
+
+@pytest.mark.parametrize("stall", ["locked", "disk_full"])
+async def test_a_store_that_cannot_commit_keeps_the_node_up_and_loses_nothing(tmp_path: Path, stall: str) -> None:
+    """Commits that fail (another writer holds the lock past the busy timeout; the disk is
+    full) do not stop the node: ``/status`` shows ``store_stalled``, the writer tries again,
+    a durable send waits for its commit, live sends are refused ``store_busy`` once the
+    queue is full; when writes succeed again everything accepted is committed, the durable
+    send returns, and ``store_stalled`` is cleared."""
+    store = _store(tmp_path, max_queue=16, linger_s=0.0, busy_timeout_s=0.02)
+    db = store._db
+    async with trio.open_nursery() as nursery:
+        m = await start_mux(nursery, agent="n", key=NodeKey.generate(), config=MuxConfig(), store=store)
+        async with m.attach("bob") as bob:
+            live = await m.open("bob", "stream", agent="alice")
+            durable = await m.open("bob", "chat", agent="alice")
+            peers = {(p := await bob.accept()).id: p for _ in range(2)}
+            with trio.fail_after(5):
+                await store.flushed(store.position)
+            if stall == "locked":
+                blocker = sqlite3.connect(tmp_path / "mux.sqlite3", isolation_level=None)
+                blocker.execute("BEGIN IMMEDIATE")
+            else:
+                pages = db.execute("PRAGMA page_count").fetchone()[0]
+                db.execute(f"PRAGMA max_page_count = {pages}")  # no room to grow: SQLITE_FULL
+            done = trio.Event()
+
+            async def durable_send() -> None:
+                await durable.send({"mail": 1})  # returns once committed
+                done.set()
+
+            accepted: list[int] = []
+            refused = 0
+            started = False
+            for i in range(80):
+                try:
+                    await live.send(i, wait=False)
+                    accepted.append(i)
+                except mux.ChannelFull as exc:
+                    assert exc.code == "store_busy"
+                    refused += 1
+                if store.stalled and not started:  # the first commit failed, the queue is not full
+                    started = True
+                    nursery.start_soon(durable_send)
+                await trio.sleep(0.005)
+            assert started and refused > 0 and accepted and not done.is_set()
+            stalled = m.status()["store_stalled"]
+            assert stalled and ("locked" in stalled if stall == "locked" else "full" in stalled), stalled
+            assert store.failed is None and live.state == durable.state == "open"
+            if stall == "locked":
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            else:
+                db.execute("PRAGMA max_page_count = 1073741823")
+            with trio.fail_after(10):
+                await done.wait()
+                await store.flushed(store.position)
+            assert m.status()["store_stalled"] is None
+            await live.send("after", wait=False)
+            got = []
+            while (frame := peers[live.id].receive_nowait()) is not None:
+                got.append(frame.payload)
+            assert got == [*accepted, "after"]
+            assert (await peers[durable.id].receive()).payload == {"mail": 1}
+            chain = await m.export(live.id)
+            assert [f.payload for f in chain[1:]] == [*accepted, "after"]
+            assert verify_chain(chain, m.public_key).frames == len(chain)
+        nursery.cancel_scope.cancel()
+    store.close()
+    with sqlite3.connect(tmp_path / "mux.sqlite3") as check:
+        assert (
+            check.execute("SELECT count(*) FROM frames WHERE channel_id = ?", (live.id,)).fetchone()[0]
+            == len(accepted) + 3
+        )  # open, the accepted frames, "after", the close
+        assert check.execute("SELECT count(*) FROM mailbox").fetchone()[0] == 1  # not acknowledged by bob
