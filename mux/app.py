@@ -460,6 +460,19 @@ def create_blueprint(
     return bp
 
 
+MAX_WINDOW = 65536
+"""The largest per-channel window a connection may ask for (``?window=N``)."""
+
+
+def _window_arg(raw: str | None) -> int | None:
+    """``?window=N`` (1 to ``MAX_WINDOW`` frames per channel), or None when not given."""
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WINDOW:
+        raise BadRequest(f"?window= must be a whole number of frames from 1 to {MAX_WINDOW}", code="bad_request")
+    return int(raw)
+
+
 async def serve_socket(node: Node, sock: Socket) -> None:
     """One WebSocket: hello, then actions in and events out until either side goes away."""
     m = node.require()
@@ -475,6 +488,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         if acks not in ("all", "errors"):
             raise BadRequest('?acks= must be "all" or "errors"', code="bad_request")
         live_acks = acks == "all"
+        window = _window_arg(sock.args.get("window"))
         endpoint = m.attach(grant.agent)
     except MuxError as exc:
         try:
@@ -494,6 +508,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         grant=grant,
         rate=(settings.rate_messages_per_s, settings.rate_burst),
         live_acks=live_acks,
+        window=window,
     )
     node.sessions[session] = None
     batching = sock.args.get("batch", "") in ("1", "true", "yes")

@@ -10,13 +10,19 @@ How this works:
   ``MuxError`` with code ``unreachable``. ``frames(..., wait=S)`` is the long-poll receive.
 - :func:`connect` opens one WebSocket (``/api/mux/ws?agent=...``) and yields a
   :class:`MuxConnection`. One reader task owns the socket's receiving side and dispatches
-  every event: a ``frame`` goes to its channel's bounded inbox (when an inbox is full the
-  reader waits, which stops reading the socket: that is backpressure to the node; read your
-  channels), a ``channel_opened`` registers a :class:`ClientChannel` (and, with role
-  ``target``, queues it for :meth:`MuxConnection.accept`), a ``channel_closed`` ends that
-  channel's inbox, and any event carrying a ``ref`` answers the request that sent it.
+  every event: a ``frame`` goes to its channel's bounded inbox, a ``channel_opened``
+  registers a :class:`ClientChannel` (and, with role ``target``, queues it for
+  :meth:`MuxConnection.accept`), a ``channel_closed`` ends that channel's inbox, and any
+  event carrying a ``ref`` answers the request that sent it.
   Requests (``open``, ``send``, ``close``, ``list``, ``ping``) wait for their answer with a
   timeout. Error events that answer nothing are logged and kept in ``MuxConnection.errors``.
+  The connection asks for a per-channel window as large as each inbox (``?window=N``,
+  ``buffer_frames``): the node sends at most that many frames of a channel that the
+  application has not taken yet, and each channel gives credit back (``credit``) as its
+  frames are taken, half a window at a time. So a channel the application does not read
+  fills only its own inbox (its senders get ``receiver_full``) while every other channel,
+  and the answers to requests, keep flowing. Against a node that does not confirm the window
+  (an older one) a full inbox makes the reader wait, which stops the whole socket.
 
 With ``connect(..., batch=True)`` the connection asks the node for batched events
 (``?batch=1``) and one sender task writes the requests: whatever JSON requests queued up
@@ -434,6 +440,8 @@ class ClientChannel:
         self.closed_event: dict[str, Any] | None = None
         """The ``channel_closed`` event, once the channel is closed."""
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[dict[str, Any]](buffer_frames)
+        self._taken = 0
+        """Frames taken since credit was last given back (windowed connections)."""
         self.window: int | None = None
         """The node's ``window`` hint from the last ack or refusal (None: no limit from the
         node): ``send`` keeps at most this many frames unacknowledged on the channel."""
@@ -524,18 +532,33 @@ class ClientChannel:
         Raises :class:`~mux.errors.ChannelClosed` once the channel is closed and drained.
         """
         try:
-            return await self._inbox_recv.receive()
+            frame = await self._inbox_recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             self._raise_closed()
+        await self._took()
+        return frame
 
     def __aiter__(self) -> ClientChannel:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
         try:
-            return await self._inbox_recv.receive()
+            frame = await self._inbox_recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
+        await self._took()
+        return frame
+
+    async def _took(self) -> None:
+        """One frame was taken: on a windowed connection, give credit back once half a
+        window's worth has been taken."""
+        window = self._conn.receive_window
+        if window is None:
+            return
+        self._taken += 1
+        if self._taken >= max(1, window // 2) and self.is_open:
+            taken, self._taken = self._taken, 0
+            await self._conn._credit(self.id, taken)
 
     async def ack(self, seq: int) -> dict[str, Any]:
         """Acknowledge durable frames up to ``seq`` (cumulative); returns the ``acked`` event.
@@ -598,6 +621,10 @@ class MuxConnection:
         self.node: str = hello.get("node", "")
         self.public_key: str = hello.get("public_key", "")
         self.max_message_bytes: int = int(hello.get("max_message_bytes") or 0)
+        window = hello.get("window")
+        self.receive_window: int | None = window if isinstance(window, int) and window > 0 else None
+        """Frames per channel the node sends ahead of the application (``?window=N``, as the
+        node confirmed it); None: no window, a full inbox holds the whole socket."""
         self.errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         self.request_timeout = request_timeout
         self._buffer_frames = buffer_frames
@@ -719,6 +746,15 @@ class MuxConnection:
         if isinstance(frame, dict) and isinstance(frame.get("payload"), (bytes, bytearray, memoryview)):
             frame = {**frame, "enc": "bytes", "payload": base64.b64encode(bytes(frame["payload"])).decode()}
         return verify_frame(frame, self.public_key)
+
+    async def _credit(self, channel_id: str, frames: int) -> None:
+        """Tell the node ``frames`` more frames of the channel may come (no answer expected;
+        a closed socket is the reader's to report)."""
+        message = f'{{"action":"credit","channel_id":"{channel_id}","frames":{frames}}}'
+        try:
+            await self._ws.send_message(message)
+        except trio_websocket.ConnectionClosed:
+            pass
 
     # ---- the sender (batching connections) -----------------------------------------------
 
@@ -864,9 +900,17 @@ class MuxConnection:
             return
         if frame.get("kind") == "seal":  # a node signing chain heads covers earlier frames with it
             ch.last_seal = frame
+            await ch._took()  # it took a place in the window
             return
         try:
-            await ch._inbox_send.send(frame)
+            if self.receive_window is None:
+                await ch._inbox_send.send(frame)  # a full inbox holds the socket: backpressure
+                return
+            try:
+                ch._inbox_send.send_nowait(frame)  # the window leaves room for it
+            except trio.WouldBlock:
+                log.warning("%s: the node sent %s past its window; reading waits", self.agent, ch.id)
+                await ch._inbox_send.send(frame)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             log.debug("%s: frame for closed channel %s dropped", self.agent, ch.id)
 
@@ -883,6 +927,7 @@ async def connect(
     connect_timeout: float = 10.0,
     max_message_bytes: int = 4 << 20,
     batch: bool = False,
+    window: bool = True,
 ) -> AsyncIterator[MuxConnection]:
     """Connect ``agent`` to a node over WebSocket: ``async with connect(url, "alice") as conn:``.
 
@@ -892,9 +937,11 @@ async def connect(
     channel's inbox; ``request_timeout`` bounds each request's wait for its answer. A refused
     connection (e.g. ``agent_attached``) raises the node's error; an unreachable node raises
     MuxError ``unreachable``. With ``batch`` the node batches its events and concurrent
-    requests go out as ``batch`` actions (see the module docstring).
+    requests go out as ``batch`` actions; with ``window`` (the default) each channel has a
+    window of ``buffer_frames`` frames, so one channel left unread never holds up the others
+    (see the module docstring).
     """
-    target = ws_url(url, agent) + ("&batch=1" if batch else "")
+    target = ws_url(url, agent) + ("&batch=1" if batch else "") + (f"&window={buffer_frames}" if window else "")
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
     if ssl_context is None and target.startswith("wss:"):
         ssl_context = ssl.create_default_context()

@@ -66,9 +66,18 @@ class WireSession:
         outbox_per_channel: int | None = None,
         chunk_bytes: int = wire.CHUNK_BYTES,
         live_acks: bool = True,
+        window: int | None = None,
     ) -> None:
         self.mux = mux
         self.live_acks = live_acks
+        self.window = window
+        """``?window=N``: at most N frames of each channel go to the client beyond those it
+        gave back with ``credit`` (the rest wait in the channel's own bounded queue); None:
+        no window, the socket alone holds the client's pace."""
+        self._credits: dict[str, int] | None = {} if window else None
+        """Frames each channel may still send (windowed connections; from ``window`` down)."""
+        self._credited: trio.lowlevel.ParkingLot | None = None
+        """Replays waiting for credit (made by the first)."""
         """False (``?acks=errors``): a live send delivered to the receiver's buffer gets no
         ``frame_ack``; errors, drops and durable (``stored``) acks are always sent."""
         self.endpoint = endpoint
@@ -124,6 +133,8 @@ class WireSession:
         extra: dict[str, Any] = {}
         if self.resume_token:
             extra = {"resume_token": self.resume_token, "resume_grace_s": self.resume_grace_s}
+        if self.window:
+            extra["window"] = self.window
         return wire.event(
             "connected",
             agent=self.agent,
@@ -286,6 +297,28 @@ class WireSession:
             return wait_ms
         return math.ceil((gap - now) * 1000 - 1e-6)  # whole ms, not one more for float dust
 
+    def _do_credit(self, action: wire.Action) -> list[Outgoing]:
+        """The client took ``frames`` frames of a channel: that many more may go to it. No
+        answer (errors only); a channel this connection no longer holds is ignored (it may
+        have closed meanwhile)."""
+        credits = self._credits
+        if credits is None:
+            raise BadRequest("credit needs a windowed connection (?window=N)", code="bad_request")
+        frames = action.get("frames")
+        if isinstance(frames, bool) or frames < 1:
+            raise BadRequest("credit: frames must be a positive integer", code="bad_request")
+        key = action.get("channel_id")
+        sink = self._sinks.get(key)
+        if sink is None and key not in credits:
+            return []
+        assert self.window is not None
+        credits[key] = min(credits.get(key, self.window) + frames, self.window)
+        if sink is not None and sink.pending:
+            sink.drain()
+        if self._credited is not None:
+            self._credited.unpark_all()
+        return []
+
     def _do_ack(self, action: wire.Action) -> list[Outgoing]:
         removed = self.mux.ack(self.agent, action.get("channel_id"), action.get("seq"))
         return [
@@ -362,6 +395,9 @@ class WireSession:
         """A message of channel ``key`` left the outbox: its end has room again."""
         sink = self._sinks.get(key)
         if sink is not None:
+            if sink.pending:
+                sink.drain()  # room in the queue: frames waiting for it (and credit) go on
+                return
             end = sink.end
             end.wake()
             state = sink.state
@@ -429,10 +465,23 @@ class WireSession:
                     continue
                 if replay.mode == "signalling" and frame.binary:
                     continue  # stale media is not replayed
+                await self._take_credit(ch.id)
                 await self.outbox.put(ch.id, urgency, *wire.frame_messages(frame, self.chunk_bytes))
             self._install(ch)
         finally:
             self.replaying -= 1
+
+    async def _take_credit(self, key: str) -> None:
+        """On a windowed connection, wait until channel ``key`` may send a frame, and count it."""
+        credits = self._credits
+        if credits is None:
+            return
+        assert self.window is not None
+        while credits.setdefault(key, self.window) <= 0:
+            if self._credited is None:
+                self._credited = trio.lowlevel.ParkingLot()
+            await self._credited.park()
+        credits[key] -= 1
 
     def close(self, reason: str = "ws_disconnect") -> None:
         """The socket is gone: a resumable session's channels linger for its token (see
@@ -451,9 +500,11 @@ class WireSession:
 class _ChannelSink:
     """One held channel's end, feeding the connection's outbox directly (see ``End.sink``):
     a frame is serialized and queued under the channel's key at its intent's urgency, or
-    refused when that key's queue is full; the ``channel_closed`` event follows the frames."""
+    refused when that key's queue is full; the ``channel_closed`` event follows the frames.
+    On a windowed connection a frame without credit waits in ``pending`` (bounded like the
+    queue) until the client gives credit back."""
 
-    __slots__ = ("done", "end", "key", "session", "state", "urgency")
+    __slots__ = ("done", "end", "key", "pending", "session", "state", "urgency")
 
     def __init__(self, session: WireSession, state: ChannelState, end: End) -> None:
         self.session = session
@@ -462,28 +513,87 @@ class _ChannelSink:
         self.key = state.id
         self.urgency = state.intent.policy.priority
         self.done = False
+        self.pending: collections.deque[Frame] | None = None
+        """Frames waiting for credit, oldest first (windowed connections; made by the first)."""
+
+    def _credit(self) -> int | None:
+        """Frames this channel may still send now (None: the connection has no window)."""
+        session = self.session
+        credits = session._credits
+        if credits is None:
+            return None
+        assert session.window is not None
+        return credits.get(self.key, session.window)
 
     def has_room(self) -> bool:
-        """True when the channel's queue can take another message."""
-        return self.session.outbox.has_room(self.key)
+        """True when the channel's queue (or, without credit, its frames waiting for credit)
+        can take another frame."""
+        session = self.session
+        if session._credits is not None and (self.pending or self._credit() == 0):
+            return len(self.pending or ()) < session.outbox.per_key
+        return session.outbox.has_room(self.key)
 
     def put(self, frame: Frame) -> bool:
         """Queue ``frame`` (as one message, or its ``frame_part`` pieces) if the channel's
         queue has room for a message: the pieces of one frame may go past the bound (by at
         most ``max_payload_bytes / chunk_bytes``), so a frame that was admitted is never
         dropped for its size."""
-        outbox = self.session.outbox
-        if self.done or not outbox.has_room(self.key):
+        session = self.session
+        outbox = session.outbox
+        if self.done:
             return False
-        outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(frame, self.session.chunk_bytes))
+        credits = session._credits
+        if credits is not None:
+            left = self._credit()
+            if self.pending or left == 0:  # no credit: the frame waits for it (in order)
+                if self.pending is None:
+                    self.pending = collections.deque()
+                elif len(self.pending) >= outbox.per_key:
+                    return False
+                self.pending.append(frame)
+                return True
+            if not outbox.has_room(self.key):
+                return False
+            assert left is not None
+            credits[self.key] = left - 1
+        elif not outbox.has_room(self.key):
+            return False
+        outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(frame, session.chunk_bytes))
         return True
 
+    def drain(self) -> None:
+        """Queue the frames waiting for credit while there is credit and room; once none is
+        left and the channel has closed, its ``channel_closed`` follows."""
+        session, pending = self.session, self.pending
+        credits, outbox = session._credits, session.outbox
+        assert pending is not None and credits is not None and session.window is not None
+        while pending and credits.get(self.key, session.window) > 0 and outbox.has_room(self.key):
+            credits[self.key] = credits.get(self.key, session.window) - 1
+            outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(pending.popleft(), session.chunk_bytes))
+        if not pending:
+            self.pending = None
+            if self.done:
+                self._closed()
+        self.end.wake()
+        if self.state.on_room is not None:
+            self.state.on_room(self.state, self.end)
+
     def shut(self) -> None:
-        """Queue ``channel_closed`` after the frames (unless a reply already said it)."""
+        """Queue ``channel_closed`` after the frames (unless a reply already said it); with
+        frames still waiting for credit, once they have gone."""
         if self.done:
             return
         self.done = True
+        told = self.session._closed_told
+        if self.pending and told is not None and self.key in told:
+            self.pending = None  # the client closed it: what it did not take is not sent
+        if not self.pending:
+            self._closed()
+
+    def _closed(self) -> None:
         session = self.session
+        if session._credits is not None:
+            session._credits.pop(self.key, None)
         if session._sinks.get(self.key) is self:
             del session._sinks[self.key]
             if not session._sinks:  # a dict keeps the table it grew to: start small again

@@ -6,14 +6,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import trio
 
 from mux.core import Mux
 from mux.server import ServeInfo, serve
 from mux.session import WireSession
 from mux.settings import NodeSettings
+from mux.wire import pack_binary, unpack_binary
 
-__all__ = ["running_tasks", "serve_node", "started_sessions"]
+__all__ = ["outbox_events", "running_tasks", "send_numbered", "serve_node", "started_sessions"]
 
 TEST_NODE: dict[str, Any] = {
     "open_mode": True,
@@ -34,10 +36,11 @@ async def serve_node(nursery: trio.Nursery, **settings: Any) -> ServeInfo:
     return info
 
 
-def started_sessions(node: Mux, nursery: trio.Nursery, *agents: str) -> list[WireSession]:
-    """A started :class:`WireSession` per agent (attached to ``node``, its tasks in ``nursery``):
-    what a connection runs, with no socket; a test hands it messages and reads its outbox."""
-    sessions = [WireSession(node, node.attach(agent), max_message_bytes=1 << 20) for agent in agents]
+def started_sessions(node: Mux, nursery: trio.Nursery, *agents: str, **options: Any) -> list[WireSession]:
+    """A started :class:`WireSession` per agent (attached to ``node``, its tasks in ``nursery``;
+    ``options`` for each, e.g. ``window``): what a connection runs, with no socket; a test
+    hands it messages and reads its outbox."""
+    sessions = [WireSession(node, node.attach(agent), max_message_bytes=1 << 20, **options) for agent in agents]
     for session in sessions:
         session.start(nursery)
     return sessions
@@ -52,3 +55,28 @@ def running_tasks(named: Callable[[str], bool]) -> int:
         return own + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
 
     return walk(trio.lowlevel.current_root_task())
+
+
+def outbox_events(messages: list[str | bytes]) -> list[dict[str, Any]]:
+    """A hand-driven session's outgoing messages as events: JSON as it is; a binary frame
+    with its header's fields and its payload (an integer's digits, as the property tests
+    send) as ``{"n": int}``."""
+    out = []
+    for m in messages:
+        if isinstance(m, bytes):
+            header, payload = unpack_binary(m)
+            out.append({**header, "payload": {"n": int(payload)}})
+        else:
+            out.append(orjson.loads(m))
+    return out
+
+
+def send_numbered(session: WireSession, channel_id: str, n: int, *, binary: bool) -> dict[str, Any]:
+    """Hand ``session`` a ``send`` of frame number ``n`` (``ref`` n) on ``channel_id``: binary
+    (its digits, as a call's media) or JSON ``{"n": n}``; return the one reply."""
+    if binary:
+        message: str | bytes = pack_binary({"action": "send", "channel_id": channel_id, "ref": n}, str(n).encode())
+    else:
+        message = orjson.dumps({"action": "send", "channel_id": channel_id, "ref": n, "payload": {"n": n}}).decode()
+    (reply,) = outbox_events(session.handle(message))
+    return reply

@@ -19,9 +19,8 @@ from hypothesis import strategies as st
 
 import mux
 from mux.session import WireSession
-from mux.wire import pack_binary, unpack_binary
 
-from .nodes import started_sessions
+from .nodes import outbox_events, send_numbered, started_sessions
 
 plans = st.lists(
     st.one_of(
@@ -36,22 +35,11 @@ SLOW = (0, 1, 4)
 CALL = 4
 
 
-def _events(messages: list[str | bytes]) -> list[dict[str, Any]]:
-    out = []
-    for m in messages:
-        if isinstance(m, bytes):
-            header, payload = unpack_binary(m)
-            out.append({**header, "payload": {"n": int(payload)}})
-        else:
-            out.append(orjson.loads(m))
-    return out
-
-
 def _drain(session: WireSession, limit: int | None = None) -> list[dict[str, Any]]:
     out: list[str | bytes] = []
     while (limit is None or len(out) < limit) and (m := session.outbox.get_nowait()) is not None:
         out.append(m)
-    return _events(out)
+    return outbox_events(out)
 
 
 @settings(max_examples=150, deadline=None)
@@ -70,7 +58,7 @@ async def test_a_slow_receiver_is_refused_per_channel_and_loses_nothing_acknowle
             ("slow", "call:voice"),
         ):
             opening = {"action": "open", "target": target, "intent": intent}
-            (opened,) = _events(sender.handle(orjson.dumps(opening).decode()))
+            (opened,) = outbox_events(sender.handle(orjson.dumps(opening).decode()))
             channels.append(opened["channel_id"])
         announced = [e for e in _drain(slow) if e.get("event") == "channel_opened"]
         assert len(announced) == 3  # the slow receiver reads these, then its channels' frames wait
@@ -95,12 +83,7 @@ async def test_a_slow_receiver_is_refused_per_channel_and_loses_nothing_acknowle
             for _ in range(k):
                 n += 1
                 room = slow.outbox.has_room(cid) if i in SLOW else True
-                if i == CALL:  # media: a binary send
-                    send = pack_binary({"action": "send", "channel_id": cid, "ref": n}, str(n).encode())
-                    (reply,) = _events(sender.handle(send))
-                else:
-                    message = {"action": "send", "channel_id": cid, "ref": n, "payload": {"n": n}}
-                    (reply,) = _events(sender.handle(orjson.dumps(message).decode()))
+                reply = send_numbered(sender, cid, n, binary=i == CALL)  # a call's media is binary
                 if room:
                     assert reply.get("event") == "frame_ack" and reply["ref"] == n, reply
                     assert reply["disposition"] == "delivered", reply

@@ -1,0 +1,88 @@
+"""Receive windows end to end (docs/protocol.md "Receive windows"): a real node, ``mux.client``
+at both ends. A channel the receiving application does not read fills only its own window
+and queue (its sender is refused ``receiver_full``) while the connection's other channels, a
+call among them, and the answers to its own requests go on; read later, it gives every
+acknowledged frame, in order. Bad windows and credits fail that message only."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from mux.client import connect, open_ws
+from mux.core import MuxConfig
+from mux.errors import ChannelFull
+
+from .nodes import serve_node
+from .wsutil import recv, send, ws_url
+
+WINDOW = 4
+QUEUE = 8
+"""The receiver's window and the node's queue per channel (``channel_buffer_frames``)."""
+
+
+async def test_an_unread_channel_holds_up_nothing_else(nursery: trio.Nursery) -> None:
+    info = await serve_node(nursery, mux=MuxConfig(channel_buffer_frames=QUEUE))
+    async with connect(info.url, "tx") as tx, connect(info.url, "rx", buffer_frames=WINDOW) as rx:
+        assert rx.receive_window == WINDOW
+        unread = await tx.open("rx", "stream")
+        other = await tx.open("rx", "stream")
+        call = await tx.open("rx", "call:voice")
+        peers = {ch.id: ch for ch in [await rx.accept() for _ in range(3)]}
+        acked = []
+        with trio.fail_after(10):
+            for n in range(WINDOW + QUEUE + 5):
+                try:
+                    await unread.send({"n": n})
+                    acked.append(n)
+                except ChannelFull as exc:
+                    assert exc.code == "receiver_full"
+                    break
+            assert acked == list(range(WINDOW + QUEUE)), "the window, then the channel's own queue"
+            for n in range(3 * WINDOW):  # the others flow, however far past the window
+                await other.send({"other": n})
+                await call.send(n.to_bytes(2, "big") * 80)
+                assert (await peers[other.id].receive())["payload"] == {"other": n}
+                assert (await peers[call.id].receive())["payload"] == n.to_bytes(2, "big") * 80
+            assert await rx.ping() < 5  # and so do the answers to the receiver's own requests
+            got = [(await peers[unread.id].receive())["payload"]["n"] for _ in acked]
+        assert got == acked, "read later, every acknowledged frame, in order"
+        await unread.send({"n": "after"})  # room again
+        assert (await peers[unread.id].receive())["payload"] == {"n": "after"}
+
+
+async def test_a_closed_channel_closes_after_its_last_frame_past_the_window(nursery: trio.Nursery) -> None:
+    info = await serve_node(nursery, mux=MuxConfig(channel_buffer_frames=QUEUE))
+    async with connect(info.url, "tx") as tx, connect(info.url, "rx", buffer_frames=WINDOW) as rx:
+        ch = await tx.open("rx", "stream")
+        peer = await rx.accept()
+        for n in range(WINDOW + 3):
+            await ch.send(n)
+        await ch.close()
+        with trio.fail_after(10):
+            assert [frame["payload"] async for frame in peer] == list(range(WINDOW + 3))
+        assert peer.closed_reason == "closed"
+
+
+@pytest.mark.parametrize("query", ["&window=0", "&window=x", "&window=65537", "&window=-3"])
+async def test_a_bad_window_is_refused_clearly(nursery: trio.Nursery, query: str) -> None:
+    info = await serve_node(nursery)
+    async with open_ws(ws_url(info.url, "rx") + query) as ws:
+        refusal = await recv(ws)
+        assert refusal["error"] == "bad_request" and "window" in refusal["detail"]
+
+
+async def test_bad_credits_fail_that_message_only(nursery: trio.Nursery) -> None:
+    info = await serve_node(nursery)
+    async with open_ws(ws_url(info.url, "plain")) as plain, open_ws(ws_url(info.url, "rx") + "&window=2") as rx:
+        assert "window" not in await recv(plain)
+        assert (await recv(rx))["window"] == 2
+        await send(plain, action="credit", channel_id="ch-" + "0" * 32, frames=1, ref=1)
+        refusal = await recv(plain)
+        assert (refusal["error"], refusal["ref"]) == ("bad_request", 1) and "window" in refusal["detail"]
+        for frames in (0, -1, True, "2"):
+            await send(rx, action="credit", channel_id="ch-" + "0" * 32, frames=frames, ref=2)
+            assert (await recv(rx))["error"] == "bad_request"
+        await send(rx, action="credit", channel_id="ch-" + "0" * 32, frames=3, ref=3)  # not held: ignored
+        await send(rx, action="ping", ref=4)
+        assert (await recv(rx))["event"] == "pong"
