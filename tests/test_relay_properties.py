@@ -3,9 +3,9 @@ WebSockets with ``mux.client`` at both ends: one sender opens up to four channel
 different intents to one receiver (``stream``; ``bulk:test``, which has a bandwidth budget;
 durable ``chat``; a call's binary media, ``call:voice``), sends JSON and binary payloads of
 random sizes (up to 2.5 times a ``frame_part`` piece) on all of them at once, each
-connection batching or not, and retries what the node refuses (``throttled``,
-``receiver_full``) after the hint it gives; the receiver reads each channel at its own
-speed. Then, per channel: the receiver got exactly the frames acknowledged as delivered or
+connection batching or not (the receiver's with a receive window or not), and retries what
+the node refuses (``throttled``, ``receiver_full``) after the hint it gives; the receiver
+reads each channel at its own speed. Then, per channel: the receiver got exactly the frames acknowledged as delivered or
 stored, whole, in order and once; a frame acknowledged as dropped is a call's media and
 nothing else; the call was never refused; the exported chain verifies and holds every
 acknowledged frame in order; no connection was closed and no unanswered error came. The same
@@ -81,12 +81,19 @@ def transport(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(plan=channels, tx_batch=st.booleans(), rx_batch=st.booleans(), buffer=st.integers(2, 16))
+@given(
+    plan=channels,
+    tx_batch=st.booleans(),
+    rx_batch=st.booleans(),
+    rx_window=st.booleans(),
+    buffer=st.integers(2, 16),
+)
 async def test_every_acknowledged_frame_arrives_whole_in_order_once(
     transport: dict[str, Any],
     plan: tuple[tuple[str, list[tuple[bool, int]], int, float], ...],
     tx_batch: bool,
     rx_batch: bool,
+    rx_window: bool,
     buffer: int,
 ) -> None:
     acks: dict[str, list[tuple[int, str, Any]]] = {}
@@ -99,7 +106,9 @@ async def test_every_acknowledged_frame_arrives_whole_in_order_once(
             assert info.url.startswith("https://" if transport["serve"] else "http://")
             async with (
                 connect(info.url, "tx", batch=tx_batch, **transport["connect"]) as tx,
-                connect(info.url, "rx", batch=rx_batch, buffer_frames=4, **transport["connect"]) as rx,
+                connect(
+                    info.url, "rx", batch=rx_batch, window=rx_window, buffer_frames=4, **transport["connect"]
+                ) as rx,
             ):
                 opened = [await tx.open("rx", intent) for intent, *_ in plan]
                 delays = {ch.id: delay for ch, (*_, delay) in zip(opened, plan, strict=True)}
