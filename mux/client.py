@@ -750,7 +750,7 @@ class MuxConnection:
     async def _credit(self, channel_id: str, frames: int) -> None:
         """Tell the node ``frames`` more frames of the channel may come (no answer expected;
         a closed socket is the reader's to report)."""
-        message = f'{{"action":"credit","channel_id":"{channel_id}","frames":{frames}}}'
+        message = orjson.dumps({"action": "credit", "channel_id": channel_id, "frames": frames}).decode()
         try:
             await self._ws.send_message(message)
         except trio_websocket.ConnectionClosed:

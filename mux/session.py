@@ -70,6 +70,8 @@ class WireSession:
     ) -> None:
         self.mux = mux
         self.live_acks = live_acks
+        """False (``?acks=errors``): a live send delivered to the receiver's buffer gets no
+        ``frame_ack``; errors, drops and durable (``stored``) acks are always sent."""
         self.window = window
         """``?window=N``: at most N frames of each channel go to the client beyond those it
         gave back with ``credit`` (the rest wait in the channel's own bounded queue); None:
@@ -78,8 +80,6 @@ class WireSession:
         """Frames each channel may still send (windowed connections; from ``window`` down)."""
         self._credited: trio.lowlevel.ParkingLot | None = None
         """Replays waiting for credit (made by the first)."""
-        """False (``?acks=errors``): a live send delivered to the receiver's buffer gets no
-        ``frame_ack``; errors, drops and durable (``stored``) acks are always sent."""
         self.endpoint = endpoint
         self.grant = grant or Grant(endpoint.agent)
         """What the connection's credentials allow (intents, agent key)."""
@@ -566,9 +566,9 @@ class _ChannelSink:
         left and the channel has closed, its ``channel_closed`` follows."""
         session, pending = self.session, self.pending
         credits, outbox = session._credits, session.outbox
-        assert pending is not None and credits is not None and session.window is not None
-        while pending and credits.get(self.key, session.window) > 0 and outbox.has_room(self.key):
-            credits[self.key] = credits.get(self.key, session.window) - 1
+        assert pending is not None and credits is not None
+        while pending and (left := self._credit() or 0) > 0 and outbox.has_room(self.key):
+            credits[self.key] = left - 1
             outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(pending.popleft(), session.chunk_bytes))
         if not pending:
             self.pending = None

@@ -14,7 +14,7 @@ from mux.core import MuxConfig
 from mux.errors import ChannelFull
 
 from .nodes import serve_node
-from .wsutil import recv, send, ws_url
+from .wsutil import open_cuttable_ws, recv, send, ws_url
 
 WINDOW = 4
 QUEUE = 8
@@ -86,3 +86,30 @@ async def test_bad_credits_fail_that_message_only(nursery: trio.Nursery) -> None
         await send(rx, action="credit", channel_id="ch-" + "0" * 32, frames=3, ref=3)  # not held: ignored
         await send(rx, action="ping", ref=4)
         assert (await recv(rx))["event"] == "pong"
+
+
+async def test_a_resumed_channel_replays_within_its_window(nursery: trio.Nursery) -> None:
+    """What a windowed connection missed while away is replayed a window at a time: the
+    replay waits for credit like live frames do."""
+    info = await serve_node(nursery, resume_grace_s=5.0)
+    async with connect(info.url, "tx") as tx:
+        url = ws_url(info.url, "rx") + "&resumable=1&window=2"
+        async with open_cuttable_ws(url) as (rx, stream):
+            token = (await recv(rx))["resume_token"]
+            ch = await tx.open("rx", "stream")
+            assert (await recv(rx))["event"] == "channel_opened"
+            await trio.aclose_forcefully(stream)  # cut before anything was sent
+        for n in range(5):
+            await ch.send(n)
+        async with open_ws(url) as rx:
+            assert (await recv(rx))["window"] == 2
+            await send(rx, action="resume", token=token, last={ch.id: 0}, ref="r")
+            assert (await recv(rx))["event"] == "resumed"
+            got = []
+            for _ in range(3):
+                frames = [await recv(rx) for _ in range(min(2, 5 - len(got)))]
+                got += [f["payload"] for f in frames]
+                with trio.move_on_after(0.2):  # nothing more before credit
+                    raise AssertionError(f"past the window: {await recv(rx)}")
+                await send(rx, action="credit", channel_id=ch.id, frames=len(frames))
+            assert got == [0, 1, 2, 3, 4]
