@@ -634,7 +634,9 @@ class MuxConnection:
         self._more_out = trio.lowlevel.ParkingLot()
         self._parts: dict[tuple[str, int], tuple[dict[str, Any], list[bytes]]] = {}
         self._refs = itertools.count(1)
-        self._incoming_send, self._incoming_recv = trio.open_memory_channel[ClientChannel](64)
+        # Channels opened to us wait for accept() without bound: never the reader (which would
+        # hold up every channel); there are never more than the node holds open for us.
+        self._incoming_send, self._incoming_recv = trio.open_memory_channel[ClientChannel](math.inf)
         self._closed = False
 
     def __repr__(self) -> str:

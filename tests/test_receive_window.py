@@ -6,6 +6,8 @@ acknowledged frame, in order. Bad windows and credits fail that message only."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import trio
 
@@ -113,3 +115,24 @@ async def test_a_resumed_channel_replays_within_its_window(nursery: trio.Nursery
                     raise AssertionError(f"past the window: {await recv(rx)}")
                 await send(rx, action="credit", channel_id=ch.id, frames=len(frames))
             assert got == [0, 1, 2, 3, 4]
+
+
+async def test_channels_not_yet_accepted_hold_up_nothing_else(nursery: trio.Nursery) -> None:
+    """However many channels are opened to a ``mux.client`` connection that has not accepted
+    them yet, its reader goes on: the channel it reads and its requests keep flowing."""
+    info = await serve_node(nursery)
+    async with contextlib.AsyncExitStack() as stack:
+        rx = await stack.enter_async_context(connect(info.url, "rx"))
+        tx = await stack.enter_async_context(connect(info.url, "tx"))
+        openers = [await stack.enter_async_context(connect(info.url, f"o{i}")) for i in range(3)]
+        ch = await tx.open("rx", "stream")
+        peer = await rx.accept()
+        with trio.fail_after(10):
+            for opener in openers:
+                for _ in range(30):
+                    await opener.open("rx", "stream")  # 90 channels nobody accepts yet
+            await ch.send("still flowing")
+            assert (await peer.receive())["payload"] == "still flowing"
+            assert await rx.ping() < 5
+            accepted = [await rx.accept() for _ in range(90)]
+        assert len({c.id for c in accepted}) == 90
