@@ -586,16 +586,18 @@ class ClientChannel:
 class _Incoming:
     """The async iterator of :meth:`MuxConnection.incoming` (a class, not a generator: safe to break)."""
 
-    recv: trio.MemoryReceiveChannel[ClientChannel]
+    conn: MuxConnection
 
     def __aiter__(self) -> _Incoming:
         return self
 
     async def __anext__(self) -> ClientChannel:
         try:
-            return await self.recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise StopAsyncIteration from None
+            return await self.conn.accept()
+        except MuxError as exc:
+            if exc.code == "connection_closed":
+                raise StopAsyncIteration from None
+            raise
 
 
 class MuxConnection:
@@ -634,9 +636,11 @@ class MuxConnection:
         self._more_out = trio.lowlevel.ParkingLot()
         self._parts: dict[tuple[str, int], tuple[dict[str, Any], list[bytes]]] = {}
         self._refs = itertools.count(1)
-        # Channels opened to us wait for accept() without bound: never the reader (which would
-        # hold up every channel); there are never more than the node holds open for us.
-        self._incoming_send, self._incoming_recv = trio.open_memory_channel[ClientChannel](math.inf)
+        self._incoming: collections.deque[ClientChannel] = collections.deque()
+        """Channels opened to us, waiting for :meth:`accept`. Never bounded by making the reader
+        wait (that would hold up every channel): a channel that closes before it is accepted
+        with nothing left to read leaves it, so it holds no more than the node keeps for us."""
+        self._arrived = trio.lowlevel.ParkingLot()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -719,14 +723,18 @@ class MuxConnection:
 
     async def accept(self) -> ClientChannel:
         """The next channel another agent opened to us (MuxError ``connection_closed`` at the end)."""
-        try:
-            return await self._incoming_recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise MuxError("the connection to the node is closed", code="connection_closed") from None
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._incoming:
+            if self._closed:
+                raise MuxError("the connection to the node is closed", code="connection_closed")
+            await self._arrived.park()
+        ch = self._incoming.popleft()
+        await trio.lowlevel.cancel_shielded_checkpoint()  # taken: not lost to a cancel
+        return ch
 
     def incoming(self) -> AsyncIterator[ClientChannel]:
         """``async for ch in conn.incoming()``: channels opened to us, until the connection ends."""
-        return _Incoming(self._incoming_recv)
+        return _Incoming(self)
 
     async def list(self) -> list[dict[str, Any]]:
         """This agent's open channels, as the node sees them (channel info dicts)."""
@@ -818,7 +826,7 @@ class MuxConnection:
         self._closed = True
         for pending in list(self._pending.values()):
             pending.resolve(error=MuxError("the connection to the node is closed", code="connection_closed"))
-        self._incoming_send.close()
+        self._arrived.unpark_all()
         for ch in self._channels.values():
             if ch.closed_reason is None:
                 ch.closed_reason = "connection_closed"
@@ -887,11 +895,17 @@ class MuxConnection:
             if isinstance(pending, _Pending):
                 pending.channel = ch
             if ch.role == "target":
-                await self._incoming_send.send(ch)
+                self._incoming.append(ch)
+                self._arrived.unpark_all()
         elif name == "channel_closed":
             closing = self._channels.pop(msg.get("channel_id", ""), None)
             if closing is not None:
                 closing._closed(msg)
+                if closing.role == "target" and not closing._inbox_recv.statistics().current_buffer_used:
+                    try:
+                        self._incoming.remove(closing)  # closed before anyone took it, nothing to read
+                    except ValueError:
+                        pass
         if pending is not None:
             pending.resolve(reply=msg)
 

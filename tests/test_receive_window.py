@@ -136,3 +136,23 @@ async def test_channels_not_yet_accepted_hold_up_nothing_else(nursery: trio.Nurs
             assert await rx.ping() < 5
             accepted = [await rx.accept() for _ in range(90)]
         assert len({c.id for c in accepted}) == 90
+
+
+async def test_a_channel_closed_before_it_is_accepted_with_nothing_to_read_is_forgotten(
+    nursery: trio.Nursery,
+) -> None:
+    """Channels opened to an agent and closed again before it accepts them, with nothing
+    for it to read, do not pile up waiting for accept(); one with frames still waits."""
+    info = await serve_node(nursery)
+    async with connect(info.url, "rx") as rx, connect(info.url, "tx") as tx:
+        for _ in range(50):
+            await (await tx.open("rx", "stream")).close()
+        kept = await tx.open("rx", "stream")
+        await kept.send("read me")
+        await kept.close()
+        with trio.fail_after(5):
+            while len(rx._incoming) > 1 or not rx._incoming or rx._incoming[0].is_open:  # noqa: ASYNC110
+                await trio.sleep(0.01)  # until the node's events have all arrived
+            ch = await rx.accept()
+        assert ch.id == kept.id and [f["payload"] async for f in ch] == ["read me"]
+        assert not rx._incoming
