@@ -12,8 +12,9 @@ How this works:
   :class:`MuxConnection`. One reader task owns the socket's receiving side and dispatches
   every event: a ``frame`` goes to its channel's bounded inbox, a ``channel_opened``
   registers a :class:`ClientChannel` (and, with role ``target``, queues it for
-  :meth:`MuxConnection.accept`), a ``channel_closed`` ends that channel's inbox, and any
-  event carrying a ``ref`` answers the request that sent it.
+  :meth:`MuxConnection.accept`, at most ``accept_backlog`` of them: more are closed at
+  once), a ``channel_closed`` ends that channel's inbox, and any event carrying a ``ref``
+  answers the request that sent it. The reader never waits for the application.
   Requests (``open``, ``send``, ``close``, ``list``, ``ping``) wait for their answer with a
   timeout. Error events that answer nothing are logged and kept in ``MuxConnection.errors``.
   The connection asks for a per-channel window as large as each inbox (``?window=N``,
@@ -86,6 +87,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("mux.client")
+
+ACCEPT_BACKLOG = 1024
+"""Channels opened to a connection that may wait for ``accept()`` before more are closed."""
 
 API_PREFIX = "/api/mux"
 """Where a node mounts its routes (``NodeSettings.prefix``)."""
@@ -615,9 +619,13 @@ class MuxConnection:
         buffer_frames: int = 256,
         request_timeout: float | None = 30.0,
         batch: bool = False,
+        accept_backlog: int = ACCEPT_BACKLOG,
     ) -> None:
         self._ws = ws
         self.batch = batch
+        self.accept_backlog = accept_backlog
+        """Channels opened to us that may wait for :meth:`accept`; more are closed at once
+        (reason ``accept_backlog_full``), as a full listen backlog refuses connections."""
         """True: requests go through one sender task, concurrent ones as ``batch`` actions."""
         self.agent: str = hello["agent"]
         self.node: str = hello.get("node", "")
@@ -637,9 +645,9 @@ class MuxConnection:
         self._parts: dict[tuple[str, int], tuple[dict[str, Any], list[bytes]]] = {}
         self._refs = itertools.count(1)
         self._incoming: collections.deque[ClientChannel] = collections.deque()
-        """Channels opened to us, waiting for :meth:`accept`. Never bounded by making the reader
-        wait (that would hold up every channel): a channel that closes before it is accepted
-        with nothing left to read leaves it, so it holds no more than the node keeps for us."""
+        """Channels opened to us, waiting for :meth:`accept` (at most ``accept_backlog``). Never
+        bounded by making the reader wait (that would hold up every channel); a channel that
+        closes before it is accepted with nothing left to read leaves it."""
         self._arrived = trio.lowlevel.ParkingLot()
         self._closed = False
 
@@ -760,9 +768,12 @@ class MuxConnection:
     async def _credit(self, channel_id: str, frames: int) -> None:
         """Tell the node ``frames`` more frames of the channel may come (no answer expected;
         a closed socket is the reader's to report)."""
-        message = orjson.dumps({"action": "credit", "channel_id": channel_id, "frames": frames}).decode()
+        await self._send_quietly({"action": "credit", "channel_id": channel_id, "frames": frames})
+
+    async def _send_quietly(self, action: dict[str, Any]) -> None:
+        """Send ``action`` with no ``ref``: no answer is waited for (errors land in ``errors``)."""
         try:
-            await self._ws.send_message(message)
+            await self._ws.send_message(orjson.dumps(action).decode())
         except trio_websocket.ConnectionClosed:
             pass
 
@@ -895,8 +906,12 @@ class MuxConnection:
             if isinstance(pending, _Pending):
                 pending.channel = ch
             if ch.role == "target":
-                self._incoming.append(ch)
-                self._arrived.unpark_all()
+                if len(self._incoming) < self.accept_backlog:
+                    self._incoming.append(ch)
+                    self._arrived.unpark_all()
+                else:
+                    log.warning("%s: %d channels wait for accept(); %s closed", self.agent, len(self._incoming), ch.id)
+                    await self._send_quietly({"action": "close", "channel_id": ch.id, "reason": "accept_backlog_full"})
         elif name == "channel_closed":
             closing = self._channels.pop(msg.get("channel_id", ""), None)
             if closing is not None:
@@ -944,6 +959,7 @@ async def connect(
     max_message_bytes: int = 4 << 20,
     batch: bool = False,
     window: bool = True,
+    accept_backlog: int = ACCEPT_BACKLOG,
 ) -> AsyncIterator[MuxConnection]:
     """Connect ``agent`` to a node over WebSocket: ``async with connect(url, "alice") as conn:``.
 
@@ -955,7 +971,8 @@ async def connect(
     MuxError ``unreachable``. With ``batch`` the node batches its events and concurrent
     requests go out as ``batch`` actions; with ``window`` (the default) each channel has a
     window of ``buffer_frames`` frames, so one channel left unread never holds up the others
-    (see the module docstring).
+    (see the module docstring). At most ``accept_backlog`` channels opened to us wait for
+    ``accept()``; more are closed at once with reason ``accept_backlog_full``.
     """
     target = ws_url(url, agent) + ("&batch=1" if batch else "") + (f"&window={buffer_frames}" if window else "")
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
@@ -972,7 +989,7 @@ async def connect(
             disconnect_timeout=5,
         ) as ws:
             with trio.fail_after(connect_timeout):
-                conn = await _greeting(ws, buffer_frames, request_timeout, batch)
+                conn = await _greeting(ws, buffer_frames, request_timeout, batch, accept_backlog)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn._read_loop, name=f"mux-client-reader-{conn.agent}")
                 if batch:
@@ -1053,7 +1070,11 @@ async def open_ws(
 
 
 async def _greeting(
-    ws: trio_websocket.WebSocketConnection, buffer_frames: int, request_timeout: float | None, batch: bool = False
+    ws: trio_websocket.WebSocketConnection,
+    buffer_frames: int,
+    request_timeout: float | None,
+    batch: bool = False,
+    accept_backlog: int = ACCEPT_BACKLOG,
 ) -> MuxConnection:
     """Read the node's first message: ``connected`` gives the connection, an error raises it."""
     try:
@@ -1068,4 +1089,11 @@ async def _greeting(
         if isinstance(hello, dict) and "error" in hello:
             raise error_from_wire(hello)
         raise MuxError("the node did not greet with a connected event", code="bad_response")
-    return MuxConnection(ws, hello, buffer_frames=buffer_frames, request_timeout=request_timeout, batch=batch)
+    return MuxConnection(
+        ws,
+        hello,
+        buffer_frames=buffer_frames,
+        request_timeout=request_timeout,
+        batch=batch,
+        accept_backlog=accept_backlog,
+    )

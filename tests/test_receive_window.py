@@ -156,3 +156,19 @@ async def test_a_channel_closed_before_it_is_accepted_with_nothing_to_read_is_fo
             ch = await rx.accept()
         assert ch.id == kept.id and [f["payload"] async for f in ch] == ["read me"]
         assert not rx._incoming
+
+
+async def test_channels_past_the_accept_backlog_are_closed_at_once(nursery: trio.Nursery) -> None:
+    """Past ``accept_backlog`` channels waiting for accept(), a new one is closed at once
+    (reason ``accept_backlog_full``, which its opener sees); those waiting are kept."""
+    info = await serve_node(nursery)
+    async with connect(info.url, "rx", accept_backlog=3) as rx, connect(info.url, "tx") as tx:
+        opened = [await tx.open("rx", "stream") for _ in range(5)]
+        with trio.fail_after(5):
+            for ch in opened[3:]:
+                while ch.is_open:  # noqa: ASYNC110  (the close comes from the receiver, unasked)
+                    await trio.sleep(0.01)
+                assert ch.closed_reason == "accept_backlog_full"
+            accepted = [await rx.accept() for _ in range(3)]
+        assert [ch.id for ch in accepted] == [ch.id for ch in opened[:3]]
+        assert all(ch.is_open for ch in opened[:3]) and not rx._incoming
