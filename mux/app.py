@@ -460,16 +460,12 @@ def create_blueprint(
     return bp
 
 
-MAX_WINDOW = 65536
-"""The largest per-channel window a connection may ask for (``?window=N``)."""
-
-
 def _window_arg(raw: str | None) -> int | None:
-    """``?window=N`` (1 to ``MAX_WINDOW`` frames per channel), or None when not given."""
+    """``?window=N`` (1 to ``wire.MAX_WINDOW`` frames per channel), or None when not given."""
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WINDOW:
-        raise BadRequest(f"?window= must be a whole number of frames from 1 to {MAX_WINDOW}", code="bad_request")
+    if not raw.isdigit() or not 1 <= int(raw) <= wire.MAX_WINDOW:
+        raise BadRequest(f"?window= must be a whole number of frames from 1 to {wire.MAX_WINDOW}", code="bad_request")
     return int(raw)
 
 

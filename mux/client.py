@@ -72,7 +72,7 @@ from .errors import (
 )
 from .frames import Frame
 from .signing import verify_frame
-from .wire import MAX_BATCH_ITEMS, decode_object, pack_binary, unpack_binary
+from .wire import MAX_BATCH_ITEMS, MAX_WINDOW, decode_object, pack_binary, unpack_binary
 
 __all__ = [
     "API_PREFIX",
@@ -974,7 +974,9 @@ async def connect(
     (see the module docstring). At most ``accept_backlog`` channels opened to us wait for
     ``accept()``; more are closed at once with reason ``accept_backlog_full``.
     """
-    target = ws_url(url, agent) + ("&batch=1" if batch else "") + (f"&window={buffer_frames}" if window else "")
+    target = ws_url(url, agent) + ("&batch=1" if batch else "")
+    if window:  # as many frames as an inbox holds, within what a node accepts
+        target += f"&window={max(1, min(buffer_frames, MAX_WINDOW))}"
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
     if ssl_context is None and target.startswith("wss:"):
         ssl_context = ssl.create_default_context()

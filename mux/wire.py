@@ -27,6 +27,7 @@ __all__ = [
     "ACTIONS",
     "CHUNK_BYTES",
     "MAX_BATCH_ITEMS",
+    "MAX_WINDOW",
     "Action",
     "batch_event",
     "batch_items",
@@ -167,6 +168,8 @@ def parse_message(data: str | bytes, max_bytes: int) -> Action:
 
 
 MAX_BATCH_ITEMS = 256
+MAX_WINDOW = 65536
+"""The largest per-channel receive window a connection may ask for (``?window=N``)."""
 
 
 def batch_items(action: Action) -> list[Action | MuxError]:

@@ -14,6 +14,7 @@ import trio
 from mux.client import connect, open_ws
 from mux.core import MuxConfig
 from mux.errors import ChannelFull
+from mux.wire import MAX_WINDOW
 
 from .nodes import serve_node
 from .wsutil import open_cuttable_ws, recv, send, ws_url
@@ -172,3 +173,9 @@ async def test_channels_past_the_accept_backlog_are_closed_at_once(nursery: trio
             accepted = [await rx.accept() for _ in range(3)]
         assert [ch.id for ch in accepted] == [ch.id for ch in opened[:3]]
         assert all(ch.is_open for ch in opened[:3]) and not rx._incoming
+
+
+async def test_a_client_inbox_larger_than_a_window_may_be_asks_for_the_largest(nursery: trio.Nursery) -> None:
+    info = await serve_node(nursery)
+    async with connect(info.url, "rx", buffer_frames=MAX_WINDOW + 1) as rx:
+        assert rx.receive_window == MAX_WINDOW
