@@ -312,7 +312,7 @@ class WireSession:
         if sink is None and key not in credits:
             return []
         assert self.window is not None
-        credits[key] = min(credits.get(key, self.window) + frames, self.window)
+        credits[key] = min((self.credit_left(key) or 0) + frames, self.window)
         if sink is not None and sink.pending:
             sink.drain()
         if self._credited is not None:
@@ -471,6 +471,15 @@ class WireSession:
         finally:
             self.replaying -= 1
 
+    def credit_left(self, key: str) -> int | None:
+        """Frames channel ``key`` may still send before the client gives credit back (None:
+        the connection has no window)."""
+        credits = self._credits
+        if credits is None:
+            return None
+        assert self.window is not None
+        return credits.get(key, self.window)
+
     async def _take_credit(self, key: str) -> None:
         """On a windowed connection, wait until channel ``key`` may send a frame, and count it."""
         credits = self._credits
@@ -516,20 +525,11 @@ class _ChannelSink:
         self.pending: collections.deque[Frame] | None = None
         """Frames waiting for credit, oldest first (windowed connections; made by the first)."""
 
-    def _credit(self) -> int | None:
-        """Frames this channel may still send now (None: the connection has no window)."""
-        session = self.session
-        credits = session._credits
-        if credits is None:
-            return None
-        assert session.window is not None
-        return credits.get(self.key, session.window)
-
     def has_room(self) -> bool:
         """True when the channel's queue (or, without credit, its frames waiting for credit)
         can take another frame."""
         session = self.session
-        if session._credits is not None and (self.pending or self._credit() == 0):
+        if session._credits is not None and (self.pending or session.credit_left(self.key) == 0):
             return len(self.pending or ()) < session.outbox.per_key
         return session.outbox.has_room(self.key)
 
@@ -544,7 +544,7 @@ class _ChannelSink:
             return False
         credits = session._credits
         if credits is not None:
-            left = self._credit()
+            left = session.credit_left(self.key)
             if self.pending or left == 0:  # no credit: the frame waits for it (in order)
                 if self.pending is None:
                     self.pending = collections.deque()
@@ -567,7 +567,7 @@ class _ChannelSink:
         session, pending = self.session, self.pending
         credits, outbox = session._credits, session.outbox
         assert pending is not None and credits is not None
-        while pending and (left := self._credit() or 0) > 0 and outbox.has_room(self.key):
+        while pending and (left := session.credit_left(self.key) or 0) > 0 and outbox.has_room(self.key):
             credits[self.key] = left - 1
             outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(pending.popleft(), session.chunk_bytes))
         if not pending:
