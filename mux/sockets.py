@@ -87,11 +87,13 @@ from wsproto.connection import ConnectionState as _WSConnectionState
 from wsproto.events import BytesMessage, TextMessage
 from wsproto.utilities import LocalProtocolError
 
+from .wire import CHUNK_BYTES
 from .wsframes import ClientFrames, Passed, server_frames
 
 __all__ = [
     "INLINE_BYTES",
     "INLINE_MOST",
+    "UNSENT_BYTES",
     "AsgiSocket",
     "Disconnected",
     "FastSocketApp",
@@ -539,15 +541,40 @@ class _TLSWire:
                 await tcp.protocol.handle(_Closed())
 
 
+UNSENT_BYTES = CHUNK_BYTES
+"""A connection's socket takes more of what the node writes only while less than this much
+of it waits there unsent (``TCP_NOTSENT_LOWAT``, where the system has it; one 16 KiB piece of
+a large frame). The rest waits in the connection's outbox, still in urgency order, so a
+call's frame to a slow reader waits behind about one piece in the socket, not behind the
+megabytes a socket's send buffer grows to (measured with a reader taking 2 MB/s: 64 to 112
+KB of bulk reached it ahead of the call's frames, 41 ms p50, against 3.3 to 3.9 MB and
+1,700 ms with the bound lifted). trio sets 16 KiB on its sockets too; the node does not rely
+on that."""
+
+
+def _bound_unsent(stream: trio.SocketStream) -> None:
+    """Set :data:`UNSENT_BYTES` on ``stream``'s socket (nothing where the system lacks it)."""
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if option is None:
+        return
+    try:
+        stream.setsockopt(socket.IPPROTO_TCP, option, UNSENT_BYTES)
+    except OSError:  # not TCP after all, or already closed: nothing to bound
+        pass
+
+
 def _wire_under(stream: _WSStream) -> _PlainWire | _TLSWire | None:
-    """How to write straight onto ``stream``'s connection: HTTP/1.1 on plain TCP or on TLS."""
+    """How to write straight onto ``stream``'s connection: HTTP/1.1 on plain TCP or on TLS
+    (its socket's unsent bytes bounded: :data:`UNSENT_BYTES`)."""
     under = _h11_under(stream)
     if under is None:
         return None
     tcp = under[1]
     if isinstance(tcp.stream, trio.SocketStream):
+        _bound_unsent(tcp.stream)
         return _PlainWire(tcp, stream)
     if _tls_known(tcp.stream):
+        _bound_unsent(tcp.stream.transport_stream)
         return _TLSWire(tcp)
     return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -154,11 +155,22 @@ class RawClient:
 
 
 @asynccontextmanager
-async def raw_client(url: str, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[RawClient]:
-    """A :class:`RawClient` connected (handshake done) to ``url``; over TLS with ``ssl_context``."""
+async def raw_client(
+    url: str, ssl_context: ssl.SSLContext | None = None, *, receive_buffer: int | None = None
+) -> AsyncIterator[RawClient]:
+    """A :class:`RawClient` connected (handshake done) to ``url``; over TLS with ``ssl_context``;
+    with ``receive_buffer``, its socket's ``SO_RCVBUF`` set before it connects (a small one
+    keeps what the node has sent but the client not yet read small, as a slow link does)."""
     parts = urllib.parse.urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
-    stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    stream: trio.abc.Stream
+    if receive_buffer is None:
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    else:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        await sock.connect((parts.hostname, parts.port))
+        stream = trio.SocketStream(sock)
     if ssl_context is not None:
         stream = trio.SSLStream(stream, ssl_context, server_hostname=parts.hostname, https_compatible=True)
     client = RawClient(stream)
