@@ -30,6 +30,7 @@ from .core import Endpoint, Mux
 from .errors import BadRequest, ChannelClosed, ChannelError, ChannelNotFound, ChannelThrottled, MuxError
 from .frames import AgentSignature, Frame, payload_bytes
 from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
+from .pieces import MAX_OPEN, Pieces
 from .resume import Resumed, new_token
 
 __all__ = ["WireSession"]
@@ -116,6 +117,8 @@ class WireSession:
         self._nursery: trio.Nursery | None = None
         self._announcing = False
         """True while ``_announce_waiting`` runs (announcements queue behind it, in order)."""
+        self._pieces: Pieces | None = None
+        """Sends arriving in pieces, unfinished (made by the first piece; ``mux.pieces``)."""
 
     @property
     def agent(self) -> str:
@@ -141,6 +144,7 @@ class WireSession:
             node=self.mux.agent,
             public_key=self.mux.public_key,
             max_message_bytes=self.max_message_bytes,
+            send_parts=MAX_OPEN,
             **extra,
         )
 
@@ -152,10 +156,30 @@ class WireSession:
             action = wire.parse_message(message, self.max_message_bytes)
         except MuxError as exc:
             return [wire.error_event(exc)]
-        cost = len(action.get("items")) if action.name == "batch" else 1
-        if self._bucket is not None and not self._bucket.take(max(1, cost), trio.current_time()):
+        cost = max(1, len(action.get("items"))) if action.name == "batch" else 1
+        part = action.get("part") if action.name == "send" else None
+        if part:
+            cost = 0  # a send in pieces costs what it would as one message: its piece 0 pays
+        if cost and self._bucket is not None and not self._bucket.take(cost, trio.current_time()):
             return [wire.error_event(MuxError("too many messages; slow down", code="rate_limited"), action.ref)]
+        if part is not None:
+            return self._piece(action)
         return self._apply(action)
+
+    def _piece(self, action: wire.Action) -> list[Outgoing]:
+        """One piece of a payload sent in pieces (``mux.pieces``): nothing until the last,
+        which is handled as the ``send`` of the whole payload."""
+        if self._pieces is None:
+            self._pieces = Pieces(self.max_message_bytes)
+        try:
+            whole = self._pieces.add(action)
+        except MuxError as exc:
+            exc.channel_id = exc.channel_id or action.get("channel_id")[:80]
+            return [wire.error_event(exc, action.ref)]
+        finally:
+            if not self._pieces:
+                self._pieces = None  # none unfinished: the table goes too
+        return [] if whole is None else self._apply(whole)
 
     def _apply(self, action: wire.Action, *, defer_sign: bool = False) -> list[Outgoing]:
         try:

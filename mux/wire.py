@@ -41,12 +41,16 @@ __all__ = [
     "frame_ack_event",
     "frame_message",
     "frame_messages",
+    "MAX_PARTS",
     "pack_binary",
     "parse_message",
     "unpack_binary",
 ]
 
 MAX_REF_LEN = 128
+MAX_PARTS = 4096
+"""The most pieces a client's payload may be sent in (binary ``send`` with ``part``/``parts``:
+``mux.pieces``)."""
 _U32 = struct.Struct(">I")
 
 # action -> {field: (type(s), required)}
@@ -124,6 +128,8 @@ def _validate(msg: dict[str, Any], ref: str | int | None) -> Action:
         if types != (object,) and not isinstance(value, types):
             raise BadRequest(f"{name}: field {key!r} must be {types[0].__name__}", code="bad_request")
         fields[key] = value
+    if name == "send" and ("part" in msg or "parts" in msg):
+        raise BadRequest("send: a payload in pieces travels in binary messages", code="bad_request")
     if name == "send" and fields.get("enc") is not None:
         if fields["enc"] != "base64" or not isinstance(fields["payload"], str):
             raise BadRequest('send: "enc" may only be "base64" with a string payload', code="bad_payload")
@@ -142,7 +148,13 @@ def parse_message(data: str | bytes, max_bytes: int) -> Action:
     the message named one, so the error can be matched to the request.
     """
     if len(data) > max_bytes:
-        raise BadRequest(f"message is {len(data)} bytes, over the limit of {max_bytes}", code="message_too_large")
+        exc = BadRequest(f"message is {len(data)} bytes, over the limit of {max_bytes}", code="message_too_large")
+        if isinstance(data, bytes):  # a binary header is small: its ref answers the request
+            try:
+                exc.ref = _ref_of(unpack_binary(data)[0])
+            except MuxError:
+                pass
+        raise exc
     if isinstance(data, bytes):
         header, payload = unpack_binary(data)
         ref = _ref_of(header)
@@ -151,7 +163,18 @@ def parse_message(data: str | bytes, max_bytes: int) -> Action:
                 raise BadRequest("a binary message must carry a send action", code="bad_binary")
             header = {**header, "payload": payload}
             header.pop("enc", None)
-            return _validate(header, ref)
+            part, parts = header.pop("part", None), header.pop("parts", None)
+            action = _validate(header, ref)
+            if part is not None or parts is not None:  # one piece of a payload (mux.pieces)
+                if type(part) is not int or type(parts) is not int or not 0 <= part < parts or parts > MAX_PARTS:
+                    raise BadRequest(
+                        f"send: part and parts must be integers, 0 <= part < parts, 2 <= parts <= {MAX_PARTS}",
+                        code="bad_request",
+                    )
+                if parts < 2:
+                    raise BadRequest("send: a payload in pieces has at least 2 parts", code="bad_request")
+                action.fields["part"], action.fields["parts"] = part, parts
+            return action
         except MuxError as exc:
             exc.ref = ref
             raise
@@ -267,6 +290,7 @@ def channel_opened_event(state: ChannelState, role: str, ref: str | int | None =
         policy=state.intent.policy.to_dict(),
         metadata=state.metadata,
         role=role,
+        delivery=state.intent.delivery,
     )
 
 

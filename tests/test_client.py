@@ -299,6 +299,17 @@ async def test_ws_errors(server: ServeInfo) -> None:
             with pytest.raises(ChannelNotFound):
                 await mux.client.ClientChannel(alice, {"channel_id": "ch-" + "1" * 32}, 4).send(b"bin")
 
+            # over the node's message limit: refused at once, not left waiting for an answer
+            to_self = await alice.open("bob")
+            for payload in (b"\0" * alice.max_message_bytes, {"text": "x" * alice.max_message_bytes}):
+                with trio.fail_after(2), pytest.raises(BadRequest) as big:
+                    await to_self.send(payload)
+                assert big.value.code == "message_too_large"
+            alice.max_message_bytes = 0  # the client does not know the limit: the node's answer says it
+            with trio.fail_after(5), pytest.raises(BadRequest) as big:
+                await to_self.send(b"\0" * (2 << 20))
+            assert big.value.code == "message_too_large"
+
             # an error answering no request is kept in conn.errors; the socket carries on
             await alice._ws.send_message("this is not json")
             assert await alice.ping() > 0

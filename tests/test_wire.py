@@ -78,6 +78,16 @@ def test_parse_errors_have_codes(message: str | bytes, code: str) -> None:
     assert info.value.code == code
 
 
+def test_a_binary_message_over_the_limit_is_refused_with_its_ref() -> None:
+    """Its small header is still read, so the sender learns which request failed."""
+    with pytest.raises(mux.MuxError) as info:
+        parse_message(pack_binary({"action": "send", "channel_id": "ch-1", "ref": 7}, b"\0" * 2000), 1000)
+    assert info.value.code == "message_too_large" and info.value.ref == 7
+    with pytest.raises(mux.MuxError) as info:  # a header that is no header: no ref, same code
+        parse_message(b"\xff\xff\xff\xff" + b"\0" * 2000, 1000)
+    assert info.value.code == "message_too_large" and info.value.ref is None
+
+
 async def test_session_pair_exchanges_frames(pair: tuple[Peer, Peer]) -> None:
     a, b = pair
     [opened] = a.do(action="open", target="b", intent="stream", ref=1)

@@ -1,0 +1,233 @@
+"""A client's payload in pieces (``mux.pieces``): joined into one frame, a call's frames between.
+
+- A property test drives a node's session by hand (no socket): several sends in pieces at
+  once, on two channels and under several ``ref``s, their pieces interleaved at random with
+  whole sends, with faults mixed in (a piece skipped, repeated, or its ``parts`` changed; a
+  send started over). Every send whose pieces all came in order becomes exactly one frame
+  with exactly its bytes, answered once with its ``ref`` (nothing for the pieces before);
+  every fault fails that piece with ``bad_request`` and the send yields no frame; the
+  frames reach the receiver whole, in the order their sends completed; what the node holds
+  for unfinished sends never passes ``MAX_OPEN`` sends nor ``max_message_bytes`` each.
+- Edge cases: bad ``part``/``parts``, pieces in a JSON message, too many unfinished, a
+  payload over the limit, and the rate limit charging a send in pieces once.
+- End to end (a real node, ``mux.client`` at both ends): while the sender holds a call, a
+  1 MiB payload goes in 16 KiB pieces and a call frame sent while they are being written is
+  answered (handled by the node) before the payload is; without a call the payload goes
+  whole, in one message.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import orjson
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mux
+from mux.client import PART_BYTES, connect
+from mux.pieces import MAX_OPEN
+from mux.server import ServeInfo
+from mux.wire import pack_binary, unpack_binary
+
+from .nodes import outbox_events, serve_node, started_sessions
+
+MAX_BYTES = 1 << 20
+
+# A step: (kind, channel index, ref, size or fault). Kinds: "whole" (one message), "piece"
+# (the next piece of that send, starting it with ``size`` bytes in up to 4 pieces), "fault".
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["whole", "piece", "piece", "piece", "fault"]),
+        st.integers(0, 1),
+        st.integers(0, 3),
+        st.integers(1, 200),
+    ),
+    max_size=60,
+)
+FAULTS = ("skip", "repeat", "parts", "restart")
+
+
+def _send(cid: str, ref: int, payload: bytes, part: int | None = None, parts: int | None = None) -> bytes:
+    header: dict[str, Any] = {"action": "send", "channel_id": cid, "ref": ref}
+    if part is not None:
+        header.update(part=part, parts=parts)
+    return pack_binary(header, payload)
+
+
+@settings(max_examples=150, deadline=None)
+@given(plan=steps, data=st.data())
+async def test_pieces_join_into_exactly_the_frames_sent(plan: list[tuple[str, int, int, int]], data: Any) -> None:
+    async with mux.open_mux(agent="node") as node, trio.open_nursery() as nursery:
+        sender, receiver = started_sessions(node, nursery, "alice", "bob")
+        channels = []
+        for _ in range(2):
+            (opened,) = outbox_events(sender.handle(orjson.dumps({"action": "open", "target": "bob"}).decode()))
+            channels.append(opened["channel_id"])
+        # (channel, ref) -> [payload, parts, next part]; a ref is reused once its send ends
+        under_way: dict[tuple[str, int], list[Any]] = {}
+        expected: dict[str, list[bytes]] = collections.defaultdict(list)
+        next_ref = 1000
+        for kind, i, ref, size in plan:
+            cid = channels[i]
+            key = (cid, ref)
+            if kind == "whole":
+                next_ref += 1
+                payload = os.urandom(size)
+                (ack,) = outbox_events(sender.handle(_send(cid, next_ref, payload)))
+                assert ack["event"] == "frame_ack" and ack["ref"] == next_ref
+                expected[cid].append(payload)
+                continue
+            send = under_way.get(key)
+            if kind == "fault":
+                if send is None:
+                    continue
+                fault = data.draw(st.sampled_from(FAULTS))
+                payload, parts, part = send
+                if fault == "restart":  # its piece 0 again: starts over, nothing answered
+                    count = data.draw(st.integers(2, 4))
+                    fresh = os.urandom(max(size, count))
+                    send[:] = [fresh, count, 1]
+                    assert sender.handle(_send(cid, ref, fresh[: -(-len(fresh) // count)], 0, count)) == []
+                    continue
+                bad = {"skip": (part + 1, parts), "repeat": (part - 1, parts), "parts": (part, parts + 1)}[fault]
+                if bad[0] < 1 or bad[0] >= bad[1]:  # (a piece 0 again is a restart, not a fault)
+                    continue
+                (err,) = outbox_events(sender.handle(_send(cid, ref, b"x", *bad)))
+                assert err["error"] == "bad_request" and err["ref"] == ref and err["channel_id"] == cid, err
+                del under_way[key]  # that send is forgotten
+                continue
+            if send is None:
+                if len(under_way) >= MAX_OPEN:
+                    continue
+                count = data.draw(st.integers(2, 4))
+                send = under_way[key] = [os.urandom(max(size, count)), count, 0]
+            payload, parts, part = send
+            step = -(-len(payload) // parts)
+            chunk = payload[part * step : (part + 1) * step]
+            replies = outbox_events(sender.handle(_send(cid, ref, chunk, part, parts)))
+            send[2] += 1
+            if send[2] < parts:
+                assert replies == [], replies  # pieces are silent
+            else:
+                (ack,) = replies
+                assert ack["event"] == "frame_ack" and ack["ref"] == ref and ack["disposition"] == "delivered", ack
+                expected[cid].append(payload)
+                del under_way[key]
+            assert sender._pieces is None or len(sender._pieces) <= MAX_OPEN
+        assert (sender._pieces is None) == (not under_way)
+        got: dict[str, list[bytes]] = collections.defaultdict(list)
+        while (m := receiver.outbox.get_nowait()) is not None:
+            if isinstance(m, bytes):
+                header, payload = unpack_binary(m)
+                if header.get("event") == "frame":
+                    got[header["channel_id"]].append(payload)
+        assert got == expected
+
+
+async def test_bad_pieces_fail_alone(nursery: trio.Nursery) -> None:
+    async with mux.open_mux(agent="node") as node:
+        sender, receiver = started_sessions(node, nursery, "alice", "bob")
+        (opened,) = outbox_events(sender.handle(orjson.dumps({"action": "open", "target": "bob"}).decode()))
+        cid = opened["channel_id"]
+        assert orjson.loads(sender.hello())["send_parts"] == MAX_OPEN
+        for part, parts in ((0, 1), (2, 2), (-1, 3), (True, 2), (0, "2"), (None, 2), (0, 5000)):
+            header = {"action": "send", "channel_id": cid, "ref": 1, "part": part, "parts": parts}
+            (err,) = outbox_events(sender.handle(pack_binary(header, b"x")))
+            assert err["error"] == "bad_request" and err["ref"] == 1, (part, parts, err)
+        json_piece = {"action": "send", "channel_id": cid, "ref": 2, "payload": "x", "part": 0, "parts": 2}
+        (err,) = outbox_events(sender.handle(orjson.dumps(json_piece).decode()))
+        assert err["error"] == "bad_request" and "binary" in err["detail"]
+        for ref in range(MAX_OPEN):  # the most unfinished sends a connection may have
+            assert sender.handle(_send(cid, ref, b"a", 0, 2)) == []
+        (err,) = outbox_events(sender.handle(_send(cid, 99, b"a", 0, 2)))
+        assert err["error"] == "bad_request" and f"at most {MAX_OPEN}" in err["detail"]
+        assert sender.handle(_send(cid, 0, b"b", 1, 2))  # one finishes: room for another
+        assert sender.handle(_send(cid, 99, b"a", 0, 2)) == []
+        assert sender.handle(_send(cid, 99, b"c", 1, 2))  # and that one too
+        # the joined payload is held to the connection's message limit
+        big = sender.max_message_bytes // 2 + 1
+        assert sender.handle(_send(cid, 50, b"\0" * big, 0, 3)) == []
+        (err,) = outbox_events(sender.handle(_send(cid, 50, b"\0" * big, 1, 3)))
+        assert err["error"] == "message_too_large" and err["ref"] == 50
+        (err,) = outbox_events(sender.handle(_send(cid, 50, b"\0", 2, 3)))  # forgotten with it
+        assert err["error"] == "bad_request" and "expected piece 0" in err["detail"]
+        # a piece for a channel not held: the whole send fails as a whole send would
+        assert sender.handle(_send("ch-nope", 60, b"a", 0, 2)) == []
+        (err,) = outbox_events(sender.handle(_send("ch-nope", 60, b"b", 1, 2)))
+        assert err["error"] == "unknown_channel" and err["ref"] == 60
+        frames = [m for m in iter(receiver.outbox.get_nowait, None) if isinstance(m, bytes)]
+        assert [unpack_binary(m)[1] for m in frames] == [b"ab", b"ac"]  # only the sends that finished
+
+
+async def test_a_send_in_pieces_is_charged_once_by_the_rate_limit(nursery: trio.Nursery) -> None:
+    async with mux.open_mux(agent="node") as node:
+        (sender,) = started_sessions(node, nursery, "alice", rate=(1.0, 3))
+        started_sessions(node, nursery, "bob")
+        (opened,) = outbox_events(sender.handle(orjson.dumps({"action": "open", "target": "bob"}).decode()))
+        cid = opened["channel_id"]  # the open took 1 of the 3
+        for part in range(10):  # 10 pieces: one send, charged at its piece 0
+            replies = outbox_events(sender.handle(_send(cid, 1, b"p", part, 10)))
+        assert replies[0]["event"] == "frame_ack"
+        assert outbox_events(sender.handle(_send(cid, 2, b"w")))[0]["event"] == "frame_ack"
+        (err,) = outbox_events(sender.handle(_send(cid, 3, b"p", 0, 2)))
+        assert err["error"] == "rate_limited"
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery) -> ServeInfo:
+    return await serve_node(nursery)
+
+
+async def test_a_call_frame_goes_between_the_pieces_of_a_large_payload(server: ServeInfo) -> None:
+    payload = os.urandom((1 << 20) - 4096)  # whole, it fits in one message with its header
+    async with connect(server.url, "bob") as bob, connect(server.url, "alice") as alice:
+        written: list[bytes] = []
+        ws = alice._ws
+        stock = ws.send_message
+        second = trio.Event()
+
+        async def counted(message: str | bytes) -> None:
+            await stock(message)
+            if isinstance(message, bytes) and len(message) > PART_BYTES // 2:
+                written.append(message)
+                if len(written) == 2:
+                    second.set()
+
+        ws.send_message = counted  # type: ignore[method-assign]
+        bulk = await alice.open("bob", "stream")
+        received = await bob.accept()
+        # without a call the payload goes whole
+        assert (await bulk.send(payload))["disposition"] == "delivered"
+        assert len(written) == 1 and len(written[0]) > len(payload)
+        written.clear()
+        call = await alice.open("bob", "call:voice")
+        answered: list[str] = []
+
+        async def send_bulk() -> None:
+            await bulk.send(payload)
+            answered.append("payload")
+
+        async def send_call_frame() -> None:
+            await second.wait()  # two pieces are out: the call's frame goes next
+            await call.send(b"v" * 200)
+            answered.append("call")
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as senders:
+                senders.start_soon(send_bulk)
+                senders.start_soon(send_call_frame)
+        assert answered == ["call", "payload"]
+        pieces = [unpack_binary(m) for m in written if unpack_binary(m)[0].get("parts")]
+        assert len(pieces) == -(-len(payload) // PART_BYTES)
+        assert [h["part"] for h, _ in pieces] == list(range(len(pieces)))
+        assert b"".join(p for _, p in pieces) == payload
+        with trio.fail_after(10):
+            frames = [await received.receive() for _ in range(2)]
+        assert [f["payload"] for f in frames] == [payload, payload]  # whole, and it verifies
+        for frame in frames:
+            bob.verify(frame)
