@@ -2,7 +2,9 @@
 
 Sections (default: all but ``profile``, in this order): ``core`` (library, no network),
 ``server`` (echo ceiling, ack, relay, batching, REST), ``voice`` (voice latency alone and
-under a bulk flood on the same connection), ``memory`` (10,000 channels over 2,000
+under a bulk flood on the same connection), ``uplink`` (voice latency beside large uploads
+from the same ``mux.client`` connection through a slow uplink, in pieces and whole),
+``memory`` (10,000 channels over 2,000
 connections), ``transfer`` (tunnel and file transfer MB/s next to a direct TCP copy),
 ``durable`` (acks after a SQLite commit), and, only when named, ``profile`` (where the
 node's CPU goes per relayed frame, by layer, next to the echo's; needs py-spy) and
@@ -23,7 +25,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from . import core, durable, instructions, latency, memory, profile, server, transfer
+from . import core, durable, instructions, latency, memory, profile, server, transfer, uplink
 
 __all__ = ["SECTIONS", "main"]
 
@@ -31,6 +33,7 @@ SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "core": core.run,
     "server": server.run,
     "voice": latency.run,
+    "uplink": uplink.run,
     "memory": memory.run,
     "transfer": transfer.run,
     "durable": durable.run,
@@ -39,7 +42,7 @@ SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {
 }
 """Section name -> function returning (label, value) rows."""
 
-DEFAULT = ["core", "server", "voice", "memory", "transfer", "durable"]
+DEFAULT = ["core", "server", "voice", "uplink", "memory", "transfer", "durable"]
 """What runs without arguments: ``profile`` (sampling slows the node) and ``instructions``
 (valgrind runs the code some 50 times slower) run when named."""
 
