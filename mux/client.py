@@ -416,6 +416,34 @@ class _Batch:
             self.pending.pop(self.ref, None)
 
 
+class _Turns:
+    """Turns at writing a connection's socket: a call's frames before anything else that
+    waits, the rest in the order they came. So a call's frame waits for at most the message
+    being written (one piece of a large payload), not for every writer queued before it."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._urgent = trio.lowlevel.ParkingLot()
+        self._rest = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, urgent: bool) -> None:
+        """Wait for a turn (``urgent``: ahead of the others waiting)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._busy or self._urgent or (not urgent and self._rest):
+            await (self._urgent if urgent else self._rest).park()  # woken holding the turn
+        else:
+            self._busy = True
+
+    def release(self) -> None:
+        """End a turn: hand it to the next waiter, urgent ones first."""
+        if self._urgent:
+            self._urgent.unpark()
+        elif self._rest:
+            self._rest.unpark()
+        else:
+            self._busy = False
+
+
 def _frame_dict(msg: dict[str, Any]) -> dict[str, Any]:
     """A ``frame`` event as ``Frame.to_dict()`` would give it: same keys, same order, no ``event``."""
     msg.pop("event", None)
@@ -513,13 +541,14 @@ class ClientChannel:
         self._in_flight += 1
         window = self.window
         try:
+            urgent = self.delivery == "realtime"  # a call's frames go ahead of other writes
             if isinstance(payload, (bytes, bytearray, memoryview)):
                 reply = await self._conn._request(
-                    {"action": "send", "channel_id": self.id}, binary=bytes(payload), expect="frame_ack"
+                    {"action": "send", "channel_id": self.id}, binary=bytes(payload), expect="frame_ack", urgent=urgent
                 )
             else:
                 reply = await self._conn._request(
-                    {"action": "send", "channel_id": self.id, "payload": payload}, expect="frame_ack"
+                    {"action": "send", "channel_id": self.id, "payload": payload}, expect="frame_ack", urgent=urgent
                 )
             hint = reply.get("window")
             window = hint if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0 else None
@@ -653,6 +682,8 @@ class MuxConnection:
         payload."""
         self._piecing = trio.Semaphore(max(1, self.send_parts))
         """Sends writing their pieces now (at most ``send_parts``)."""
+        self._turns = _Turns()
+        """Whose turn it is to write (a call's frames first)."""
         window = hello.get("window")
         self.receive_window: int | None = window if isinstance(window, int) and window > 0 else None
         """Frames per channel the node sends ahead of the application (``?window=N``, as the
@@ -688,8 +719,9 @@ class MuxConnection:
 
     # ---- requests --------------------------------------------------------------------------
 
-    async def _call(self, message: dict[str, Any], binary: bytes | None = None) -> _Pending:
-        """Send one action with a fresh ``ref`` and wait for the event or error that echoes it."""
+    async def _call(self, message: dict[str, Any], binary: bytes | None = None, *, urgent: bool = False) -> _Pending:
+        """Send one action with a fresh ``ref`` and wait for the event or error that echoes it;
+        ``urgent`` (a call's frame) is written ahead of other writes waiting, not batched."""
         if self._closed:
             raise MuxError("the connection to the node is closed", code="connection_closed")
         ref = next(self._refs)
@@ -708,12 +740,12 @@ class MuxConnection:
         try:
             if pieces and binary is not None:
                 await self._send_pieces(message, binary)
-            elif self.batch:  # the sender task writes it, with whatever else is queued by then
+            elif self.batch and not urgent:  # the sender task writes it, with whatever else is queued by then
                 self._outgoing.append((data, pending))
                 self._more_out.unpark_all()
             else:
                 try:
-                    await self._ws.send_message(data)
+                    await self._write(data, urgent=urgent)
                 except trio_websocket.ConnectionClosed as exc:
                     raise MuxError("the connection to the node is closed", code="connection_closed") from exc
             with trio.fail_after(self.request_timeout if self.request_timeout is not None else math.inf):
@@ -730,6 +762,14 @@ class MuxConnection:
             raise pending.error
         return pending
 
+    async def _write(self, message: str | bytes, *, urgent: bool = False) -> None:
+        """Write one message on the socket in its turn (``_Turns``)."""
+        await self._turns.acquire(urgent)
+        try:
+            await self._ws.send_message(message)
+        finally:
+            self._turns.release()
+
     def _holds_call(self) -> bool:
         """True while a real-time channel (a call) of this connection is open: only then do
         large payloads go in pieces (each piece costs the node a message of its own)."""
@@ -745,7 +785,7 @@ class MuxConnection:
             async with self._piecing:
                 for part in range(parts):
                     piece = bytes(view[part * PART_BYTES : (part + 1) * PART_BYTES])
-                    await self._ws.send_message(pack_binary({**message, "part": part, "parts": parts}, piece))
+                    await self._write(pack_binary({**message, "part": part, "parts": parts}, piece))
         except trio_websocket.ConnectionClosed as exc:
             raise MuxError("the connection to the node is closed", code="connection_closed") from exc
 
@@ -760,9 +800,9 @@ class MuxConnection:
         pending.resolve(error=MuxError("the request was abandoned", code="cancelled"))
 
     async def _request(
-        self, message: dict[str, Any], *, binary: bytes | None = None, expect: str | None = None
+        self, message: dict[str, Any], *, binary: bytes | None = None, expect: str | None = None, urgent: bool = False
     ) -> dict[str, Any]:
-        reply = (await self._call(message, binary)).reply
+        reply = (await self._call(message, binary, urgent=urgent)).reply
         assert reply is not None
         if expect is not None and reply.get("event") != expect:
             raise MuxError(f"expected {expect}, got {reply.get('event')!r}", code="bad_response")
@@ -822,7 +862,7 @@ class MuxConnection:
     async def _send_quietly(self, action: dict[str, Any]) -> None:
         """Send ``action`` with no ``ref``: no answer is waited for (errors land in ``errors``)."""
         try:
-            await self._ws.send_message(orjson.dumps(action).decode())
+            await self._write(orjson.dumps(action).decode())
         except trio_websocket.ConnectionClosed:
             pass
 
@@ -860,7 +900,7 @@ class MuxConnection:
                 await self._more_out.park()
             message, items = self._next_message()
             try:
-                await self._ws.send_message(message)
+                await self._write(message)
             except trio_websocket.ConnectionClosed:
                 for pending in items:
                     pending.resolve(error=MuxError("the connection to the node is closed", code="connection_closed"))

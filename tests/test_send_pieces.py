@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from typing import Any
 
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 
 import mux
 from mux.client import PART_BYTES, connect
+from mux.errors import ChannelThrottled
 from mux.pieces import MAX_OPEN
 from mux.server import ServeInfo
 from mux.wire import pack_binary, unpack_binary
@@ -231,3 +233,47 @@ async def test_a_call_frame_goes_between_the_pieces_of_a_large_payload(server: S
         assert [f["payload"] for f in frames] == [payload, payload]  # whole, and it verifies
         for frame in frames:
             bob.verify(frame)
+
+
+async def test_a_call_frame_waits_for_at_most_the_piece_being_written(server: ServeInfo) -> None:
+    """Four tasks upload in pieces at once; a call frame sent meanwhile is written next, ahead
+    of the other uploads' waiting pieces (in arrival order it would wait for three more)."""
+    async with connect(server.url, "bob") as bob, connect(server.url, "alice") as alice:
+        written: list[str] = []  # the channel of each binary message, in the order written
+        ws = alice._ws
+        stock = ws.send_message
+        going = trio.Event()
+
+        async def counted(message: str | bytes) -> None:
+            await stock(message)
+            if isinstance(message, bytes):
+                written.append(unpack_binary(message)[0]["channel_id"])
+                if len(written) >= 8:
+                    going.set()
+
+        ws.send_message = counted  # type: ignore[method-assign]
+        call = await alice.open("bob", "call:voice")
+        await bob.accept()
+        bulks = [await alice.open("bob", "stream") for _ in range(4)]
+        for _ in bulks:
+            await bob.accept()
+        payload = os.urandom(256 << 10)
+        behind: list[int] = []
+
+        async def upload(ch: Any) -> None:
+            with contextlib.suppress(ChannelThrottled):  # beside the call the node may refuse it: written all the same
+                await ch.send(payload)
+
+        async def call_frame() -> None:
+            await going.wait()
+            before = len(written)
+            await call.send(b"v" * 200)
+            behind.append(written.index(call.id) - before)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as senders:
+                for ch in bulks:
+                    senders.start_soon(upload, ch)
+                senders.start_soon(call_frame)
+        assert written.count(call.id) == 1 and len(written) == 1 + 4 * (256 << 10) // PART_BYTES
+        assert behind[0] <= 1, f"{behind[0]} messages written after the call frame's send began, before it"
