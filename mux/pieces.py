@@ -4,16 +4,16 @@ A WebSocket message is read whole before anything behind it, so a client that se
 large payload beside a call holds the call's next frame up behind all of it on its uplink.
 Instead it may send the payload as several binary ``send`` messages whose headers add
 ``part`` (0, 1, ...) and ``parts`` (how many, 2 to ``mux.wire.MAX_PARTS``), and send its other
-messages (a call's frames) between them. The node joins a channel's pieces in order and
+messages (a call's frames) between them. The node joins a send's pieces in order and
 handles the last one as one ``send`` of the whole payload: one frame, one answer (the
-``frame_ack`` or refusal, with the last piece's ``ref``). Pieces are silent otherwise.
+``frame_ack`` or refusal, with the send's ``ref``). Pieces are silent otherwise.
 
 A send in pieces is known by its channel and its ``ref`` (every piece carries both), so
 several may be under way on one channel at once (each becomes its frame when its last piece
 comes). Rules (each broken rule fails that piece with ``bad_request``, or
 ``message_too_large``, and forgets that send): a send's pieces come in order; a piece 0 of a
-send that is already under way starts it over (the unfinished one is answered
-``bad_request``, abandoned); the joined payload may not exceed the connection's
+send that is already under way starts it over (what came of it is dropped unanswered: both
+would carry the same ``ref``); the joined payload may not exceed the connection's
 ``max_message_bytes``, as one message could not either; a connection has at most
 :data:`MAX_OPEN` sends in pieces unfinished at once. Fields of the send other than the
 payload (``agent_sig``, ``agent_nonce``) are taken from piece 0. The node says it takes
@@ -46,7 +46,7 @@ class _Unfinished:
 
 @attrs.define
 class Pieces:
-    """A connection's unfinished sends in pieces, by channel (sans I/O)."""
+    """A connection's unfinished sends in pieces, by channel and ``ref`` (sans I/O)."""
 
     max_bytes: int
     """The most bytes a joined payload may have (the connection's ``max_message_bytes``)."""

@@ -38,8 +38,6 @@ from mux.wire import pack_binary, unpack_binary
 
 from .nodes import outbox_events, serve_node, started_sessions
 
-MAX_BYTES = 1 << 20
-
 # A step: (kind, channel index, ref, size or fault). Kinds: "whole" (one message), "piece"
 # (the next piece of that send, starting it with ``size`` bytes in up to 4 pieces), "fault".
 steps = st.lists(
