@@ -31,8 +31,10 @@ from .wire import Action
 
 __all__ = ["MAX_OPEN", "Pieces"]
 
-MAX_OPEN = 16
-"""Unfinished sends in pieces one connection may have at once."""
+MAX_OPEN = 4
+"""Unfinished sends in pieces one connection may have at once: what the node holds for them
+stays within ``MAX_OPEN * max_message_bytes`` per connection (4 MiB by default), and a
+sender's further sends wait their turn (``mux.client`` does) without holding a call up."""
 
 
 @attrs.define
