@@ -478,11 +478,24 @@ class WireSession:
         return not self._durable_acks and not self.replaying and self.outbox.empty
 
     async def _replay_then_watch(self, ch: Channel, replay: Resumed) -> None:
-        """Send what the agent missed while away (from the ledger), then live frames."""
+        """Send what the agent missed while away (from the ledger), then live frames. Frames
+        the ledger no longer holds (the in-memory ledger is bounded) are not replayed, and
+        the client is told which (error ``replay_incomplete``), never left to guess."""
         self.replaying += 1
         try:
             urgency = ch._state.intent.policy.priority
-            for frame in await self.mux.store.chain(ch.id, replay.after_seq):
+            frames = await self.mux.store.chain(ch.id, replay.after_seq)
+            held_from = frames[0].seq if frames else replay.head_seq + 1
+            if held_from > replay.after_seq + 1:
+                gap = MuxError(
+                    f"frames {replay.after_seq + 1} to {min(held_from - 1, replay.head_seq)} of this channel"
+                    " are no longer in the node's ledger (its in-memory ledger is bounded): they are not"
+                    " replayed, and those addressed to you among them are lost",
+                    code="replay_incomplete",
+                    channel_id=ch.id,
+                )
+                await self.outbox.put(CONTROL, CONTROL_URGENCY, wire.error_event(gap))
+            for frame in frames:
                 if frame.seq > replay.head_seq:
                     break
                 if frame.kind != "data" or frame.target != self.agent:

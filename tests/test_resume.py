@@ -11,8 +11,12 @@ import trio
 
 import mux
 from mux.client import open_ws
+from mux.core import MuxConfig, start_mux
+from mux.session import WireSession
+from mux.signing import NodeKey
+from mux.storage import MemoryStore
 
-from .nodes import serve_node
+from .nodes import outbox_events, send_numbered, serve_node, started_sessions
 from .wsutil import open_cuttable_ws, recv, recv_until, send, ws_url
 
 
@@ -162,3 +166,45 @@ async def test_fork_continues_the_parent_chain(node_url: str) -> None:
     tampered = [dict(chains[child][0], prev="f" * 64), *chains[child][1:]]
     with pytest.raises(mux.VerificationError):
         mux.verify_chain(tampered, key)
+
+
+@pytest.mark.parametrize("kept", [4, None], ids=["ledger-bounded", "ledger-whole"])
+async def test_a_replay_the_ledger_cannot_give_whole_says_what_is_missing(
+    nursery: trio.Nursery, kept: int | None
+) -> None:
+    """The in-memory ledger keeps the newest frames of a chain: a resume asking for older
+    ones gets ``replay_incomplete`` naming the frames no longer held, then what is held; with
+    the whole chain held, every missed frame and no such error."""
+    store = MemoryStore(max_frames_per_channel=kept) if kept else MemoryStore()
+    node = await start_mux(nursery, agent="node", key=NodeKey.generate(), config=MuxConfig(), store=store)
+    (alice,) = started_sessions(node, nursery, "alice")
+    bob = WireSession(node, node.attach("bob"), max_message_bytes=1 << 20, resume_grace_s=5.0)
+    bob.start(nursery)
+    (opened,) = outbox_events(alice.handle(orjson.dumps({"action": "open", "target": "bob"}).decode()))
+    cid = opened["channel_id"]
+    for n in (1, 2):
+        assert send_numbered(alice, cid, n, binary=False)["disposition"] == "delivered"
+    seen = [e for e in outbox_events(list(iter(bob.outbox.get_nowait, None))) if e.get("event") == "frame"]
+    assert [e["payload"]["n"] for e in seen] == [1, 2]
+    token = bob.resume_token
+    bob.close("ws_disconnect")  # the connection drops: its channels wait for the token
+    for n in range(3, 13):  # seqs 3 to 12, sent while bob is away
+        send_numbered(alice, cid, n, binary=False)
+    bob2 = WireSession(node, node.attach("bob"), max_message_bytes=1 << 20, resume_grace_s=5.0)
+    bob2.start(nursery)
+    resume = {"action": "resume", "token": token, "last": {cid: seen[-1]["seq"]}}
+    (resumed,) = outbox_events(bob2.handle(orjson.dumps(resume).decode()))
+    assert resumed["channels"] == [{"channel_id": cid, "replay": "ledger", "after_seq": 2, "head_seq": 12}]
+    events: list[dict[str, Any]] = []
+    with trio.fail_after(5):
+        while len([e for e in events if e.get("event") == "frame"]) < (kept or 10):
+            await trio.sleep(0.01)
+            events += outbox_events(list(iter(bob2.outbox.get_nowait, None)))
+    gaps = [e for e in events if e.get("error") == "replay_incomplete"]
+    frames = [e["payload"]["n"] for e in events if e.get("event") == "frame"]
+    if kept:
+        (gap,) = gaps
+        assert gap["channel_id"] == cid and "frames 3 to 8 " in gap["detail"]
+        assert events.index(gap) == 0 and frames == [9, 10, 11, 12]  # told first, then what is held
+    else:
+        assert gaps == [] and frames == list(range(3, 13))
