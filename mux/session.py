@@ -548,9 +548,10 @@ class _ChannelSink:
     a frame is serialized and queued under the channel's key at its intent's urgency, or
     refused when that key's queue is full; the ``channel_closed`` event follows the frames.
     On a windowed connection a frame without credit waits in ``pending`` (bounded like the
-    queue) until the client gives credit back."""
+    queue: in messages, a large frame counting one per piece) until the client gives credit
+    back."""
 
-    __slots__ = ("done", "end", "key", "pending", "session", "state", "urgency")
+    __slots__ = ("done", "end", "key", "pending", "pending_pieces", "session", "state", "urgency")
 
     def __init__(self, session: WireSession, state: ChannelState, end: End) -> None:
         self.session = session
@@ -561,13 +562,19 @@ class _ChannelSink:
         self.done = False
         self.pending: collections.deque[Frame] | None = None
         """Frames waiting for credit, oldest first (windowed connections; made by the first)."""
+        self.pending_pieces = 0
+        """The messages ``pending`` will take (a large frame: one per ``frame_part`` piece),
+        bounded as the outbox bounds a channel's queue."""
+
+    def _pieces(self, frame: Frame) -> int:
+        return max(1, -(-frame.size // self.session.chunk_bytes))
 
     def has_room(self) -> bool:
         """True when the channel's queue (or, without credit, its frames waiting for credit)
         can take another frame."""
         session = self.session
         if session._credits is not None and (self.pending or session.credit_left(self.key) == 0):
-            return len(self.pending or ()) < session.outbox.per_key
+            return self.pending_pieces < session.outbox.per_key
         return session.outbox.has_room(self.key)
 
     def put(self, frame: Frame) -> bool:
@@ -585,9 +592,10 @@ class _ChannelSink:
             if self.pending or left == 0:  # no credit: the frame waits for it (in order)
                 if self.pending is None:
                     self.pending = collections.deque()
-                elif len(self.pending) >= outbox.per_key:
+                elif self.pending_pieces >= outbox.per_key:
                     return False
                 self.pending.append(frame)
+                self.pending_pieces += self._pieces(frame)
                 return True
             if not outbox.has_room(self.key):
                 return False
@@ -606,9 +614,12 @@ class _ChannelSink:
         assert pending is not None and credits is not None
         while pending and (left := session.credit_left(self.key) or 0) > 0 and outbox.has_room(self.key):
             credits[self.key] = left - 1
-            outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(pending.popleft(), session.chunk_bytes))
+            frame = pending.popleft()
+            self.pending_pieces -= self._pieces(frame)
+            outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(frame, session.chunk_bytes))
         if not pending:
             self.pending = None
+            self.pending_pieces = 0
             if self.done:
                 self._closed()
         self.end.wake()
@@ -624,6 +635,7 @@ class _ChannelSink:
         told = self.session._closed_told
         if self.pending and told is not None and self.key in told:
             self.pending = None  # the client closed it: what it did not take is not sent
+            self.pending_pieces = 0
         if not self.pending:
             self._closed()
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import contextlib
 
+import orjson
 import pytest
 import trio
 
+import mux
 from mux.client import connect, open_ws
 from mux.core import MuxConfig
 from mux.errors import ChannelFull
-from mux.wire import MAX_WINDOW
+from mux.wire import CHUNK_BYTES, MAX_WINDOW, pack_binary
 
-from .nodes import serve_node
+from .nodes import outbox_events, serve_node, started_sessions
 from .wsutil import open_cuttable_ws, recv, send, ws_url
 
 WINDOW = 4
@@ -179,3 +181,38 @@ async def test_a_client_inbox_larger_than_a_window_may_be_asks_for_the_largest(n
     info = await serve_node(nursery)
     async with connect(info.url, "rx", buffer_frames=MAX_WINDOW + 1) as rx:
         assert rx.receive_window == MAX_WINDOW
+
+
+@pytest.mark.parametrize("window", [None, 1], ids=["no-window", "window-1"])
+async def test_large_frames_for_a_stuck_receiver_are_held_to_the_same_bound(window: int | None) -> None:
+    """What the node holds for a channel whose receiver takes nothing is bounded in pieces,
+    windowed or not: its queue holds ``channel_buffer_frames`` messages, a large frame
+    counting one per 16 KiB piece (one frame may go past it), so large frames do not make
+    the bound ``channel_buffer_frames`` times the largest frame (256 x 1 MiB by default)."""
+    frame_bytes = 256 << 10
+    pieces = frame_bytes // CHUNK_BYTES
+    async with mux.open_mux(agent="node", channel_buffer_frames=QUEUE) as node, trio.open_nursery() as nursery:
+        (sender,) = started_sessions(node, nursery, "alice")
+        options = {} if window is None else {"window": window}
+        (receiver,) = started_sessions(node, nursery, "bob", **options)
+        (opened,) = outbox_events(sender.handle(orjson.dumps({"action": "open", "target": "bob"}).decode()))
+        cid = opened["channel_id"]
+        accepted = 0
+        for n in range(40):  # bob's socket takes nothing: the node holds what it accepts
+            header = {"action": "send", "channel_id": cid, "ref": n}
+            (reply,) = outbox_events(sender.handle(pack_binary(header, bytes(frame_bytes))))
+            if reply.get("error") == "receiver_full":
+                break
+            assert reply["disposition"] == "delivered", reply
+            accepted += 1
+        else:
+            raise AssertionError("never refused")
+        held = sum(len(m) for m in iter(receiver.outbox.get_nowait, None) if isinstance(m, bytes))
+        sink = receiver._sinks.get(cid)
+        held += sum(f.size for f in (sink.pending or ()) if sink is not None)
+        # at most the bound's worth of pieces, plus one frame that went past it (plus one in
+        # the window: the window's frame is in the queue, the next waits for credit)
+        most = (QUEUE - 1) * CHUNK_BYTES + frame_bytes * (1 if window is None else 2)
+        print(f"window {window}: {accepted} accepted, {held} bytes held (bound {most})")
+        assert held <= most + accepted * 4096, (accepted, held, most)
+        assert accepted <= (1 if window is None else 2) + QUEUE // pieces
