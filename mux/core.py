@@ -64,6 +64,11 @@ class MuxConfig:
     """Open channels an agent may have opened at once (the seed's limit)."""
     channel_buffer_frames: int = 256
     """Frames an end's inbox holds before senders wait (or are refused)."""
+    connection_buffer_bytes: int = 16 << 20
+    """Bytes of frames one WebSocket connection's queues may hold for its client in all (its
+    channels' queues, and frames waiting for credit): past it a frame to that connection is
+    refused ``receiver_full`` (a call's is dropped late), however many channels it holds.
+    Each channel's own queue is bounded too (``channel_buffer_frames`` messages)."""
     incoming_buffer_channels: int = 64
     """Channels announced to an endpoint and not yet accepted."""
     max_payload_bytes: int = 1 << 20

@@ -110,6 +110,8 @@ class Outbox:
         self._rings: dict[int, collections.deque[str]] = {}
         self._ready = trio.lowlevel.ParkingLot()
         self.queued = 0
+        self.bytes = 0
+        """Characters or bytes of the messages queued."""
         self.start_writer: Callable[[], None] | None = None
         """Set by a writer that may retire (:meth:`retire`): starts its task again."""
         self._retiring = False
@@ -134,6 +136,7 @@ class Outbox:
             ring.append(key)
         q.items.extend(messages)
         self.queued += len(messages)
+        self.bytes += sum(map(len, messages))
         if self._ready or self._retired:  # the writer waits for work (or has retired)
             through = self.write_through
             if through is not None and through.holding and self.write_now is not None:
@@ -202,6 +205,7 @@ class Outbox:
             ring.popleft()
             message = q.items.popleft()
             self.queued -= 1
+            self.bytes -= len(message)
             if q.items:
                 ring.append(key)
             else:

@@ -119,6 +119,12 @@ class WireSession:
         """True while ``_announce_waiting`` runs (announcements queue behind it, in order)."""
         self._pieces: Pieces | None = None
         """Sends arriving in pieces, unfinished (made by the first piece; ``mux.pieces``)."""
+        self.pending_bytes = 0
+        """Payload bytes of the frames waiting for credit, all channels (windowed connections)."""
+        self.buffer_bytes = mux.config.connection_buffer_bytes
+        """What the outbox and the frames waiting for credit may hold in all (``MuxConfig``)."""
+        self._budget_full = False
+        """A frame found the byte budget full: every channel hears of room once it is not."""
 
     @property
     def agent(self) -> str:
@@ -415,18 +421,25 @@ class WireSession:
             self._realtime.add(ch.id)
         end.use_sink(sink)
 
+    def over_budget(self) -> bool:
+        """True while the connection holds its byte budget's worth of frames
+        (``MuxConfig.connection_buffer_bytes``); noted, so room is announced once it has not."""
+        if self.outbox.bytes + self.pending_bytes < self.buffer_bytes:
+            return False
+        self._budget_full = True
+        return True
+
     def _on_take(self, key: str) -> None:
-        """A message of channel ``key`` left the outbox: its end has room again."""
+        """A message of channel ``key`` left the outbox: its end has room again (and every
+        channel's, when the connection's byte budget was full and now is not)."""
+        if self._budget_full and self.outbox.bytes + self.pending_bytes < self.buffer_bytes:
+            self._budget_full = False
+            for other in list(self._sinks.values()):
+                if other.key != key:
+                    other.room()
         sink = self._sinks.get(key)
         if sink is not None:
-            if sink.pending:
-                sink.drain()  # room in the queue: frames waiting for it (and credit) go on
-                return
-            end = sink.end
-            end.wake()
-            state = sink.state
-            if state.on_room is not None:
-                state.on_room(state, end)
+            sink.room()
 
     def start(self, nursery: trio.Nursery) -> None:
         """Start serving: each channel opened to this agent is announced (``channel_opened``)
@@ -571,8 +584,10 @@ class _ChannelSink:
 
     def has_room(self) -> bool:
         """True when the channel's queue (or, without credit, its frames waiting for credit)
-        can take another frame."""
+        can take another frame, and the connection holds less than its byte budget."""
         session = self.session
+        if session.over_budget():
+            return False
         if session._credits is not None and (self.pending or session.credit_left(self.key) == 0):
             return self.pending_pieces < session.outbox.per_key
         return session.outbox.has_room(self.key)
@@ -584,7 +599,7 @@ class _ChannelSink:
         dropped for its size."""
         session = self.session
         outbox = session.outbox
-        if self.done:
+        if self.done or session.over_budget():
             return False
         credits = session._credits
         if credits is not None:
@@ -596,6 +611,7 @@ class _ChannelSink:
                     return False
                 self.pending.append(frame)
                 self.pending_pieces += self._pieces(frame)
+                session.pending_bytes += frame.size
                 return True
             if not outbox.has_room(self.key):
                 return False
@@ -605,6 +621,16 @@ class _ChannelSink:
             return False
         outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(frame, session.chunk_bytes))
         return True
+
+    def room(self) -> None:
+        """The channel's queue (or the connection's budget) has room again: frames waiting
+        for it (and credit) go on; else whoever waits to send to this end may."""
+        if self.pending:
+            self.drain()
+            return
+        self.end.wake()
+        if self.state.on_room is not None:
+            self.state.on_room(self.state, self.end)
 
     def drain(self) -> None:
         """Queue the frames waiting for credit while there is credit and room; once none is
@@ -616,6 +642,7 @@ class _ChannelSink:
             credits[self.key] = left - 1
             frame = pending.popleft()
             self.pending_pieces -= self._pieces(frame)
+            session.pending_bytes -= frame.size
             outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(frame, session.chunk_bytes))
         if not pending:
             self.pending = None
@@ -634,6 +661,7 @@ class _ChannelSink:
         self.done = True
         told = self.session._closed_told
         if self.pending and told is not None and self.key in told:
+            self.session.pending_bytes -= sum(frame.size for frame in self.pending)
             self.pending = None  # the client closed it: what it did not take is not sent
             self.pending_pieces = 0
         if not self.pending:

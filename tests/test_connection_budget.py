@@ -1,0 +1,111 @@
+"""A connection's byte budget (``MuxConfig.connection_buffer_bytes``): however many channels a
+slow or stuck receiver holds, the node holds at most that much for its connection.
+
+Each channel's own queue is bounded (``channel_buffer_frames`` messages), but a receiver may
+hold many channels (each opener may open ``max_channels_per_agent``), so without a budget the
+node would hold their sum. These tests drive sessions by hand (no socket): the receiver's
+outbox is read only when the test says so.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import orjson
+import trio
+import trio.lowlevel
+
+import mux
+from mux.wire import pack_binary, unpack_binary
+
+from .nodes import outbox_events, started_sessions
+
+BUDGET = 256 << 10
+FRAME = 16_000
+CHANNELS = 8
+
+
+def _frames(messages: list[str | bytes]) -> dict[str, list[int]]:
+    got: dict[str, list[int]] = collections.defaultdict(list)
+    for m in messages:
+        if isinstance(m, bytes):
+            header, payload = unpack_binary(m)
+            if header.get("event") == "frame":
+                got[header["channel_id"]].append(int.from_bytes(payload[:4], "big"))
+    return got
+
+
+async def test_a_stuck_receiver_with_many_channels_is_held_to_the_budget() -> None:
+    async with (
+        mux.open_mux(agent="node", channel_buffer_frames=64, connection_buffer_bytes=BUDGET) as node,
+        trio.open_nursery() as nursery,
+    ):
+        sender, receiver = started_sessions(node, nursery, "alice", "bob")
+        channels = []
+        for intent in ["stream"] * CHANNELS + ["call:voice"]:
+            opening = {"action": "open", "target": "bob", "intent": intent}
+            (opened,) = outbox_events(sender.handle(orjson.dumps(opening).decode()))
+            channels.append(opened["channel_id"])
+        *streams, call = channels
+        acked: dict[str, list[int]] = collections.defaultdict(list)
+        refused = set()
+        n = 0
+        while len(refused) < CHANNELS:  # round robin until every stream is refused (bounded)
+            assert n < 10_000
+            for cid in streams:
+                n += 1
+                header = {"action": "send", "channel_id": cid, "ref": n}
+                (reply,) = outbox_events(sender.handle(pack_binary(header, n.to_bytes(4, "big") + bytes(FRAME - 4))))
+                if reply.get("event") == "frame_ack":
+                    acked[cid].append(n)
+                else:
+                    assert reply["error"] == "receiver_full" and reply["channel_id"] == cid, reply
+                    refused.add(cid)
+        held = receiver.outbox.bytes
+        assert BUDGET <= held < BUDGET + FRAME + 1024  # the budget, and the frame that reached it
+        assert all(len(acked[cid]) < 64 for cid in streams)  # no channel's own queue was full
+        # a call's frame beside a full budget is dropped late, never refused
+        (reply,) = outbox_events(sender.handle(pack_binary({"action": "send", "channel_id": call}, b"v" * 200)))
+        assert reply["event"] == "frame_ack" and reply["disposition"] == "dropped"
+        # the receiver reads: every acknowledged frame arrives, once, in order; room comes back
+        got = _frames(list(iter(receiver.outbox.get_nowait, None)))
+        assert got == acked and receiver.outbox.bytes == 0
+        header = {"action": "send", "channel_id": streams[0], "ref": "again"}
+        (reply,) = outbox_events(sender.handle(pack_binary(header, bytes(FRAME))))
+        assert reply["disposition"] == "delivered"
+
+
+async def test_senders_waiting_for_the_budget_all_go_on_once_it_has_room() -> None:
+    """Library senders that wait for room (as a tunnel's backend does) on several channels are
+    all woken when the connection's budget has room again, also those whose own queue held
+    nothing (they wait on the budget, not on their queue)."""
+    async with (
+        mux.open_mux(agent="node", channel_buffer_frames=64, connection_buffer_bytes=BUDGET) as node,
+        trio.open_nursery() as nursery,
+        node.attach("alice") as alice,
+    ):
+        (receiver,) = started_sessions(node, nursery, "bob")
+        channels = [await alice.open("bob", "stream") for _ in range(CHANNELS)]
+        per_channel = 6  # 8 x 6 x 16 KB: about twice the budget
+        done: list[str] = []
+
+        async def send_all(ch: mux.Channel) -> None:
+            for i in range(per_channel):
+                await ch.send(i.to_bytes(4, "big") + bytes(FRAME - 4))  # waits while there is no room
+            done.append(ch.id)
+
+        taken: list[str | bytes] = []
+        with trio.fail_after(10):
+            async with trio.open_nursery() as senders:
+                for ch in channels:
+                    senders.start_soon(send_all, ch)
+                await trio.sleep(0.05)
+                assert len(done) < CHANNELS and receiver.outbox.bytes < BUDGET + FRAME + 1024
+                while len(done) < CHANNELS:  # the receiver reads a message at a time
+                    message = receiver.outbox.get_nowait()
+                    if message is not None:
+                        taken.append(message)
+                    await trio.lowlevel.checkpoint()
+        taken += list(iter(receiver.outbox.get_nowait, None))
+        got = _frames(taken)
+        assert all(got[ch.id] == list(range(per_channel)) for ch in channels)
