@@ -136,7 +136,7 @@ class Outbox:
             ring.append(key)
         q.items.extend(messages)
         self.queued += len(messages)
-        self.bytes += sum(map(len, messages))
+        self.bytes += len(messages[0]) if len(messages) == 1 else sum(map(len, messages))
         if self._ready or self._retired:  # the writer waits for work (or has retired)
             through = self.write_through
             if through is not None and through.holding and self.write_now is not None:

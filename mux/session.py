@@ -123,8 +123,9 @@ class WireSession:
         """Payload bytes of the frames waiting for credit, all channels (windowed connections)."""
         self.buffer_bytes = mux.config.connection_buffer_bytes
         """What the outbox and the frames waiting for credit may hold in all (``MuxConfig``)."""
-        self._budget_full = False
-        """A frame found the byte budget full: every channel hears of room once it is not."""
+        self.budget_full = False
+        """A frame found the byte budget full (``MuxConfig.connection_buffer_bytes``): every
+        channel hears of room once it is not."""
 
     @property
     def agent(self) -> str:
@@ -162,26 +163,25 @@ class WireSession:
             action = wire.parse_message(message, self.max_message_bytes)
         except MuxError as exc:
             return [wire.error_event(exc)]
-        cost = max(1, len(action.get("items"))) if action.name == "batch" else 1
-        part = action.get("part") if action.name == "send" else None
-        if part:
-            cost = 0  # a send in pieces costs what it would as one message: its piece 0 pays
-        if cost and self._bucket is not None and not self._bucket.take(cost, trio.current_time()):
-            return [wire.error_event(MuxError("too many messages; slow down", code="rate_limited"), action.ref)]
-        if part is not None:
-            return self._piece(action)
+        bucket = self._bucket
+        if bucket is not None:
+            name = action.name
+            cost = 1
+            if name == "batch":
+                cost = max(1, len(action.get("items")))
+            elif name == wire.SEND_PART and action.get("part"):
+                cost = 0  # a send in pieces costs what it would as one message: its piece 0 pays
+            if cost and not bucket.take(cost, trio.current_time()):
+                return [wire.error_event(MuxError("too many messages; slow down", code="rate_limited"), action.ref)]
         return self._apply(action)
 
-    def _piece(self, action: wire.Action) -> list[Outgoing]:
+    def _do_send_part(self, action: wire.Action) -> list[Outgoing]:
         """One piece of a payload sent in pieces (``mux.pieces``): nothing until the last,
         which is handled as the ``send`` of the whole payload."""
         if self._pieces is None:
             self._pieces = Pieces(self.max_message_bytes)
         try:
             whole = self._pieces.add(action)
-        except MuxError as exc:
-            exc.channel_id = exc.channel_id or action.get("channel_id")[:80]
-            return [wire.error_event(exc, action.ref)]
         finally:
             if not self._pieces:
                 self._pieces = None  # none unfinished: the table goes too
@@ -421,25 +421,24 @@ class WireSession:
             self._realtime.add(ch.id)
         end.use_sink(sink)
 
-    def over_budget(self) -> bool:
-        """True while the connection holds its byte budget's worth of frames
-        (``MuxConfig.connection_buffer_bytes``); noted, so room is announced once it has not."""
-        if self.outbox.bytes + self.pending_bytes < self.buffer_bytes:
-            return False
-        self._budget_full = True
-        return True
-
     def _on_take(self, key: str) -> None:
         """A message of channel ``key`` left the outbox: its end has room again (and every
         channel's, when the connection's byte budget was full and now is not)."""
-        if self._budget_full and self.outbox.bytes + self.pending_bytes < self.buffer_bytes:
-            self._budget_full = False
+        if self.budget_full and self.outbox.bytes + self.pending_bytes < self.buffer_bytes:
+            self.budget_full = False
             for other in list(self._sinks.values()):
                 if other.key != key:
                     other.room()
         sink = self._sinks.get(key)
         if sink is not None:
-            sink.room()
+            if sink.pending:
+                sink.drain()  # room in the queue: frames waiting for it (and credit) go on
+                return
+            end = sink.end
+            end.wake()
+            state = sink.state
+            if state.on_room is not None:
+                state.on_room(state, end)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Start serving: each channel opened to this agent is announced (``channel_opened``)
@@ -586,7 +585,8 @@ class _ChannelSink:
         """True when the channel's queue (or, without credit, its frames waiting for credit)
         can take another frame, and the connection holds less than its byte budget."""
         session = self.session
-        if session.over_budget():
+        if session.outbox.bytes + session.pending_bytes >= session.buffer_bytes:
+            session.budget_full = True
             return False
         if session._credits is not None and (self.pending or session.credit_left(self.key) == 0):
             return self.pending_pieces < session.outbox.per_key
@@ -599,7 +599,10 @@ class _ChannelSink:
         dropped for its size."""
         session = self.session
         outbox = session.outbox
-        if self.done or session.over_budget():
+        if self.done:
+            return False
+        if outbox.bytes + session.pending_bytes >= session.buffer_bytes:
+            session.budget_full = True
             return False
         credits = session._credits
         if credits is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "CHUNK_BYTES",
     "MAX_BATCH_ITEMS",
     "MAX_PARTS",
+    "SEND_PART",
     "MAX_WINDOW",
     "Action",
     "batch_event",
@@ -51,6 +52,8 @@ MAX_REF_LEN = 128
 MAX_PARTS = 4096
 """The most pieces a client's payload may be sent in (binary ``send`` with ``part``/``parts``:
 ``mux.pieces``)."""
+SEND_PART = "send_part"
+"""The name :func:`parse_message` gives a ``send`` that carries one piece of a payload."""
 _U32 = struct.Struct(">I")
 
 # action -> {field: (type(s), required)}
@@ -174,6 +177,7 @@ def parse_message(data: str | bytes, max_bytes: int) -> Action:
                 if parts < 2:
                     raise BadRequest("send: a payload in pieces has at least 2 parts", code="bad_request")
                 action.fields["part"], action.fields["parts"] = part, parts
+                return Action(SEND_PART, ref, action.fields)
             return action
         except MuxError as exc:
             exc.ref = ref
