@@ -421,14 +421,20 @@ class WireSession:
             self._realtime.add(ch.id)
         end.use_sink(sink)
 
-    def _on_take(self, key: str) -> None:
-        """A message of channel ``key`` left the outbox: its end has room again (and every
-        channel's, when the connection's byte budget was full and now is not)."""
+    def budget_room(self, key: str | None = None) -> None:
+        """If the byte budget was found full and now has room, tell every channel (but
+        ``key``, which hears of it itself) that it has room again."""
         if self.budget_full and self.outbox.bytes + self.pending_bytes < self.buffer_bytes:
             self.budget_full = False
             for other in list(self._sinks.values()):
                 if other.key != key:
                     other.room()
+
+    def _on_take(self, key: str) -> None:
+        """A message of channel ``key`` left the outbox: its end has room again (and every
+        channel's, when the connection's byte budget was full and now is not)."""
+        if self.budget_full:
+            self.budget_room(key)
         sink = self._sinks.get(key)
         if sink is not None:
             if sink.pending:
@@ -667,6 +673,7 @@ class _ChannelSink:
             self.session.pending_bytes -= sum(frame.size for frame in self.pending)
             self.pending = None  # the client closed it: what it did not take is not sent
             self.pending_pieces = 0
+            self.session.budget_room(self.key)
         if not self.pending:
             self._closed()
 

@@ -109,3 +109,39 @@ async def test_senders_waiting_for_the_budget_all_go_on_once_it_has_room() -> No
         taken += list(iter(receiver.outbox.get_nowait, None))
         got = _frames(taken)
         assert all(got[ch.id] == list(range(per_channel)) for ch in channels)
+
+
+async def test_frames_waiting_for_credit_count_and_closing_their_channel_gives_room() -> None:
+    """On a windowed connection frames waiting for credit count against the budget; when the
+    client closes their channel they are dropped, and a sender waiting on the budget for
+    another channel goes on (no message leaves the outbox to tell it)."""
+    async with (
+        mux.open_mux(agent="node", channel_buffer_frames=64, connection_buffer_bytes=BUDGET) as node,
+        trio.open_nursery() as nursery,
+        node.attach("alice") as alice,
+    ):
+        (receiver,) = started_sessions(node, nursery, "bob", window=1)
+        hoarded, other = [await alice.open("bob", "stream") for _ in range(2)]
+        list(iter(receiver.outbox.get_nowait, None))  # the announcements
+        sent = 0
+        with trio.move_on_after(0.2):  # bob gives no credit: past the first, frames wait for it
+            while True:
+                await hoarded.send(bytes(FRAME))
+                sent += 1
+        # the budget is full, nearly all of it frames waiting for credit, no channel's queue full
+        assert receiver.outbox.bytes + receiver.pending_bytes >= BUDGET and sent < 64
+        assert receiver.outbox.bytes < 2 * FRAME
+        got_through = trio.Event()
+
+        async def send_other() -> None:
+            await other.send(b"after")  # waits: the budget is full of hoarded frames
+            got_through.set()
+
+        nursery.start_soon(send_other)
+        await trio.sleep(0.05)
+        assert not got_through.is_set()
+        close = {"action": "close", "channel_id": hoarded.id}
+        receiver.handle(orjson.dumps(close).decode())  # bob closes it: what waited is dropped
+        with trio.fail_after(5):
+            await got_through.wait()
+        assert receiver.pending_bytes == 0
