@@ -95,6 +95,7 @@ class Outbox:
         control: int = 1024,
         on_take: Callable[[str], None] | None = None,
         write_through: WriteThrough | None = None,
+        budget: int = 16 << 20,
     ) -> None:
         self.per_key = per_key
         self.on_take = on_take
@@ -112,6 +113,13 @@ class Outbox:
         self.queued = 0
         self.bytes = 0
         """Characters or bytes of the messages queued."""
+        self.held = 0
+        """Bytes of frames held for this connection outside the queues (waiting for credit)."""
+        self.budget = budget
+        """What the queues and ``held`` may hold in all before the connection's channels take
+        no more frames (``MuxConfig.connection_buffer_bytes``; the caller checks it)."""
+        self.budget_full = False
+        """A frame found the budget full: every channel hears of room once it is not."""
         self.start_writer: Callable[[], None] | None = None
         """Set by a writer that may retire (:meth:`retire`): starts its task again."""
         self._retiring = False

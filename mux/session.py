@@ -86,7 +86,7 @@ class WireSession:
         """What the connection's credentials allow (intents, agent key)."""
         self._bucket = TokenBucket(int(rate[0]), rate[1]) if rate[0] > 0 else None
         per_channel = outbox_per_channel or mux.config.channel_buffer_frames
-        self.outbox = Outbox(per_key=per_channel, on_take=self._on_take)
+        self.outbox = Outbox(per_key=per_channel, on_take=self._on_take, budget=mux.config.connection_buffer_bytes)
         """What this connection sends, scheduled by urgency (``mux.outbox``)."""
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
@@ -119,13 +119,6 @@ class WireSession:
         """True while ``_announce_waiting`` runs (announcements queue behind it, in order)."""
         self._pieces: Pieces | None = None
         """Sends arriving in pieces, unfinished (made by the first piece; ``mux.pieces``)."""
-        self.pending_bytes = 0
-        """Payload bytes of the frames waiting for credit, all channels (windowed connections)."""
-        self.buffer_bytes = mux.config.connection_buffer_bytes
-        """What the outbox and the frames waiting for credit may hold in all (``MuxConfig``)."""
-        self.budget_full = False
-        """A frame found the byte budget full (``MuxConfig.connection_buffer_bytes``): every
-        channel hears of room once it is not."""
 
     @property
     def agent(self) -> str:
@@ -424,8 +417,9 @@ class WireSession:
     def budget_room(self, key: str | None = None) -> None:
         """If the byte budget was found full and now has room, tell every channel (but
         ``key``, which hears of it itself) that it has room again."""
-        if self.budget_full and self.outbox.bytes + self.pending_bytes < self.buffer_bytes:
-            self.budget_full = False
+        outbox = self.outbox
+        if outbox.budget_full and outbox.bytes + outbox.held < outbox.budget:
+            outbox.budget_full = False
             for other in list(self._sinks.values()):
                 if other.key != key:
                     other.room()
@@ -433,7 +427,7 @@ class WireSession:
     def _on_take(self, key: str) -> None:
         """A message of channel ``key`` left the outbox: its end has room again (and every
         channel's, when the connection's byte budget was full and now is not)."""
-        if self.budget_full:
+        if self.outbox.budget_full:
             self.budget_room(key)
         sink = self._sinks.get(key)
         if sink is not None:
@@ -591,8 +585,9 @@ class _ChannelSink:
         """True when the channel's queue (or, without credit, its frames waiting for credit)
         can take another frame, and the connection holds less than its byte budget."""
         session = self.session
-        if session.outbox.bytes + session.pending_bytes >= session.buffer_bytes:
-            session.budget_full = True
+        outbox = session.outbox
+        if outbox.bytes + outbox.held >= outbox.budget:
+            outbox.budget_full = True
             return False
         if session._credits is not None and (self.pending or session.credit_left(self.key) == 0):
             return self.pending_pieces < session.outbox.per_key
@@ -607,8 +602,8 @@ class _ChannelSink:
         outbox = session.outbox
         if self.done:
             return False
-        if outbox.bytes + session.pending_bytes >= session.buffer_bytes:
-            session.budget_full = True
+        if outbox.bytes + outbox.held >= outbox.budget:
+            outbox.budget_full = True
             return False
         credits = session._credits
         if credits is not None:
@@ -620,7 +615,7 @@ class _ChannelSink:
                     return False
                 self.pending.append(frame)
                 self.pending_pieces += self._pieces(frame)
-                session.pending_bytes += frame.size
+                outbox.held += frame.size
                 return True
             if not outbox.has_room(self.key):
                 return False
@@ -651,7 +646,7 @@ class _ChannelSink:
             credits[self.key] = left - 1
             frame = pending.popleft()
             self.pending_pieces -= self._pieces(frame)
-            session.pending_bytes -= frame.size
+            outbox.held -= frame.size
             outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(frame, session.chunk_bytes))
         if not pending:
             self.pending = None
@@ -670,7 +665,7 @@ class _ChannelSink:
         self.done = True
         told = self.session._closed_told
         if self.pending and told is not None and self.key in told:
-            self.session.pending_bytes -= sum(frame.size for frame in self.pending)
+            self.session.outbox.held -= sum(frame.size for frame in self.pending)
             self.pending = None  # the client closed it: what it did not take is not sent
             self.pending_pieces = 0
             self.session.budget_room(self.key)

@@ -129,7 +129,7 @@ async def test_frames_waiting_for_credit_count_and_closing_their_channel_gives_r
                 await hoarded.send(bytes(FRAME))
                 sent += 1
         # the budget is full, nearly all of it frames waiting for credit, no channel's queue full
-        assert receiver.outbox.bytes + receiver.pending_bytes >= BUDGET and sent < 64
+        assert receiver.outbox.bytes + receiver.outbox.held >= BUDGET and sent < 64
         assert receiver.outbox.bytes < 2 * FRAME
         got_through = trio.Event()
 
@@ -144,4 +144,4 @@ async def test_frames_waiting_for_credit_count_and_closing_their_channel_gives_r
         receiver.handle(orjson.dumps(close).decode())  # bob closes it: what waited is dropped
         with trio.fail_after(5):
             await got_through.wait()
-        assert receiver.pending_bytes == 0
+        assert receiver.outbox.held == 0
