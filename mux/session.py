@@ -431,14 +431,7 @@ class WireSession:
             self.budget_room(key)
         sink = self._sinks.get(key)
         if sink is not None:
-            if sink.pending:
-                sink.drain()  # room in the queue: frames waiting for it (and credit) go on
-                return
-            end = sink.end
-            end.wake()
-            state = sink.state
-            if state.on_room is not None:
-                state.on_room(state, end)
+            sink.room()
 
     def start(self, nursery: trio.Nursery) -> None:
         """Start serving: each channel opened to this agent is announced (``channel_opened``)
@@ -578,7 +571,8 @@ class _ChannelSink:
         """The messages ``pending`` will take (a large frame: one per ``frame_part`` piece),
         bounded as the outbox bounds a channel's queue."""
 
-    def _pieces(self, frame: Frame) -> int:
+    def _messages(self, frame: Frame) -> int:
+        """How many messages ``frame`` takes in the outbox (one per ``frame_part`` piece)."""
         return max(1, -(-frame.size // self.session.chunk_bytes))
 
     def has_room(self) -> bool:
@@ -614,7 +608,7 @@ class _ChannelSink:
                 elif self.pending_pieces >= outbox.per_key:
                     return False
                 self.pending.append(frame)
-                self.pending_pieces += self._pieces(frame)
+                self.pending_pieces += self._messages(frame)
                 outbox.held += frame.size
                 return True
             if not outbox.has_room(self.key):
@@ -645,7 +639,7 @@ class _ChannelSink:
         while pending and (left := session.credit_left(self.key) or 0) > 0 and outbox.has_room(self.key):
             credits[self.key] = left - 1
             frame = pending.popleft()
-            self.pending_pieces -= self._pieces(frame)
+            self.pending_pieces -= self._messages(frame)
             outbox.held -= frame.size
             outbox.put_nowait(self.key, self.urgency, *wire.frame_messages(frame, session.chunk_bytes))
         if not pending:

@@ -3,7 +3,9 @@ connections' protocol sessions driven by hand; and counting the tasks an in-proc
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,9 +15,10 @@ from mux.core import Mux
 from mux.server import ServeInfo, serve
 from mux.session import WireSession
 from mux.settings import NodeSettings
+from mux.tls import write_self_signed
 from mux.wire import pack_binary, unpack_binary
 
-__all__ = ["outbox_events", "running_tasks", "send_numbered", "serve_node", "started_sessions"]
+__all__ = ["loopback_tls", "outbox_events", "running_tasks", "send_numbered", "serve_node", "started_sessions"]
 
 TEST_NODE: dict[str, Any] = {
     "open_mode": True,
@@ -34,6 +37,14 @@ async def serve_node(nursery: trio.Nursery, **settings: Any) -> ServeInfo:
     node_settings = NodeSettings(**{**TEST_NODE, **settings})
     info: ServeInfo = await nursery.start(lambda task_status: serve(node_settings, task_status=task_status))
     return info
+
+
+def loopback_tls(directory: Path) -> tuple[str, str, ssl.SSLContext]:
+    """A self-signed certificate and key for 127.0.0.1 written into ``directory`` (their
+    paths, for a node's ``certfile``/``keyfile``), and a client context trusting it."""
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    write_self_signed(certfile, keyfile, hosts=["127.0.0.1"], days=2)
+    return str(certfile), str(keyfile), ssl.create_default_context(cafile=str(certfile))
 
 
 def started_sessions(node: Mux, nursery: trio.Nursery, *agents: str, **options: Any) -> list[WireSession]:

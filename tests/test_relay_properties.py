@@ -14,8 +14,6 @@ the connection's SSLObject: a record out of order would break the client's TLS).
 
 from __future__ import annotations
 
-import ssl
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,10 +25,9 @@ from mux.client import ClientChannel, connect
 from mux.core import MuxConfig
 from mux.errors import ChannelClosed, ChannelThrottled
 from mux.signing import verify_chain
-from mux.tls import write_self_signed
 from mux.wire import CHUNK_BYTES
 
-from .nodes import serve_node
+from .nodes import loopback_tls, serve_node
 
 INTENTS = ("stream", "bulk:test", "chat", "call:voice")
 BIG = CHUNK_BYTES * 5 // 2
@@ -71,13 +68,8 @@ def transport(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     with a self-signed certificate for 127.0.0.1 that the clients trust."""
     if request.param == "plain":
         return {"serve": {}, "connect": {}}
-    tmp = tmp_path_factory.mktemp("tls")
-    certfile, keyfile = tmp / "cert.pem", tmp / "key.pem"
-    write_self_signed(certfile, keyfile, hosts=["127.0.0.1"], days=2)
-    return {
-        "serve": {"certfile": str(certfile), "keyfile": str(keyfile)},
-        "connect": {"ssl_context": ssl.create_default_context(cafile=str(Path(certfile)))},
-    }
+    certfile, keyfile, context = loopback_tls(tmp_path_factory.mktemp("tls"))
+    return {"serve": {"certfile": certfile, "keyfile": keyfile}, "connect": {"ssl_context": context}}
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -222,7 +222,7 @@ async def test_a_call_frame_goes_between_the_pieces_of_a_large_payload(server: S
                 senders.start_soon(send_bulk)
                 senders.start_soon(send_call_frame)
         assert answered == ["call", "payload"]
-        pieces = [unpack_binary(m) for m in written if unpack_binary(m)[0].get("parts")]
+        pieces = [(h, p) for h, p in map(unpack_binary, written) if h.get("parts")]
         assert len(pieces) == -(-len(payload) // PART_BYTES)
         assert [h["part"] for h, _ in pieces] == list(range(len(pieces)))
         assert b"".join(p for _, p in pieces) == payload

@@ -30,10 +30,9 @@ import trio
 
 from mux.client import open_ws
 from mux.core import MuxConfig
-from mux.tls import write_self_signed
 from mux.wire import pack_binary, unpack_binary
 
-from .nodes import serve_node
+from .nodes import loopback_tls, serve_node
 from .wsutil import raw_client, recv, send, ws_url
 
 PIECE = 16_000
@@ -51,10 +50,8 @@ async def test_a_call_frame_to_a_slow_reader_waits_behind_about_one_piece(
     ctx: ssl.SSLContext | None = None
     options: dict[str, object] = {}
     if tls:
-        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-        write_self_signed(cert, key, hosts=["127.0.0.1"], days=2)
-        options = {"certfile": str(cert), "keyfile": str(key)}
-        ctx = ssl.create_default_context(cafile=str(cert))
+        certfile, keyfile, ctx = loopback_tls(tmp_path)
+        options = {"certfile": certfile, "keyfile": keyfile}
     info = await serve_node(nursery, mux=MuxConfig(channel_buffer_frames=QUEUE_FRAMES), **options)
     base = info.url.replace("https", "http", 1)
     with trio.fail_after(30):

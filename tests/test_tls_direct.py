@@ -24,18 +24,15 @@ import trio
 
 import mux.app
 import mux.sockets
-from mux.tls import write_self_signed
 
-from .nodes import serve_node
+from .nodes import loopback_tls, serve_node
 from .wsutil import RawClient, raw_client, ws_url
 
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[str, str, ssl.SSLContext]:
     """A self-signed certificate and key for 127.0.0.1, and a client context trusting it."""
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    write_self_signed(certfile, keyfile, hosts=["127.0.0.1"], days=2)
-    return str(certfile), str(keyfile), ssl.create_default_context(cafile=str(certfile))
+    return loopback_tls(tmp_path)
 
 
 def _count_server_tls_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
