@@ -133,7 +133,9 @@ class Node:
             return
         s = self.settings
         key = NodeKey.load_or_create(s.data_dir) if s.data_dir else NodeKey.generate()
-        store: Store = SqliteStore(Path(s.data_dir) / STORE_FILE) if s.data_dir else MemoryStore()
+        store: Store = (
+            SqliteStore(Path(s.data_dir) / STORE_FILE) if s.data_dir else MemoryStore.holding(s.memory_ledger_bytes)
+        )
         self.mux = await start_mux(nursery, agent=s.agent, key=key, config=s.mux, store=store)
         self.owns_mux = True
         if s.trim_after_closes > 0:

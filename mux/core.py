@@ -235,6 +235,7 @@ class Mux:
             "acked": self._stats["acked"],
             "expired": self._stats["expired"],
             "store_stalled": self.store.stalled,
+            "ledger": self.store.usage(),
             "intents": len(self.registry.routes),
         }
 

@@ -27,6 +27,10 @@ class NodeSettings:
     port: int = 8443
     data_dir: str | None = "mux-data"
     """Directory for the node key (and later the durable store); None = in memory only."""
+    memory_ledger_bytes: int = 64 << 20
+    """With no data directory: the memory the in-memory ledger (export, resume) may hold,
+    frames' bookkeeping included (about 560 bytes a frame beside its payload); the chains
+    begun longest ago are forgotten first. ``MUX_MEMORY_LEDGER_BYTES``."""
     certfile: str | None = None
     keyfile: str | None = None
     """PEM certificate and key: with both, the node speaks TLS 1.3 only (h2 and http/1.1)."""

@@ -23,6 +23,7 @@ implements the same :class:`Store` protocol; none ships yet.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import sqlite3
@@ -36,7 +37,18 @@ import trio
 from .frames import Frame, exact
 from .sqlite_batch import BatchWriter, Operation, Statement
 
-__all__ = ["STORE_FILE", "ChannelRow", "MemoryStore", "Snapshot", "SqliteStore", "Store"]
+__all__ = [
+    "CHAIN_BYTES",
+    "CHAIN_HELD_BYTES",
+    "FRAME_HELD_BYTES",
+    "STORE_FILE",
+    "ChannelRow",
+    "MemoryStore",
+    "Snapshot",
+    "SqliteStore",
+    "Store",
+    "held_bytes",
+]
 
 STORE_FILE = "mux.sqlite3"
 """The store's file name inside a node's data directory."""
@@ -100,6 +112,9 @@ class Store(Protocol):
     def has_room(self) -> bool:
         """False while too much is queued for the writer."""
 
+    def usage(self) -> dict[str, Any]:
+        """What the store holds now, for ``/status`` (``ledger``)."""
+
     async def flushed(self, position: int) -> None:
         """Return once everything recorded up to ``position`` is durable."""
 
@@ -116,18 +131,42 @@ class Store(Protocol):
         """The writer task."""
 
 
+FRAME_HELD_BYTES = 560
+"""Memory one frame in the in-memory ledger holds beside its payload bytes: the frame object,
+its hash and signature (hex), seq and timestamp, the payload's bytes object (CPython 3.11,
+64-bit; ``tests/test_memory_ledger.py`` measures it)."""
+AGENT_SIGNATURE_HELD_BYTES = 320
+"""What a frame the sender signed itself holds more, beside its nonce's characters."""
+CHAIN_HELD_BYTES = 256
+"""What the in-memory ledger holds per chain beside its frames (the list, the lookups)."""
+CHAIN_BYTES = 4 << 20
+"""The in-memory ledger's default bound per chain (``MemoryStore.max_bytes_per_channel``)."""
+
+
+def held_bytes(frame: Frame) -> int:
+    """Memory ``frame`` holds while the in-memory ledger keeps it (payload and bookkeeping)."""
+    agent = frame.agent
+    held = FRAME_HELD_BYTES + len(frame.raw)
+    return held if agent is None else held + AGENT_SIGNATURE_HELD_BYTES + len(agent.nonce)
+
+
 @attrs.define(eq=False)
 class MemoryStore:
     """In-memory store: a bounded ledger (``max_channels`` chains of at most
-    ``max_frames_per_channel`` frames and ``max_bytes_per_channel`` payload bytes, at most
-    ``max_total_bytes`` in all, oldest forgotten first); nothing survives a restart."""
+    ``max_frames_per_channel`` frames and ``max_bytes_per_channel`` bytes, at most
+    ``max_total_bytes`` in all; over a bound the chains begun longest ago are forgotten first,
+    never the one just written to, whose oldest frames go instead); nothing survives a restart.
+
+    Bytes are what the frames hold in memory, payload and bookkeeping (:func:`held_bytes`,
+    about 560 bytes a frame beside its payload), so the bounds hold for small frames too: a
+    million 50-byte frames count 610 MB, not 50."""
 
     max_channels: int = 4096
     max_frames_per_channel: int = 100_000
-    max_bytes_per_channel: int = 4 << 20
-    """Payload bytes kept per chain; older frames are forgotten first (partial export)."""
+    max_bytes_per_channel: int = CHAIN_BYTES
+    """Bytes kept per chain; older frames are forgotten first (partial export)."""
     max_total_bytes: int = 64 << 20
-    """Payload bytes kept in all; the chains begun longest ago are forgotten first."""
+    """Bytes kept in all, chains included; the chains begun longest ago are forgotten first."""
     position: int = 0
     stalled: str | None = attrs.field(default=None, init=False)
     """Never: memory does not stall."""
@@ -137,6 +176,23 @@ class MemoryStore:
         factory=collections.OrderedDict, init=False
     )
 
+    @classmethod
+    def holding(cls, total_bytes: int) -> MemoryStore:
+        """A store holding at most ``total_bytes`` in all, and per chain."""
+        return cls(max_total_bytes=total_bytes, max_bytes_per_channel=min(CHAIN_BYTES, total_bytes))
+
+    def usage(self) -> dict[str, Any]:
+        """``{"store": "memory", "chains", "frames", "bytes", "max_bytes"}``: bytes as counted
+        against ``max_total_bytes`` (:func:`held_bytes`)."""
+        frames = sum(len(chain) for chain in self._chains.values())
+        return {
+            "store": "memory",
+            "chains": len(self._chains),
+            "frames": frames,
+            "bytes": self._total,
+            "max_bytes": self.max_total_bytes,
+        }
+
     def append(self, frame: Frame) -> None:
         """Keep ``frame``; forget the least recently started chain when over ``max_channels``."""
         cid = frame.channel_id
@@ -144,19 +200,41 @@ class MemoryStore:
         if chain is None:
             chain = self._chains[cid] = []  # most chains stay short: a list is 8x smaller than a deque
             self._bytes[cid] = 0
+            self._total += CHAIN_HELD_BYTES
         chain.append(frame)
-        held = self._bytes[cid] + frame.size
+        size = held_bytes(frame)
+        held = self._bytes[cid] + size
         before = held
         while len(chain) > 1 and (held > self.max_bytes_per_channel or len(chain) > self.max_frames_per_channel):
             if isinstance(chain, list):
                 chain = self._chains[cid] = collections.deque(chain)
-            held -= chain.popleft().size
+            held -= held_bytes(chain.popleft())
         self._bytes[cid] = held
-        self._total += frame.size - (before - held)
-        while len(self._chains) > 1 and (len(self._chains) > self.max_channels or self._total > self.max_total_bytes):
-            oldest, _ = self._chains.popitem(last=False)
-            self._total -= self._bytes.pop(oldest, 0)
+        self._total += size - (before - held)
+        if len(self._chains) > self.max_channels or self._total > self.max_total_bytes:
+            self._make_room(cid)
         self.position += 1
+
+    def _make_room(self, written: str) -> None:
+        """Forget the chains begun longest ago but ``written`` (the chain just appended to)
+        until within ``max_channels`` and ``max_total_bytes``; then, while still over, forget
+        ``written``'s oldest frames (its newest is always kept)."""
+        chains = self._chains
+        while len(chains) > self.max_channels or self._total > self.max_total_bytes:
+            oldest: str | None = next(iter(chains))
+            if oldest == written:
+                oldest = next(itertools.islice(chains, 1, None), None)
+            if oldest is None:
+                break
+            del chains[oldest]
+            self._total -= self._bytes.pop(oldest) + CHAIN_HELD_BYTES
+        chain = chains[written]
+        while self._total > self.max_total_bytes and len(chain) > 1:
+            if isinstance(chain, list):
+                chain = chains[written] = collections.deque(chain)
+            size = held_bytes(chain.popleft())
+            self._bytes[written] -= size
+            self._total -= size
 
     def record_open(self, row: ChannelRow) -> None:
         """Nothing to persist in memory."""
@@ -302,6 +380,11 @@ class SqliteStore:
     def has_room(self) -> bool:
         """False while more than ``max_queue`` operations wait for the writer."""
         return len(self._queue) < self.max_queue
+
+    def usage(self) -> dict[str, Any]:
+        """``{"store": "sqlite", "queued", "max_queue"}``: operations waiting for the writer
+        (the ledger itself is on disk)."""
+        return {"store": "sqlite", "queued": len(self._queue), "max_queue": self.max_queue}
 
     async def flushed(self, position: int) -> None:
         """Wait until everything up to ``position`` is committed (raises if the writer died)."""

@@ -169,6 +169,7 @@ async def test_live_frames_gather_into_one_commit(tmp_path: Path) -> None:
         for i in range(50):
             store.append(_frame("c", i))
             await trio.lowlevel.checkpoint()  # frames arrive one by one; the writer may wake between
+        assert store.usage() == {"store": "sqlite", "queued": 50, "max_queue": store.max_queue}  # lingering
         with trio.fail_after(5):
             while store.durable < 50:  # noqa: ASYNC110  (flushed() would hurry the writer)
                 await trio.sleep(0.01)
@@ -176,6 +177,7 @@ async def test_live_frames_gather_into_one_commit(tmp_path: Path) -> None:
     store.close()
     assert commits == 1
     assert _rows(tmp_path) == 50
+    assert store.usage()["queued"] == 0
 
 
 async def test_a_durable_send_does_not_wait_for_the_linger(tmp_path: Path) -> None:
