@@ -44,9 +44,18 @@ from .errors import (
     ChannelThrottled,
     MuxError,
 )
-from .frames import GENESIS, AgentSignature, ChainHead, Frame, canonical_json, payload_bytes
+from .frames import (
+    FRAME_HELD_BYTES,
+    GENESIS,
+    AgentSignature,
+    ChainHead,
+    Frame,
+    canonical_json,
+    held_bytes,
+    payload_bytes,
+)
 from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry, shared_policy
-from .mailbox import Mailbox
+from .mailbox import Mailbox, MailboxFull
 from .resume import Resumes
 from .signing import NodeKey, check_agent_signature
 from .storage import STORE_FILE, ChannelRow, MemoryStore, Snapshot, SqliteStore, Store
@@ -80,7 +89,11 @@ class MuxConfig:
     mailbox_max_frames: int = 10_000
     """Unacknowledged durable frames one agent's mailbox holds before ``mailbox_full``."""
     mailbox_max_bytes: int = 64 << 20
-    """Unacknowledged durable payload bytes one agent's mailbox holds before ``mailbox_full``."""
+    """Memory one agent's unacknowledged durable frames may hold before ``mailbox_full``
+    (payload and bookkeeping, :func:`mux.frames.held_bytes`)."""
+    mailboxes_max_bytes: int = 512 << 20
+    """Memory all agents' mailboxes together may hold before ``mailbox_full``, however many
+    agents there are."""
     mailbox_max_age_s: float = 7 * 24 * 3600.0
     """Unacknowledged durable frames older than this are expired (counted and logged): looked
     for on durable puts and attaches, at most once in a quarter of this or in a minute,
@@ -171,6 +184,8 @@ class Mux:
         self.registry = registry or configured_registry(self.config)
         self.store: Store = store if store is not None else MemoryStore()
         self.mailboxes: dict[str, Mailbox] = {}
+        self._mail_bytes = 0
+        """Bytes all mailboxes hold (``Mailbox.bytes`` summed)."""
         self._nursery = nursery
         self._channels: dict[str, ChannelState] = {}
         self._closed: collections.OrderedDict[str, ChannelState] = collections.OrderedDict()
@@ -231,7 +246,11 @@ class Mux:
             "bytes": self._stats["bytes"],
             "throttled": self._stats["throttled"],
             "dropped": self._stats["dropped"],
-            "mailboxes": {"agents": len(self.mailboxes), "frames": sum(b.frames for b in self.mailboxes.values())},
+            "mailboxes": {
+                "agents": len(self.mailboxes),
+                "frames": sum(b.frames for b in self.mailboxes.values()),
+                "bytes": self._mail_bytes,
+            },
             "acked": self._stats["acked"],
             "expired": self._stats["expired"],
             "store_stalled": self.store.stalled,
@@ -579,11 +598,18 @@ class Mux:
     # ---- mailboxes (durable delivery) ----------------------------------------------------
 
     def mail_check(self, agent: str, size: int, channel_id: str) -> None:
-        """Raise ``mailbox_full`` if ``agent``'s mailbox cannot take a ``size``-byte frame."""
+        """Raise ``mailbox_full`` if ``agent``'s mailbox, or all mailboxes together, cannot
+        take a frame of a ``size``-byte payload."""
+        cfg = self.config
+        held = FRAME_HELD_BYTES + size
+        if self._mail_bytes + held > cfg.mailboxes_max_bytes:
+            raise MailboxFull(
+                f"the node's mailboxes are full ({self._mail_bytes} bytes held; limit {cfg.mailboxes_max_bytes})",
+                channel_id=channel_id,
+            )
         box = self.mailboxes.get(agent)
         if box is not None:
-            cfg = self.config
-            box.check_room(size, cfg.mailbox_max_frames, cfg.mailbox_max_bytes, channel_id)
+            box.check_room(held, cfg.mailbox_max_frames, cfg.mailbox_max_bytes, channel_id)
 
     def mail_put(self, state: ChannelState, frame: Frame) -> bool:
         """Put a durable frame in its target's mailbox (and store); True if delivered at once."""
@@ -591,7 +617,9 @@ class Mux:
         box = self.mailboxes.get(frame.target)
         if box is None:
             box = self.mailboxes[frame.target] = Mailbox(frame.target)
+        before = box.bytes
         mail = box.put(state, frame)
+        self._mail_bytes += box.bytes - before
         self.store.mail_put(frame)
         self._pump(state, state.ends[frame.target])
         return mail.sent == len(mail.frames)
@@ -623,7 +651,9 @@ class Mux:
         if box is None or channel_id not in box.channels:
             self.channel_state(channel_id, caller=agent)  # unknown or foreign ids still fail clearly
             return 0
+        before = box.bytes
         removed = box.ack(channel_id, upto_seq)
+        self._mail_bytes -= before - box.bytes
         if removed:
             self.store.mail_ack(agent, channel_id, upto_seq)
             self._stats["acked"] += removed
@@ -640,7 +670,10 @@ class Mux:
         self._last_expiry = now
         cutoff = now_ms() - int(self.config.mailbox_max_age_s * 1000)
         for agent, box in list(self.mailboxes.items()):
-            for frame in box.expire(cutoff):
+            before = box.bytes
+            gone = box.expire(cutoff)
+            self._mail_bytes -= before - box.bytes
+            for frame in gone:
                 log.warning("mailbox of %s: expired %s seq %d (retention)", agent, frame.channel_id, frame.seq)
                 self.store.mail_drop(agent, frame.channel_id, frame.seq)
                 self._stats["expired"] += 1
@@ -691,6 +724,7 @@ class Mux:
             if box is None:
                 box = self.mailboxes[frame.target] = Mailbox(frame.target)
             box.put(owner, frame)
+            self._mail_bytes += held_bytes(frame)
         for state in list(self._channels.values()):
             self._close_nowait(state, "node_restart")
         self._stats["restored_channels"] = len(states)

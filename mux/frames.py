@@ -24,6 +24,8 @@ from .errors import BadRequest
 
 __all__ = [
     "AGENT_CONTEXT",
+    "AGENT_SIGNATURE_HELD_BYTES",
+    "FRAME_HELD_BYTES",
     "FRAME_VERSION",
     "AgentSignature",
     "agent_signed_bytes",
@@ -34,6 +36,7 @@ __all__ = [
     "canonical_json",
     "exact",
     "frame_hash",
+    "held_bytes",
     "payload_bytes",
 ]
 
@@ -124,6 +127,13 @@ def agent_signed_bytes(channel_id: str, sender: str, nonce: str, payload_sha256:
         option=_SORT,
     )
 
+
+FRAME_HELD_BYTES = 560
+"""Memory one frame kept (in the in-memory ledger, a mailbox) holds beside its payload bytes: the frame object,
+its hash and signature (hex), seq and timestamp, the payload's bytes object (CPython 3.11,
+64-bit; ``tests/test_memory_ledger.py`` measures it)."""
+AGENT_SIGNATURE_HELD_BYTES = 320
+"""What a frame the sender signed itself holds more, beside its nonce's characters."""
 
 _JSON = object()
 """``Frame._payload`` of a JSON frame: the value lives in ``raw``."""
@@ -349,3 +359,10 @@ class ChainHead:
         self.next_seq += 1
         self.head = digest
         return frame
+
+
+def held_bytes(frame: Frame) -> int:
+    """Memory ``frame`` holds while kept (the in-memory ledger, mailboxes) (payload and bookkeeping)."""
+    agent = frame.agent
+    held = FRAME_HELD_BYTES + len(frame.raw)
+    return held if agent is None else held + AGENT_SIGNATURE_HELD_BYTES + len(agent.nonce)

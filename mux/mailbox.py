@@ -8,8 +8,10 @@ mailbox only when the target acknowledges them (cumulatively, by seq). When the 
 attaches again, every unacknowledged frame is delivered again, in order: at-least-once, and
 exactly-once for a target that drops duplicates by ``(channel_id, seq)``.
 
-Limits per agent (frames, bytes) refuse new frames with ``mailbox_full``; frames older than
-the retention age are expired (counted, logged), never silently.
+Limits per agent (frames, bytes) and one for all mailboxes together (bytes) refuse new
+frames with ``mailbox_full``; bytes are what the frames hold in memory, payload and
+bookkeeping (:func:`mux.frames.held_bytes`). Frames older than the retention age are
+expired (counted, logged), never silently.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .errors import ChannelError
-from .frames import Frame
+from .frames import Frame, held_bytes
 
 if TYPE_CHECKING:
     from .channel import ChannelState
@@ -59,9 +61,9 @@ class Mailbox:
     bytes: int = 0
     expired: int = 0
 
-    def check_room(self, size: int, max_frames: int, max_bytes: int, channel_id: str) -> None:
-        """Raise MailboxFull if one more ``size``-byte frame would pass a limit."""
-        if self.frames >= max_frames or self.bytes + size > max_bytes:
+    def check_room(self, held: int, max_frames: int, max_bytes: int, channel_id: str) -> None:
+        """Raise MailboxFull if one more frame holding ``held`` bytes would pass a limit."""
+        if self.frames >= max_frames or self.bytes + held > max_bytes:
             raise MailboxFull(
                 f"{self.agent}'s mailbox is full ({self.frames} frames, {self.bytes} bytes; "
                 f"limits {max_frames} frames, {max_bytes} bytes)",
@@ -75,7 +77,7 @@ class Mailbox:
             mail = self.channels[frame.channel_id] = ChannelMail(state)
         mail.frames.append(frame)
         self.frames += 1
-        self.bytes += frame.size
+        self.bytes += held_bytes(frame)
         return mail
 
     def ack(self, channel_id: str, upto_seq: int) -> int:
@@ -87,7 +89,7 @@ class Mailbox:
         while mail.frames and mail.frames[0].seq <= upto_seq:
             frame = mail.frames.popleft()
             self.frames -= 1
-            self.bytes -= frame.size
+            self.bytes -= held_bytes(frame)
             removed += 1
         mail.sent = max(0, mail.sent - removed)
         if not mail.frames:
@@ -104,7 +106,7 @@ class Mailbox:
                 mail.sent = max(0, mail.sent - 1)
                 gone.append(frame)
                 self.frames -= 1
-                self.bytes -= frame.size
+                self.bytes -= held_bytes(frame)
             if not mail.frames:
                 del self.channels[channel_id]
         self.expired += len(gone)

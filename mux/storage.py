@@ -34,20 +34,18 @@ import attrs
 import orjson
 import trio
 
-from .frames import Frame, exact
+from .frames import Frame, exact, held_bytes
 from .sqlite_batch import BatchWriter, Operation, Statement
 
 __all__ = [
     "CHAIN_BYTES",
     "CHAIN_HELD_BYTES",
-    "FRAME_HELD_BYTES",
     "STORE_FILE",
     "ChannelRow",
     "MemoryStore",
     "Snapshot",
     "SqliteStore",
     "Store",
-    "held_bytes",
 ]
 
 STORE_FILE = "mux.sqlite3"
@@ -131,23 +129,10 @@ class Store(Protocol):
         """The writer task."""
 
 
-FRAME_HELD_BYTES = 560
-"""Memory one frame in the in-memory ledger holds beside its payload bytes: the frame object,
-its hash and signature (hex), seq and timestamp, the payload's bytes object (CPython 3.11,
-64-bit; ``tests/test_memory_ledger.py`` measures it)."""
-AGENT_SIGNATURE_HELD_BYTES = 320
-"""What a frame the sender signed itself holds more, beside its nonce's characters."""
 CHAIN_HELD_BYTES = 256
 """What the in-memory ledger holds per chain beside its frames (the list, the lookups)."""
 CHAIN_BYTES = 4 << 20
 """The in-memory ledger's default bound per chain (``MemoryStore.max_bytes_per_channel``)."""
-
-
-def held_bytes(frame: Frame) -> int:
-    """Memory ``frame`` holds while the in-memory ledger keeps it (payload and bookkeeping)."""
-    agent = frame.agent
-    held = FRAME_HELD_BYTES + len(frame.raw)
-    return held if agent is None else held + AGENT_SIGNATURE_HELD_BYTES + len(agent.nonce)
 
 
 @attrs.define(eq=False)
@@ -157,7 +142,7 @@ class MemoryStore:
     ``max_total_bytes`` in all; over a bound the chains begun longest ago are forgotten first,
     never the one just written to, whose oldest frames go instead); nothing survives a restart.
 
-    Bytes are what the frames hold in memory, payload and bookkeeping (:func:`held_bytes`,
+    Bytes are what the frames hold in memory, payload and bookkeeping (:func:`mux.frames.held_bytes`,
     about 560 bytes a frame beside its payload), so the bounds hold for small frames too: a
     million 50-byte frames count 610 MB, not 50."""
 
@@ -183,7 +168,7 @@ class MemoryStore:
 
     def usage(self) -> dict[str, Any]:
         """``{"store": "memory", "chains", "frames", "bytes", "max_bytes"}``: bytes as counted
-        against ``max_total_bytes`` (:func:`held_bytes`)."""
+        against ``max_total_bytes`` (:func:`mux.frames.held_bytes`)."""
         frames = sum(len(chain) for chain in self._chains.values())
         return {
             "store": "memory",

@@ -9,10 +9,12 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import trio
 
 import mux
 from mux.client import open_ws
+from mux.frames import held_bytes
 from mux.server import ServeInfo
 
 from .procs import node_process
@@ -24,7 +26,9 @@ async def test_offline_target_gets_frames_in_order_then_acks(node: mux.Mux) -> N
     for i in range(10):
         await ch.send({"n": i})
     await ch.close("sent")
-    assert node.status()["mailboxes"] == {"agents": 1, "frames": 10}
+    boxes = node.status()["mailboxes"]
+    assert (boxes["agents"], boxes["frames"]) == (1, 10)
+    assert boxes["bytes"] == sum(held_bytes(f) for f in (await node.export(ch.id))[1:11])
 
     async with node.attach("bob") as bob:
         got = await bob.accept()
@@ -39,7 +43,7 @@ async def test_offline_target_gets_frames_in_order_then_acks(node: mux.Mux) -> N
         assert [f.payload["n"] for f in again] == list(range(5, 10))
         await (await node.open("x", "chat", agent="bob")).close()
         assert node.ack("bob", ch.id, again[-1].seq) == 5
-    assert node.status()["mailboxes"]["frames"] == 0
+    assert node.status()["mailboxes"] == {"agents": 0, "frames": 0, "bytes": 0}
     async with node.attach("bob") as bob:
         assert bob.accept_nowait() is None
 
@@ -70,6 +74,30 @@ async def test_mailbox_full_refuses_with_a_clear_error() -> None:
         await ch.send(4)
 
 
+async def test_all_mailboxes_together_stay_within_their_memory_bound() -> None:
+    """``mailboxes_max_bytes`` bounds every agent's mailbox together (each under its own
+    limit), counted as the frames hold memory: small frames to many offline agents are
+    refused ``mailbox_full`` once the node holds that much, acks and expiry give it back."""
+    bound = 64 << 10
+    async with mux.open_mux(agent="n", mailboxes_max_bytes=bound, max_channels_per_agent=64) as m:
+        channels = [await m.open(f"offline-{i}", "chat", agent="alice") for i in range(40)]
+        sent = 0
+        with pytest.raises(mux.ChannelError) as refused:
+            for n in range(1000):
+                await channels[n % len(channels)].send({"n": n})
+                sent += 1
+        assert refused.value.code == "mailbox_full" and "node's mailboxes" in refused.value.detail
+        boxes = m.status()["mailboxes"]
+        assert boxes["frames"] == sent and boxes["agents"] == len(channels)
+        assert bound - 1024 < boxes["bytes"] <= bound
+        assert 64 < sent < 120, "each small frame counts what it holds, not its few payload bytes"
+        assert m.ack("offline-0", channels[0].id, 10**6) > 0  # one agent's ack makes room for any
+        await channels[1].send({"n": "again"})
+        for i, ch in enumerate(channels):
+            m.ack(f"offline-{i}", ch.id, 10**6)
+        assert m.status()["mailboxes"] == {"agents": 0, "frames": 0, "bytes": 0}
+
+
 AGE_S = 0.4
 """A mailbox retention age short enough for a test (looked for every tenth of a second)."""
 
@@ -86,9 +114,11 @@ async def test_mailbox_frames_past_the_retention_age_expire_counted(tmp_path: Pa
         new = await m.open("bob", "task", agent="carol")
         await new.send({"new": 0})  # this put looks for expired frames
         status = m.status()
-        assert status["expired"] == 3 and status["mailboxes"] == {"agents": 1, "frames": 1}
+        kept = held_bytes((await m.export(new.id))[1])  # the expired frames hold nothing any more
+        assert status["expired"] == 3 and status["mailboxes"] == {"agents": 1, "frames": 1, "bytes": kept}
         await old.send({"old": 3})  # the channel stays usable
         assert m.status()["mailboxes"]["frames"] == 2
+        held = m.status()["mailboxes"]["bytes"]
         async with m.attach("bob") as bob:  # delivered live, not acknowledged
             live = {}
             for _ in range(2):
@@ -96,6 +126,7 @@ async def test_mailbox_frames_past_the_retention_age_expire_counted(tmp_path: Pa
                 live[ch.id] = [(await ch.receive()).payload]
             assert live == {old.id: [{"old": 3}], new.id: [{"new": 0}]}
     async with mux.open_mux(agent="n", data_dir=tmp_path, mailbox_max_age_s=3600) as m2, m2.attach("bob") as bob:
+        assert m2.status()["mailboxes"]["bytes"] == held, "a restart counts the mail it restores"
         got = {}
         for _ in range(2):
             ch = await bob.accept()
@@ -120,7 +151,7 @@ async def test_an_agent_attaching_after_the_retention_age_gets_nothing_expired()
             frame = await peer.receive()
             assert frame.payload == 4
             await peer.ack(frame.seq)
-        assert m.status()["mailboxes"] == {"agents": 0, "frames": 0}
+        assert m.status()["mailboxes"] == {"agents": 0, "frames": 0, "bytes": 0}
 
 
 async def test_restart_on_the_same_data_dir_delivers_and_forgets_acked(tmp_path: Path) -> None:

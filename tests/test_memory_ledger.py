@@ -1,4 +1,4 @@
-"""The in-memory ledger's byte bounds are bounds on memory (``mux.storage.held_bytes``).
+"""The in-memory ledger's byte bounds are bounds on memory (``mux.frames.held_bytes``).
 
 Measured with ``tracemalloc``: the frames a :class:`MemoryStore` keeps, payload and
 bookkeeping, take no more than it counts, and not much less; and a store filled with small

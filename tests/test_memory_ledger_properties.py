@@ -14,9 +14,9 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mux.frames import ChainHead, Frame
+from mux.frames import ChainHead, Frame, held_bytes
 from mux.signing import NodeKey
-from mux.storage import CHAIN_HELD_BYTES, MemoryStore, held_bytes
+from mux.storage import CHAIN_HELD_BYTES, MemoryStore
 
 KEY = NodeKey.generate()
 CHANNELS = [f"ch-{i:032x}" for i in range(6)]
