@@ -113,6 +113,8 @@ class Cycle:
     heap_channels: int = 0
     heap_closed: int = 0
     heap_gone: int = 0
+    ledger_closed: dict[str, Any] = attrs.field(factory=dict)
+    """The node's ``/status`` ``ledger`` after the channels closed (what it keeps by design)."""
     connect_s: float = 0.0
     open_s: float = 0.0
     open_cpu_s: float = 0.0
@@ -259,7 +261,8 @@ async def _cycle(
                         closers.start_soon(close_all, conn)
         _progress(f"{tag}: channels closed")
         cyc.rss_closed = await _settle(node, http, connections=connections, channels=0)
-        cyc.heap_closed = _heap(await _status(http))
+        st = await _status(http)
+        cyc.heap_closed, cyc.ledger_closed = _heap(st), dict(st.get("ledger") or {})
         release.set()
     _progress(f"{tag}: disconnected")
     cyc.rss_gone = await _settle(node, http, connections=0, channels=0)
@@ -348,6 +351,16 @@ def run(connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int 
             " freed, bounded ledger and closed-channel lookups kept; RSS keeps the allocator's high-water pages)",
         )
     )
+    ledger = c.ledger_closed
+    if ledger.get("store") == "memory":
+        rows.append(
+            (
+                "(e) the in-memory ledger after the channels close (node /status ledger)",
+                f"{ledger['chains']:8d} chains, {ledger['frames']} frames, {ledger['bytes'] / 2**20:.1f} MiB"
+                f" as the frames hold it, of its {ledger['max_bytes'] / 2**20:.0f} MiB bound (kept for export"
+                " and resume)",
+            )
+        )
     if len(r.cycles) > 1:
         later = r.cycles[1:]
         errors = "".join(f"; cycle {i + 2} errors: {dict(x.errors)}" for i, x in enumerate(later) if x.errors)
