@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from mux.channel import ChannelContext
     from mux.frames import Frame
 
-__all__ = ["Backend", "BackendFactory", "Disposition"]
+__all__ = ["Backend", "BackendFactory", "Disposition", "relayed"]
 
 
 class Disposition(enum.StrEnum):
@@ -49,6 +49,19 @@ class Disposition(enum.StrEnum):
     """Not delivered and not kept (no receiver on a live channel, or a late real-time frame)."""
     CONSUMED = "consumed"
     """Taken by the backend itself (e.g. written to a tunnel, answered by the node)."""
+    HELD = "held"
+    """Not delivered yet: the receiver's connection dropped and its end waits for it to resume
+    (``mux.resume``); the frame is replayed from the ledger if it resumes in time, and goes
+    with the channel if it does not."""
+
+
+def relayed(ctx: ChannelContext, frame: Frame) -> Disposition:
+    """Deliver ``frame`` to its receiving end and say what became of it: ``DELIVERED``;
+    ``HELD`` while that end waits for its dropped connection to resume; else ``DROPPED``
+    (counted on the channel)."""
+    if ctx.deliver(frame):
+        return Disposition.DELIVERED
+    return Disposition.HELD if ctx.held_for_resume(frame) else Disposition.DROPPED
 
 
 class Backend(Protocol):

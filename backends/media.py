@@ -46,7 +46,7 @@ import trio
 
 from mux.errors import BadRequest, ChannelError, ChannelFull
 
-from .base import Disposition
+from .base import Disposition, relayed
 
 if TYPE_CHECKING:
     from mux.channel import ChannelContext, Draft
@@ -159,7 +159,7 @@ class MediaBackend:
         call = self._calls.get(ctx.channel_id)
         extra = ctx.state.extra
         if call is None:  # not opened through check_open (cannot happen on a live channel)
-            return Disposition.DELIVERED if ctx.deliver(frame) else Disposition.DROPPED
+            return relayed(ctx, frame)
         if call.deferred():
             self._drain(ctx, call)  # waiting signalling goes first
         if frame.binary:
@@ -181,7 +181,7 @@ class MediaBackend:
             except ChannelFull:
                 pass  # signalling is never dropped for room: it waits for the channel's task
             else:
-                return Disposition.DELIVERED if ctx.deliver(frame) else Disposition.DROPPED
+                return relayed(ctx, frame)
         queue.append(frame)
         extra["signalling_deferred"] += 1
         call.wake.unpark_all()

@@ -1,7 +1,9 @@
 """The generic relay backend (``stream`` and every unknown intent): live, nothing stored.
 
 A frame goes straight into the receiving end's bounded buffer. If the receiver is not
-attached the frame is dropped (``Disposition.DROPPED``; a live channel keeps nothing). If its
+attached the frame is dropped (``Disposition.DROPPED``; a live channel keeps nothing), unless
+its connection dropped and may resume: then it is ``HELD`` (replayed from the ledger on
+resume). If its
 buffer is full, a real-time channel drops the frame (late media is worthless) and counts the
 drop; any other channel refuses it with ``ChannelFull`` before it is chained, so the sender
 can wait or retry.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Disposition
+from .base import Disposition, relayed
 
 if TYPE_CHECKING:
     from mux.channel import ChannelContext
@@ -43,7 +45,7 @@ class StreamBackend:
 
     def on_frame(self, ctx: ChannelContext, frame: Frame) -> Disposition:
         """Hand the frame to the receiving end, or drop it."""
-        return Disposition.DELIVERED if ctx.deliver(frame) else Disposition.DROPPED
+        return relayed(ctx, frame)
 
     def on_close(self, ctx: ChannelContext, reason: str) -> None:
         """Nothing held."""

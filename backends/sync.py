@@ -42,7 +42,7 @@ import trio
 
 from mux.errors import BadRequest, ChannelError
 
-from .base import Disposition
+from .base import Disposition, relayed
 
 if TYPE_CHECKING:
     from mux.channel import ChannelContext, Draft
@@ -185,11 +185,11 @@ class SyncBackend:
     def on_frame(self, ctx: ChannelContext, frame: Frame) -> Disposition:
         """Relay the checked frame and track progress."""
         t = self._transfers.get(ctx.channel_id)
-        delivered = ctx.deliver(frame)
+        disposition = relayed(ctx, frame)
         if t is not None and t.apply is not None:
             apply, t.apply = t.apply, None
             apply()
-        return Disposition.DELIVERED if delivered else Disposition.DROPPED
+        return disposition
 
     def _from_sender(self, ctx: ChannelContext, t: _Transfer, frame: Draft) -> Callable[[], None]:
         extra = ctx.state.extra

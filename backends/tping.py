@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 from mux.errors import ChannelForbidden
 
-from .base import Disposition
+from .base import Disposition, relayed
 
 if TYPE_CHECKING:
     from mux.channel import ChannelContext
@@ -85,7 +85,7 @@ class TpingBackend:
         if not self._to_node(ctx):
             if isinstance(payload, dict) and payload.get("type") in ("ping", "pong"):
                 self._count(ctx, payload["type"] + "s")
-            return Disposition.DELIVERED if ctx.deliver(frame) else Disposition.DROPPED
+            return relayed(ctx, frame)
         node = ctx.mux.agent
         if not is_ping(payload):
             self._count(ctx, "bad")

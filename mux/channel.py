@@ -367,15 +367,22 @@ class ChannelContext:
     def deliver(self, frame: Frame) -> bool:
         """Put ``frame`` into the inbox of its ``target`` end (one of this channel's ends).
 
-        Returns False (and counts a drop) when that end is not attached or its inbox is full.
+        Returns False when that end is not attached or its inbox is full, and counts a drop
+        unless the frame is held for a resume (:meth:`held_for_resume`).
         """
         end = self.state.ends.get(frame.target)
         if frame.channel_id != self.state.id or end is None:
             raise ChannelForbidden("a frame can only be delivered to its own channel's ends", channel_id=self.state.id)
         if end.put(frame):
             return True
-        self.state.dropped += 1
+        if not self.held_for_resume(frame):
+            self.state.dropped += 1
         return False
+
+    def held_for_resume(self, frame: Frame) -> bool:
+        """True when ``frame``'s receiving end waits for its dropped connection to resume and
+        a resume would replay the frame (every frame but a call's binary media)."""
+        return self.state.ends[frame.target].reserved is not None and not (frame.binary and self.state.intent.realtime)
 
     def emit(self, payload: Any, *, to: str, sender: str | None = None) -> Frame:
         """Chain and sign a frame made by the backend and deliver it to end ``to``.

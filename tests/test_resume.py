@@ -56,14 +56,29 @@ async def test_cut_connection_resumes_with_exactly_what_it_missed(node_url: str)
             seen = await _frames(b, 3)
             last_seen = seen[-1]["seq"]
             await trio.aclose_forcefully(stream)  # the TCP connection is cut mid-stream
+        async with httpx.AsyncClient() as http:
+            with trio.fail_after(5):
+                while "bob" in (await http.get(node_url + "/api/mux/status")).json()["agents_attached"]:
+                    await trio.sleep(0.01)  # until the node has noticed
         # while bob is away: more frames on every channel
         for i in range(3, 10):
             await send(a, action="send", channel_id=chans["stream"], payload={"i": i})
         await send(a, action="send", channel_id=chans["call:voice"], payload={"type": "offer", "sdp": "v=0"})
         await a.send_message(mux.wire.pack_binary({"action": "send", "channel_id": chans["call:voice"]}, b"\x00" * 40))
         await send(a, action="send", channel_id=chans["chat"], payload={"text": "while you were away"})
-        acks = [await recv(a) for _ in range(10)]
+        acks = [await recv(a) for _ in range(3 + 10)]  # the 3 sends before the cut, then these
         assert all(ack.get("event") == "frame_ack" for ack in acks), acks
+        assert all(ack["disposition"] == "delivered" for ack in acks[:3])
+        acks = acks[3:]
+        # held for bob's resume (replayed if he does), except the call's media (never replayed)
+        # and the chat frame, stored in his mailbox
+        assert [(ack["disposition"], ack["delivered"]) for ack in acks] == [("held", False)] * 8 + [
+            ("dropped", False),
+            ("stored", False),
+        ]
+        async with httpx.AsyncClient() as http:
+            status = (await http.get(node_url + "/api/mux/status")).json()
+        assert status["dropped"] == 1, "frames held for a resume are not counted as drops"
 
         async with open_ws(resumable(node_url, "bob")) as b2:
             hello2 = await recv(b2)
