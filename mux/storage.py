@@ -40,6 +40,7 @@ from .sqlite_batch import BatchWriter, Operation, Statement
 __all__ = [
     "CHAIN_BYTES",
     "CHAIN_HELD_BYTES",
+    "OPERATION_HELD_BYTES",
     "STORE_FILE",
     "ChannelRow",
     "MemoryStore",
@@ -131,6 +132,9 @@ class Store(Protocol):
 
 CHAIN_HELD_BYTES = 256
 """What the in-memory ledger holds per chain beside its frames (the list, the lookups)."""
+OPERATION_HELD_BYTES = 256
+"""What a queued store operation other than a frame holds (a tuple of a few short values),
+beside a channel's metadata."""
 CHAIN_BYTES = 4 << 20
 """The in-memory ledger's default bound per chain (``MemoryStore.max_bytes_per_channel``)."""
 
@@ -284,11 +288,22 @@ CREATE TABLE IF NOT EXISTS mailbox (
 """
 
 
+def _queued_bytes(operation: Operation) -> int:
+    """Memory a queued operation holds: a frame's (``held_bytes``), else a small tuple's plus
+    the metadata of a channel's row."""
+    op, args, frame = operation
+    if frame is not None:
+        return held_bytes(frame)
+    return OPERATION_HELD_BYTES + (len(args[4]) if op == "open" else 0)
+
+
 class SqliteStore:
     """Durable store in one SQLite file (WAL), written by a worker thread in batches.
 
     ``synchronous="NORMAL"`` (default) survives a killed process; ``"FULL"`` also survives
-    power loss at some cost per commit. ``max_queue`` bounds what may wait for the writer.
+    power loss at some cost per commit. ``max_queue`` operations and ``max_queue_bytes`` of
+    memory (frames counted as they hold it, :func:`mux.frames.held_bytes`) bound what may
+    wait for the writer: past either, data frames are refused ``store_busy``.
     While nobody waits for durability (``flushed``), the writer lets operations gather for up
     to ``linger_s`` (or until ``batch`` are queued) before it commits: a live relay's ledger
     frames then go in a few large transactions instead of one small one per wake-up, each of
@@ -303,6 +318,7 @@ class SqliteStore:
         *,
         synchronous: str = "NORMAL",
         max_queue: int = 50_000,
+        max_queue_bytes: int = 64 << 20,
         batch: int = 2048,
         linger_s: float = 0.02,
         busy_timeout_s: float = 5.0,
@@ -321,6 +337,8 @@ class SqliteStore:
         self._urgent = trio.Event()
         self._done = trio.lowlevel.ParkingLot()
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
+        self._queued_bytes = 0
         self.batch = batch
         self.linger_s = linger_s
         self.position = 0
@@ -331,7 +349,9 @@ class SqliteStore:
         self._stopped = False
 
     def _put(self, op: str, args: tuple[Any, ...], frame: Frame | None = None) -> None:
-        self._queue.append((op, args, frame))
+        operation = (op, args, frame)
+        self._queue.append(operation)
+        self._queued_bytes += _queued_bytes(operation)
         self.position += 1
         self._wake.set()
         if len(self._queue) >= self.batch:
@@ -363,13 +383,19 @@ class SqliteStore:
         self._put("drop", (agent, channel_id, seq))
 
     def has_room(self) -> bool:
-        """False while more than ``max_queue`` operations wait for the writer."""
-        return len(self._queue) < self.max_queue
+        """False while ``max_queue`` operations or ``max_queue_bytes`` wait for the writer."""
+        return len(self._queue) < self.max_queue and self._queued_bytes < self.max_queue_bytes
 
     def usage(self) -> dict[str, Any]:
-        """``{"store": "sqlite", "queued", "max_queue"}``: operations waiting for the writer
-        (the ledger itself is on disk)."""
-        return {"store": "sqlite", "queued": len(self._queue), "max_queue": self.max_queue}
+        """``{"store": "sqlite", "queued", "queued_bytes", "max_queue", "max_queue_bytes"}``:
+        what waits for the writer (the ledger itself is on disk)."""
+        return {
+            "store": "sqlite",
+            "queued": len(self._queue),
+            "queued_bytes": self._queued_bytes,
+            "max_queue": self.max_queue,
+            "max_queue_bytes": self.max_queue_bytes,
+        }
 
     async def flushed(self, position: int) -> None:
         """Wait until everything up to ``position`` is committed (raises if the writer died)."""
@@ -432,7 +458,7 @@ class SqliteStore:
                     await trio.sleep(delay)  # cancellable: the batch is still queued
                     delay = min(delay * 2, RETRY_MAX_S)
                 for _ in range(n):
-                    self._queue.popleft()
+                    self._queued_bytes -= _queued_bytes(self._queue.popleft())
                 self.durable += n
                 self._done.unpark_all()
         except trio.Cancelled:
@@ -453,6 +479,7 @@ class SqliteStore:
             batch = list(self._queue)
             await trio.to_thread.run_sync(self._write, self._writer.plan(batch), limiter=self._limiter)
             self._queue.clear()
+            self._queued_bytes = 0
             self.durable = self.position
 
     async def chain(self, channel_id: str, after_seq: int = -1, limit: int | None = None) -> list[Frame]:

@@ -58,7 +58,7 @@ async def test_cut_connection_resumes_with_exactly_what_it_missed(node_url: str)
             await trio.aclose_forcefully(stream)  # the TCP connection is cut mid-stream
         async with httpx.AsyncClient() as http:
             with trio.fail_after(5):
-                while "bob" in (await http.get(node_url + "/api/mux/status")).json()["agents_attached"]:
+                while "bob" in (await http.get(node_url + "/api/mux/status")).json()["agents_attached"]:  # noqa: ASYNC110
                     await trio.sleep(0.01)  # until the node has noticed
         # while bob is away: more frames on every channel
         for i in range(3, 10):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import sqlite3
 import tracemalloc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import trio
 
 import mux
 from mux.core import MuxConfig, start_mux
-from mux.frames import Frame, canonical_json, exact
+from mux.frames import Frame, canonical_json, exact, held_bytes
 from mux.signing import NodeKey, verify_chain
 from mux.sqlite_batch import BatchWriter, Operation, Statement
 from mux.storage import _SCHEMA, ChannelRow, SqliteStore
@@ -148,6 +150,26 @@ def _store(tmp_path: Path, **kw: Any) -> SqliteStore:
     return SqliteStore(tmp_path / "mux.sqlite3", **kw)
 
 
+@asynccontextmanager
+async def _relay(nursery: trio.Nursery, store: SqliteStore) -> AsyncIterator[tuple[mux.Mux, mux.Channel, mux.Channel]]:
+    """A Mux on ``store`` with a ``stream`` channel alice -> bob (bob's handle as ``peer``),
+    everything so far committed."""
+    m = await start_mux(nursery, agent="n", key=NodeKey.generate(), config=MuxConfig(), store=store)
+    async with m.attach("bob") as bob:
+        ch = await m.open("bob", "stream", agent="alice")
+        peer = await bob.accept()
+        with trio.fail_after(5):
+            await store.flushed(store.position)
+        yield m, ch, peer
+
+
+def _write_lock(tmp_path: Path) -> sqlite3.Connection:
+    """Another connection holding the database's write lock: the writer's commits wait."""
+    blocker = sqlite3.connect(tmp_path / "mux.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    return blocker
+
+
 def _rows(tmp_path: Path) -> int:
     with sqlite3.connect(tmp_path / "mux.sqlite3") as db:
         return int(db.execute("SELECT count(*) FROM frames").fetchone()[0])
@@ -169,7 +191,9 @@ async def test_live_frames_gather_into_one_commit(tmp_path: Path) -> None:
         for i in range(50):
             store.append(_frame("c", i))
             await trio.lowlevel.checkpoint()  # frames arrive one by one; the writer may wake between
-        assert store.usage() == {"store": "sqlite", "queued": 50, "max_queue": store.max_queue}  # lingering
+        usage = store.usage()  # lingering
+        assert (usage["store"], usage["queued"], usage["max_queue"]) == ("sqlite", 50, store.max_queue)
+        assert usage["queued_bytes"] == sum(held_bytes(_frame("c", i)) for i in range(50))
         with trio.fail_after(5):
             while store.durable < 50:  # noqa: ASYNC110  (flushed() would hurry the writer)
                 await trio.sleep(0.01)
@@ -284,14 +308,8 @@ async def test_a_stalled_store_refuses_data_frames_with_store_busy_then_recovers
     the lock goes everything accepted is committed and delivered, and sends are taken again."""
     store = _store(tmp_path, max_queue=16, linger_s=0.0)
     async with trio.open_nursery() as nursery:
-        m = await start_mux(nursery, agent="n", key=NodeKey.generate(), config=MuxConfig(), store=store)
-        async with m.attach("bob") as bob:
-            ch = await m.open("bob", "stream", agent="alice")
-            peer = await bob.accept()
-            with trio.fail_after(5):
-                await store.flushed(store.position)
-            blocker = sqlite3.connect(tmp_path / "mux.sqlite3", isolation_level=None)
-            blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the writer's commit waits
+        async with _relay(nursery, store) as (m, ch, peer):
+            blocker = _write_lock(tmp_path)
             accepted: list[int] = []
             refused = 0
             for i in range(40):
@@ -320,6 +338,43 @@ async def test_a_stalled_store_refuses_data_frames_with_store_busy_then_recovers
         nursery.cancel_scope.cancel()
     store.close()
     assert _rows(tmp_path) == len(accepted) + 2 + 1  # open, the accepted frames, "after", bob's close
+
+
+async def test_what_waits_for_a_stalled_store_is_bounded_in_bytes(tmp_path: Path) -> None:
+    """``max_queue_bytes`` bounds the memory of what waits for a stalled writer, not only the
+    count of operations: 64 KiB frames are refused ``store_busy`` once about 1 MiB waits,
+    where the count bound alone (50,000 operations) let them pile up to gigabytes; when the
+    writer commits again, every accepted frame is on disk and the bytes count back to 0."""
+    bound = 1 << 20
+    store = _store(tmp_path, max_queue_bytes=bound, linger_s=0.0)
+    big = "x" * (64 << 10)
+    async with trio.open_nursery() as nursery:
+        async with _relay(nursery, store) as (_, ch, peer):
+            assert store.usage()["queued_bytes"] == 0
+            blocker = _write_lock(tmp_path)
+            accepted = refused = 0
+            for _ in range(100):
+                try:
+                    await ch.send(big, wait=False)
+                    accepted += 1
+                except mux.ChannelFull as exc:
+                    assert exc.code == "store_busy"
+                    refused += 1
+                while peer.receive_nowait() is not None:  # bob keeps up: only the store lags
+                    pass
+                await trio.sleep(0.002)
+            usage = store.usage()
+            assert refused > 0 and 12 <= accepted <= 17, (accepted, refused)
+            assert bound <= usage["queued_bytes"] < bound + (80 << 10) and usage["max_queue_bytes"] == bound
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            with trio.fail_after(10):
+                await store.flushed(store.position)
+            assert store.usage()["queued_bytes"] == 0
+            await ch.send("after", wait=False)
+        nursery.cancel_scope.cancel()
+    store.close()
+    assert _rows(tmp_path) == 1 + accepted + 1 + 1  # open, the accepted frames, "after", the close
 
 
 @pytest.mark.parametrize("stall", ["locked", "disk_full"])
