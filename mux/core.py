@@ -466,10 +466,10 @@ class Mux:
         try:
             self.channel_state(channel_id, caller=who)
         except ChannelNotFound:
-            row = await self.store.channel_row(channel_id)
-            if row is None:
+            ends = await self.store.channel_ends(channel_id)
+            if ends is None:
                 raise
-            if who is not None and who not in (row.agent, row.target):
+            if who is not None and who not in ends:
                 raise ChannelForbidden("not an end of this channel", channel_id=channel_id) from None
         return await self.store.chain(channel_id, after_seq, limit)
 

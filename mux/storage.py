@@ -123,8 +123,9 @@ class Store(Protocol):
     async def load(self) -> Snapshot:
         """What survived from before this start."""
 
-    async def channel_row(self, channel_id: str) -> ChannelRow | None:
-        """The stored row of a channel (``first``/``last`` unset), or None."""
+    async def channel_ends(self, channel_id: str) -> tuple[str, str] | None:
+        """The two ends of a channel the store still knows (for exports of channels the Mux
+        no longer remembers), or None."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task."""
@@ -262,9 +263,14 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         return Snapshot([], [])
 
-    async def channel_row(self, channel_id: str) -> ChannelRow | None:
-        """Memory keeps no channel rows (the Mux remembers recent channels itself)."""
+    async def channel_ends(self, channel_id: str) -> tuple[str, str] | None:
+        """The ends of a channel whose chain is kept, as its open frame or any data frame
+        names them (sender and target); None without one (a chain of which only a close or
+        seal frame is kept)."""
         await trio.lowlevel.checkpoint()
+        for frame in self._chains.get(channel_id, ()):
+            if frame.kind in ("open", "data"):
+                return frame.sender, frame.target
         return None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -532,21 +538,13 @@ class SqliteStore:
 
         return await trio.to_thread.run_sync(read, limiter=self._limiter)
 
-    async def channel_row(self, channel_id: str) -> ChannelRow | None:
-        """The stored row of ``channel_id`` (for exports of long-closed channels)."""
+    async def channel_ends(self, channel_id: str) -> tuple[str, str] | None:
+        """The opener and target of ``channel_id`` from its stored row (for exports of
+        long-closed channels), or None."""
 
-        def read() -> ChannelRow | None:
-            row = self._db.execute(
-                "SELECT id, intent, agent, target, metadata, opened_at, closed, close_reason "
-                "FROM channels WHERE id = ?",
-                (channel_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            cid, intent, agent, target, meta, opened_at, closed, reason = row
-            return ChannelRow(
-                cid, intent, agent, target, orjson.loads(meta), opened_at, bool(closed), reason, None, None
-            )
+        def read() -> tuple[str, str] | None:
+            row = self._db.execute("SELECT agent, target FROM channels WHERE id = ?", (channel_id,)).fetchone()
+            return None if row is None else (str(row[0]), str(row[1]))
 
         return await trio.to_thread.run_sync(read, limiter=self._limiter)
 

@@ -16,6 +16,8 @@ import pytest
 import trio
 
 from mux.client import MuxClient, connect
+from mux.core import MuxConfig, start_mux
+from mux.errors import ChannelForbidden, ChannelNotFound
 from mux.frames import AgentSignature, ChainHead
 from mux.settings import NodeSettings
 from mux.signing import NodeKey, verify_chain
@@ -114,3 +116,36 @@ async def test_a_node_keeps_its_memory_ledger_within_the_setting(nursery: trio.N
     assert 200 < len(newer) < 500, "small frames count what they hold, not their payload alone"
     assert newer[0]["seq"] > 1 and newer[-1]["seq"] == 600, "the newest frames of the channel"
     assert verify_chain(newer, alice.public_key, require_open=False).frames == len(newer)
+
+
+async def test_a_channel_the_node_no_longer_remembers_exports_while_the_ledger_keeps_it() -> None:
+    """A memory node remembers ``closed_retention`` closed channels; the ledger keeps more
+    chains, and they name their ends: such a channel still exports to its ends (and only to
+    them) until the ledger forgets its chain."""
+    store = MemoryStore(max_channels=6)
+    async with trio.open_nursery() as nursery:
+        m = await start_mux(
+            nursery, agent="n", key=NodeKey.generate(), config=MuxConfig(closed_retention=1), store=store
+        )
+        ids = []
+        for i in range(5):
+            ch = await m.open("bob", "stream", agent="alice", metadata={"i": i})
+            if i == 0:
+                await ch.send({"hello": "bob"})
+            await ch.close("done")
+            ids.append(ch.id)
+        with pytest.raises(ChannelNotFound):
+            m.channel_state(ids[0])  # the node itself no longer remembers it
+        chain = await m.export(ids[0], caller="bob")
+        assert [f.kind for f in chain] == ["open", "data", "close"] and chain[0].payload["metadata"] == {"i": 0}
+        assert verify_chain(chain, m.public_key).frames == 3
+        assert await store.channel_ends(ids[0]) == ("alice", "bob")
+        with pytest.raises(ChannelForbidden):
+            await m.export(ids[0], caller="mallory")
+        for _ in range(6):  # six more channels: the ledger forgets the first ones
+            await (await m.open("bob", "stream", agent="alice")).close("done")
+        with pytest.raises(ChannelNotFound):
+            await m.export(ids[0], caller="bob")
+        assert await store.channel_ends(ids[0]) is None
+        await m.aclose()
+        nursery.cancel_scope.cancel()

@@ -372,6 +372,8 @@ async def test_what_waits_for_a_stalled_store_is_bounded_in_bytes(tmp_path: Path
                 await store.flushed(store.position)
             assert store.usage()["queued_bytes"] == 0
             await ch.send("after", wait=False)
+            assert await store.channel_ends(ch.id) == ("alice", "bob")  # what exports check callers against
+            assert await store.channel_ends("ch-unknown") is None
         nursery.cancel_scope.cancel()
     store.close()
     assert _rows(tmp_path) == 1 + accepted + 1 + 1  # open, the accepted frames, "after", the close
