@@ -3,10 +3,9 @@
 A frame goes straight into the receiving end's bounded buffer. If the receiver is not
 attached the frame is dropped (``Disposition.DROPPED``; a live channel keeps nothing), unless
 its connection dropped and may resume: then it is ``HELD`` (replayed from the ledger on
-resume). If its
-buffer is full, a real-time channel drops the frame (late media is worthless) and counts the
-drop; any other channel refuses it with ``ChannelFull`` before it is chained, so the sender
-can wait or retry.
+resume). If its buffer is full, a real-time channel drops the frame (late media is
+worthless) and counts the drop; any other channel refuses it with ``ChannelFull`` before it
+is chained, so the sender can wait or retry.
 """
 
 from __future__ import annotations

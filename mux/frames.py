@@ -129,9 +129,9 @@ def agent_signed_bytes(channel_id: str, sender: str, nonce: str, payload_sha256:
 
 
 FRAME_HELD_BYTES = 560
-"""Memory one frame kept (in the in-memory ledger, a mailbox) holds beside its payload bytes: the frame object,
-its hash and signature (hex), seq and timestamp, the payload's bytes object (CPython 3.11,
-64-bit; ``tests/test_memory_ledger.py`` measures it)."""
+"""Memory a kept frame (in the in-memory ledger, a mailbox) holds beside its payload bytes:
+the frame object, its hash and signature (hex), seq and timestamp, the payload's bytes
+object (CPython 3.11, 64-bit; ``tests/test_memory_ledger.py`` measures it)."""
 AGENT_SIGNATURE_HELD_BYTES = 320
 """What a frame the sender signed itself holds more, beside its nonce's characters."""
 
@@ -362,7 +362,9 @@ class ChainHead:
 
 
 def held_bytes(frame: Frame) -> int:
-    """Memory ``frame`` holds while kept (the in-memory ledger, mailboxes) (payload and bookkeeping)."""
+    """Memory ``frame`` holds while kept (in the in-memory ledger, a mailbox): its payload and
+    its bookkeeping (``FRAME_HELD_BYTES``, and ``AGENT_SIGNATURE_HELD_BYTES`` plus the nonce
+    when its sender signed it)."""
     agent = frame.agent
     held = FRAME_HELD_BYTES + len(frame.raw)
     return held if agent is None else held + AGENT_SIGNATURE_HELD_BYTES + len(agent.nonce)

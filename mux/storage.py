@@ -147,9 +147,9 @@ class MemoryStore:
     ``max_total_bytes`` in all; over a bound the chains begun longest ago are forgotten first,
     never the one just written to, whose oldest frames go instead); nothing survives a restart.
 
-    Bytes are what the frames hold in memory, payload and bookkeeping (:func:`mux.frames.held_bytes`,
-    about 560 bytes a frame beside its payload), so the bounds hold for small frames too: a
-    million 50-byte frames count 610 MB, not 50."""
+    Bytes are what the frames hold in memory, payload and bookkeeping
+    (:func:`mux.frames.held_bytes`, about 560 bytes a frame beside its payload), so the bounds
+    hold for small frames too: a million 50-byte frames count 610 MB, not 50."""
 
     max_channels: int = 4096
     max_frames_per_channel: int = 100_000
@@ -184,7 +184,8 @@ class MemoryStore:
         }
 
     def append(self, frame: Frame) -> None:
-        """Keep ``frame``; forget the least recently started chain when over ``max_channels``."""
+        """Keep ``frame``; past a bound, forget the oldest frames of its chain, then (``_make_room``)
+        the chains begun longest ago."""
         cid = frame.channel_id
         chain = self._chains.get(cid)
         if chain is None:
@@ -294,7 +295,7 @@ CREATE TABLE IF NOT EXISTS mailbox (
 """
 
 
-def _queued_bytes(operation: Operation) -> int:
+def _operation_bytes(operation: Operation) -> int:
     """Memory a queued operation holds: a frame's (``held_bytes``), else a small tuple's plus
     the metadata of a channel's row."""
     op, args, frame = operation
@@ -357,7 +358,7 @@ class SqliteStore:
     def _put(self, op: str, args: tuple[Any, ...], frame: Frame | None = None) -> None:
         operation = (op, args, frame)
         self._queue.append(operation)
-        self._queued_bytes += _queued_bytes(operation)
+        self._queued_bytes += _operation_bytes(operation)
         self.position += 1
         self._wake.set()
         if len(self._queue) >= self.batch:
@@ -464,7 +465,7 @@ class SqliteStore:
                     await trio.sleep(delay)  # cancellable: the batch is still queued
                     delay = min(delay * 2, RETRY_MAX_S)
                 for _ in range(n):
-                    self._queued_bytes -= _queued_bytes(self._queue.popleft())
+                    self._queued_bytes -= _operation_bytes(self._queue.popleft())
                 self.durable += n
                 self._done.unpark_all()
         except trio.Cancelled:

@@ -85,7 +85,7 @@ async def test_a_node_keeps_its_memory_ledger_within_the_setting(nursery: trio.N
     counted as it holds frames: after 600 small frames on each of two channels in turn it
     holds the newest few hundred of the second (the first chain forgotten whole, as the
     chain begun longest ago), ``/status`` says how much, and the export of what is left
-    verifies. Counting payload bytes alone, it held all 1,200 frames (about 800 KB)."""
+    verifies. Counting payload bytes alone, it held all 1,200 frames (about 700 KB)."""
     bound = 256 << 10
     assert NodeSettings.from_env({"MUX_MEMORY_LEDGER_BYTES": str(bound)}).memory_ledger_bytes == bound
     node = await serve_node(nursery, memory_ledger_bytes=bound)
