@@ -56,6 +56,7 @@ from .frames import (
 )
 from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry, shared_policy
 from .mailbox import Mailbox, MailboxFull
+from .outbox import SharedBudget
 from .resume import Resumes
 from .signing import NodeKey, check_agent_signature
 from .storage import STORE_FILE, ChannelRow, MemoryStore, Snapshot, SqliteStore, Store
@@ -78,6 +79,11 @@ class MuxConfig:
     channels' queues, and frames waiting for credit): past it a frame to that connection is
     refused ``receiver_full`` (a call's is dropped late), however many channels it holds.
     Each channel's own queue is bounded too (``channel_buffer_frames`` messages)."""
+    readers_buffer_bytes: int = 1 << 30
+    """What all WebSocket connections' queues may hold together: each connection's budget is
+    ``connection_buffer_bytes``, or an equal share of this once more connections are open
+    (1 GiB: 16 MiB each up to 64 connections, about 105 KiB each at 10,000), so a crowd of
+    slow readers cannot make the node hold connections x 16 MiB. 0 = no node-wide bound."""
     incoming_buffer_channels: int = 64
     """Channels announced to an endpoint and not yet accepted."""
     max_payload_bytes: int = 1 << 20
@@ -183,6 +189,8 @@ class Mux:
         self.config = config or MuxConfig()
         self.registry = registry or configured_registry(self.config)
         self.store: Store = store if store is not None else MemoryStore()
+        self.readers = SharedBudget(self.config.connection_buffer_bytes, self.config.readers_buffer_bytes)
+        """The byte budget each WebSocket connection's queues get (``mux.session``)."""
         self.mailboxes: dict[str, Mailbox] = {}
         self._mail_bytes = 0
         """Bytes all mailboxes hold (``Mailbox.bytes`` summed)."""
@@ -255,6 +263,11 @@ class Mux:
             "expired": self._stats["expired"],
             "store_stalled": self.store.stalled,
             "ledger": self.store.usage(),
+            "readers": {
+                "connections": self.readers.connections,
+                "budget_per_connection": self.readers.limit,
+                "max_bytes": self.readers.total,
+            },
             "intents": len(self.registry.routes),
         }
 

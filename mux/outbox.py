@@ -38,7 +38,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-__all__ = ["CONTROL", "CONTROL_URGENCY", "Outbox", "Outgoing", "WriteThrough"]
+__all__ = ["CONTROL", "CONTROL_URGENCY", "Outbox", "Outgoing", "SharedBudget", "WriteThrough"]
 
 Outgoing = str | bytes
 """A message for the socket: text (JSON) or bytes (binary framing)."""
@@ -85,6 +85,38 @@ class WriteThrough:
             raise failure
 
 
+class SharedBudget:
+    """The byte budget of each of a node's connections (what its queues may hold for its
+    client): ``per_connection``, or an equal share of ``total`` once more connections than
+    ``total // per_connection`` are open, so all connections together hold at most about
+    ``total`` however many slow readers there are (``total`` 0: no such bound). ``limit`` is
+    the budget now; connections ``join`` and ``leave``."""
+
+    __slots__ = ("connections", "limit", "per_connection", "total")
+
+    def __init__(self, per_connection: int, total: int = 0) -> None:
+        self.per_connection = per_connection
+        self.total = total
+        self.connections = 0
+        self.limit = per_connection
+
+    def join(self) -> None:
+        """One more connection shares the budget."""
+        self.connections += 1
+        self._share()
+
+    def leave(self) -> None:
+        """A connection is gone."""
+        self.connections = max(0, self.connections - 1)
+        self._share()
+
+    def _share(self) -> None:
+        if self.total > 0 and self.connections > 0:
+            self.limit = min(self.per_connection, self.total // self.connections)
+        else:
+            self.limit = self.per_connection
+
+
 class Outbox:
     """Per-connection scheduler of outgoing messages (see the module docstring)."""
 
@@ -95,7 +127,7 @@ class Outbox:
         control: int = 1024,
         on_take: Callable[[str], None] | None = None,
         write_through: WriteThrough | None = None,
-        budget: int = 16 << 20,
+        budget: SharedBudget | None = None,
     ) -> None:
         self.per_key = per_key
         self.on_take = on_take
@@ -115,9 +147,10 @@ class Outbox:
         """Characters or bytes of the messages queued."""
         self.held = 0
         """Bytes of frames held for this connection outside the queues (waiting for credit)."""
-        self.budget = budget
-        """What the queues and ``held`` may hold in all before the connection's channels take
-        no more frames (``MuxConfig.connection_buffer_bytes``; the caller checks it)."""
+        self.budget = budget if budget is not None else SharedBudget(16 << 20)
+        """What the queues and ``held`` may hold in all (``budget.limit``) before the
+        connection's channels take no more frames (``MuxConfig.connection_buffer_bytes``,
+        shared out by ``readers_buffer_bytes``; the caller checks it)."""
         self.budget_full = False
         """A frame found the budget full: every channel hears of room once it is not."""
         self.start_writer: Callable[[], None] | None = None

@@ -86,7 +86,8 @@ class WireSession:
         """What the connection's credentials allow (intents, agent key)."""
         self._bucket = TokenBucket(int(rate[0]), rate[1]) if rate[0] > 0 else None
         per_channel = outbox_per_channel or mux.config.channel_buffer_frames
-        self.outbox = Outbox(per_key=per_channel, on_take=self._on_take, budget=mux.config.connection_buffer_bytes)
+        mux.readers.join()  # left in close()
+        self.outbox = Outbox(per_key=per_channel, on_take=self._on_take, budget=mux.readers)
         """What this connection sends, scheduled by urgency (``mux.outbox``)."""
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
@@ -418,7 +419,7 @@ class WireSession:
         """If the byte budget was found full and now has room, tell every channel (but
         ``key``, which hears of it itself) that it has room again."""
         outbox = self.outbox
-        if outbox.budget_full and outbox.bytes + outbox.held < outbox.budget:
+        if outbox.budget_full and outbox.bytes + outbox.held < outbox.budget.limit:
             outbox.budget_full = False
             for other in list(self._sinks.values()):
                 if other.key != key:
@@ -541,6 +542,7 @@ class WireSession:
         if self._closed:
             return
         self._closed = True
+        self.mux.readers.leave()
         self._sinks.clear()
         if self.resume_token and self.resume_grace_s and reason == "ws_disconnect":
             self.mux.resumes.linger(self.endpoint, self.resume_token, self.resume_grace_s)
@@ -580,7 +582,7 @@ class _ChannelSink:
         can take another frame, and the connection holds less than its byte budget."""
         session = self.session
         outbox = session.outbox
-        if outbox.bytes + outbox.held >= outbox.budget:
+        if outbox.bytes + outbox.held >= outbox.budget.limit:
             outbox.budget_full = True
             return False
         if session._credits is not None and (self.pending or session.credit_left(self.key) == 0):
@@ -596,7 +598,7 @@ class _ChannelSink:
         outbox = session.outbox
         if self.done:
             return False
-        if outbox.bytes + outbox.held >= outbox.budget:
+        if outbox.bytes + outbox.held >= outbox.budget.limit:
             outbox.budget_full = True
             return False
         credits = session._credits

@@ -16,6 +16,7 @@ import trio
 import trio.lowlevel
 
 import mux
+from mux.outbox import SharedBudget
 from mux.wire import pack_binary, unpack_binary
 
 from .nodes import outbox_events, started_sessions
@@ -145,3 +146,60 @@ async def test_frames_waiting_for_credit_count_and_closing_their_channel_gives_r
         with trio.fail_after(5):
             await got_through.wait()
         assert receiver.outbox.held == 0
+
+
+def test_connections_share_the_readers_budget_once_there_are_many() -> None:
+    budget = SharedBudget(16 << 20, 1 << 30)
+    assert budget.limit == 16 << 20
+    for _ in range(64):
+        budget.join()
+    assert budget.limit == 16 << 20  # 64 x 16 MiB fit the total
+    budget.join()
+    assert budget.limit == (1 << 30) // 65
+    for _ in range(10_000 - 65):
+        budget.join()
+    assert budget.limit == (1 << 30) // 10_000 and budget.limit * budget.connections <= 1 << 30
+    for _ in range(10_001):  # one more leave than joins: never below none
+        budget.leave()
+    assert (budget.connections, budget.limit) == (0, 16 << 20)
+    unbounded = SharedBudget(4096, 0)
+    for _ in range(1000):
+        unbounded.join()
+    assert unbounded.limit == 4096
+
+
+async def test_many_connections_share_the_readers_budget() -> None:
+    """``readers_buffer_bytes`` bounds what all connections hold together: with four
+    connections on a node whose readers may hold 4 x 64 KiB, a stuck receiver is held to
+    64 KiB though its own budget is 256 KiB; when two connections leave, the share grows
+    and it takes more; ``/status`` says what each connection gets."""
+    async with (
+        mux.open_mux(
+            agent="node", channel_buffer_frames=64, connection_buffer_bytes=BUDGET, readers_buffer_bytes=4 * (64 << 10)
+        ) as node,
+        trio.open_nursery() as nursery,
+    ):
+        sender, receiver, carol, dave = started_sessions(node, nursery, "alice", "bob", "carol", "dave")
+        assert node.status()["readers"] == {"connections": 4, "budget_per_connection": 64 << 10, "max_bytes": 4 << 16}
+        opened = {"action": "open", "target": "bob", "intent": "stream"}
+        cids = [outbox_events(sender.handle(orjson.dumps(opened).decode()))[0]["channel_id"] for _ in range(4)]
+        n = 0
+
+        def flood() -> None:
+            nonlocal n
+            while True:
+                n += 1
+                assert n < 10_000
+                header = {"action": "send", "channel_id": cids[n % len(cids)], "ref": n}
+                (reply,) = outbox_events(sender.handle(pack_binary(header, bytes(FRAME))))
+                if reply.get("error") == "receiver_full":
+                    return
+                assert reply["event"] == "frame_ack", reply
+
+        flood()
+        assert 64 << 10 <= receiver.outbox.bytes < (64 << 10) + FRAME + 1024  # its share, not BUDGET
+        carol.close()
+        dave.close()
+        assert node.readers.limit == 128 << 10  # two connections left: a bigger share
+        flood()
+        assert 128 << 10 <= receiver.outbox.bytes < (128 << 10) + FRAME + 1024
