@@ -620,9 +620,8 @@ class Mux:
                 f"the node's mailboxes are full ({self._mail_bytes} bytes held; limit {cfg.mailboxes_max_bytes})",
                 channel_id=channel_id,
             )
-        box = self.mailboxes.get(agent)
-        if box is not None:
-            box.check_room(held, cfg.mailbox_max_frames, cfg.mailbox_max_bytes, channel_id)
+        box = self.mailboxes.get(agent) or Mailbox(agent)  # an empty one: a frame over the limit alone
+        box.check_room(held, cfg.mailbox_max_frames, cfg.mailbox_max_bytes, channel_id)
 
     def mail_put(self, state: ChannelState, frame: Frame) -> bool:
         """Put a durable frame in its target's mailbox (and store); True if delivered at once."""
