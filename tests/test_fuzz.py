@@ -963,6 +963,7 @@ def _fuzz_node(tmp: Path, *, open_mode: bool) -> Tally:
         assert node.process.poll() is None, f"the node died\n{node.tail()}"
         status = trio.run(_settled_status, node)
         assert status["connections"] == 0, status
+        assert status["readers"]["connections"] == 0, status  # every session that joined the share left it
         assert status["channels_open"] == 0, status  # see the module docstring
         assert status["agents_attached"] == [], status
         assert not node.problems(), "\n".join(node.problems()) + "\n--- node log\n" + node.tail()
