@@ -90,25 +90,35 @@ class SharedBudget:
     client): ``per_connection``, or an equal share of ``total`` once more connections than
     ``total // per_connection`` are open, so all connections together hold at most about
     ``total`` however many slow readers there are (``total`` 0: no such bound). ``limit`` is
-    the budget now; connections ``join`` and ``leave``."""
+    the budget now; connections ``join`` and ``leave``. Connections found full register in
+    ``full`` (a callable each, telling it to look for room again): when a connection leaves
+    and the share grows, they are told at once, not at their next drained message."""
 
-    __slots__ = ("connections", "limit", "per_connection", "total")
+    __slots__ = ("connections", "full", "limit", "per_connection", "total")
 
     def __init__(self, per_connection: int, total: int = 0) -> None:
         self.per_connection = per_connection
         self.total = total
         self.connections = 0
         self.limit = per_connection
+        self.full: dict[object, Callable[[], None]] = {}
+        """Connections whose budget was found full, by owner: called when the share grows."""
 
     def join(self) -> None:
         """One more connection shares the budget."""
         self.connections += 1
         self._share()
 
-    def leave(self) -> None:
-        """A connection is gone."""
+    def leave(self, owner: object = None) -> None:
+        """A connection (``owner``, as registered in ``full``) is gone: the others' share may
+        grow, and those found full are told."""
+        self.full.pop(owner, None)
         self.connections = max(0, self.connections - 1)
+        before = self.limit
         self._share()
+        if self.limit > before and self.full:
+            for look in list(self.full.values()):
+                look()
 
     def _share(self) -> None:
         if self.total > 0 and self.connections > 0:

@@ -415,12 +415,21 @@ class WireSession:
             self._realtime.add(ch.id)
         end.use_sink(sink)
 
+    def budget_found_full(self) -> None:
+        """A frame found the connection's byte budget full: its channels hear of room once it
+        drains (``budget_room``) or the node's share of it grows."""
+        outbox = self.outbox
+        if not outbox.budget_full:
+            outbox.budget_full = True
+            outbox.budget.full[self] = self.budget_room
+
     def budget_room(self, key: str | None = None) -> None:
         """If the byte budget was found full and now has room, tell every channel (but
         ``key``, which hears of it itself) that it has room again."""
         outbox = self.outbox
         if outbox.budget_full and outbox.bytes + outbox.held < outbox.budget.limit:
             outbox.budget_full = False
+            outbox.budget.full.pop(self, None)
             for other in list(self._sinks.values()):
                 if other.key != key:
                     other.room()
@@ -542,7 +551,7 @@ class WireSession:
         if self._closed:
             return
         self._closed = True
-        self.mux.readers.leave()
+        self.mux.readers.leave(self)
         self._sinks.clear()
         if self.resume_token and self.resume_grace_s and reason == "ws_disconnect":
             self.mux.resumes.linger(self.endpoint, self.resume_token, self.resume_grace_s)
@@ -583,7 +592,7 @@ class _ChannelSink:
         session = self.session
         outbox = session.outbox
         if outbox.bytes + outbox.held >= outbox.budget.limit:
-            outbox.budget_full = True
+            session.budget_found_full()
             return False
         if session._credits is not None and (self.pending or session.credit_left(self.key) == 0):
             return self.pending_pieces < session.outbox.per_key
@@ -599,7 +608,7 @@ class _ChannelSink:
         if self.done:
             return False
         if outbox.bytes + outbox.held >= outbox.budget.limit:
-            outbox.budget_full = True
+            session.budget_found_full()
             return False
         credits = session._credits
         if credits is not None:

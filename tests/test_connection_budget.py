@@ -203,3 +203,36 @@ async def test_many_connections_share_the_readers_budget() -> None:
         assert node.readers.limit == 128 << 10  # two connections left: a bigger share
         flood()
         assert 128 << 10 <= receiver.outbox.bytes < (128 << 10) + FRAME + 1024
+
+
+async def test_senders_waiting_on_a_full_share_go_on_when_the_share_grows() -> None:
+    """A library sender waiting for room on a stuck receiver whose share of the readers'
+    budget is full goes on as soon as another connection leaves and the share grows, though
+    the receiver takes nothing (it waited for the receiver's next drained message before)."""
+    async with (
+        mux.open_mux(
+            agent="node", channel_buffer_frames=64, connection_buffer_bytes=BUDGET, readers_buffer_bytes=3 * (64 << 10)
+        ) as node,
+        trio.open_nursery() as nursery,
+        node.attach("alice") as alice,
+    ):
+        receiver, carol, _dave = started_sessions(node, nursery, "bob", "carol", "dave")
+        ch = await alice.open("bob", "stream")
+        sent = 0
+
+        async def send_all() -> None:
+            nonlocal sent
+            while True:
+                await ch.send(bytes(FRAME))  # waits while there is no room
+                sent += 1
+
+        nursery.start_soon(send_all)
+        await trio.sleep(0.05)
+        stuck_at = sent
+        assert 64 << 10 <= receiver.outbox.bytes < (64 << 10) + FRAME + 1024
+        carol.close()  # the share grows from 64 to 96 KiB
+        with trio.fail_after(5):
+            while receiver.outbox.bytes < 96 << 10:  # noqa: ASYNC110  (the sender runs meanwhile)
+                await trio.sleep(0.005)
+        assert sent > stuck_at and node.readers.full == {receiver: receiver.budget_room}
+        nursery.cancel_scope.cancel()
