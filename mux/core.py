@@ -55,7 +55,7 @@ from .frames import (
     payload_bytes,
 )
 from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry, shared_policy
-from .mailbox import Mailbox, MailboxFull
+from .mailbox import Mailbox, MailboxFull, check_room
 from .outbox import SharedBudget
 from .resume import Resumes
 from .signing import NodeKey, check_agent_signature
@@ -620,8 +620,7 @@ class Mux:
                 f"the node's mailboxes are full ({self._mail_bytes} bytes held; limit {cfg.mailboxes_max_bytes})",
                 channel_id=channel_id,
             )
-        box = self.mailboxes.get(agent) or Mailbox(agent)  # an empty one: a frame over the limit alone
-        box.check_room(held, cfg.mailbox_max_frames, cfg.mailbox_max_bytes, channel_id)
+        check_room(agent, self.mailboxes.get(agent), held, cfg.mailbox_max_frames, cfg.mailbox_max_bytes, channel_id)
 
     def mail_put(self, state: ChannelState, frame: Frame) -> bool:
         """Put a durable frame in its target's mailbox (and store); True if delivered at once."""

@@ -27,7 +27,7 @@ from .frames import Frame, held_bytes
 if TYPE_CHECKING:
     from .channel import ChannelState
 
-__all__ = ["ChannelMail", "Mailbox", "MailboxFull"]
+__all__ = ["ChannelMail", "Mailbox", "MailboxFull", "check_room"]
 
 
 class MailboxFull(ChannelError):
@@ -60,15 +60,6 @@ class Mailbox:
     frames: int = 0
     bytes: int = 0
     expired: int = 0
-
-    def check_room(self, held: int, max_frames: int, max_bytes: int, channel_id: str) -> None:
-        """Raise MailboxFull if one more frame holding ``held`` bytes would pass a limit."""
-        if self.frames >= max_frames or self.bytes + held > max_bytes:
-            raise MailboxFull(
-                f"{self.agent}'s mailbox is full ({self.frames} frames, {self.bytes} bytes; "
-                f"limits {max_frames} frames, {max_bytes} bytes)",
-                channel_id=channel_id,
-            )
 
     def put(self, state: ChannelState, frame: Frame) -> ChannelMail:
         """Add ``frame`` (of channel ``state``) at the end."""
@@ -116,3 +107,14 @@ class Mailbox:
         """A new attachment: everything unacknowledged is to be delivered again."""
         for mail in self.channels.values():
             mail.sent = 0
+
+
+def check_room(agent: str, box: Mailbox | None, held: int, max_frames: int, max_bytes: int, channel_id: str) -> None:
+    """Raise MailboxFull if ``agent``'s mailbox (``box``; None when it has none) cannot take
+    one more frame holding ``held`` bytes: a frame over the byte limit alone is refused too."""
+    frames, kept = (0, 0) if box is None else (box.frames, box.bytes)
+    if frames >= max_frames or kept + held > max_bytes:
+        raise MailboxFull(
+            f"{agent}'s mailbox is full ({frames} frames, {kept} bytes; limits {max_frames} frames, {max_bytes} bytes)",
+            channel_id=channel_id,
+        )
