@@ -761,15 +761,16 @@ class _Writer:
 
 
 async def _watchdog(node: Node) -> None:
-    """Drop slow consumers, and end idle writers' tasks, every connection of the node from
-    one task.
+    """Drop slow consumers, end idle writers' tasks and forget sends in pieces left
+    unfinished (``pieces_idle_s``), every connection of the node from one task.
 
     Hypercorn writes to the socket in a shielded scope, so a send to a client that stopped
     reading cannot be cancelled: the agent leaves the mux here (its channels close with
     ``slow_consumer``, every frame queued for it is released), and the one message on the
     wire stays with the connection until the peer goes away."""
     timeout, idle_s = node.settings.send_timeout_s, node.settings.writer_idle_s
-    period = min(1.0, timeout / 4, idle_s / 2 if idle_s > 0 else 1.0)
+    pieces = node.require().pieces
+    period = min(1.0, timeout / 4, idle_s / 2 if idle_s > 0 else 1.0, node.require().config.pieces_idle_s / 4)
     while True:
         await trio.sleep(period)
         now = trio.current_time()
@@ -781,6 +782,9 @@ async def _watchdog(node: Node) -> None:
                 writer.connection.cancel()
             elif idle_s > 0 and not writer.busy and now - writer.since > idle_s:
                 writer.outbox.retire()  # idle: its task ends until the next message
+        if pieces.sends:
+            for session in list(node.sessions):
+                session.expire_pieces(now)
 
 
 async def _expire_with_token(sock: Socket, grant: Grant, scope: trio.CancelScope) -> None:

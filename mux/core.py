@@ -57,6 +57,7 @@ from .frames import (
 from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry, shared_policy
 from .mailbox import Mailbox, MailboxFull, check_room
 from .outbox import SharedBudget
+from .pieces import PiecesBudget
 from .resume import Resumes
 from .signing import NodeKey, check_agent_signature
 from .storage import STORE_FILE, ChannelRow, MemoryStore, Snapshot, SqliteStore, Store
@@ -84,6 +85,13 @@ class MuxConfig:
     ``connection_buffer_bytes``, or an equal share of this once more connections are open
     (1 GiB: 16 MiB each up to 64 connections, about 105 KiB each at 10,000), so a crowd of
     slow readers cannot make the node hold connections x 16 MiB. 0 = no node-wide bound."""
+    pieces_max_bytes: int = 256 << 20
+    """What all connections' unfinished sends in pieces (``mux.pieces``) may hold together
+    before a piece is refused ``pieces_full`` (each connection's own are bounded by
+    ``MAX_OPEN`` x ``max_message_bytes``). 0 = no node-wide bound."""
+    pieces_idle_s: float = 60.0
+    """An unfinished send in pieces none of whose pieces came for this long is forgotten
+    (``pieces_expired``)."""
     incoming_buffer_channels: int = 64
     """Channels announced to an endpoint and not yet accepted."""
     max_payload_bytes: int = 1 << 20
@@ -190,6 +198,8 @@ class Mux:
         self.registry = registry or configured_registry(self.config)
         self.store: Store = store if store is not None else MemoryStore()
         self.readers = SharedBudget(self.config.connection_buffer_bytes, self.config.readers_buffer_bytes)
+        self.pieces = PiecesBudget(self.config.pieces_max_bytes)
+        """What all connections' unfinished sends in pieces hold (``mux.pieces``)."""
         """The byte budget each WebSocket connection's queues get (``mux.session``)."""
         self.mailboxes: dict[str, Mailbox] = {}
         self._mail_bytes = 0
@@ -268,6 +278,7 @@ class Mux:
                 "budget_per_connection": self.readers.limit,
                 "max_bytes": self.readers.total,
             },
+            "pieces": {"sends": self.pieces.sends, "bytes": self.pieces.held, "max_bytes": self.pieces.max_bytes},
             "intents": len(self.registry.routes),
         }
 

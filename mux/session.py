@@ -173,13 +173,31 @@ class WireSession:
         """One piece of a payload sent in pieces (``mux.pieces``): nothing until the last,
         which is handled as the ``send`` of the whole payload."""
         if self._pieces is None:
-            self._pieces = Pieces(self.max_message_bytes)
+            self._pieces = Pieces(self.max_message_bytes, self.mux.pieces)
         try:
-            whole = self._pieces.add(action)
+            whole = self._pieces.add(action, trio.current_time())
         finally:
             if not self._pieces:
                 self._pieces = None  # none unfinished: the table goes too
         return [] if whole is None else self._apply(whole)
+
+    def expire_pieces(self, now: float) -> None:
+        """Forget this connection's sends in pieces none of whose pieces came for
+        ``pieces_idle_s``, telling the client (``pieces_expired``, with each send's ``ref``)."""
+        pieces = self._pieces
+        if pieces is None:
+            return
+        idle_s = self.mux.config.pieces_idle_s
+        for channel_id, ref in pieces.expire(now, idle_s):
+            exc = MuxError(
+                f"no piece of this send came for {idle_s:g} s: what came of it is forgotten; send it again",
+                code="pieces_expired",
+                channel_id=channel_id[:80],
+            )
+            if self.outbox.has_room(CONTROL):
+                self.outbox.put_nowait(CONTROL, CONTROL_URGENCY, wire.error_event(exc, ref))
+        if not pieces:
+            self._pieces = None
 
     def _apply(self, action: wire.Action, *, defer_sign: bool = False) -> list[Outgoing]:
         try:
@@ -552,6 +570,9 @@ class WireSession:
             return
         self._closed = True
         self.mux.readers.leave(self)
+        if self._pieces is not None:
+            self._pieces.clear()
+            self._pieces = None
         self._sinks.clear()
         if self.resume_token and self.resume_grace_s and reason == "ws_disconnect":
             self.mux.resumes.linger(self.endpoint, self.resume_token, self.resume_grace_s)

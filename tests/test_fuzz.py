@@ -356,7 +356,11 @@ batch_items = st.lists(
 actions = st.one_of(single_actions, mutated(_action("batch", {"items": batch_items}, {})))
 """JSON objects: every action's template, mutated."""
 
-headers = weighted((2, plain_sends), (1, mutated(templates["send"]))).map(
+piece_sends = st.builds(
+    lambda send, part, parts: {**send, "part": part, "parts": parts}, plain_sends, st.integers(0, 3), st.integers(1, 4)
+)
+"""Sends in pieces (``mux.pieces``), in and out of order: some finish, some are left unfinished."""
+headers = weighted((2, plain_sends), (1, piece_sends), (1, mutated(templates["send"]))).map(
     lambda d: {k: v for k, v in d.items() if k != "payload"}
 )
 binary_payloads = weighted(
@@ -710,7 +714,7 @@ async def ws_example(
                 assert matching, (
                     f"{what}: expected error {expected.code} (ref {expected.ref!r}), got {short(window, 900)}"
                 )
-            elif parsed is not None and parsed.ref is not None and parsed.name not in ("send", "batch"):
+            elif parsed is not None and parsed.ref is not None and parsed.name not in ("send", "batch", wire.SEND_PART):
                 assert any(m.get("ref") == parsed.ref for m in window[:-1]), f"{what}: no answer: {short(window, 900)}"
         for ws, r, who in ((a, ra, "the fuzzing agent"), (b, rb, "the peer")):
             await _send(ws, wire.dumps({"action": "ping", "ref": "alive"}), f"({who}, at the end)", node)
@@ -964,6 +968,7 @@ def _fuzz_node(tmp: Path, *, open_mode: bool) -> Tally:
         status = trio.run(_settled_status, node)
         assert status["connections"] == 0, status
         assert status["readers"]["connections"] == 0, status  # every session that joined the share left it
+        assert status["pieces"]["sends"] == status["pieces"]["bytes"] == 0, status  # gone with their connections
         assert status["channels_open"] == 0, status  # see the module docstring
         assert status["agents_attached"] == [], status
         assert not node.problems(), "\n".join(node.problems()) + "\n--- node log\n" + node.tail()
@@ -997,8 +1002,11 @@ def test_fuzz_parser_returns_an_action_or_a_documented_error() -> None:
             assert exc.ref is None or isinstance(exc.ref, (str, int))
             seen[exc.code] += 1
             return
-        assert isinstance(action, wire.Action) and action.name in wire.ACTIONS
-        for key, (types, _required) in wire.ACTIONS[action.name].items():
+        assert isinstance(action, wire.Action) and action.name in (*wire.ACTIONS, wire.SEND_PART)
+        if action.name == wire.SEND_PART:  # a piece of a send: the send's fields, and its place
+            assert 0 <= action.get("part") < action.get("parts") <= wire.MAX_PARTS, action
+            assert isinstance(action.get("payload"), bytes) and isinstance(action.get("channel_id"), str), action
+        for key, (types, _required) in wire.ACTIONS["send" if action.name == wire.SEND_PART else action.name].items():
             if key in action.fields and types != (object,):
                 assert isinstance(action.fields[key], types), (key, action)
         if action.name == "batch":

@@ -21,22 +21,26 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import tracemalloc
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import trio
+import trio_websocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mux
 from mux.client import PART_BYTES, connect
 from mux.errors import ChannelThrottled
-from mux.pieces import MAX_OPEN
+from mux.pieces import MAX_OPEN, PIECE_HELD_BYTES, SEND_HELD_BYTES
 from mux.server import ServeInfo
 from mux.wire import pack_binary, unpack_binary
 
 from .nodes import outbox_events, serve_node, started_sessions
+from .wsutil import recv, recv_until, send, ws_url
 
 # A step: (kind, channel index, ref, size or fault). Kinds: "whole" (one message), "piece"
 # (the next piece of that send, starting it with ``size`` bytes in up to 4 pieces), "fault".
@@ -119,6 +123,9 @@ async def test_pieces_join_into_exactly_the_frames_sent(plan: list[tuple[str, in
                 expected[cid].append(payload)
                 del under_way[key]
             assert sender._pieces is None or len(sender._pieces) <= MAX_OPEN
+            # the node counts exactly the unfinished sends, each with its pieces so far
+            assert node.pieces.sends == len(under_way)
+            assert node.pieces.held == sum(map(_counted, under_way.values()))
         assert (sender._pieces is None) == (not under_way)
         got: dict[str, list[bytes]] = collections.defaultdict(list)
         while (m := receiver.outbox.get_nowait()) is not None:
@@ -127,6 +134,16 @@ async def test_pieces_join_into_exactly_the_frames_sent(plan: list[tuple[str, in
                 if header.get("event") == "frame":
                     got[header["channel_id"]].append(payload)
         assert got == expected
+        sender.close()
+        assert (node.pieces.sends, node.pieces.held) == (0, 0)  # a connection gone holds nothing
+
+
+def _counted(send: list[Any]) -> int:
+    """What the node counts for an unfinished send of the property test (payload, parts,
+    pieces sent): its record and each piece taken so far."""
+    payload, parts, sent = send
+    step = -(-len(payload) // parts)
+    return SEND_HELD_BYTES + sum(len(payload[i * step : (i + 1) * step]) + PIECE_HELD_BYTES for i in range(sent))
 
 
 async def test_bad_pieces_fail_alone(nursery: trio.Nursery) -> None:
@@ -176,6 +193,131 @@ async def test_a_send_in_pieces_is_charged_once_by_the_rate_limit(nursery: trio.
         assert outbox_events(sender.handle(_send(cid, 2, b"w")))[0]["event"] == "frame_ack"
         (err,) = outbox_events(sender.handle(_send(cid, 3, b"p", 0, 2)))
         assert err["error"] == "rate_limited"
+
+
+async def test_the_node_bounds_all_connections_unfinished_pieces_together(nursery: trio.Nursery) -> None:
+    """``pieces_max_bytes`` bounds what every connection's unfinished sends hold together:
+    past it a piece fails ``pieces_full`` (that send forgotten, nothing else), whole sends
+    go on, and room comes back as sends finish."""
+    piece = 20_000
+    bound = 3 * (SEND_HELD_BYTES + piece + PIECE_HELD_BYTES)  # three sends' first pieces
+    async with mux.open_mux(agent="node", pieces_max_bytes=bound) as node:
+        alice, carol, _bob = started_sessions(node, nursery, "alice", "carol", "bob")
+        cids = {}
+        for name, session in (("alice", alice), ("carol", carol)):
+            (opened,) = outbox_events(session.handle(orjson.dumps({"action": "open", "target": "bob"}).decode()))
+            cids[name] = opened["channel_id"]
+        chunk = os.urandom(piece)
+        assert alice.handle(_send(cids["alice"], 1, chunk, 0, 2)) == []
+        assert alice.handle(_send(cids["alice"], 2, chunk, 0, 2)) == []
+        assert carol.handle(_send(cids["carol"], 1, chunk, 0, 2)) == []
+        assert (node.pieces.sends, node.pieces.held) == (3, bound)
+        (err,) = outbox_events(carol.handle(_send(cids["carol"], 2, chunk, 0, 2)))
+        assert err["error"] == "pieces_full" and err["ref"] == 2 and err["channel_id"] == cids["carol"], err
+        assert f"limit {bound}" in err["detail"]
+        (err,) = outbox_events(carol.handle(_send(cids["carol"], 2, chunk, 1, 2)))  # it was forgotten
+        assert err["error"] == "bad_request" and "expected piece 0" in err["detail"]
+        assert (node.pieces.sends, node.pieces.held) == (3, bound)
+        (ack,) = outbox_events(carol.handle(_send(cids["carol"], 3, chunk)))  # whole sends go on
+        assert ack["event"] == "frame_ack"
+        (ack,) = outbox_events(alice.handle(_send(cids["alice"], 1, b"end", 1, 2)))  # one finishes
+        assert ack["event"] == "frame_ack" and ack["ref"] == 1
+        assert node.pieces.sends == 2
+        assert carol.handle(_send(cids["carol"], 2, chunk, 0, 2)) == []  # room again
+        assert node.status()["pieces"] == {"sends": 3, "bytes": bound, "max_bytes": bound}
+        alice.close()  # a connection that goes gives back what its sends held
+        assert (node.pieces.sends, node.pieces.held) == (2, 2 * bound // 3)  # carol's two
+
+
+@pytest.mark.parametrize(("piece", "agent_signed"), [(1, False), (200, True), (5000, False), (60_000, True)])
+async def test_what_the_node_counts_for_pieces_is_what_they_hold(
+    nursery: trio.Nursery, piece: int, agent_signed: bool
+) -> None:
+    """Measured with tracemalloc: what unfinished sends in pieces hold (their records,
+    fields from piece 0, an agent's signature among them, and their pieces) is no more than
+    the node counts for them, and not much less for large pieces."""
+    async with mux.open_mux(agent="node", max_channels_per_agent=64) as node:
+        sessions = started_sessions(node, nursery, *(f"a{i}" for i in range(6)), "bob")
+        cids = []
+        for session in sessions[:-1]:
+            (opened,) = outbox_events(session.handle(orjson.dumps({"action": "open", "target": "bob"}).decode()))
+            cids.append(opened["channel_id"])
+        messages = []
+        for ref in range(MAX_OPEN):
+            for cid in cids:
+                extra = {"agent_sig": os.urandom(64).hex(), "agent_nonce": os.urandom(12).hex()} if agent_signed else {}
+                for part in range(3):
+                    header = {"action": "send", "channel_id": cid, "ref": f"r{ref}", "part": part, "parts": 4, **extra}
+                    messages.append((cids.index(cid), pack_binary(header, os.urandom(piece))))
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i, message in messages:
+                assert sessions[i].handle(message) == []
+            del message
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        counted = node.pieces.held
+        assert node.pieces.sends == len(cids) * MAX_OPEN
+        assert held <= counted, (held, counted)
+        if piece >= 5000:
+            assert held >= 0.9 * counted, (held, counted)
+
+
+async def test_a_send_whose_pieces_stop_coming_is_forgotten(nursery: trio.Nursery) -> None:
+    """A send none of whose pieces came for ``pieces_idle_s`` is forgotten and its sender
+    told (``pieces_expired`` with the send's ``ref``); a send still moving is kept."""
+    async with mux.open_mux(agent="node", pieces_idle_s=30.0) as node:
+        alice, _bob = started_sessions(node, nursery, "alice", "bob")
+        (opened,) = outbox_events(alice.handle(orjson.dumps({"action": "open", "target": "bob"}).decode()))
+        cid = opened["channel_id"]
+        start = trio.current_time()
+        assert alice.handle(_send(cid, "stale", b"a" * 100, 0, 3)) == []
+        assert alice.handle(_send(cid, "moving", b"b" * 100, 0, 3)) == []
+        alice.expire_pieces(start + 29.0)  # not yet
+        assert node.pieces.sends == 2 and alice.outbox.get_nowait() is None
+        await trio.sleep(0.05)
+        assert alice.handle(_send(cid, "moving", b"b" * 100, 1, 3)) == []  # a piece came
+        alice.expire_pieces(start + 30.0 + 0.01)
+        (err,) = outbox_events([m for m in iter(alice.outbox.get_nowait, None)])
+        assert err["error"] == "pieces_expired" and err["ref"] == "stale" and err["channel_id"] == cid, err
+        assert "30 s" in err["detail"]
+        assert node.pieces.sends == 1
+        (err,) = outbox_events(alice.handle(_send(cid, "stale", b"a", 1, 3)))
+        assert err["error"] == "bad_request" and "expected piece 0" in err["detail"]
+        (ack,) = outbox_events(alice.handle(_send(cid, "moving", b"b", 2, 3)))
+        assert ack["event"] == "frame_ack" and ack["ref"] == "moving"
+        assert (node.pieces.sends, node.pieces.held) == (0, 0) and alice._pieces is None
+
+
+async def test_a_real_node_forgets_a_stalled_send_in_pieces(nursery: trio.Nursery) -> None:
+    """End to end: a client that sends a first piece and no more is told ``pieces_expired``
+    by the node's watchdog, and ``/status`` counts the send, then none; its connection and
+    channel go on."""
+    server = await serve_node(nursery, mux=mux.MuxConfig(pieces_idle_s=0.4))
+    async with (
+        connect(server.url, "bob") as bob,
+        trio_websocket.open_websocket_url(ws_url(server.url, "alice")) as ws,
+        httpx.AsyncClient(base_url=server.url) as http,
+    ):
+        assert (await recv(ws))["event"] == "connected"
+        await send(ws, action="open", target="bob", ref="o")
+        cid = (await recv_until(ws, lambda m: m.get("ref") == "o"))["channel_id"]
+        await ws.send_message(_send(cid, 7, b"x" * 1000, 0, 2))
+        status = (await http.get("/api/mux/status")).json()
+        assert status["pieces"]["sends"] == 1 and status["pieces"]["bytes"] == SEND_HELD_BYTES + 1000 + PIECE_HELD_BYTES
+        start = trio.current_time()
+        err = await recv_until(ws, lambda m: "error" in m, timeout=5.0)
+        assert err["error"] == "pieces_expired" and err["ref"] == 7 and err["channel_id"] == cid, err
+        assert 0.3 <= trio.current_time() - start < 3.0
+        assert (await http.get("/api/mux/status")).json()["pieces"]["sends"] == 0
+        await ws.send_message(_send(cid, 8, b"whole"))  # the connection and channel go on
+        ack = await recv_until(ws, lambda m: m.get("ref") == 8)
+        assert ack["event"] == "frame_ack"
+        with trio.fail_after(5):
+            frame = await (await bob.accept()).receive()
+        assert frame["payload"] == b"whole"  # only the whole send became a frame
 
 
 @pytest.fixture
