@@ -682,6 +682,9 @@ class MuxConnection:
         payload."""
         self._piecing = trio.Semaphore(max(1, self.send_parts))
         """Sends writing their pieces now (at most ``send_parts``)."""
+        self._unpieced: collections.deque[int] = collections.deque(maxlen=4 * max(1, self.send_parts))
+        """The ``ref``s of sends in pieces the node refused part-way (``pieces_full``): the
+        errors its pieces already on the way get are expected, not reported."""
         self._turns = _Turns()
         """Whose turn it is to write (a call's frames first)."""
         window = hello.get("window")
@@ -719,18 +722,24 @@ class MuxConnection:
 
     # ---- requests --------------------------------------------------------------------------
 
-    async def _call(self, message: dict[str, Any], binary: bytes | None = None, *, urgent: bool = False) -> _Pending:
+    async def _call(
+        self, action: dict[str, Any], binary: bytes | None = None, *, urgent: bool = False, whole: bool = False
+    ) -> _Pending:
         """Send one action with a fresh ``ref`` and wait for the event or error that echoes it;
-        ``urgent`` (a call's frame) is written ahead of other writes waiting, not batched."""
+        ``urgent`` (a call's frame) is written ahead of other writes waiting, not batched. A
+        binary send the node refuses part-way through its pieces because all its
+        connections' pieces are at its bound (``pieces_full``) is sent again ``whole``."""
         if self._closed:
             raise MuxError("the connection to the node is closed", code="connection_closed")
         ref = next(self._refs)
-        message = {**message, "ref": ref}
+        message = {**action, "ref": ref}
         try:
             data: str | bytes = pack_binary(message, binary) if binary is not None else orjson.dumps(message).decode()
         except orjson.JSONEncodeError as exc:
             raise BadRequest(f"payload is not JSON-serializable: {exc}", code="bad_payload") from exc
-        pieces = binary is not None and len(binary) > PART_BYTES and self.send_parts > 0 and self._holds_call()
+        pieces = (
+            not whole and binary is not None and len(binary) > PART_BYTES and self.send_parts > 0 and self._holds_call()
+        )
         size = len(binary) if pieces and binary is not None else len(data)
         if self.max_message_bytes and size > self.max_message_bytes:
             raise BadRequest(
@@ -739,7 +748,7 @@ class MuxConnection:
         pending = self._pending[ref] = _Pending()
         try:
             if pieces and binary is not None:
-                await self._send_pieces(message, binary)
+                await self._send_pieces(message, binary, pending)
             elif self.batch and not urgent:  # the sender task writes it, with whatever else is queued by then
                 self._outgoing.append((data, pending))
                 self._more_out.unpark_all()
@@ -759,6 +768,9 @@ class MuxConnection:
             if not pending.done.is_set():  # timed out or cancelled
                 self._abandon(data, pending)
         if pending.error is not None:
+            if pieces and isinstance(pending.error, MuxError) and pending.error.code == "pieces_full":
+                self._unpieced.append(ref)
+                return await self._call(action, binary, urgent=urgent, whole=True)
             raise pending.error
         return pending
 
@@ -775,15 +787,18 @@ class MuxConnection:
         large payloads go in pieces (each piece costs the node a message of its own)."""
         return any(ch.delivery == "realtime" and ch.is_open for ch in self._channels.values())
 
-    async def _send_pieces(self, message: dict[str, Any], payload: bytes) -> None:
+    async def _send_pieces(self, message: dict[str, Any], payload: bytes, pending: _Pending) -> None:
         """Write ``payload`` as ``send`` pieces of ``PART_BYTES`` (``mux.pieces``), each its own
         message: the socket's writes are taken in turn, so a send of another task waiting
-        meanwhile goes out after the piece being written, not after the whole payload."""
+        meanwhile goes out after the piece being written, not after the whole payload. Stops
+        once the send is answered (a piece refused)."""
         parts = -(-len(payload) // PART_BYTES)
         view = memoryview(payload)
         try:
             async with self._piecing:
                 for part in range(parts):
+                    if pending.done.is_set():
+                        return
                     piece = bytes(view[part * PART_BYTES : (part + 1) * PART_BYTES])
                     await self._write(pack_binary({**message, "part": part, "parts": parts}, piece))
         except trio_websocket.ConnectionClosed as exc:
@@ -985,6 +1000,8 @@ class MuxConnection:
         if name is None and "error" in msg:
             if pending is not None:
                 pending.resolve(error=error_from_wire(msg))
+            elif ref in self._unpieced and msg.get("error") == "bad_request":
+                log.debug("%s: a piece of refused send %s: %s", self.agent, ref, msg.get("detail"))
             else:
                 log.warning("%s: error from the node: %s: %s", self.agent, msg.get("error"), msg.get("detail"))
                 self.errors.append(msg)

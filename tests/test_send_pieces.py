@@ -417,3 +417,48 @@ async def test_a_call_frame_waits_for_at_most_the_piece_being_written(server: Se
                 senders.start_soon(call_frame)
         assert written.count(call.id) == 1 and len(written) == 1 + 4 * (256 << 10) // PART_BYTES
         assert behind[0] <= 1, f"{behind[0]} messages written after the call frame's send began, before it"
+
+
+async def test_mux_client_sends_whole_what_the_node_has_no_room_to_take_in_pieces(nursery: trio.Nursery) -> None:
+    """On a node whose pieces are at their node-wide bound, ``mux.client``'s send in pieces
+    (it holds a call) is refused part-way with ``pieces_full``; the client stops writing its
+    pieces and sends the payload whole: one frame, exactly the payload, and no error left
+    over from the pieces already on their way."""
+    bound = 3 * PART_BYTES  # room for the first pieces of one send, not all of them
+    server = await serve_node(nursery, mux=mux.MuxConfig(pieces_max_bytes=bound))
+    payload = os.urandom(8 * PART_BYTES)
+    async with connect(server.url, "bob") as bob, connect(server.url, "alice") as alice:
+        written: list[dict[str, Any]] = []
+        stock = alice._ws.send_message
+
+        async def counted(message: str | bytes) -> None:
+            await stock(message)
+            if isinstance(message, bytes):
+                written.append(unpack_binary(message)[0])
+
+        alice._ws.send_message = counted  # type: ignore[method-assign]
+        await alice.open("bob", "call:voice")  # a call: large payloads go in pieces
+        bulk = await alice.open("bob", "stream")
+        await bob.accept()
+        received = await bob.accept()
+        with trio.fail_after(10):
+            ack = await bulk.send(payload)
+        assert ack["event"] == "frame_ack" and ack["disposition"] == "delivered"
+        pieced = [h for h in written if "parts" in h]
+        assert 1 <= len(pieced) < 8 and pieced[0]["part"] == 0  # refused part-way
+        assert [h for h in written if "parts" not in h] == [
+            {"action": "send", "channel_id": bulk.id, "ref": ack["ref"]}
+        ]
+        with trio.fail_after(5):
+            frame = await received.receive()
+        assert frame["payload"] == payload
+        bob.verify(frame)
+        assert await alice.ping() >= 0  # every answer to the pieces has come by now
+        assert list(alice.errors) == []
+        assert (await _status(server))["pieces"]["sends"] == 0
+
+
+async def _status(server: ServeInfo) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        status: dict[str, Any] = (await http.get("/api/mux/status")).json()
+    return status
