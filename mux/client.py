@@ -770,7 +770,8 @@ class MuxConnection:
         if pending.error is not None:
             if pieces and isinstance(pending.error, MuxError) and pending.error.code == "pieces_full":
                 self._unpieced.append(ref)
-                return await self._call(action, binary, urgent=urgent, whole=True)
+                if not self.max_message_bytes or len(data) <= self.max_message_bytes:  # fits in one message
+                    return await self._call(action, binary, urgent=urgent, whole=True)
             raise pending.error
         return pending
 

@@ -198,9 +198,9 @@ class Mux:
         self.registry = registry or configured_registry(self.config)
         self.store: Store = store if store is not None else MemoryStore()
         self.readers = SharedBudget(self.config.connection_buffer_bytes, self.config.readers_buffer_bytes)
+        """The byte budget each WebSocket connection's queues get (``mux.session``)."""
         self.pieces = PiecesBudget(self.config.pieces_max_bytes)
         """What all connections' unfinished sends in pieces hold (``mux.pieces``)."""
-        """The byte budget each WebSocket connection's queues get (``mux.session``)."""
         self.mailboxes: dict[str, Mailbox] = {}
         self._mail_bytes = 0
         """Bytes all mailboxes hold (``Mailbox.bytes`` summed)."""

@@ -458,6 +458,21 @@ async def test_mux_client_sends_whole_what_the_node_has_no_room_to_take_in_piece
         assert (await _status(server))["pieces"]["sends"] == 0
 
 
+async def test_a_payload_that_fits_only_in_pieces_keeps_the_nodes_refusal(nursery: trio.Nursery) -> None:
+    """A payload of exactly ``max_message_bytes`` fits in pieces but not in one message with
+    its header: refused ``pieces_full``, ``mux.client`` raises that refusal rather than try
+    a whole send the node could not take."""
+    server = await serve_node(nursery, max_message_bytes=4 * PART_BYTES, mux=mux.MuxConfig(pieces_max_bytes=PART_BYTES))
+    async with connect(server.url, "bob") as bob, connect(server.url, "alice") as alice:
+        await alice.open("bob", "call:voice")
+        bulk = await alice.open("bob", "stream")
+        await bob.accept()
+        with trio.fail_after(10), pytest.raises(mux.MuxError) as refused:
+            await bulk.send(os.urandom(4 * PART_BYTES))
+        assert refused.value.code == "pieces_full"
+        assert (await bulk.send(b"small"))["event"] == "frame_ack"  # the channel goes on
+
+
 async def _status(server: ServeInfo) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=server.url) as http:
         status: dict[str, Any] = (await http.get("/api/mux/status")).json()
