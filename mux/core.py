@@ -545,11 +545,11 @@ class Mux:
             state.throttled += 1
             self._stats["throttled"] += 1
             if state.intent.policy.preemptible:
-                throttled = ChannelThrottled(
-                    f"over the {state.intent.name} budget of {state.intent.policy.rate} B/s", channel_id=state.id
+                raise ChannelThrottled(  # as made, not from a local (see WireSession._shape)
+                    f"over the {state.intent.name} budget of {state.intent.policy.rate} B/s",
+                    channel_id=state.id,
+                    retry_after_ms=state.bucket.retry_after_ms(size),
                 )
-                throttled.retry_after_ms = state.bucket.retry_after_ms(size)
-                raise throttled
         frame = self._chain(
             state,
             "data",

@@ -101,6 +101,21 @@ class ChannelThrottled(ChannelError):
     """The most frames the sender should have unacknowledged on this channel for now (sent
     as ``window`` while a call shapes the connection's bulk)."""
 
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        code: str | None = None,
+        channel_id: str | None = None,
+        retry_after_ms: int | None = None,
+        window: int | None = None,
+    ) -> None:
+        super().__init__(detail, code=code, channel_id=channel_id)
+        if retry_after_ms is not None:
+            self.retry_after_ms = retry_after_ms
+        if window is not None:
+            self.window = window
+
     def to_wire(self) -> dict[str, Any]:
         """The error with ``retry_after_ms`` and ``window`` when known."""
         out = super().to_wire()

@@ -317,15 +317,16 @@ class WireSession:
         size = len(payload) if encoded is None else len(encoded[1])
         if not self._bulk.take(size, now):
             state.throttled += 1
-            throttled = ChannelThrottled(
+            # not moved into a gap: a client that ignores window would send its whole run of
+            # frames there at once (measured: a worse call tail, not a better one). Raised as
+            # made, never held in a local: that would tie the error, its traceback and this
+            # frame (its payload) into a cycle only the garbage collector frees
+            raise ChannelThrottled(
                 f"a call is active on this connection: its bulk channels share {self._bulk.rate} B/s meanwhile",
                 channel_id=state.id,
+                retry_after_ms=self._bulk.retry_after_ms(size),
+                window=window,
             )
-            # not moved into a gap: a client that ignores window would send its whole run of
-            # frames there at once (measured: a worse call tail, not a better one)
-            throttled.retry_after_ms = self._bulk.retry_after_ms(size)
-            throttled.window = window
-            raise throttled
         return _Shaped(encoded, window, self._in_gap(now, self._bulk.wait_ms(size)) or None, size)
 
     def _in_gap(self, now: float, wait_ms: int) -> int:

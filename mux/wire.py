@@ -143,6 +143,18 @@ def _validate(msg: dict[str, Any], ref: str | int | None) -> Action:
     return Action(name, ref, fields)
 
 
+def _too_large(data: str | bytes, max_bytes: int) -> BadRequest:
+    """The ``message_too_large`` error for ``data``, with its ``ref`` when a binary header
+    names one (made here, so the frame that raises it holds no reference to it)."""
+    exc = BadRequest(f"message is {len(data)} bytes, over the limit of {max_bytes}", code="message_too_large")
+    if isinstance(data, bytes):  # a binary header is small: its ref answers the request
+        try:
+            exc.ref = _ref_of(unpack_binary(data)[0])
+        except MuxError:
+            pass
+    return exc
+
+
 def parse_message(data: str | bytes, max_bytes: int) -> Action:
     """Parse one WebSocket message (text = JSON, bytes = binary framing) into an Action.
 
@@ -151,13 +163,7 @@ def parse_message(data: str | bytes, max_bytes: int) -> Action:
     the message named one, so the error can be matched to the request.
     """
     if len(data) > max_bytes:
-        exc = BadRequest(f"message is {len(data)} bytes, over the limit of {max_bytes}", code="message_too_large")
-        if isinstance(data, bytes):  # a binary header is small: its ref answers the request
-            try:
-                exc.ref = _ref_of(unpack_binary(data)[0])
-            except MuxError:
-                pass
-        raise exc
+        raise _too_large(data, max_bytes)
     if isinstance(data, bytes):
         header, payload = unpack_binary(data)
         ref = _ref_of(header)

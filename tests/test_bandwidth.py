@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import collections
+import gc
+
+import orjson
 import trio
 import trio.testing
 
 import mux
 from mux.bandwidth import GAP_CLOSES, GAP_OPENS, Cadence, TokenBucket
+
+from .nodes import outbox_events, started_sessions
 
 
 def test_bucket_refills_at_rate_up_to_burst() -> None:
@@ -94,3 +100,43 @@ def test_cadence_learns_a_calls_period_and_finds_the_gap_after_its_frames() -> N
     assert cadence.period is not None and abs(cadence.period - 0.02) < 1e-9
     cadence.frame(3.0)  # after a pause of more than a second: a new call, period unknown
     assert cadence.period is None and cadence.next_gap(3.001) == 3.001
+
+
+async def test_refused_sends_leave_no_garbage_cycles(nursery: trio.Nursery) -> None:
+    """A refusal (``throttled``: over its intent's budget, or beside a call; an oversized
+    message) is freed as soon as it is answered, payload and all: it never ties itself, its
+    traceback and the frames that raised it into a cycle left for the garbage collector
+    (measured in the voice bench before: about 13 cyclic objects per refusal, each holding
+    the refused message, and gen-0 pauses of 0.5 to 1.4 ms under a flood)."""
+    async with mux.open_mux(agent="node", intent_policies={"session": {"rate": 1000, "burst": 1000}}) as node:
+        alice, _bob = started_sessions(node, nursery, "alice", "bob")
+        channels = {}
+        for intent in ("session", "stream", "call:voice"):
+            (opened,) = outbox_events(
+                alice.handle(orjson.dumps({"action": "open", "target": "bob", "intent": intent}).decode())
+            )
+            channels[intent] = opened["channel_id"]
+        blob = {"x": "y" * 900}
+
+        def send(intent: str, payload: object) -> dict[str, object]:
+            message = {"action": "send", "channel_id": channels[intent], "payload": payload}
+            (reply,) = outbox_events(alice.handle(orjson.dumps(message).decode()))
+            return reply
+
+        assert send("session", blob)["event"] == "frame_ack"  # the intent's burst
+        assert send("call:voice", "v" * 200)["event"] == "frame_ack"  # a call: bulk is shaped
+        gc.collect()
+        gc.disable()
+        try:
+            refused = collections.Counter()
+            for _ in range(50):
+                refused[send("session", blob).get("error")] += 1
+                for _ in range(4):
+                    refused[send("stream", {"x": "y" * 16000}).get("error")] += 1
+                (reply,) = outbox_events(alice.handle(b"\0" * ((1 << 20) + 1)))
+                refused[reply.get("error")] += 1
+            cyclic = gc.collect()
+        finally:
+            gc.enable()
+        assert refused["throttled"] >= 150 and refused["message_too_large"] == 50, refused
+        assert cyclic == 0, f"{cyclic} objects in cycles after {sum(refused.values())} refusals"
