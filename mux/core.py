@@ -786,7 +786,10 @@ class Mux:
         self._closed[state.id] = state
         self._stats["closed"] += 1
         while len(self._closed) > self.config.closed_retention:
-            self._closed.popitem(last=False)
+            _, forgotten = self._closed.popitem(last=False)
+            # its context points back at it: without that cycle, refcounting frees the channel
+            # (and its ends) as soon as nothing else holds it, not at a later garbage collection
+            forgotten.ctx = None
         for end in state.ends.values():
             holder = end.holder
             if holder is not None:
