@@ -767,13 +767,18 @@ class MuxConnection:
             self._pending.pop(ref, None)
             if not pending.done.is_set():  # timed out or cancelled
                 self._abandon(data, pending)
-        if pending.error is not None:
-            if pieces and isinstance(pending.error, MuxError) and pending.error.code == "pieces_full":
-                self._unpieced.append(ref)
-                if not self.max_message_bytes or len(data) <= self.max_message_bytes:  # fits in one message
-                    return await self._call(action, binary, urgent=urgent, whole=True)
-            raise pending.error
-        return pending
+        error = pending.error
+        if error is None:
+            return pending
+        pending.error = None  # nothing this frame holds may point at the error it raises: a cycle
+        if pieces and isinstance(error, MuxError) and error.code == "pieces_full":
+            self._unpieced.append(ref)
+            if not self.max_message_bytes or len(data) <= self.max_message_bytes:  # fits in one message
+                return await self._call(action, binary, urgent=urgent, whole=True)
+        try:
+            raise error
+        finally:
+            del error
 
     async def _write(self, message: str | bytes, *, urgent: bool = False) -> None:
         """Write one message on the socket in its turn (``_Turns``)."""

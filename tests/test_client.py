@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -576,3 +577,32 @@ async def test_ws_a_queued_request_whose_caller_gives_up_is_never_sent() -> None
         assert not conn._outgoing and not conn._pending
         assert len(sock.started) == 1  # none of the three was written
         nursery.cancel_scope.cancel()
+
+
+async def test_ws_a_refused_request_leaves_no_garbage_cycle(nursery: trio.Nursery) -> None:
+    """A request the node refuses raises its error without tying it, its traceback and the
+    caller's frames into a cycle (the pending request kept the error it raised: about 13
+    objects per refusal, each waiting for a garbage collection); the node's side of the
+    refusal leaves none either."""
+    server = await serve_node(nursery, mux=mux.MuxConfig(intent_policies={"session": {"rate": 1000, "burst": 1000}}))
+    async with connect(server.url, "bob") as bob, connect(server.url, "alice") as alice:
+        ch = await alice.open("bob", "session")
+        await bob.accept()
+        await ch.send({"x": "y" * 900})  # the intent's burst: the sends below are refused
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            refused = 0
+            for _ in range(30):
+                with pytest.raises(mux.ChannelThrottled):
+                    await ch.send({"x": "y" * 900})
+                refused += 1
+                ch._not_before = 0.0  # the retry_after_ms pace is not what this test waits for
+            gc.collect()
+            left = [o for o in gc.garbage if isinstance(o, BaseException) or type(o).__name__ in ("frame", "traceback")]
+        finally:
+            gc.garbage.clear()
+            gc.set_debug(0)
+            gc.enable()
+        assert refused == 30 and left == [], f"{len(left)} exceptions, frames and tracebacks in cycles"
