@@ -394,7 +394,11 @@ class Mux:
             opened_at=time.time(),
         )
         ctx = self._bind(state)
-        backend.check_open(ctx)
+        try:
+            backend.check_open(ctx)
+        except BaseException:  # refused: its context's link back to it would leave a cycle
+            state.ctx = None
+            raise
         self.store.record_open(
             ChannelRow(channel_id, resolved.name, opener, target, metadata, state.opened_at, False, None, None, None)
         )
