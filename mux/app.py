@@ -173,7 +173,13 @@ class Node:
         out = self.require().status()
         out["tls"] = "TLSv1.3" if self.settings.tls else None
         out["connections"] = len(self.sessions)
-        out["memory"] = {"heap_blocks": sys.getallocatedblocks(), "gc_frozen": gc.get_freeze_count()}
+        collections_done = gc.get_stats()
+        out["memory"] = {
+            "heap_blocks": sys.getallocatedblocks(),
+            "gc_frozen": gc.get_freeze_count(),
+            "gc_collections": [g["collections"] for g in collections_done],
+            "gc_collected": sum(g["collected"] for g in collections_done),
+        }
         out["protocols"] = ["h2", "http/1.1"] if self.settings.tls else ["http/1.1", "h2c"]
         return out
 

@@ -353,7 +353,10 @@ async def test_subprocess_node_https_and_sigterm(
     assert r.status_code == 200 and r.http_version == "HTTP/2"
     assert r.json()["tls"] == "TLSv1.3"
     assert r.json()["public_key"] == public_key
-    assert r.json()["memory"]["gc_frozen"] > 10_000  # start-up objects are out of full collections
+    memory = r.json()["memory"]
+    assert memory["gc_frozen"] > 10_000  # start-up objects are out of full collections
+    assert len(memory["gc_collections"]) == 3 and memory["gc_collections"][2] >= 1  # freezing collected
+    assert isinstance(memory["gc_collected"], int)
     proc.send_signal(signal.SIGTERM)
     await _wait_stopped(proc, out, tmp_path)
 
