@@ -775,8 +775,8 @@ async def _watchdog(node: Node) -> None:
     ``slow_consumer``, every frame queued for it is released), and the one message on the
     wire stays with the connection until the peer goes away."""
     timeout, idle_s = node.settings.send_timeout_s, node.settings.writer_idle_s
-    pieces = node.require().pieces
-    period = min(1.0, timeout / 4, idle_s / 2 if idle_s > 0 else 1.0, node.require().config.pieces_idle_s / 4)
+    pieces, pieces_idle_s = node.require().pieces, node.require().config.pieces_idle_s
+    period = min(1.0, timeout / 4, idle_s / 2 if idle_s > 0 else 1.0, pieces_idle_s / 4 if pieces_idle_s > 0 else 1.0)
     while True:
         await trio.sleep(period)
         now = trio.current_time()
@@ -788,7 +788,7 @@ async def _watchdog(node: Node) -> None:
                 writer.connection.cancel()
             elif idle_s > 0 and not writer.busy and now - writer.since > idle_s:
                 writer.outbox.retire()  # idle: its task ends until the next message
-        if pieces.sends:
+        if pieces.sends and pieces_idle_s > 0:
             for session in list(node.sessions):
                 session.expire_pieces(now)
 

@@ -91,7 +91,7 @@ class MuxConfig:
     ``MAX_OPEN`` x ``max_message_bytes``). 0 = no node-wide bound."""
     pieces_idle_s: float = 60.0
     """An unfinished send in pieces none of whose pieces came for this long is forgotten
-    (``pieces_expired``)."""
+    (``pieces_expired``). 0 = never (``pieces_max_bytes`` still bounds them)."""
     incoming_buffer_channels: int = 64
     """Channels announced to an endpoint and not yet accepted."""
     max_payload_bytes: int = 1 << 20

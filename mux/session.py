@@ -184,10 +184,9 @@ class WireSession:
     def expire_pieces(self, now: float) -> None:
         """Forget this connection's sends in pieces none of whose pieces came for
         ``pieces_idle_s``, telling the client (``pieces_expired``, with each send's ``ref``)."""
-        pieces = self._pieces
-        if pieces is None:
+        pieces, idle_s = self._pieces, self.mux.config.pieces_idle_s
+        if pieces is None or idle_s <= 0:
             return
-        idle_s = self.mux.config.pieces_idle_s
         for channel_id, ref in pieces.expire(now, idle_s):
             exc = MuxError(
                 f"no piece of this send came for {idle_s:g} s: what came of it is forgotten; send it again",

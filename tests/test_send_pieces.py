@@ -289,6 +289,10 @@ async def test_a_send_whose_pieces_stop_coming_is_forgotten(nursery: trio.Nurser
         (ack,) = outbox_events(alice.handle(_send(cid, "moving", b"b", 2, 3)))
         assert ack["event"] == "frame_ack" and ack["ref"] == "moving"
         assert (node.pieces.sends, node.pieces.held) == (0, 0) and alice._pieces is None
+        node.config.pieces_idle_s = 0  # 0: sends in pieces never expire
+        assert alice.handle(_send(cid, "kept", b"k" * 100, 0, 2)) == []
+        alice.expire_pieces(trio.current_time() + 10**6)
+        assert node.pieces.sends == 1 and alice.outbox.get_nowait() is None
 
 
 async def test_a_real_node_forgets_a_stalled_send_in_pieces(nursery: trio.Nursery) -> None:

@@ -137,7 +137,8 @@ class VoiceResult:
 
 async def _node_memory(node: Proc) -> dict[str, Any]:
     """The node's ``/status`` ``memory`` (heap blocks, garbage collections)."""
-    async with httpx.AsyncClient(base_url=node.url + "/api/mux", timeout=10) as http:
+    verify = node.ssl_context if node.ssl_context is not None else True
+    async with httpx.AsyncClient(base_url=node.url + "/api/mux", timeout=10, verify=verify) as http:
         memory = orjson.loads((await http.get("/status")).content).get("memory")
     return dict(memory) if isinstance(memory, dict) else {}
 
