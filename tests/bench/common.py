@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 import attrs
+import httpx
 import orjson
 
 from mux.wire import unpack_binary
@@ -39,6 +40,7 @@ __all__ = [
     "fmt_ms",
     "json_payload",
     "node_process",
+    "node_status",
     "percentile",
     "process",
     "raise_nofile",
@@ -50,6 +52,11 @@ _PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 NODE_ENV = {"MUX_RATE_MESSAGES_PER_S": "0"}
 """Environment of the benchmark node: the per-connection message rate limit is off."""
+
+
+async def node_status(http: httpx.AsyncClient) -> dict[str, Any]:
+    """The node's ``/status`` (``http``'s base URL is the node's API prefix, ``/api/mux``)."""
+    return dict(orjson.loads((await http.get("/status")).content))
 
 
 @attrs.define(eq=False)

@@ -46,7 +46,7 @@ import trio_websocket
 from mux.client import open_ws
 from mux.wire import pack_binary
 
-from .common import Meter, Proc, events, fmt_ms, node_process, percentile
+from .common import Meter, Proc, events, fmt_ms, node_process, node_status, percentile
 from .server import expect
 
 __all__ = ["VoiceResult", "run", "voice_run"]
@@ -139,7 +139,7 @@ async def _node_memory(node: Proc) -> dict[str, Any]:
     """The node's ``/status`` ``memory`` (heap blocks, garbage collections)."""
     verify = node.ssl_context if node.ssl_context is not None else True
     async with httpx.AsyncClient(base_url=node.url + "/api/mux", timeout=10, verify=verify) as http:
-        memory = orjson.loads((await http.get("/status")).content).get("memory")
+        memory = (await node_status(http)).get("memory")
     return dict(memory) if isinstance(memory, dict) else {}
 
 
@@ -416,7 +416,8 @@ def run(voice_frames: int = VOICE_FRAMES) -> list[tuple[str, str]]:
         rows.append(
             (
                 "    node garbage collections during the phases, generations 0 / 1 / 2",
-                f"{runs}; objects found in cycles: {found} (a refusal left about 13 before session 18)",
+                f"{runs}; objects found in cycles: {found}"
+                " (tens: a refusal leaves no cycle; each left about 13 when it did)",
             )
         )
     closed = r.closed_connections or ["no"]
