@@ -373,8 +373,10 @@ class Mux:
         if self._opened_by[opener] >= limit:
             raise ChannelLimit(f"{opener} already has {limit} open channels (max_channels_per_agent)")
         target_ep = self._endpoints.get(target)
-        if target_ep is not None and not target_ep._has_room():
-            raise ChannelFull(f"{target} has too many channels waiting to be accepted")
+        if target_ep is not None:
+            if not target_ep._has_room():
+                raise ChannelFull(f"{target} has too many channels waiting to be accepted")
+            target = target_ep.agent  # one string for all its channels, not a copy per open
         backend, backend_name, fallback = self._backend_for(resolved)
         channel_id = "ch-" + secrets.token_hex(16)
         cap = self.config.channel_buffer_frames

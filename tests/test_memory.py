@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import weakref
@@ -13,6 +14,8 @@ import trio.testing
 
 import mux
 from mux import heap
+from mux.client import open_ws, ws_url
+from mux.server import ServeInfo
 
 from .nodes import running_tasks, started_sessions
 
@@ -223,3 +226,47 @@ async def test_channels_leave_no_garbage_cycles(node: mux.Mux) -> None:
             gc.set_debug(0)
             gc.enable()
         assert ours == []
+
+
+async def test_channels_to_a_connected_agent_share_its_name(node: mux.Mux) -> None:
+    """Every channel opened to a connected agent keeps that agent's one name string, not a
+    copy made from each open's ``target`` (about 57 bytes per channel, and pieces of memory
+    that a burst's survivors pin)."""
+    async with trio.open_nursery() as connections:
+        alice, bob = started_sessions(node, connections, "alice", "bob")
+        for target in ("bob", "Bob", " BOB.aint"):
+            alice.handle(orjson.dumps({"action": "open", "target": target}).decode())
+        await trio.sleep(0.05)
+        states = [node._channels[info["channel_id"]] for info in node.channels(agent="bob")]
+        assert len(states) == 3
+        assert all(s.target is bob.endpoint.agent and s.agent is alice.endpoint.agent for s in states)
+        connections.cancel_scope.cancel()
+
+
+async def test_a_connection_keeps_nothing_of_its_connected_log_line(server: ServeInfo) -> None:
+    """Logging "connected" keeps no memory for as long as the connection lives: logging's
+    caller lookup gives the caller's frame a frame object, which the connection's handler
+    (a coroutine as long-lived as the connection) kept, about 300 bytes each."""
+    import inspect
+    import logging
+    import tracemalloc
+
+    app_log = logging.getLogger("mux.app")
+    level, propagate = app_log.level, app_log.propagate
+    app_log.setLevel(logging.INFO)  # the caller lookup runs only for a record that is made
+    app_log.propagate = False  # and no handler keeps the records
+    lines, first = inspect.getsourcelines(logging.Logger.findCaller)
+    in_lookup = [tracemalloc.Filter(True, logging.__file__, lineno=n) for n in range(first, first + len(lines))]
+    tracemalloc.start()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for i in range(20):
+                ws = await stack.enter_async_context(open_ws(ws_url(server.url, f"logged-{i}")))
+                assert orjson.loads(await ws.get_message())["event"] == "connected"
+            kept = tracemalloc.take_snapshot().filter_traces(in_lookup)
+            held = sum(stat.size for stat in kept.statistics("filename"))
+    finally:
+        tracemalloc.stop()
+        app_log.setLevel(level)
+        app_log.propagate = propagate
+    assert held < 20 * 100, f"{held} bytes kept by logging's caller lookup for 20 connections"
