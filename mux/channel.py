@@ -280,7 +280,15 @@ class ChannelState:
     """Woken whenever a frame is chained (long-poll readers make it and wait here)."""
     extra_seal: Frame | None = None
     """The newest seal frame handed to a library receiver."""
-    extra: dict[str, Any] = attrs.field(factory=dict)
+    _extra: dict[str, Any] | None = None
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The backend's own counters and notes, shown as the channel's ``backend_state``
+        (made on first use: most channels never have any)."""
+        if self._extra is None:
+            self._extra = {}
+        return self._extra
 
     @property
     def is_open(self) -> bool:
@@ -316,7 +324,7 @@ class ChannelState:
             "throttled": self.throttled,
             "dropped": self.dropped,
             "close_reason": self.close_reason,
-            **({"backend_state": self.extra} if self.extra else {}),
+            **({"backend_state": self._extra} if self._extra else {}),
         }
 
 

@@ -231,7 +231,7 @@ async def test_channels_leave_no_garbage_cycles(node: mux.Mux) -> None:
 async def test_channels_to_a_connected_agent_share_its_name(node: mux.Mux) -> None:
     """Every channel opened to a connected agent keeps that agent's one name string, not a
     copy made from each open's ``target`` (about 57 bytes per channel, and pieces of memory
-    that a burst's survivors pin)."""
+    that a burst's survivors pin); a stream channel has no dict of backend notes."""
     async with trio.open_nursery() as connections:
         alice, bob = started_sessions(node, connections, "alice", "bob")
         for target in ("bob", "Bob", " BOB.aint"):
@@ -240,6 +240,8 @@ async def test_channels_to_a_connected_agent_share_its_name(node: mux.Mux) -> No
         states = [node._channels[info["channel_id"]] for info in node.channels(agent="bob")]
         assert len(states) == 3
         assert all(s.target is bob.endpoint.agent and s.agent is alice.endpoint.agent for s in states)
+        # nor a dict for backend notes its backend never writes (64 bytes each)
+        assert all(s._extra is None and "backend_state" not in s.info() for s in states)
         connections.cancel_scope.cancel()
 
 
