@@ -478,9 +478,9 @@ def _window_arg(raw: str | None) -> int | None:
 
 
 def _log_connected(agent: str, addr: object) -> None:
-    """Log a connection from a plain function: logging's caller lookup gives the frame it
-    finds a frame object, which a connection's handler (a coroutine that lives as long as
-    the connection) would keep, about 300 bytes each."""
+    """Log a new connection from a plain function: logging's caller lookup makes a frame
+    object for the frame that called it, and a connection's handler (a coroutine that lives
+    as long as the connection) would keep that object, about 300 bytes, until it ends."""
     log.info("%s connected from %s", agent, addr)
 
 
