@@ -37,7 +37,10 @@ Binary payloads (``bytes``) travel as binary WebSocket messages (u32BE header le
 header, payload bytes); received binary frames carry the raw bytes as ``payload`` with
 ``enc`` ``"bytes"``. While the connection holds a call, a ``bytes`` payload over
 ``PART_BYTES`` goes in pieces (``send_parts``, ``mux.pieces``), so the call's frames are
-written between them; a message over the node's ``max_message_bytes`` fails at once
+written between them; when the node confirms pieces (``part_acks``), the bytes of pieces in
+flight stay within a delay-based window (:attr:`MuxConnection.uplink`, ``mux.uplink``), so
+they do not queue up at a slow uplink ahead of the call's frames. A message over the node's
+``max_message_bytes`` fails at once
 (``message_too_large``). :meth:`MuxConnection.verify` checks a received frame against the node's
 public key.
 """
@@ -75,6 +78,7 @@ from .errors import (
 )
 from .frames import Frame
 from .signing import verify_frame
+from .uplink import PieceWindow
 from .wire import CHUNK_BYTES, MAX_BATCH_ITEMS, MAX_WINDOW, decode_object, pack_binary, unpack_binary
 
 __all__ = [
@@ -95,6 +99,8 @@ log = logging.getLogger("mux.client")
 ACCEPT_BACKLOG = 1024
 """Channels opened to a connection that may wait for ``accept()`` before more are closed."""
 
+PART_ACK_TIMEOUT_S = 2.0
+"""Pieces written this long ago and not confirmed (``part_ack``) count as lost."""
 PART_BYTES = CHUNK_BYTES
 """While a connection holds a call, a ``bytes`` payload larger than this goes to a node that
 takes pieces (``send_parts``) in pieces of this size (16 KiB, as the node's own
@@ -687,6 +693,15 @@ class MuxConnection:
         errors its pieces already on the way get are expected, not reported."""
         self._turns = _Turns()
         """Whose turn it is to write (a call's frames first)."""
+        self.part_acks: bool = hello.get("part_acks") is True
+        """The node confirms each piece that asks (``part_ack``): the bytes of pieces written
+        and not yet confirmed are then kept within :attr:`uplink`'s window."""
+        self.uplink = PieceWindow(PART_BYTES)
+        """Pieces in flight and the delay-based window over them (``mux.uplink``): they fill
+        the uplink without queueing much more than ``target_s`` in front of a call's frames."""
+        self._in_flight: dict[tuple[int, int], tuple[float, int]] = {}
+        """Pieces written and not yet confirmed: (ref, part) -> (when written, bytes)."""
+        self._uplink_room = trio.lowlevel.ParkingLot()
         window = hello.get("window")
         self.receive_window: int | None = window if isinstance(window, int) and window > 0 else None
         """Frames per channel the node sends ahead of the application (``?window=N``, as the
@@ -767,6 +782,8 @@ class MuxConnection:
             self._pending.pop(ref, None)
             if not pending.done.is_set():  # timed out or cancelled
                 self._abandon(data, pending)
+            if pieces and self.part_acks:
+                self._forget_pieces(ref)
         error = pending.error
         if error is None:
             return pending
@@ -800,15 +817,59 @@ class MuxConnection:
         once the send is answered (a piece refused)."""
         parts = -(-len(payload) // PART_BYTES)
         view = memoryview(payload)
+        ref: int = message["ref"]
         try:
             async with self._piecing:
                 for part in range(parts):
                     if pending.done.is_set():
                         return
                     piece = bytes(view[part * PART_BYTES : (part + 1) * PART_BYTES])
-                    await self._write(pack_binary({**message, "part": part, "parts": parts}, piece))
+                    header = {**message, "part": part, "parts": parts}
+                    windowed = self.part_acks
+                    if windowed:
+                        await self._uplink_wait(len(piece))
+                        if pending.done.is_set():
+                            return
+                        if part < parts - 1:  # the last is answered as the whole send
+                            header["part_ack"] = True
+                    written_at = trio.current_time()
+                    await self._write(pack_binary(header, piece))
+                    if windowed:  # in flight until confirmed, or until the send is answered
+                        self._in_flight[(ref, part)] = (written_at, len(piece))
+                        self.uplink.sent(len(piece))
         except trio_websocket.ConnectionClosed as exc:
             raise MuxError("the connection to the node is closed", code="connection_closed") from exc
+
+    async def _uplink_wait(self, size: int) -> None:
+        """Wait until :attr:`uplink` has room for a piece of ``size`` bytes. Confirmations
+        that stop coming for ``PART_ACK_TIMEOUT_S`` count as lost: what was in flight no longer
+        counts and the window halves."""
+        while not self.uplink.room(size):
+            with trio.move_on_after(PART_ACK_TIMEOUT_S) as waited:
+                await self._uplink_room.park()
+            if waited.cancelled_caught:
+                log.debug("%s: no part_ack for %.1f s: pieces in flight lost", self.agent, PART_ACK_TIMEOUT_S)
+                self._in_flight.clear()
+                self.uplink.forget(self.uplink.in_flight)
+                self.uplink.lost()
+
+    def _on_part_ack(self, msg: dict[str, Any]) -> None:
+        """The node took a piece: time it and make room for the next."""
+        ref, part = msg.get("ref"), msg.get("part")
+        sent = self._in_flight.pop((ref, part), None) if type(ref) is int and type(part) is int else None
+        if sent is None:
+            return  # counted as lost meanwhile, or not ours
+        written_at, size = sent
+        now = trio.current_time()
+        self.uplink.acked(size, now - written_at, now)
+        self._uplink_room.unpark_all()
+
+    def _forget_pieces(self, ref: int) -> None:
+        """A send in pieces was answered (or given up): its pieces still in flight will not be
+        confirmed."""
+        for key in [key for key in self._in_flight if key[0] == ref]:
+            self.uplink.forget(self._in_flight.pop(key)[1])
+        self._uplink_room.unpark_all()
 
     def _abandon(self, data: str | bytes, pending: _Pending) -> None:
         """A request whose caller stopped waiting: not sent at all if it is still queued
@@ -1000,6 +1061,9 @@ class MuxConnection:
         name = msg.get("event")
         if name == "frame":
             await self._on_frame(_frame_dict(msg))
+            return
+        if name == "part_ack":  # a piece arrived; its send's answer comes with the last piece
+            self._on_part_ack(msg)
             return
         ref = msg.get("ref")
         pending = self._pending.get(ref) if isinstance(ref, int) and not isinstance(ref, bool) else None

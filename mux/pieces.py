@@ -6,7 +6,11 @@ Instead it may send the payload as several binary ``send`` messages whose header
 ``part`` (0, 1, ...) and ``parts`` (how many, 2 to ``mux.wire.MAX_PARTS``), and send its other
 messages (a call's frames) between them. The node joins a send's pieces in order and
 handles the last one as one ``send`` of the whole payload: one frame, one answer (the
-``frame_ack`` or refusal, with the send's ``ref``). Pieces are silent otherwise.
+``frame_ack`` or refusal, with the send's ``ref``). Pieces are silent otherwise, unless a
+piece asks with ``"part_ack": true``: then the node answers it once taken with
+``{"event": "part_ack", "ref", "channel_id", "part"}`` (a client times these to keep its
+uplink's queue short: ``mux.uplink``). The node says it does with ``"part_acks": true`` in
+``connected``.
 
 A send in pieces is known by its channel and its ``ref`` (every piece carries both), so
 several may be under way on one channel at once (each becomes its frame when its last piece
@@ -101,7 +105,7 @@ class Pieces:
         if part == 0:
             if self._forget(key) is None and len(self._open) >= MAX_OPEN:
                 raise BadRequest(f"at most {MAX_OPEN} sends in pieces may be unfinished at once", code="bad_request")
-            fields = {k: v for k, v in action.fields.items() if k not in ("payload", "part", "parts")}
+            fields = {k: v for k, v in action.fields.items() if k not in ("payload", "part", "parts", "part_ack")}
             self._open[key] = _Unfinished(parts, fields, [], 0, 0, now)
             self.budget.sends += 1
             self._hold(key, SEND_HELD_BYTES)

@@ -146,6 +146,7 @@ class WireSession:
             public_key=self.mux.public_key,
             max_message_bytes=self.max_message_bytes,
             send_parts=MAX_OPEN,
+            part_acks=True,
             **extra,
         )
 
@@ -171,7 +172,8 @@ class WireSession:
 
     def _do_send_part(self, action: wire.Action) -> list[Outgoing]:
         """One piece of a payload sent in pieces (``mux.pieces``): nothing until the last,
-        which is handled as the ``send`` of the whole payload."""
+        which is handled as the ``send`` of the whole payload (a piece that asks for it is
+        answered ``part_ack``)."""
         if self._pieces is None:
             self._pieces = Pieces(self.max_message_bytes, self.mux.pieces)
         try:
@@ -179,7 +181,11 @@ class WireSession:
         finally:
             if not self._pieces:
                 self._pieces = None  # none unfinished: the table goes too
-        return [] if whole is None else self._apply(whole)
+        if whole is not None:
+            return self._apply(whole)
+        if action.get("part_ack"):
+            return [wire.event("part_ack", action.ref, channel_id=action.get("channel_id"), part=action.get("part"))]
+        return []
 
     def expire_pieces(self, now: float) -> None:
         """Forget this connection's sends in pieces none of whose pieces came for

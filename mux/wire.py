@@ -173,6 +173,7 @@ def parse_message(data: str | bytes, max_bytes: int) -> Action:
             header = {**header, "payload": payload}
             header.pop("enc", None)
             part, parts = header.pop("part", None), header.pop("parts", None)
+            part_ack = header.pop("part_ack", None)
             action = _validate(header, ref)
             if part is not None or parts is not None:  # one piece of a payload (mux.pieces)
                 if type(part) is not int or type(parts) is not int or not 0 <= part < parts or parts > MAX_PARTS:
@@ -182,8 +183,14 @@ def parse_message(data: str | bytes, max_bytes: int) -> Action:
                     )
                 if parts < 2:
                     raise BadRequest("send: a payload in pieces has at least 2 parts", code="bad_request")
+                if part_ack is not None and type(part_ack) is not bool:
+                    raise BadRequest("send: part_ack must be true or false", code="bad_request")
                 action.fields["part"], action.fields["parts"] = part, parts
+                if part_ack:
+                    action.fields["part_ack"] = True
                 return Action(SEND_PART, ref, action.fields)
+            if part_ack is not None:
+                raise BadRequest("send: part_ack is for a payload in pieces", code="bad_request")
             return action
         except MuxError as exc:
             exc.ref = ref

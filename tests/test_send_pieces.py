@@ -14,6 +14,10 @@
   1 MiB payload goes in 16 KiB pieces and a call frame sent while they are being written is
   answered (handled by the node) before the payload is; without a call the payload goes
   whole, in one message.
+- Confirmed pieces (``part_ack``): the node answers each piece that asks; through a 1 MB/s
+  shaping proxy ``mux.client`` keeps its pieces in flight within its window (``mux.uplink``),
+  which closes as the link's queue grows; confirmations that stop coming hold a send up
+  for ``PART_ACK_TIMEOUT_S`` at a time, not for good.
 """
 
 from __future__ import annotations
@@ -481,3 +485,115 @@ async def _status(server: ServeInfo) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=server.url) as http:
         status: dict[str, Any] = (await http.get("/api/mux/status")).json()
     return status
+
+
+async def test_a_piece_that_asks_is_confirmed_as_it_arrives(nursery: trio.Nursery) -> None:
+    """A piece with ``"part_ack": true`` is answered ``part_ack`` (its ``ref``, channel and
+    ``part``) once the node took it; the last piece is answered as the send, and pieces that
+    do not ask stay silent. ``connected`` says the node does it (``part_acks``)."""
+    async with mux.open_mux(agent="node") as node:
+        sender, receiver = started_sessions(node, nursery, "alice", "bob")
+        assert orjson.loads(sender.hello())["part_acks"] is True
+        (opened,) = outbox_events(sender.handle(orjson.dumps({"action": "open", "target": "bob"}).decode()))
+        cid = opened["channel_id"]
+
+        def piece(ref: int, part: int, parts: int, **extra: Any) -> list[dict[str, Any]]:
+            header = {"action": "send", "channel_id": cid, "ref": ref, "part": part, "parts": parts, **extra}
+            return outbox_events(sender.handle(pack_binary(header, bytes([part]) * 10)))
+
+        for part in range(3):
+            confirmed = {"event": "part_ack", "channel_id": cid, "part": part, "ref": 1}
+            assert piece(1, part, 4, part_ack=True) == [confirmed]
+        (answer,) = piece(1, 3, 4, part_ack=True)
+        assert answer["event"] == "frame_ack" and answer["ref"] == 1
+        assert piece(2, 0, 2) == [] and piece(2, 1, 2, part_ack=False)[0]["event"] == "frame_ack"
+        for bad in ("yes", 1, None):
+            header = {"action": "send", "channel_id": cid, "ref": 3, "part": 0, "parts": 2, "part_ack": bad}
+            replies = outbox_events(sender.handle(pack_binary(header, b"x")))
+            if bad is None:  # null: not asked
+                assert replies == []
+                continue
+            (err,) = replies
+            assert err["error"] == "bad_request" and err["ref"] == 3 and "part_ack" in err["detail"]
+        whole = {"action": "send", "channel_id": cid, "ref": 4, "part_ack": True}
+        (err,) = outbox_events(sender.handle(pack_binary(whole, b"w")))
+        assert err["error"] == "bad_request" and "in pieces" in err["detail"]
+        frames = [unpack_binary(m) for m in iter(receiver.outbox.get_nowait, None) if isinstance(m, bytes)]
+        assert [p for _, p in frames] == [b"".join(bytes([i]) * 10 for i in range(4)), b"\0" * 10 + b"\1" * 10]
+        assert all("part_ack" not in h for h, _ in frames)
+
+
+async def test_pieces_through_a_slow_uplink_stay_within_the_clients_window(nursery: trio.Nursery) -> None:
+    """Through a 1 MB/s link (the bench's shaping proxy), ``mux.client`` holding a call sends
+    a 256 KiB payload in pieces: each piece but the last is confirmed, the bytes in flight
+    never pass the window (or one piece), the window closes as the queue at the link grows
+    past its target (a 16 KiB piece alone takes 16 ms to cross), and the payload arrives
+    whole and verified."""
+    from tests.bench.uplink import SlowUplink
+
+    server = await serve_node(nursery)
+    port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+    link = SlowUplink(port, 1_000_000, 32 << 10)
+    await nursery.start(link.run)
+    slow_url = f"http://127.0.0.1:{link.listen_port}"
+    payload = os.urandom(256 << 10)
+    async with connect(slow_url, "alice") as alice, connect(server.url, "bob") as bob:
+        assert alice.part_acks
+        call = await alice.open("bob", "call:voice")
+        await bob.accept()
+        bulk = await alice.open("bob", "stream")
+        received = await bob.accept()
+        seen: list[tuple[int, int, float]] = []  # each piece written: bytes in flight, its own, the window
+        confirmed = 0
+        stock_write, stock_ack = alice._write, alice._on_part_ack
+
+        async def write(message: str | bytes, *, urgent: bool = False) -> None:
+            if isinstance(message, bytes):
+                header, data = unpack_binary(message)
+                if header.get("parts"):
+                    seen.append((alice.uplink.in_flight, len(data), alice.uplink.window))
+            await stock_write(message, urgent=urgent)
+
+        def on_ack(msg: dict[str, Any]) -> None:
+            nonlocal confirmed
+            confirmed += 1
+            stock_ack(msg)
+
+        alice._write = write  # type: ignore[method-assign]
+        alice._on_part_ack = on_ack  # type: ignore[method-assign]
+        start = alice.uplink.window
+        with trio.fail_after(20):
+            with contextlib.suppress(ChannelThrottled):  # beside the call the node may refuse it
+                await bulk.send(payload)
+            frame = await received.receive()
+        parts = len(payload) // PART_BYTES
+        assert confirmed == parts - 1 and len(seen) == parts
+        assert all(flying == 0 or flying + size <= window for flying, size, window in seen), seen
+        assert min(window for _, _, window in seen) < start
+        assert alice.uplink.in_flight == 0 and not alice._in_flight
+        assert frame["payload"] == payload
+        bob.verify(frame)
+        assert call.is_open
+
+
+async def test_pieces_go_on_when_confirmations_stop(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Confirmations that stop coming (lost, or a node that stopped sending them) hold a send
+    in pieces up for ``PART_ACK_TIMEOUT_S`` at a time, not for good: what was in flight counts
+    as lost and the window halves."""
+    import mux.client
+
+    monkeypatch.setattr(mux.client, "PART_ACK_TIMEOUT_S", 0.05)
+    server = await serve_node(nursery)
+    payload = os.urandom(128 << 10)
+    async with connect(server.url, "alice") as alice, connect(server.url, "bob") as bob:
+        await alice.open("bob", "call:voice")
+        await bob.accept()
+        bulk = await alice.open("bob", "stream")
+        received = await bob.accept()
+        alice._on_part_ack = lambda msg: None  # type: ignore[method-assign]
+        with trio.fail_after(20):
+            with contextlib.suppress(ChannelThrottled):
+                await bulk.send(payload)
+            frame = await received.receive()
+        assert frame["payload"] == payload
+        assert alice.uplink.window == PART_BYTES and alice.uplink.in_flight == 0

@@ -15,8 +15,11 @@ Each block: the caller (``mux.client``) opens a ``call:voice`` channel to the ca
 carrying its send time (``time.perf_counter_ns``); the callee's reader takes the latency.
 Phases: ``alone``; ``pieces``, while another task of the caller uploads ``UPLOAD_BYTES``
 (512 KiB) payloads on a ``stream`` channel to the callee, one after another, as
-``mux.client`` does by default; ``whole``, the same uploads with pieces turned off
-(``send_parts = 0``, as against a node that does not take pieces). Blocks run ``ROUNDS``
+``mux.client`` does by default (the node confirms each piece and the client keeps the
+pieces in flight within a delay-based window: ``mux.uplink``); ``unwindowed``, the same
+pieces without confirmations or window (``part_acks = False``, as against a node that does
+not confirm pieces); ``whole``, the same uploads with pieces turned off (``send_parts = 0``,
+as against a node that does not take pieces). Blocks run ``ROUNDS``
 times, interleaved; the rows pool them and give p50/p99, the p99 over ``alone``'s, and the
 payloads uploaded.
 """
@@ -43,7 +46,7 @@ UPLINK_BUFFER = 32 << 10
 UPLOAD_BYTES = 512 << 10
 VOICE_FRAMES = 100
 ROUNDS = 2
-PHASES = ("alone", "pieces", "whole")
+PHASES = ("alone", "pieces", "unwindowed", "whole")
 WARMUP_S = 0.5
 """Uploads run this long before a block's first call frame."""
 
@@ -116,6 +119,8 @@ async def _block(node_url: str, uplink_url: str, phase: str, tag: str) -> tuple[
     async with connect(uplink_url, f"up-caller{tag}") as caller, connect(node_url, f"up-callee{tag}") as callee:
         if phase == "whole":
             caller.send_parts = 0
+        elif phase == "unwindowed":
+            caller.part_acks = False  # pieces without confirmations: no window over them
         call, answering = await _call(caller, callee)
         bulk = await caller.open(callee.agent, "stream")
         taking = await callee.accept()
@@ -184,6 +189,7 @@ async def _run(node_url: str) -> list[tuple[str, str]]:
     for phase, label in (
         ("alone", "call alone"),
         ("pieces", f"beside {UPLOAD_BYTES >> 10} KiB uploads, sent in pieces (mux.client's default)"),
+        ("unwindowed", "the same, the pieces not confirmed (part_ack) nor kept within a window"),
         ("whole", f"beside {UPLOAD_BYTES >> 10} KiB uploads, sent whole (send_parts off)"),
     ):
         lat = pooled[phase]
