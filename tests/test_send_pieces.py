@@ -4,7 +4,8 @@
   once, on two channels and under several ``ref``s, their pieces interleaved at random with
   whole sends, with faults mixed in (a piece skipped, repeated, or its ``parts`` changed; a
   send started over). Every send whose pieces all came in order becomes exactly one frame
-  with exactly its bytes, answered once with its ``ref`` (nothing for the pieces before);
+  with exactly its bytes, answered once with its ``ref`` (nothing for the pieces before,
+  but a ``part_ack`` for each that asked);
   every fault fails that piece with ``bad_request`` and the send yields no frame; the
   frames reach the receiver whole, in the order their sends completed; what the node holds
   for unfinished sends never passes ``MAX_OPEN`` sends nor ``max_message_bytes`` each.
@@ -60,10 +61,14 @@ steps = st.lists(
 FAULTS = ("skip", "repeat", "parts", "restart")
 
 
-def _send(cid: str, ref: int, payload: bytes, part: int | None = None, parts: int | None = None) -> bytes:
+def _send(
+    cid: str, ref: int, payload: bytes, part: int | None = None, parts: int | None = None, *, confirm: bool = False
+) -> bytes:
     header: dict[str, Any] = {"action": "send", "channel_id": cid, "ref": ref}
     if part is not None:
         header.update(part=part, parts=parts)
+    if confirm:
+        header["part_ack"] = True
     return pack_binary(header, payload)
 
 
@@ -117,10 +122,13 @@ async def test_pieces_join_into_exactly_the_frames_sent(plan: list[tuple[str, in
             payload, parts, part = send
             step = -(-len(payload) // parts)
             chunk = payload[part * step : (part + 1) * step]
-            replies = outbox_events(sender.handle(_send(cid, ref, chunk, part, parts)))
+            confirm = data.draw(st.booleans())
+            replies = outbox_events(sender.handle(_send(cid, ref, chunk, part, parts, confirm=confirm)))
             send[2] += 1
-            if send[2] < parts:
-                assert replies == [], replies  # pieces are silent
+            if send[2] < parts:  # pieces are silent, but for a confirmation when they ask
+                assert replies == (
+                    [{"event": "part_ack", "channel_id": cid, "part": part, "ref": ref}] if confirm else []
+                )
             else:
                 (ack,) = replies
                 assert ack["event"] == "frame_ack" and ack["ref"] == ref and ack["disposition"] == "delivered", ack
