@@ -827,7 +827,7 @@ class MuxConnection:
                     header = {**message, "part": part, "parts": parts}
                     windowed = self.part_acks
                     if windowed:
-                        await self._uplink_wait(len(piece))
+                        await self._uplink_wait(len(piece), pending)
                         if pending.done.is_set():
                             return
                         if part < parts - 1:  # the last is answered as the whole send
@@ -840,11 +840,12 @@ class MuxConnection:
         except trio_websocket.ConnectionClosed as exc:
             raise MuxError("the connection to the node is closed", code="connection_closed") from exc
 
-    async def _uplink_wait(self, size: int) -> None:
-        """Wait until :attr:`uplink` has room for a piece of ``size`` bytes. Confirmations
-        that stop coming for ``PART_ACK_TIMEOUT_S`` count as lost: what was in flight no longer
-        counts and the window halves."""
-        while not self.uplink.room(size):
+    async def _uplink_wait(self, size: int, pending: _Pending) -> None:
+        """Wait until :attr:`uplink` has room for a piece of ``size`` bytes, or the send
+        (``pending``) is answered (refused part-way). Confirmations that stop coming for
+        ``PART_ACK_TIMEOUT_S`` count as lost: what was in flight no longer counts and the
+        window halves."""
+        while not self.uplink.room(size) and not pending.done.is_set():
             with trio.move_on_after(PART_ACK_TIMEOUT_S) as waited:
                 await self._uplink_room.park()
             if waited.cancelled_caught:
@@ -1009,6 +1010,7 @@ class MuxConnection:
         for pending in list(self._pending.values()):
             pending.resolve(error=MuxError("the connection to the node is closed", code="connection_closed"))
         self._arrived.unpark_all()
+        self._uplink_room.unpark_all()  # pieces waiting for room: their sends have failed
         for ch in self._channels.values():
             if ch.closed_reason is None:
                 ch.closed_reason = "connection_closed"
@@ -1070,6 +1072,8 @@ class MuxConnection:
         if name is None and "error" in msg:
             if pending is not None:
                 pending.resolve(error=error_from_wire(msg))
+                if self._in_flight:  # a send in pieces refused part-way stops waiting for room
+                    self._uplink_room.unpark_all()
             elif ref in self._unpieced and msg.get("error") == "bad_request":
                 log.debug("%s: a piece of refused send %s: %s", self.agent, ref, msg.get("detail"))
             else:

@@ -605,3 +605,27 @@ async def test_pieces_go_on_when_confirmations_stop(nursery: trio.Nursery, monke
             frame = await received.receive()
         assert frame["payload"] == payload
         assert alice.uplink.window == PART_BYTES and alice.uplink.in_flight == 0
+
+
+async def test_a_send_refused_part_way_stops_waiting_for_room(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send in pieces whose pieces fill the window and are never confirmed, refused
+    part-way (``pieces_full``), stops waiting for room at the refusal: it is sent again whole
+    at once, not after ``PART_ACK_TIMEOUT_S``."""
+    import mux.client
+
+    monkeypatch.setattr(mux.client, "PART_ACK_TIMEOUT_S", 60.0)
+    server = await serve_node(nursery, mux=mux.MuxConfig(pieces_max_bytes=PART_BYTES * 3 // 2))
+    payload = os.urandom(8 * PART_BYTES)
+    async with connect(server.url, "bob") as bob, connect(server.url, "alice") as alice:
+        await alice.open("bob", "call:voice")
+        bulk = await alice.open("bob", "stream")
+        await bob.accept()
+        received = await bob.accept()
+        alice._on_part_ack = lambda msg: None  # type: ignore[method-assign]  # the window stays full
+        with trio.fail_after(5):
+            ack = await bulk.send(payload)  # piece 1 is refused: whole, at once
+            frame = await received.receive()
+        assert ack["event"] == "frame_ack" and frame["payload"] == payload
+        assert alice.uplink.in_flight == 0 and not alice._in_flight
