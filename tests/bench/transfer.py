@@ -49,9 +49,9 @@ __all__ = ["CopyResult", "run", "serve_unthrottled_node"]
 
 TCP_MIB = 64
 """MiB copied directly and through the tunnel (each way)."""
-FILE_DEFAULT_MIB = 4
+FILE_DEFAULT_MIB = 2
 """MiB sent with the default file:sync budget (about 1 MB/s: this many seconds)."""
-FILE_MIB = 64
+FILE_MIB = 32
 """MiB sent with the budget lifted (per chunk size)."""
 BLOCK = 64 << 10
 RUN_TIMEOUT_S = 60.0
