@@ -782,7 +782,8 @@ async def _watchdog(node: Node) -> None:
     ``slow_consumer``, every frame queued for it is released), and the one message on the
     wire stays with the connection until the peer goes away."""
     timeout, idle_s = node.settings.send_timeout_s, node.settings.writer_idle_s
-    pieces, pieces_idle_s = node.require().pieces, node.require().config.pieces_idle_s
+    m = node.require()
+    pieces, pieces_idle_s = m.pieces, m.config.pieces_idle_s
     period = min(1.0, timeout / 4, idle_s / 2 if idle_s > 0 else 1.0, pieces_idle_s / 4 if pieces_idle_s > 0 else 1.0)
     while True:
         await trio.sleep(period)

@@ -818,6 +818,7 @@ class MuxConnection:
         parts = -(-len(payload) // PART_BYTES)
         view = memoryview(payload)
         ref: int = message["ref"]
+        windowed = self.part_acks
         try:
             async with self._piecing:
                 for part in range(parts):
@@ -825,7 +826,6 @@ class MuxConnection:
                         return
                     piece = bytes(view[part * PART_BYTES : (part + 1) * PART_BYTES])
                     header = {**message, "part": part, "parts": parts}
-                    windowed = self.part_acks
                     if windowed:
                         await self._uplink_wait(len(piece), pending)
                         if pending.done.is_set():

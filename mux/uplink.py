@@ -47,7 +47,8 @@ class PieceWindow:
     max_pieces: int = 64
     window: float = attrs.field(default=0.0)
     in_flight: int = 0
-    _bases: collections.deque[tuple[float, float]] = attrs.field(factory=collections.deque)
+    _bases: collections.deque[tuple[int, float]] = attrs.field(factory=collections.deque)
+    """(period number, lowest confirmation time in it) for the last ``BASE_BUCKETS`` periods."""
 
     def __attrs_post_init__(self) -> None:
         if not self.window:
