@@ -16,7 +16,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import CloseConnection, Message, Pong, Request
 from wsproto.frame_protocol import FrameProtocol
 
-from mux.sockets import AsgiSocket, Disconnected, _FastReceive
+from mux.fast_receive import FastReceive
+from mux.sockets import AsgiSocket, Disconnected
 from mux.wsframes import ClientFrames
 
 from .wsutil import masked_frame, serve_raw
@@ -43,8 +44,8 @@ class _Echo:
             assert sock._stream is not None
             handle = sock._stream.__dict__.get("handle")
             frames = getattr(handle, "_frames", None)
-            fast_now = isinstance(handle, _FastReceive) and not (frames and frames.off)
-            self.handler = "fast" if fast_now else "off" if isinstance(handle, _FastReceive) else "stock"
+            fast_now = isinstance(handle, FastReceive) and not (frames and frames.off)
+            self.handler = "fast" if fast_now else "off" if isinstance(handle, FastReceive) else "stock"
             await sock.send(message)
 
 

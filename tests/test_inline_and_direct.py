@@ -1,6 +1,6 @@
 """A node's WebSocket handles messages in Hypercorn's reader while its task waits
 (``AsgiSocket.handle_inline``) and writes straight onto a plain TCP socket when it can
-(``mux.sockets``): on a real Hypercorn server, every message is handled once and in order,
+(``mux.direct_writes``): on a real Hypercorn server, every message is handled once and in order,
 a declined message or a failing handler goes through the app's own ``receive``, and a
 write the socket cannot take at once goes down Hypercorn's path with nothing lost or
 reordered. On a node, what a reader's turn produces (acks, relayed frames) is written at the
@@ -19,7 +19,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 import mux.app
-import mux.sockets
+import mux.direct_writes
 from mux.session import WireSession
 from mux.sockets import AsgiSocket, Disconnected
 from mux.wire import pack_binary, unpack_binary
@@ -169,14 +169,14 @@ async def test_writes_the_socket_cannot_take_go_down_hypercorn_s_path_intact(
     nothing for a while fill it: the rest of each write waits in Hypercorn's send, and the
     client then gets every byte, in order."""
     writes: list[tuple[int, int]] = []
-    write_some = mux.sockets._write_some
+    write_some = mux.direct_writes.write_some
 
     def counted(stream: trio.SocketStream, data: bytes) -> int:
         sent = write_some(stream, data)
         writes.append((sent, len(data)))
         return sent
 
-    monkeypatch.setattr(mux.sockets, "_write_some", counted)
+    monkeypatch.setattr(mux.direct_writes, "write_some", counted)
     blobs = [bytes([i]) * (1 << 20) for i in range(24)]
     direct: list[bool] = []
 
@@ -239,12 +239,12 @@ async def test_a_cancelled_sender_writes_nothing_and_a_write_begun_is_finished(
     """A sender already cancelled writes nothing (``Cancelled``, as trio's own sends); a
     write the socket took only part of is finished through Hypercorn, whole, though the
     sender's scope is cancelled while it waits there (the client never sees half a frame)."""
-    write_some = mux.sockets._write_some
+    write_some = mux.direct_writes.write_some
 
     def half(stream: trio.SocketStream, data: bytes) -> int:
         return write_some(stream, data[: len(data) // 2])
 
-    monkeypatch.setattr(mux.sockets, "_write_some", half)
+    monkeypatch.setattr(mux.direct_writes, "write_some", half)
     outcomes: list[str] = []
 
     async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:

@@ -1,5 +1,5 @@
 """Once a plain-TCP WebSocket is open, ``AsgiSocket`` reads its socket itself
-(``mux.sockets._LeanRead``) and hands each read straight to the stream, past Hypercorn's
+(``mux.lean_read.LeanRead``) and hands each read straight to the stream, past Hypercorn's
 read loop and trio's socket wrappers: on a real Hypercorn server, the HTTP/1.1 protocol sees
 no more than the handshake, every message and ping is answered as before, a read timeout
 keeps Hypercorn's own loop, and a connection whose reads never wait still lets the others
@@ -24,8 +24,10 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.frame_protocol import FrameProtocol
 
-import mux.sockets
-from mux.sockets import AsgiSocket, Disconnected, _LeanRead, _PlainWire
+import mux.lean_read
+from mux.direct_writes import PlainWire
+from mux.lean_read import LeanRead
+from mux.sockets import AsgiSocket, Disconnected
 
 from .wsutil import raw_client, serve_raw
 
@@ -41,12 +43,12 @@ class _Echo:
     async def __call__(self, scope: dict[str, Any], receive: Any, send_: Any) -> None:
         sock = AsgiSocket(scope, receive, send_, fast_receive=self.fast)
         await sock.accept(None)
-        assert isinstance(sock._wire, _PlainWire)
+        assert isinstance(sock._wire, PlainWire)
         self.sockets.append(sock._wire.sock)
         with contextlib.suppress(Disconnected):
             while True:
                 message = await sock.receive()
-                self.lean.append(isinstance(sock._wire.sock.__dict__.get("receive_some"), _LeanRead))
+                self.lean.append(isinstance(sock._wire.sock.__dict__.get("receive_some"), LeanRead))
                 await sock.send(message)
 
 
@@ -118,7 +120,7 @@ def _blocking_client(url: str) -> socket.socket:
     return sock
 
 
-@pytest.mark.parametrize("per_yield", [mux.sockets.LEAN_READS_PER_YIELD, 1])
+@pytest.mark.parametrize("per_yield", [mux.lean_read.LEAN_READS_PER_YIELD, 1])
 async def test_a_connection_whose_reads_never_wait_lets_others_run(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, per_yield: int
 ) -> None:
@@ -126,7 +128,7 @@ async def test_a_connection_whose_reads_never_wait_lets_others_run(
     so its socket never runs dry; another client's message sent once the flood has begun
     is handled long before the flood's end (each reader lets others run every
     ``LEAN_READS_PER_YIELD`` reads)."""
-    monkeypatch.setattr(mux.sockets, "LEAN_READS_PER_YIELD", per_yield)
+    monkeypatch.setattr(mux.lean_read, "LEAN_READS_PER_YIELD", per_yield)
     flood = [bytes([i]) * 16384 for i in range(256)]
     log: list[str | bytes] = []
     begun = threading.Event()
@@ -190,13 +192,13 @@ class _Stream:
         self.arrived.set()
 
 
-def _lean_pair() -> tuple[socket.socket, trio.SocketStream, _Stream, _LeanRead]:
+def _lean_pair() -> tuple[socket.socket, trio.SocketStream, _Stream, LeanRead]:
     """A socket pair: the client's end, and the server's with a lean reader installed on it."""
     client, server = socket.socketpair()
     sock = trio.SocketStream(trio.socket.from_stdlib_socket(server))
     stream = _Stream()
     proto = types.SimpleNamespace(stream=stream, connection=H11WSConnection(h11.Connection(h11.SERVER)))
-    lean = _LeanRead(sock, proto, stream)  # type: ignore[arg-type]
+    lean = LeanRead(sock, proto, stream)  # type: ignore[arg-type]
     sock.receive_some = lean  # type: ignore[method-assign]
     return client, sock, stream, lean
 

@@ -4,7 +4,7 @@ The outbox sends the most urgent message first, but once bytes are in the socket
 buffer their order is fixed, and for a reader that takes its data slowly (a phone on a slow
 link) that buffer grows to megabytes: a voice frame written after them would wait for all
 of them. The node lets only about one piece wait unsent in the socket
-(``mux.sockets.UNSENT_BYTES``, ``TCP_NOTSENT_LOWAT``) and keeps the rest in the outbox.
+(``mux.direct_writes.UNSENT_BYTES``, ``TCP_NOTSENT_LOWAT``) and keeps the rest in the outbox.
 
 How this works: a real node (in process, Hypercorn on loopback; plain TCP and TLS 1.3). The
 receiver connects over a socket with a small receive buffer (what the node has sent and the

@@ -1,4 +1,4 @@
-"""A node's own reads and writes over TLS (``mux.sockets._LeanTLSRead``, ``_TLSWire``).
+"""A node's own reads and writes over TLS (``mux.lean_read.LeanTLSRead``, ``mux.direct_writes.TLSWire``).
 
 Over TLS the node reads its socket into the connection's own SSLObject and hands what it
 decrypts straight to the WebSocket parser, and its connection writers encrypt with that
@@ -23,7 +23,8 @@ import pytest
 import trio
 
 import mux.app
-import mux.sockets
+import mux.direct_writes
+import mux.hypercorn_conn
 
 from .nodes import loopback_tls, serve_node
 from .wsutil import RawClient, raw_client, ws_url
@@ -37,7 +38,7 @@ def tls_files(tmp_path: Path) -> tuple[str, str, ssl.SSLContext]:
 
 def _count_server_tls_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
     """Count the node's (server-side) calls of trio's ``SSLStream.receive_some``/``send_all``,
-    and its direct writes (``_TLSWire.write``)."""
+    and its direct writes (``TLSWire.write``)."""
     calls: collections.Counter[str] = collections.Counter()
     for name in ("receive_some", "send_all"):
         stock = getattr(trio.SSLStream, name)
@@ -48,13 +49,13 @@ def _count_server_tls_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Coun
             return _stock(self, *args, **kwargs)
 
         monkeypatch.setattr(trio.SSLStream, name, counted)
-    write = mux.sockets._TLSWire.write
+    write = mux.direct_writes.TLSWire.write
 
-    def direct(self: mux.sockets._TLSWire, data: bytes) -> bytes:
+    def direct(self: mux.direct_writes.TLSWire, data: bytes) -> bytes:
         calls["direct"] += 1
         return write(self, data)
 
-    monkeypatch.setattr(mux.sockets._TLSWire, "write", direct)
+    monkeypatch.setattr(mux.direct_writes.TLSWire, "write", direct)
     return calls
 
 
@@ -89,9 +90,9 @@ async def test_over_tls_the_node_reads_and_writes_through_the_ssl_object_itself(
     Directly, the node calls trio's ``SSLStream`` for none of the relay's reads, and writes
     its frames and acks itself (trio's ``send_all`` carries Hypercorn's pongs, and a write
     that found Hypercorn writing one); on the stock path (the TLS stream made unknown to
-    ``mux.sockets``) trio reads and writes every burst."""
+    ``mux.hypercorn_conn``) trio reads and writes every burst."""
     if not direct:
-        monkeypatch.setattr(mux.sockets, "_tls_known", lambda tls: False)
+        monkeypatch.setattr(mux.hypercorn_conn, "tls_known", lambda tls: False)
     calls = _count_server_tls_calls(monkeypatch)
     url, ctx = await _tls_node(nursery, tls_files)
     async with raw_client(ws_url(url, "tlsd-tx"), ctx) as tx, raw_client(ws_url(url, "tlsd-rx"), ctx) as rx:
@@ -140,9 +141,9 @@ async def test_over_tls_a_direct_write_the_socket_takes_part_of_goes_out_first(
     a record out of place) and its ping is answered."""
     partial = 0
     held = trio.Event()
-    write = mux.sockets._TLSWire.write
+    write = mux.direct_writes.TLSWire.write
 
-    def counted(self: mux.sockets._TLSWire, data: bytes) -> bytes:
+    def counted(self: mux.direct_writes.TLSWire, data: bytes) -> bytes:
         nonlocal partial
         rest = write(self, data)
         if rest:
@@ -150,7 +151,7 @@ async def test_over_tls_a_direct_write_the_socket_takes_part_of_goes_out_first(
             held.set()
         return rest
 
-    monkeypatch.setattr(mux.sockets._TLSWire, "write", counted)
+    monkeypatch.setattr(mux.direct_writes.TLSWire, "write", counted)
     url, ctx = await _tls_node(nursery, tls_files)
     body = "x" * 12_000
     async with raw_client(ws_url(url, "tlsp-tx"), ctx) as tx, raw_client(ws_url(url, "tlsp-rx"), ctx) as rx:
