@@ -4,6 +4,7 @@
 ``create_app`` builds the standalone app. Both feed the one intent router of a
 :class:`~mux.core.Mux`: either one you pass in, or one the blueprint runs in the app's
 nursery from startup to shutdown. Every failure is a JSON body ``{"error": CODE, ...}``.
+Each WebSocket connection is served by ``mux.connection.serve_socket``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import gc
 import logging
 import math
 import sys
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,20 @@ from quart import Blueprint, Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import wire
-from .auth import REVOKED_FILE, Authenticator, Grant, Revocations
+from .auth import REVOKED_FILE, Authenticator, Grant, Revocations, bearer_token
 from .bandwidth import TokenBucket
+from .connection import serve_socket, watchdog
 from .core import Mux, start_mux
 from .errors import BadRequest, MuxError
 from .frames import Frame
 from .heap import trimmer
-from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing, WriteThrough
+from .outbox import WriteThrough
 from .session import WireSession
 from .settings import NodeSettings
 from .signing import NodeKey
-from .sockets import Disconnected, FastSocketApp, QuartSocket, Socket
+from .sockets import FastSocketApp, QuartSocket
 from .storage import STORE_FILE, MemoryStore, SqliteStore, Store
+from .writer import Writer
 
 __all__ = ["HTTP_STATUS", "Node", "create_app", "create_blueprint", "node_asgi", "serve_socket"]
 
@@ -74,7 +74,7 @@ class Node:
     settings: NodeSettings
     mux: Mux | None = None
     owns_mux: bool = False
-    sessions: dict[WireSession, _Writer | None] = attrs.field(factory=dict)
+    sessions: dict[WireSession, Writer | None] = attrs.field(factory=dict)
     """Each live connection and, once it sends, its writer (shutdown, slow-consumer watchdog)."""
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
     closed_sessions: int = 0
@@ -102,7 +102,7 @@ class Node:
         claimed = (body or {}).get("agent") or request.args.get("agent") or request.headers.get("X-Mux-Agent")
         if claimed is not None and not isinstance(claimed, str):
             raise BadRequest("agent must be a string", code="bad_agent")
-        token = _bearer(request.headers.get("Authorization")) or request.args.get("token")
+        token = bearer_token(request.headers.get("Authorization")) or request.args.get("token")
         if self.settings.open_mode and claimed is None and not required:
             return None
         grant = self.auth.authenticate(token, claimed)
@@ -156,15 +156,15 @@ class Node:
         self.shutting_down.set()
         grace = self.settings.graceful_timeout_s
         with trio.move_on_after(grace):  # let the channel_closed events out
-            while any(not (s.idle and w.idle) for s, w in self._writing()):  # noqa: ASYNC110  (bounded)
+            while any(not (s.idle and w.idle) for s, w in self.writing()):  # noqa: ASYNC110  (bounded)
                 await trio.sleep(0.005)
-        for _, writer in self._writing():
-            writer.outbox.put_nowait(_CLOSE_KEY, _LAST_URGENCY, _CLOSE)  # after whatever is still queued
+        for _, writer in self.writing():
+            writer.close_when_sent()  # after whatever is still queued
         with trio.move_on_after(grace):
             while self.sessions:  # noqa: ASYNC110  (sockets leave as they close; bounded poll)
                 await trio.sleep(0.01)
 
-    def _writing(self) -> list[tuple[WireSession, _Writer]]:
+    def writing(self) -> list[tuple[WireSession, Writer]]:
         """The connections whose writer runs."""
         return [(s, w) for s, w in self.sessions.items() if w is not None]
 
@@ -209,12 +209,6 @@ async def _body(limit: int) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object", code="invalid_json")
     return data
-
-
-def _bearer(header: str | None) -> str | None:
-    if header and header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return None
 
 
 def _agent(grant: Grant | None) -> str:
@@ -286,7 +280,7 @@ def create_blueprint(
     @bp.before_app_serving
     async def _start() -> None:
         await node.start(current_app.nursery)  # type: ignore[attr-defined]
-        current_app.nursery.start_soon(_watchdog, node)  # type: ignore[attr-defined]
+        current_app.nursery.start_soon(watchdog, node)  # type: ignore[attr-defined]
 
     @bp.after_app_serving
     async def _stop() -> None:
@@ -445,7 +439,7 @@ def create_blueprint(
 
     @bp.get("/whoami")
     async def whoami() -> Response:
-        token = _bearer(request.headers.get("Authorization")) or request.args.get("token")
+        token = bearer_token(request.headers.get("Authorization")) or request.args.get("token")
         who: str | None = None
         if token or node.settings.open_mode:
             try:
@@ -466,374 +460,6 @@ def create_blueprint(
         await serve_socket(node, QuartSocket())
 
     return bp
-
-
-def _window_arg(raw: str | None) -> int | None:
-    """``?window=N`` (1 to ``wire.MAX_WINDOW`` frames per channel), or None when not given."""
-    if raw is None or raw == "":
-        return None
-    if not raw.isdigit() or not 1 <= int(raw) <= wire.MAX_WINDOW:
-        raise BadRequest(f"?window= must be a whole number of frames from 1 to {wire.MAX_WINDOW}", code="bad_request")
-    return int(raw)
-
-
-def _log_connected(agent: str, addr: object) -> None:
-    """Log a new connection from a plain function: logging's caller lookup makes a frame
-    object for the frame that called it, and a connection's handler (a coroutine that lives
-    as long as the connection) would keep that object, about 300 bytes, until it ends."""
-    log.info("%s connected from %s", agent, addr)
-
-
-async def serve_socket(node: Node, sock: Socket) -> None:
-    """One WebSocket: hello, then actions in and events out until either side goes away."""
-    m = node.require()
-    settings = node.settings
-    token, subprotocol = _socket_token(sock)
-    try:
-        if len(node.sessions) >= settings.max_connections:
-            raise MuxError(
-                f"the node holds its maximum of {settings.max_connections} connections", code="too_many_connections"
-            )
-        grant = node.auth.authenticate(token, sock.args.get("agent"))
-        acks = sock.args.get("acks", "all")
-        if acks not in ("all", "errors"):
-            raise BadRequest('?acks= must be "all" or "errors"', code="bad_request")
-        live_acks = acks == "all"
-        window = _window_arg(sock.args.get("window"))
-        endpoint = m.attach(grant.agent)
-    except MuxError as exc:
-        try:
-            await sock.accept(subprotocol)
-            await sock.send(wire.error_event(exc))
-            await sock.close(_CLOSE_CODES.get(exc.code, 4400), exc.code)
-        except Disconnected:
-            pass
-        return
-    _log_connected(grant.agent, sock.remote_addr)
-    resumable = sock.args.get("resumable", "") in ("1", "true", "yes")
-    session = WireSession(
-        m,
-        endpoint,
-        max_message_bytes=settings.max_message_bytes,
-        resume_grace_s=settings.resume_grace_s if resumable else None,
-        grant=grant,
-        rate=(settings.rate_messages_per_s, settings.rate_burst),
-        live_acks=live_acks,
-        window=window,
-    )
-    node.sessions[session] = None
-    batching = sock.args.get("batch", "") in ("1", "true", "yes")
-    try:
-        await sock.accept(subprotocol)
-        await sock.send(session.hello())
-        async with trio.open_nursery() as nursery:
-            session.start(nursery)
-            writer = _Writer(
-                sock,
-                session.outbox,
-                settings.send_timeout_s,
-                nursery.cancel_scope,
-                endpoint.agent,
-                batching,
-                lambda: session.holds_realtime,
-            )
-            nursery.start_soon(writer.run)
-            session.outbox.start_writer = partial(_restart, nursery, writer)
-            node.sessions[session] = writer  # watched by the node's one _watchdog
-            session.outbox.write_through = node.write_through
-            session.outbox.write_now = writer.write_now
-            if grant.exp:
-                nursery.start_soon(_expire_with_token, sock, grant, nursery.cancel_scope)
-            sock.handle_inline(
-                partial(_handle_inline, session, node.write_through), READ_AHEAD, None, node.write_through.flush
-            )
-            while True:
-                try:
-                    message = await sock.receive()
-                except Disconnected:  # the peer went away (raw ASGI; Quart cancels the handler instead)
-                    nursery.cancel_scope.cancel()
-                    break
-                await _handle_ready(session, sock, message)
-                del message  # an idle connection keeps nothing of its last round alive
-                # Writers next: the messages the server already held are handled (at most
-                # READ_AHEAD), then one scheduling turn, so the writers they woke (the
-                # receivers', ours for the replies) each put what they were given on the wire
-                # in one write before more is taken. That paces this reader with the writers:
-                # the server's socket reader meanwhile finds its queue to us full and reads
-                # what has arrived in one go, not one message per read syscall (README, "For
-                # speed"). A stuck writer is parked, not runnable: it is not waited for.
-                # While this task waits in receive(), the server's reader handles what it
-                # reads itself (_handle_inline, at most READ_AHEAD a read), and
-                # its next read is that scheduling turn.
-                await trio.lowlevel.checkpoint()
-    except Disconnected:
-        pass  # gone during the handshake
-    finally:
-        sock.handle_inline(None)
-        session.outbox.write_now = None
-        session.close("ws_disconnect")
-        node.sessions.pop(session, None)
-        node.closed_sessions += 1
-
-
-def _restart(nursery: trio.Nursery, writer: _Writer) -> None:
-    """Start a retired writer's task again (not once its connection is ending)."""
-    writer.since = trio.current_time()
-    try:
-        nursery.start_soon(writer.run)
-    except RuntimeError:  # the connection's nursery is closing: nothing more is written
-        pass
-
-
-async def _handle_ready(session: WireSession, sock: Socket, message: str | bytes) -> None:
-    """Handle ``message`` and then the messages ``sock`` already holds (at most
-    ``READ_AHEAD`` in all), queueing each one's replies."""
-    outbox = session.outbox
-    taken = 1
-    while True:
-        replies = session.handle(message)
-        if replies:
-            await outbox.put(CONTROL, CONTROL_URGENCY, *replies)
-        ready = sock.receive_ready() if taken < READ_AHEAD else None
-        if ready is None:
-            return
-        message, taken = ready, taken + 1
-
-
-def _handle_inline(session: WireSession, through: WriteThrough, message: str | bytes) -> bool:
-    """Handle ``message`` in the server's reader (``Socket.handle_inline``) when its reply
-    fits in the outbox now (every action has at most one reply); else False, and the
-    connection's own task handles it, waiting for room. What it gives waiting writers (its
-    reply, the frames it relays) is written when the reader's turn ends (``through.flush``
-    is the socket's ``inline_done``)."""
-    outbox = session.outbox
-    if not outbox.has_room(CONTROL):
-        return False
-    through.holding = True
-    replies = session.handle(message)
-    if replies:
-        outbox.put_nowait(CONTROL, CONTROL_URGENCY, *replies)
-    return True
-
-
-READ_AHEAD = 16
-"""Messages the server already holds that a socket's reader handles before its writers'
-turn (Hypercorn queues at most 10 per connection)."""
-WRITE_BYTES = wire.CHUNK_BYTES
-"""Messages ready together are written at once up to this many characters in all, on a
-connection that holds a real-time channel (a call's frame waits for at most that much)..."""
-BULK_WRITE_BYTES = 16 * wire.CHUNK_BYTES
-"""... and up to this many on one that holds none (no frame there is waiting for a gap: a
-large frame's pieces go out 16 at a time, with a sixteenth of the per-write cost)."""
-WRITE_MESSAGES = 64
-"""... and at most this many of them."""
-_CLOSE = "\x00close"
-"""Put last in a connection's outbox at shutdown: its writer closes the socket (1001)."""
-_CLOSE_KEY = "*close*"
-_LAST_URGENCY = 1 << 20
-"""The marker's own queue, less urgent than any channel: it goes out last."""
-_REST = "\x00rest"
-"""Put in a waiting writer's outbox when the socket took only part of a direct write
-(``_Writer.write_now``): the writer writes the rest before anything else."""
-_REST_KEY = "*rest*"
-_FIRST_URGENCY = -(1 << 20)
-"""The marker's own queue, more urgent than anything: it goes out first."""
-_AGAIN_KEY = "*again*"
-"""A binary message a batching writer took while gathering JSON goes back here, next in line
-after the rest of a write (whatever its own key held behind it stays behind it)."""
-
-_BATCH_HEAD = '{"event":"batch","items":['
-
-
-def _unbatch(message: str) -> str:
-    """The comma-joined items of a ``batch`` event (as ``wire.batch_event`` writes it), or
-    ``message`` itself."""
-    if message.startswith(_BATCH_HEAD) and message.endswith("]}"):
-        return message[len(_BATCH_HEAD) : -2]
-    return message
-
-
-@attrs.define(eq=False)
-class _Writer:
-    """Drains a socket's outbox onto the WebSocket; knows when everything queued is sent."""
-
-    sock: Socket
-    outbox: Outbox
-    send_timeout_s: float
-    connection: trio.CancelScope
-    agent: str
-    batching: bool = False
-    """The client asked (``?batch=1``) for queued JSON events in one ``batch`` message."""
-    holds_realtime: Callable[[], bool] = lambda: True
-    """True while the connection holds a real-time channel: writes stay within
-    ``WRITE_BYTES``; else within ``BULK_WRITE_BYTES``."""
-    busy: bool = False
-    since: float = attrs.field(factory=trio.current_time)
-    """When the last write began (or the writer was made, or started again)."""
-
-    @property
-    def idle(self) -> bool:
-        """True when nothing is queued or being written."""
-        return not self.busy and self.outbox.empty
-
-    def write_now(self) -> bool:
-        """While this writer waits for work (``Outbox.write_now``, in a server reader's turn):
-        take what is queued as :meth:`_write` would and write it straight to the socket
-        without waiting. True when that is all done; False when this writer's task has to
-        go on (the socket cannot be written directly now, or took only part: the rest is
-        marked to go out first, or more is queued than one write takes)."""
-        if self.busy or not self.sock.direct_ready():
-            return False
-        message = self.outbox.get_nowait()
-        if message is None:
-            return True
-        if message is _CLOSE or message is _REST:  # the writer's own business
-            self._put_back(message)
-            return False
-        if not self.sock.send_now(self._one_write(message)):
-            self.outbox.put_nowait(_REST_KEY, _FIRST_URGENCY, _REST)
-            return False
-        return not self.outbox.queued
-
-    def _one_write(self, message: Outgoing) -> list[Outgoing]:
-        """``message`` and what is ready behind it, for one write: coalesced into one
-        ``batch`` for a batching client, else as :meth:`_following` takes it."""
-        if self.batching and isinstance(message, str):
-            return [self._coalesce(message)]
-        return [message, *self._following(len(message))]
-
-    def _coalesce(self, first: str) -> str:
-        """``first`` plus whatever JSON is ready next (in urgency order), as one flat batch
-        (the items of a ``batch`` reply are spliced in, never nested)."""
-        items = [_unbatch(first)]
-        size = len(first)
-        while size < 65536 and len(items) < 128:
-            nxt = self.outbox.get_nowait()
-            if nxt is None:
-                break
-            if nxt is _CLOSE or nxt is _REST:  # the writer's markers go back
-                self._put_back(nxt)
-                break
-            if isinstance(nxt, bytes):  # binary keeps its own message: put it back in front
-                self.outbox.put_nowait(_AGAIN_KEY, _FIRST_URGENCY + 1, nxt)
-                break
-            items.append(_unbatch(nxt))
-            size += len(nxt)
-        if len(items) == 1:
-            return first
-        return wire.batch_event([item for item in items if item])
-
-    async def run(self) -> None:
-        """Send each message; a client that takes none for ``send_timeout_s`` is dropped
-        (slow consumer): nothing queues past the outbox bounds meanwhile. Ends when the
-        outbox retires it (idle; ``Outbox.retire``): the next message starts it again."""
-        while (message := await self.outbox.get()) is not None and await self._write(message):
-            del message  # nothing written stays referenced while we wait
-
-    async def _write(self, message: Outgoing) -> bool:
-        """Write ``message`` and whatever is ready behind it; False after the shutdown marker."""
-        if message is _CLOSE:  # the node shuts down: everything before this was sent
-            await self.sock.close(1001, "node shutting down")
-            self.connection.cancel()
-            return False
-        self.busy, self.since = True, trio.current_time()
-        if message is _REST:  # what the socket did not take of a direct write
-            await self.sock.send_many(())
-        else:
-            await self.sock.send_many(self._one_write(message))
-        self.busy = False
-        return True
-
-    def _following(self, size: int) -> list[Outgoing]:
-        """The messages ready after one of ``size`` characters, in order, while all of them
-        together stay within ``WRITE_BYTES`` (one write; a voice frame waits for at most that
-        much, as for one ``frame_part``), or ``BULK_WRITE_BYTES`` with no call held."""
-        out: list[Outgoing] = []
-        most = WRITE_BYTES if self.holds_realtime() else BULK_WRITE_BYTES
-        while len(out) < WRITE_MESSAGES:
-            nxt = self.outbox.get_nowait(limit=most - size)
-            if nxt is None:
-                break
-            if nxt is _CLOSE or nxt is _REST:  # the writer's markers go back
-                self._put_back(nxt)
-                break
-            out.append(nxt)
-            size += len(nxt)
-        return out
-
-    def _put_back(self, marker: str) -> None:
-        """Queue a marker taken out of turn again: the shutdown's last, the rest's first."""
-        if marker is _CLOSE:
-            self.outbox.put_nowait(_CLOSE_KEY, _LAST_URGENCY, marker)
-        else:
-            self.outbox.put_nowait(_REST_KEY, _FIRST_URGENCY, marker)
-
-    def stalled(self, now: float) -> bool:
-        """True when a send has not completed for ``send_timeout_s`` (a slow consumer)."""
-        return self.busy and now - self.since > self.send_timeout_s
-
-
-async def _watchdog(node: Node) -> None:
-    """Drop slow consumers, end idle writers' tasks and forget sends in pieces left
-    unfinished (``pieces_idle_s``), every connection of the node from one task.
-
-    Hypercorn writes to the socket in a shielded scope, so a send to a client that stopped
-    reading cannot be cancelled: the agent leaves the mux here (its channels close with
-    ``slow_consumer``, every frame queued for it is released), and the one message on the
-    wire stays with the connection until the peer goes away."""
-    timeout, idle_s = node.settings.send_timeout_s, node.settings.writer_idle_s
-    m = node.require()
-    pieces, pieces_idle_s = m.pieces, m.config.pieces_idle_s
-    period = min(1.0, timeout / 4, idle_s / 2 if idle_s > 0 else 1.0, pieces_idle_s / 4 if pieces_idle_s > 0 else 1.0)
-    while True:
-        await trio.sleep(period)
-        now = trio.current_time()
-        for session, writer in node._writing():
-            if writer.stalled(now):
-                log.warning("%s: not reading for %.1f s, disconnected (slow consumer)", writer.agent, timeout)
-                session.close("slow_consumer")
-                node.sessions.pop(session, None)
-                writer.connection.cancel()
-            elif idle_s > 0 and not writer.busy and now - writer.since > idle_s:
-                writer.outbox.retire()  # idle: its task ends until the next message
-        if pieces.sends and pieces_idle_s > 0:
-            for session in list(node.sessions):
-                session.expire_pieces(now)
-
-
-async def _expire_with_token(sock: Socket, grant: Grant, scope: trio.CancelScope) -> None:
-    """End the connection when its token expires."""
-    await trio.sleep(max(0.0, grant.exp / 1000 - time.time()))
-    with trio.move_on_after(2):
-        await sock.send(wire.error_event(MuxError("the connection's token expired", code="token_expired")))
-        await sock.close(4401, "token_expired")
-    scope.cancel()
-
-
-_CLOSE_CODES = {
-    "agent_attached": 4409,
-    "unauthenticated": 4401,
-    "bad_token": 4401,
-    "token_expired": 4401,
-    "token_revoked": 4401,
-    "agent_mismatch": 4403,
-    "too_many_connections": 1013,
-}
-"""WebSocket close codes for refused connections (4400 for anything else)."""
-
-
-def _socket_token(sock: Socket) -> tuple[str | None, str | None]:
-    """The bearer token of a WebSocket handshake, and the subprotocol to answer with.
-
-    Browsers cannot set headers: besides ``Authorization: Bearer`` and ``?token=``, a client
-    may offer the subprotocol ``mux.token.<TOKEN>`` (beside ``mux.v1``, which is selected)."""
-    token = _bearer(sock.authorization) or sock.args.get("token")
-    offered = sock.subprotocols
-    for proto in offered:
-        if proto.startswith("mux.token."):
-            token = token or proto[len("mux.token.") :]
-    selected = "mux.v1" if "mux.v1" in offered else next((p for p in offered if p.startswith("mux.token.")), None)
-    return token, selected
 
 
 def create_app(settings: NodeSettings | None = None, *, mux: Mux | None = None) -> QuartTrio:

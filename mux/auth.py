@@ -37,6 +37,7 @@ __all__ = [
     "Authenticator",
     "Grant",
     "Revocations",
+    "bearer_token",
     "intent_allowed",
     "issue_token",
     "read_token",
@@ -212,3 +213,10 @@ class Authenticator:
         if claimed is not None and normalize_agent(claimed) != grant.agent:
             raise AuthError(f"the token is for {grant.agent}, not {claimed}", code="agent_mismatch")
         return grant
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header (any case of ``Bearer``), else None."""
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None

@@ -6,7 +6,7 @@ events) with an *urgency* (``CONTROL_URGENCY`` for control, else the intent's pr
 0 = voice ... 8 = bulk). The writer always takes the next message of the most urgent key
 that has one ready, and keys of the same urgency take turns (round robin), so a voice frame
 waits at most for the write already on the wire (one message, or a few small ones: see
-``mux.app._Writer``). A frame whose payload is larger than
+``mux.writer.Writer``). A frame whose payload is larger than
 ``chunk_bytes`` is queued as several ``frame_part`` messages (see ``docs/protocol.md``) so
 that "the message on the wire" is never a whole 1 MiB bulk payload.
 
@@ -16,7 +16,7 @@ on. ``on_take(key)`` is called whenever a message of a channel key leaves, so it
 be announced.
 
 Writing through: while a connection's writer waits for work, what is put in its outbox
-during a server reader's turn (``mux.app``: the replies to the messages the reader handled,
+during a server reader's turn (``mux.connection``: the replies to the messages the reader handled,
 the frames they relay to other connections) need not wake that writer. With a shared
 :class:`WriteThrough` that is ``holding``, ``put_nowait`` only notes the outbox; at the end
 of the turn :meth:`WriteThrough.flush` has each noted outbox call its ``write_now`` (the
@@ -24,7 +24,7 @@ writer's: take what is queued, as the writer would, and write it straight to the
 without waiting), and wakes the writer when that could not be done whole. Messages queued
 together still go out in one write; no task switch is spent on the way.
 
-An idle writer's task may end (:meth:`Outbox.retire`, asked by ``mux.app``'s watchdog after
+An idle writer's task may end (:meth:`Outbox.retire`, asked by ``mux.connection``'s watchdog after
 ``writer_idle_s``): a retired writer counts as waiting, so what is queued next is written
 through as above, and whatever must wait for the socket starts the task again
 (``start_writer``).

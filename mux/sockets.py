@@ -1,6 +1,6 @@
 """The WebSocket under a node's session: through a Quart route, or straight on ASGI.
 
-How this works: the socket handler (``mux.app``) needs little of a WebSocket: the query
+How this works: the socket handler (``mux.connection``) needs little of a WebSocket: the query
 arguments, the ``Authorization`` header, the offered subprotocols, the peer address, and
 ``accept``/``send``/``receive``/``close``. :class:`Socket` names that. :class:`QuartSocket`
 gives it from Quart's ``websocket`` context (a blueprint mounted in someone's app).

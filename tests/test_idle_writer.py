@@ -14,8 +14,8 @@ from .nodes import running_tasks, serve_node
 
 
 def _writer_tasks() -> int:
-    """The ``_Writer.run`` tasks running in this trio run (the node is in-process)."""
-    return running_tasks(lambda name: name.endswith("_Writer.run"))
+    """The ``Writer.run`` tasks running in this trio run (the node is in-process)."""
+    return running_tasks(lambda name: name.endswith(".Writer.run"))
 
 
 async def _all_retired(info: ServeInfo, connections: int) -> None:

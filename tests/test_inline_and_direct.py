@@ -18,8 +18,8 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-import mux.app
 import mux.direct_writes
+import mux.writer
 from mux.session import WireSession
 from mux.sockets import AsgiSocket, Disconnected
 from mux.wire import pack_binary, unpack_binary
@@ -283,22 +283,22 @@ async def test_a_node_writes_replies_and_relayed_frames_in_the_reader_s_turn(
 ) -> None:
     """One frame at a time from one agent to another: the sender's ack and the receiver's
     frame are written straight to their sockets at the end of the reader's turn
-    (``_Writer.write_now``), not by waking each connection's writer task; every frame
+    (``Writer.write_now``), not by waking each connection's writer task; every frame
     arrives once, in order, acknowledged."""
     counts = {"task": 0, "through": 0}
-    write, write_now = mux.app._Writer._write, mux.app._Writer.write_now
+    write, write_now = mux.writer.Writer._write, mux.writer.Writer.write_now
 
-    async def by_task(self: mux.app._Writer, message: Any) -> bool:
+    async def by_task(self: mux.writer.Writer, message: Any) -> bool:
         counts["task"] += 1
         return await write(self, message)
 
-    def through(self: mux.app._Writer) -> bool:
+    def through(self: mux.writer.Writer) -> bool:
         done = write_now(self)
         counts["through"] += done
         return done
 
-    monkeypatch.setattr(mux.app._Writer, "_write", by_task)
-    monkeypatch.setattr(mux.app._Writer, "write_now", through)
+    monkeypatch.setattr(mux.writer.Writer, "_write", by_task)
+    monkeypatch.setattr(mux.writer.Writer, "write_now", through)
     info = await serve_node(nursery)
     async with open_websocket_url(ws_url(info.url, "wt-tx")) as tx, open_websocket_url(ws_url(info.url, "wt-rx")) as rx:
         await recv(tx)
@@ -331,12 +331,12 @@ async def test_a_direct_write_the_socket_takes_part_of_is_finished_before_anythi
     is made slow to take up the first rest, so the ping meets one still held."""
     partial = 0
     send_now = AsgiSocket.send_now
-    write = mux.app._Writer._write
+    write = mux.writer.Writer._write
     slowed: list[bool] = []
     held = trio.Event()
 
-    async def slow_rest(self: mux.app._Writer, message: Any) -> bool:
-        if message is mux.app._REST and not slowed:
+    async def slow_rest(self: mux.writer.Writer, message: Any) -> bool:
+        if message is mux.writer._REST and not slowed:
             slowed.append(True)
             await trio.sleep(0.6)  # the ping arrives meanwhile; the reader writes the rest first
         return await write(self, message)
@@ -350,7 +350,7 @@ async def test_a_direct_write_the_socket_takes_part_of_is_finished_before_anythi
         return done
 
     monkeypatch.setattr(AsgiSocket, "send_now", counted)
-    monkeypatch.setattr(mux.app._Writer, "_write", slow_rest)
+    monkeypatch.setattr(mux.writer.Writer, "_write", slow_rest)
     info = await serve_node(nursery)
     body = "x" * 12_000
     async with open_websocket_url(ws_url(info.url, "pw-tx")) as tx, raw_client(ws_url(info.url, "pw-rx")) as rx:

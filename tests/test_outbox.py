@@ -470,10 +470,11 @@ async def test_the_reader_takes_what_is_ready_then_gives_writers_a_turn(node: mu
     """The socket handler takes the client messages the server already holds, at most
     ``READ_AHEAD`` of them, then takes one scheduling turn, so the writers they woke put
     what they were given on the wire, in one write, before more is taken (and the server's
-    socket reader is paced with them; see mux/app.py): a task that counts its turns sees at
+    socket reader is paced with them; see mux/connection.py): a task that counts its turns sees at
     most ``READ_AHEAD`` messages taken per turn (two turns' worth within one round), and
     the replies go out several per write, in order."""
-    from mux.app import READ_AHEAD, Node, serve_socket
+    from mux.app import Node
+    from mux.connection import READ_AHEAD, serve_socket
     from mux.settings import NodeSettings
 
     turns = 0
@@ -516,7 +517,7 @@ async def test_the_writer_puts_ready_messages_in_one_write_up_to_a_pieces_size(n
     first), as long as the write stays within ``WRITE_BYTES`` (a voice frame then waits for
     at most one piece's worth): a message that would overflow it starts the next write, and
     one larger than that goes alone."""
-    from mux.app import WRITE_BYTES, _Writer
+    from mux.writer import WRITE_BYTES, Writer
 
     sock = _ReadySocket("writer-a", [], lambda: None)
     box = Outbox()
@@ -525,7 +526,7 @@ async def test_the_writer_puts_ready_messages_in_one_write_up_to_a_pieces_size(n
     box.put_nowait("voice", 0, "v1")
     box.put_nowait(CONTROL, CONTROL_URGENCY, "c1")
     box.put_nowait("bulk2", 8, "p" * (WRITE_BYTES + 1))
-    writer = _Writer(sock, box, 5.0, trio.CancelScope(), "writer-a")  # type: ignore[arg-type]
+    writer = Writer(sock, box, 5.0, trio.CancelScope(), "writer-a")  # type: ignore[arg-type]
     nursery.start_soon(writer.run)
     with trio.fail_after(5):
         await sock.wait_sent(7)
@@ -545,7 +546,7 @@ async def test_without_a_call_held_a_large_frames_pieces_share_writes(nursery: t
     """A connection that holds no real-time channel has no call frame to keep waiting: the
     pieces of a large frame go out ``BULK_WRITE_BYTES`` at a time (a sixteenth of the
     writes); one that holds a call writes one piece's worth at a time."""
-    from mux.app import BULK_WRITE_BYTES, WRITE_BYTES, _Writer
+    from mux.writer import BULK_WRITE_BYTES, WRITE_BYTES, Writer
 
     piece = "p" * (WRITE_BYTES - 100)
     pieces = BULK_WRITE_BYTES // WRITE_BYTES
@@ -557,7 +558,7 @@ async def test_without_a_call_held_a_large_frames_pieces_share_writes(nursery: t
         def held(value: bool = call_held) -> bool:
             return value
 
-        writer = _Writer(sock, box, 5.0, trio.CancelScope(), "writer-b", holds_realtime=held)  # type: ignore[arg-type]
+        writer = Writer(sock, box, 5.0, trio.CancelScope(), "writer-b", holds_realtime=held)  # type: ignore[arg-type]
         async with trio.open_nursery() as inner:
             inner.start_soon(writer.run)
             with trio.fail_after(5):

@@ -1,4 +1,4 @@
-"""What a connection's writer puts in one write (``mux.app._Writer``), checked on random
+"""What a connection's writer puts in one write (``mux.writer.Writer``), checked on random
 queues (hypothesis): the messages the scheduler gives next, in its order, while together
 they stay within one piece's size beside a call (so a call's frame waits for at most that
 much on the wire) or the bulk size without one, at most ``WRITE_MESSAGES``; the message that
@@ -15,9 +15,9 @@ import trio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mux.app import BULK_WRITE_BYTES, WRITE_BYTES, WRITE_MESSAGES, _Writer
 from mux.outbox import CONTROL, CONTROL_URGENCY, Outbox
 from mux.wire import batch_event
+from mux.writer import BULK_WRITE_BYTES, WRITE_BYTES, WRITE_MESSAGES, Writer
 
 KEYS = {CONTROL: CONTROL_URGENCY, "voice": 0, "a": 4, "b": 4, "bulk": 8}
 
@@ -69,7 +69,7 @@ def test_one_write_takes_the_next_messages_within_its_bound(
         expected: list[str | bytes] = []
         while (m := order.get_nowait()) is not None:
             expected.append(m)
-        writer = _Writer(None, box, 1.0, trio.CancelScope(), "x", batching, lambda: call)  # type: ignore[arg-type]
+        writer = Writer(None, box, 1.0, trio.CancelScope(), "x", batching, lambda: call)  # type: ignore[arg-type]
         written: list[str | bytes] = []
         while True:
             queued = box.queued

@@ -4,7 +4,7 @@ A node serves its WebSocket on Hypercorn straight through ASGI (``mux.sockets``:
 :class:`~mux.sockets.FastSocketApp` and :class:`~mux.sockets.AsgiSocket`), and its REST
 routes through Quart. ``/echo`` is that WebSocket stack with nothing but an echo on top,
 using what a node's connection uses: the client's frames parsed directly (``fast_receive``),
-the messages the server already holds taken together (up to ``mux.app.READ_AHEAD``) and
+the messages the server already holds taken together (up to ``mux.connection.READ_AHEAD``) and
 their echoes written in one ``send_many`` (straight onto the socket when it can). ``/echo-single``
 echoes one message at a time (one ASGI send each) and leaves receiving and sending to
 Hypercorn and wsproto: a bare ASGI callable, as the DESIGN.md table measured it (nothing
@@ -23,7 +23,7 @@ from hypercorn.trio import serve
 from quart import websocket
 from quart_trio import QuartTrio
 
-from mux.app import READ_AHEAD
+from mux.connection import READ_AHEAD
 from mux.sockets import AsgiSocket, Disconnected, FastSocketApp
 
 __all__ = ["app", "main"]

@@ -11,7 +11,7 @@ CPU per message split into layers:
   to the application;
 - app: the application between receive and send (for the node: ``WireSession.handle``:
   parse, chain, hash, sign, deliver into the receiver's outbox; plus its reader loop), also
-  where the node handles a message in the server's reader (``mux.app._handle_inline``);
+  where the node handles a message in the server's reader (``mux.connection._handle_inline``);
 - send: the application's sends (``AsgiSocket.send`` and ``send_many`` down through
   Hypercorn, wsproto and the socket), and for the node its per-connection writer around them;
 - loop: trio's scheduler and epoll, and anything else.
@@ -48,7 +48,7 @@ RATE_HZ = 500
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("app", ("_handle_inline (",)),  # a message the node handles in the server's reader
     ("read", ("TCPServer._read_data (",)),
-    ("send", ("AsgiSocket.send (", "AsgiSocket.send_many (", "_Writer.run (")),
+    ("send", ("AsgiSocket.send (", "AsgiSocket.send_many (", "Writer.run (")),
     ("app", ("WireSession.handle (", "serve_socket (", "asgi_echo (")),
 )
 """Layer name and the frames (``function (`` as py-spy names them) that put a stack in it,
