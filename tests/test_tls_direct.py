@@ -22,7 +22,6 @@ import orjson
 import pytest
 import trio
 
-import mux.app
 import mux.direct_writes
 import mux.hypercorn_conn
 
