@@ -88,7 +88,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_intents(args: argparse.Namespace) -> int:
     """List the built-in intents (or resolve one name with ``--resolve``; ``--url``: a node's)."""
     if getattr(args, "url", None) and not args.resolve:
-        from .client import MuxClient
+        from .rest_client import MuxClient
 
         with MuxClient(args.url, "cli") as client:
             rows = client.intents()["intents"]

@@ -2,7 +2,7 @@
 
 How this works: importing this module registers its handlers with ``mux.cli``'s ``@command``
 registry and appends :func:`extend` to ``mux.cli._EXTENSIONS``, which ``build_parser`` calls
-to add the sub-parsers. REST verbs use :class:`mux.client.MuxClient`; ``listen`` connects
+to add the sub-parsers. REST verbs use :class:`mux.rest_client.MuxClient`; ``listen`` connects
 over WebSocket with :func:`mux.client.connect`, prints each channel opened to the agent and
 each frame received (verified with the node's key), and stops after ``--count`` frames or
 ``--seconds`` seconds. Errors surface as :class:`~mux.errors.MuxError`, which ``main``
@@ -24,7 +24,7 @@ from . import cli
 from .errors import BadRequest, VerificationError
 
 if TYPE_CHECKING:
-    from .client import MuxClient
+    from .rest_client import MuxClient
 
 __all__ = ["DEFAULT_URL", "extend"]
 
@@ -33,7 +33,7 @@ DEFAULT_URL = "http://127.0.0.1:8443"
 
 
 def _client(args: argparse.Namespace) -> MuxClient:
-    from .client import MuxClient  # imported on use: the offline verbs stay quick to start
+    from .rest_client import MuxClient  # imported on use: the offline verbs stay quick to start
 
     return MuxClient(
         args.url,

@@ -1,13 +1,11 @@
-"""Clients of a running mux node: a synchronous REST client and an async Trio WebSocket client.
+"""Clients of a running mux node: the async Trio WebSocket client, and the REST client.
+
+The synchronous REST client, :class:`MuxClient`, lives in ``mux.rest_client`` and is
+exported here too, as are the URL helpers (``mux.urls``) and :func:`error_from_wire`
+(``mux.errors``).
 
 How this works:
 
-- :class:`MuxClient` wraps an :class:`httpx.Client` and speaks the REST half of
-  ``docs/protocol.md``: every call names the calling agent (body ``agent`` for POSTs,
-  ``?agent=`` for GETs), returns the node's JSON answer as a ``dict``, and turns an error
-  answer ``{"error": CODE, "detail": ..., "channel_id"?: ...}`` into the matching
-  :class:`~mux.errors.MuxError` subclass (:func:`error_from_wire`). Transport failures raise a
-  ``MuxError`` with code ``unreachable``. ``frames(..., wait=S)`` is the long-poll receive.
 - :func:`connect` opens one WebSocket (``/api/mux/ws?agent=...``) and yields a
   :class:`MuxConnection`. One reader task owns the socket's receiving side and dispatches
   every event: a ``frame`` goes to its channel's bounded inbox, a ``channel_opened``
@@ -56,11 +54,9 @@ import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from types import TracebackType
 from typing import Any, NoReturn
 
 import attrs
-import httpx
 import orjson
 import trio
 import trio_websocket
@@ -68,17 +64,16 @@ import trio_websocket
 from .errors import (
     BadRequest,
     ChannelClosed,
-    ChannelError,
-    ChannelForbidden,
-    ChannelFull,
-    ChannelLimit,
-    ChannelNotFound,
     ChannelThrottled,
     MuxError,
+    describe_failure,
+    error_from_wire,
 )
 from .frames import Frame
+from .rest_client import MuxClient
 from .signing import verify_frame
 from .uplink import PieceWindow
+from .urls import API_PREFIX, api_url, ws_url
 from .wire import CHUNK_BYTES, MAX_BATCH_ITEMS, MAX_WINDOW, decode_object, pack_binary, unpack_binary
 
 __all__ = [
@@ -108,271 +103,7 @@ takes pieces (``send_parts``) in pieces of this size (16 KiB, as the node's own
 payload. Without a call a payload goes whole (a piece costs the node a message: measured,
 512 KiB chunks of a file in pieces took the node about twice the CPU)."""
 
-API_PREFIX = "/api/mux"
-"""Where a node mounts its routes (``NodeSettings.prefix``)."""
-
-_ERRORS: dict[str, type[MuxError]] = {
-    "unknown_channel": ChannelNotFound,
-    "forbidden": ChannelForbidden,
-    "channel_closed": ChannelClosed,
-    "channel_limit": ChannelLimit,
-    "throttled": ChannelThrottled,
-    "receiver_full": ChannelFull,
-    "store_busy": ChannelFull,
-    "mailbox_full": ChannelError,
-    "agent_attached": ChannelError,
-    "backend_error": ChannelError,
-}
-_BAD_INPUT = frozenset(
-    {
-        "invalid_json",
-        "bad_request",
-        "unknown_action",
-        "bad_agent",
-        "bad_target",
-        "bad_intent",
-        "bad_metadata",
-        "bad_payload",
-        "bad_binary",
-        "message_too_large",
-        "payload_too_large",
-    }
-)
-"""Error codes of bad input (HTTP 400/413): they map to :class:`BadRequest`."""
 _FRAME_KEYS = ("v", "channel_id", "seq", "kind", "sender", "target", "intent", "ts", "prev", "enc", "payload")
-
-
-def error_from_wire(body: dict[str, Any], status: int | None = None) -> MuxError:
-    """The :class:`MuxError` for an error object ``{"error": CODE, "detail", "channel_id"?}``.
-
-    Channel codes map to their subclass (``unknown_channel`` -> ChannelNotFound,
-    ``forbidden`` -> ChannelForbidden, ``channel_closed`` -> ChannelClosed, ``channel_limit``
-    -> ChannelLimit, ``throttled`` -> ChannelThrottled, ``receiver_full``/``store_busy`` ->
-    ChannelFull); bad-input codes, or any code with HTTP status 400/413, give
-    :class:`BadRequest`; anything else a plain :class:`MuxError`. The instance always carries
-    the node's ``code``, ``detail`` and ``channel_id`` (and ``ref`` when present).
-    """
-    code = str(body.get("error") or "mux_error")
-    detail = str(body.get("detail") or "")
-    channel_id = body.get("channel_id")
-    if not isinstance(channel_id, str):
-        channel_id = None
-    cls = _ERRORS.get(code)
-    exc: MuxError
-    if cls is not None:
-        exc = cls(detail, channel_id=channel_id)
-    elif code in _BAD_INPUT or status in (400, 413):
-        exc = BadRequest(detail, channel_id=channel_id)
-    else:
-        exc = MuxError(detail, channel_id=channel_id)
-    exc.code = code
-    if isinstance(exc, ChannelThrottled):
-        for hint in ("retry_after_ms", "window"):
-            value = body.get(hint)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                setattr(exc, hint, value)
-    ref = body.get("ref")
-    if isinstance(ref, (str, int)) and not isinstance(ref, bool):
-        exc.ref = ref
-    return exc
-
-
-def _split_base(url: str) -> urllib.parse.SplitResult:
-    parts = urllib.parse.urlsplit(url.strip())
-    if not parts.scheme or not parts.netloc:
-        raise BadRequest(f"not a node URL: {url!r} (expected e.g. http://127.0.0.1:8443)", code="bad_url")
-    return parts
-
-
-def _api_path(path: str) -> str:
-    path = path.rstrip("/")
-    if path.endswith("/ws"):
-        path = path[: -len("/ws")]
-    return path if path.endswith(API_PREFIX) else path + API_PREFIX
-
-
-def api_url(base_url: str) -> str:
-    """The REST root for a node URL: ``http://h:p`` -> ``http://h:p/api/mux`` (kept if present)."""
-    parts = _split_base(base_url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("http", "https"):
-        raise BadRequest(f"unsupported URL scheme {parts.scheme!r}", code="bad_url")
-    return urllib.parse.urlunsplit((scheme, parts.netloc, _api_path(parts.path), "", ""))
-
-
-def ws_url(url: str, agent: str) -> str:
-    """The WebSocket URL for ``agent``: http(s) node URLs become ``ws(s)://.../api/mux/ws?agent=``.
-
-    A ``ws(s)://`` URL keeps its path (``/api/mux/ws`` is added when it has none); the
-    ``agent`` query parameter is set either way.
-    """
-    parts = _split_base(url)
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss"):
-        raise BadRequest(f"unsupported URL scheme {parts.scheme!r}", code="bad_url")
-    path = parts.path.rstrip("/")
-    if parts.scheme in ("http", "https") or not path:
-        path = _api_path(path) + "/ws"
-    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k != "agent"] + [("agent", agent)]
-    return urllib.parse.urlunsplit((scheme, parts.netloc, path, urllib.parse.urlencode(query), ""))
-
-
-# ---- synchronous REST client ---------------------------------------------------------------
-
-
-class MuxClient:
-    """A synchronous REST client of one node, acting as ``agent``.
-
-    ``base_url`` is the node URL (``http://127.0.0.1:8443``; a trailing ``/api/mux`` is
-    fine). ``token`` is sent as ``Authorization: Bearer``; ``verify`` is ``True`` (system
-    CAs), ``False``, a CA bundle path, or an :class:`ssl.SSLContext`. Every method returns
-    the node's JSON answer; errors raise :class:`~mux.errors.MuxError` subclasses. Use as a
-    context manager, or call :meth:`close_client` when done.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        agent: str,
-        *,
-        token: str | None = None,
-        timeout: float = 10.0,
-        verify: bool | str | ssl.SSLContext = True,
-    ) -> None:
-        self.base_url = api_url(base_url)
-        self.agent = agent
-        self.timeout = timeout
-        headers = {"Accept": "application/json", "User-Agent": "mux-client"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        if isinstance(verify, str):
-            verify = ssl.create_default_context(cafile=verify)
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, verify=verify)
-
-    def __repr__(self) -> str:
-        return f"<MuxClient {self.agent} at {self.base_url}>"
-
-    def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: dict[str, Any] | None = None,
-        params: dict[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> dict[str, Any]:
-        try:
-            response = self._http.request(
-                method,
-                path,
-                content=orjson.dumps(body) if body is not None else None,
-                headers={"Content-Type": "application/json"} if body is not None else None,
-                params=params,
-                timeout=timeout if timeout is not None else self.timeout,
-            )
-        except httpx.HTTPError as exc:
-            raise MuxError(
-                f"cannot reach the node at {self.base_url}: {_why(exc)}",
-                code="unreachable",
-            ) from exc
-        try:
-            data = orjson.loads(response.content) if response.content else {}
-        except orjson.JSONDecodeError:
-            data = None
-        if not response.is_success:
-            if isinstance(data, dict) and "error" in data:
-                raise error_from_wire(data, response.status_code)
-            raise MuxError(
-                f"HTTP {response.status_code} from {method} {path}: {response.text[:200]}",
-                code=f"http_{response.status_code}",
-            )
-        if not isinstance(data, dict):
-            raise MuxError(f"{method} {path}: the answer is not a JSON object", code="bad_response")
-        return data
-
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", path, body={"agent": self.agent, **body})
-
-    def _get(self, path: str, **params: Any) -> dict[str, Any]:
-        return self._request("GET", path, params={"agent": self.agent, **params})
-
-    def open(self, target: str, intent: str = "stream", metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Open a channel to ``target``: ``{channel_id, intent, route, state, agent, target, ...}``."""
-        return self._post("/open", {"target": target, "intent": intent, "metadata": metadata or {}})
-
-    def send(self, channel_id: str, payload: Any) -> dict[str, Any]:
-        """Send a JSON payload: ``{delivered, channel_id, seq, tbz_hash, sig, disposition, route}``."""
-        return self._post("/send", {"channel_id": channel_id, "payload": payload})
-
-    def close(self, channel_id: str, reason: str = "closed") -> dict[str, Any]:
-        """Close a channel: ``{channel_id, state: "closed", reason, seq, tbz_hash}``."""
-        return self._post("/close", {"channel_id": channel_id, "reason": reason})
-
-    def ack(self, channel_id: str, seq: int) -> dict[str, Any]:
-        """Acknowledge durable frames up to ``seq`` (cumulative): ``{channel_id, seq, removed}``."""
-        return self._post("/ack", {"channel_id": channel_id, "seq": seq})
-
-    def channels(self) -> dict[str, Any]:
-        """This agent's open channels: ``{agent, channels: [...], count}``."""
-        return self._get("/channels")
-
-    def channel(self, channel_id: str) -> dict[str, Any]:
-        """One channel's info (this agent must be one of its ends)."""
-        return self._get(f"/channel/{urllib.parse.quote(channel_id, safe='')}")
-
-    def frames(self, channel_id: str, after: int = 0, wait: float = 0.0, limit: int = 100) -> dict[str, Any]:
-        """Frames addressed to this agent with ``seq > after``: ``{channel_id, frames, next_after, state}``.
-
-        With ``wait`` > 0 the node holds the request until a frame arrives or ``wait``
-        seconds pass (long poll; the node caps it, 30 s by default).
-        """
-        wait_s = max(0.0, float(wait))
-        return self._request(
-            "GET",
-            f"/channel/{urllib.parse.quote(channel_id, safe='')}/frames",
-            params={"agent": self.agent, "after": after, "wait": wait_s, "limit": limit},
-            timeout=self.timeout + wait_s,
-        )
-
-    def chain(self, channel_id: str) -> list[dict[str, Any]]:
-        """The channel's whole signed chain (exported frames, open to close), for
-        :func:`mux.verify_chain`; this agent must be one of its ends."""
-        try:
-            response = self._http.get(
-                f"/channel/{urllib.parse.quote(channel_id, safe='')}/chain", params={"agent": self.agent}
-            )
-        except httpx.HTTPError as exc:
-            raise MuxError(f"cannot reach the node at {self.base_url}: {_why(exc)}", code="unreachable") from exc
-        if not response.is_success:
-            raise error_from_wire(orjson.loads(response.content), response.status_code)
-        return [orjson.loads(line) for line in response.content.splitlines() if line.strip()]
-
-    def intents(self) -> dict[str, Any]:
-        """The node's intent table: ``{intents: [...], count}``."""
-        return self._get("/intents")
-
-    def status(self) -> dict[str, Any]:
-        """Node status: ``{agent, version, public_key, signing, tls, uptime_s, channels_open, ...}``."""
-        return self._get("/status")
-
-    def keys(self) -> dict[str, Any]:
-        """The node's signing keys: ``{node, keys: [{kid, alg, public_key}]}``."""
-        return self._get("/keys")
-
-    def close_client(self) -> None:
-        """Close the HTTP connection pool."""
-        self._http.close()
-
-    def __enter__(self) -> MuxClient:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close_client()
-
-
-# ---- async WebSocket client ----------------------------------------------------------------
 
 
 @attrs.define(eq=False)
@@ -456,12 +187,6 @@ def _frame_dict(msg: dict[str, Any]) -> dict[str, Any]:
     out = {k: msg.pop(k) for k in _FRAME_KEYS if k in msg}
     out.update(msg)
     return out
-
-
-def _why(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
-    text = str(exc) or (f"{type(cause).__name__}: {cause}" if cause is not None else "")
-    return f"{type(exc).__name__}: {text or 'no detail'}"
 
 
 class ClientChannel:
@@ -1188,7 +913,7 @@ async def connect(
     except trio_websocket.DisconnectionTimeout:
         log.info("%s: the node did not finish the closing handshake in time", agent)
     except (OSError, trio_websocket.HandshakeError) as exc:
-        raise MuxError(f"cannot connect to {target}: {_why(exc)}", code="unreachable") from exc
+        raise MuxError(f"cannot connect to {target}: {describe_failure(exc)}", code="unreachable") from exc
     if body_error is not None:
         raise body_error
 

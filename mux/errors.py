@@ -12,6 +12,8 @@ The tree::
     │   └── ChannelThrottled      over the bandwidth budget ("throttled")
     │       └── ChannelFull       the receiving end's buffer is full, retry ("receiver_full")
     └── VerificationError         a frame or chain failed offline verification
+
+A client turns a node's error object back into the matching class with :func:`error_from_wire`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ __all__ = [
     "ChannelThrottled",
     "MuxError",
     "VerificationError",
+    "describe_failure",
+    "error_from_wire",
 ]
 
 
@@ -163,3 +167,75 @@ class VerificationError(MuxError):
         self.reason = reason
         self.index = index
         self.seq = seq
+
+
+_BY_CODE: dict[str, type[MuxError]] = {
+    "unknown_channel": ChannelNotFound,
+    "forbidden": ChannelForbidden,
+    "channel_closed": ChannelClosed,
+    "channel_limit": ChannelLimit,
+    "throttled": ChannelThrottled,
+    "receiver_full": ChannelFull,
+    "store_busy": ChannelFull,
+    "mailbox_full": ChannelError,
+    "agent_attached": ChannelError,
+    "backend_error": ChannelError,
+}
+_BAD_INPUT = frozenset(
+    {
+        "invalid_json",
+        "bad_request",
+        "unknown_action",
+        "bad_agent",
+        "bad_target",
+        "bad_intent",
+        "bad_metadata",
+        "bad_payload",
+        "bad_binary",
+        "message_too_large",
+        "payload_too_large",
+    }
+)
+"""Error codes of bad input (HTTP 400/413): they map to :class:`BadRequest`."""
+
+
+def error_from_wire(body: dict[str, Any], status: int | None = None) -> MuxError:
+    """The :class:`MuxError` for an error object ``{"error": CODE, "detail", "channel_id"?}``.
+
+    Channel codes map to their subclass (``unknown_channel`` -> ChannelNotFound,
+    ``forbidden`` -> ChannelForbidden, ``channel_closed`` -> ChannelClosed, ``channel_limit``
+    -> ChannelLimit, ``throttled`` -> ChannelThrottled, ``receiver_full``/``store_busy`` ->
+    ChannelFull); bad-input codes, or any code with HTTP status 400/413, give
+    :class:`BadRequest`; anything else a plain :class:`MuxError`. The instance always carries
+    the node's ``code``, ``detail`` and ``channel_id`` (and ``ref`` when present).
+    """
+    code = str(body.get("error") or "mux_error")
+    detail = str(body.get("detail") or "")
+    channel_id = body.get("channel_id")
+    if not isinstance(channel_id, str):
+        channel_id = None
+    cls = _BY_CODE.get(code)
+    exc: MuxError
+    if cls is not None:
+        exc = cls(detail, channel_id=channel_id)
+    elif code in _BAD_INPUT or status in (400, 413):
+        exc = BadRequest(detail, channel_id=channel_id)
+    else:
+        exc = MuxError(detail, channel_id=channel_id)
+    exc.code = code
+    if isinstance(exc, ChannelThrottled):
+        for hint in ("retry_after_ms", "window"):
+            value = body.get(hint)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                setattr(exc, hint, value)
+    ref = body.get("ref")
+    if isinstance(ref, (str, int)) and not isinstance(ref, bool):
+        exc.ref = ref
+    return exc
+
+
+def describe_failure(exc: BaseException) -> str:
+    """``exc`` in one line for a message: its type and text, or its cause's when it has none."""
+    cause = exc.__cause__ or exc.__context__
+    text = str(exc) or (f"{type(cause).__name__}: {cause}" if cause is not None else "")
+    return f"{type(exc).__name__}: {text or 'no detail'}"
