@@ -160,7 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.mux.max_channels_per_agent = args.max_channels
     for spec in args.allow_tunnel or []:
         settings.mux.backends.setdefault("overlay", {}).setdefault("allow", []).append(spec)
-    from .core import configured_registry
+    from .config import configured_registry
     from .heap import freeze_startup
 
     configured_registry(settings.mux)  # a bad [mux.intent_policies] fails here with a clear error

@@ -1,7 +1,7 @@
 """One typed settings object for a node: defaults with units in their names.
 
 Built from CLI flags (``python -m mux serve``), from ``MUX_*`` environment variables, or
-in code. The Mux's own limits live in the nested :class:`~mux.core.MuxConfig`.
+in code. The Mux's own limits live in the nested :class:`~mux.config.MuxConfig`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from .core import MuxConfig
+from .config import MuxConfig
 
 __all__ = ["NodeSettings"]
 
