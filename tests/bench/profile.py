@@ -21,6 +21,12 @@ CPU per message split into layers:
   its CPU time at the sampling rate accounts for), so they are left out, and shown as
   "waiting"; the CPU of the ``epoll_wait`` calls that found events at once goes with them.
 
+For each relay, the ``app`` layer is split further (``APP_PARTS``): the Ed25519 signature,
+parsing the client's message, the payload's canonical bytes, chaining apart from the
+signature (hashes, the ``Frame``, the ledger), delivering to the receiving end's outbox (its
+``frame`` event), the sender's ``frame_ack``, and the rest (dispatch, the checks on a send,
+counting, and the handlers around them).
+
 How this works: py-spy samples the server subprocess (``--format raw``; it pauses the process for each sample)
 while one run goes through it; each sampled stack is put in the first layer whose marker
 frame it contains, and a layer's share of the samples times the process's CPU per message
@@ -45,7 +51,7 @@ import trio
 from .common import Meter, Proc, node_process, process
 from .server import BATCH, HEADS_SIGN_EVERY, echo_run, relay_run
 
-__all__ = ["LAYERS", "classify", "run"]
+__all__ = ["APP_PARTS", "LAYERS", "app_part", "classify", "run"]
 
 FRAMES = 6000
 RATE_HZ = 500
@@ -60,6 +66,17 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 in order (the first that matches wins); a stack with none of them is ``loop``."""
 
 
+APP_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("sign", ("NodeKey.sign (",)),
+    ("parse", ("parse_message (", "batch_items (")),
+    ("payload", ("payload_bytes (",)),
+    ("chain", ("Mux._chain (",)),
+    ("deliver", ("ChannelContext.deliver (",)),
+    ("ack", ("frame_ack_event (",)),
+)
+"""Parts of the node's ``app`` layer and the frames that put a stack in each, in order (the
+first that matches wins, so ``chain`` is chaining without its signature); else ``other``."""
+
 WAITING = "EpollIOManager.get_events ("
 """The leaf frame of a stack sampled while trio waits for I/O (``epoll_wait``)."""
 
@@ -73,6 +90,14 @@ def classify(stack: str) -> str:
         if any(marker in stack for marker in markers):
             return name
     return "loop"
+
+
+def app_part(stack: str) -> str:
+    """The part of the ``app`` layer that one py-spy raw stack of it is in."""
+    for name, markers in APP_PARTS:
+        if any(marker in stack for marker in markers):
+            return name
+    return "other"
 
 
 def _py_spy() -> str | None:
@@ -109,12 +134,20 @@ def _layers(path: str) -> collections.Counter[str]:
         for line in fh:
             stack, _, n = line.rstrip().rpartition(" ")
             if stack and n.isdigit():
-                counts[classify(stack)] += int(n)
+                layer = classify(stack)
+                counts[layer] += int(n)
+                if layer == "app":
+                    counts["app:" + app_part(stack)] += int(n)
     return counts
 
 
+def _active(counts: collections.Counter[str]) -> int:
+    """The samples of the process running: every layer's, not the waiting ones."""
+    return max(1, sum(n for name, n in counts.items() if name != "waiting" and not name.startswith("app:")))
+
+
 def _row(counts: collections.Counter[str], cpu_per_msg: float) -> str:
-    total = max(1, sum(n for name, n in counts.items() if name != "waiting"))
+    total = _active(counts)
     parts = [
         f"{name} {counts[name] / total * cpu_per_msg * 1e6:5.0f} us ({counts[name] / total * 100:2.0f}%)"
         for name in ("read", "app", "send", "loop")
@@ -122,14 +155,22 @@ def _row(counts: collections.Counter[str], cpu_per_msg: float) -> str:
     return f"{cpu_per_msg * 1e6:6.0f} us =  " + "  ".join(parts) + f"   [{total} samples, {counts['waiting']} waiting]"
 
 
-def _profile(proc: Proc, spy: str, go: Callable[[], tuple[Meter, int]]) -> str:
+def _app_row(counts: collections.Counter[str], cpu_per_msg: float) -> str:
+    total = _active(counts)
+    names = [name for name, _ in APP_PARTS] + ["other"]
+    return "  ".join(f"{name} {counts['app:' + name] / total * cpu_per_msg * 1e6:4.0f} us" for name in names)
+
+
+def _profile(proc: Proc, spy: str, go: Callable[[], tuple[Meter, int]]) -> tuple[str, str]:
+    """One sampled run: its layers row, and its ``app`` layer's parts."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "samples.txt")
         with _sampled(proc, spy, out):
             meter, n = go()
         if not os.path.exists(out):
             raise RuntimeError("py-spy wrote no samples")
-        return _row(_layers(out), meter.node_cpu / max(1, n))
+        counts, cpu = _layers(out), meter.node_cpu / max(1, n)
+        return _row(counts, cpu), _app_row(counts, cpu)
 
 
 def run(frames: int = FRAMES) -> list[tuple[str, str]]:
@@ -178,9 +219,13 @@ def run(frames: int = FRAMES) -> list[tuple[str, str]]:
                 ),
             ):
                 try:
-                    rows.append((label, _profile(proc, spy, go)))
+                    layers, parts = _profile(proc, spy, go)
                 except (RuntimeError, OSError) as exc:
                     rows.append((label, f"n/a: {exc}"))
+                    continue
+                rows.append((label, layers))
+                if proc is not echo:
+                    rows.append(("    its app layer, in parts", parts))
     rows.append(
         (
             "    layers",
