@@ -96,7 +96,7 @@ class Writer:
             self._put_back(message)
             return False
         if not self.sock.send_now(self._one_write(message)):
-            self.outbox.put_nowait(_REST_KEY, _FIRST_URGENCY, _REST)
+            self._put_back(_REST)
             return False
         return not self.outbox.queued
 
@@ -167,7 +167,7 @@ class Writer:
         return out
 
     def _put_back(self, marker: str) -> None:
-        """Queue a marker taken out of turn again: the shutdown's last, the rest's first."""
+        """Queue a marker (again, when taken out of turn): the shutdown's last, the rest's first."""
         if marker is _CLOSE:
             self.outbox.put_nowait(_CLOSE_KEY, _LAST_URGENCY, marker)
         else:
@@ -179,4 +179,4 @@ class Writer:
 
     def close_when_sent(self) -> None:
         """At shutdown: close the socket (1001) once everything queued before now is sent."""
-        self.outbox.put_nowait(_CLOSE_KEY, _LAST_URGENCY, _CLOSE)
+        self._put_back(_CLOSE)

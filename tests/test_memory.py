@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
+import logging
 import sys
+import tracemalloc
 import weakref
 
 import orjson
@@ -249,10 +252,6 @@ async def test_a_connection_keeps_nothing_of_its_connected_log_line(server: Serv
     """Logging "connected" keeps no memory for as long as the connection lives: logging's
     caller lookup gives the caller's frame a frame object, which the connection's handler
     (a coroutine as long-lived as the connection) kept, about 300 bytes each."""
-    import inspect
-    import logging
-    import tracemalloc
-
     app_log = logging.getLogger("mux.app")
     level, propagate = app_log.level, app_log.propagate
     app_log.setLevel(logging.INFO)  # the caller lookup runs only for a record that is made
