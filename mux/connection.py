@@ -128,8 +128,9 @@ async def serve_socket(node: Node, sock: Socket) -> None:
                 # receivers', ours for the replies) each put what they were given on the wire
                 # in one write before more is taken. That paces this reader with the writers:
                 # the server's socket reader meanwhile finds its queue to us full and reads
-                # what has arrived in one go, not one message per read syscall (README, "For
-                # speed"). A stuck writer is parked, not runnable: it is not waited for.
+                # what has arrived in one go, not one message per read syscall
+                # (docs/performance.md, "Many messages per read"). A stuck writer is parked,
+                # not runnable: it is not waited for.
                 # While this task waits in receive(), the server's reader handles what it
                 # reads itself (_handle_inline, at most READ_AHEAD a read), and
                 # its next read is that scheduling turn.
