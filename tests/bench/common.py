@@ -33,6 +33,7 @@ import orjson
 from mux.wire import unpack_binary
 
 __all__ = [
+    "BENCH_BUDGET_S",
     "NODE_ENV",
     "Meter",
     "Proc",
@@ -44,6 +45,7 @@ __all__ = [
     "percentile",
     "process",
     "raise_nofile",
+    "seconds_left",
     "tls_node_process",
 ]
 
@@ -52,6 +54,18 @@ _PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 NODE_ENV = {"MUX_RATE_MESSAGES_PER_S": "0"}
 """Environment of the benchmark node: the per-connection message rate limit is off."""
+
+BENCH_BUDGET_S = 255.0
+"""What a whole default run may take, counted from this module's import (the start of
+``python -m tests.bench``): ``nox -s bench`` must end within 5 minutes on a fresh clone, and
+installing takes about half a minute of that. A section that can measure less (the memory
+section's later cycles) does so rather than run past it."""
+_STARTED = time.monotonic()
+
+
+def seconds_left() -> float:
+    """What is left of ``BENCH_BUDGET_S`` (negative once past it)."""
+    return BENCH_BUDGET_S - (time.monotonic() - _STARTED)
 
 
 async def node_status(http: httpx.AsyncClient) -> dict[str, Any]:

@@ -1,0 +1,44 @@
+"""The memory benchmark keeps ``nox -s bench`` within its time: its later cycles run only
+while the bench's budget has room for them (a real node subprocess, a few connections)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.bench import common, memory
+from tests.bench.common import node_process
+
+SMALL = {"connections": 6, "openers": 2, "per_opener": 2}
+
+
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short settles: a handful of channels needs no time to settle."""
+    monkeypatch.setattr(memory, "SETTLE_S", 0.05)
+    monkeypatch.setattr(memory, "SETTLE_MAX_S", 0.1)
+
+
+@pytest.mark.parametrize(("left_s", "cycles"), [(1e6, memory.CYCLES), (0.0, 1)])
+async def test_later_cycles_run_only_within_the_bench_s_budget(
+    quick: None, monkeypatch: pytest.MonkeyPatch, left_s: float, cycles: int
+) -> None:
+    monkeypatch.setattr(memory, "seconds_left", lambda: left_s)
+    with node_process() as node:
+        res = await memory.memory_run(node, **SMALL)
+    assert len(res.cycles) == cycles
+    for cycle in res.cycles:
+        assert cycle.opened == SMALL["openers"] * SMALL["per_opener"] and not cycle.errors
+    if cycles < memory.CYCLES:
+        assert res.skipped.startswith(f"the bench's {common.BENCH_BUDGET_S:.0f} s would not hold another")
+    else:
+        assert res.skipped == ""
+
+
+def test_the_budget_counts_down_from_the_bench_s_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = time.monotonic()
+    monkeypatch.setattr(common, "_STARTED", now - 100.0)
+    assert common.BENCH_BUDGET_S - 101.0 < common.seconds_left() <= common.BENCH_BUDGET_S - 100.0
+    monkeypatch.setattr(common, "_STARTED", now - common.BENCH_BUDGET_S - 1.0)
+    assert common.seconds_left() < 0
