@@ -54,8 +54,8 @@ MEMORY_TIMEOUT_S = 330.0
 MORE_CYCLES_UNDER_S = 110.0
 """Another cycle starts only while the cycles so far took less than this (keeps the suite
 bounded)."""
-AFTER_MEMORY_S = 30.0
-"""What the sections after this one take (transfer, durable: about 17 s here), kept free of
+AFTER_MEMORY_S = 25.0
+"""What the sections after this one take (transfer, durable: 17 to 19 s here), kept free of
 the bench's budget (``common.BENCH_BUDGET_S``): another cycle starts only if the budget has
 room for it (as long as the last one took) and for them."""
 
