@@ -30,6 +30,17 @@ def command(name: str) -> Callable[[Command], Command]:
     return deco
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def emit(args: argparse.Namespace, data: Any, human: str) -> None:
     """Print ``data`` as JSON with ``--json``, else the human text."""
     if getattr(args, "json", False):
@@ -158,6 +169,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.trusted_proxy_hops = args.behind_proxy
     if args.max_channels is not None:
         settings.mux.max_channels_per_agent = args.max_channels
+    if args.sign_every is not None:
+        settings.mux.sign_every = args.sign_every
+    if args.sign_within_ms is not None:
+        settings.mux.sign_within_ms = float(args.sign_within_ms)
     for spec in args.allow_tunnel or []:
         settings.mux.backends.setdefault("overlay", {}).setdefault("allow", []).append(spec)
     from .config import configured_registry
@@ -258,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keyfile", help="PEM private key of --certfile")
     p.add_argument("--max-message-bytes", type=int, help="largest WebSocket message / REST body (default 1 MiB)")
     p.add_argument("--max-channels", type=int, default=None, help="open channels per agent (default 32)")
+    p.add_argument(
+        "--sign-every",
+        type=_at_least_one,
+        metavar="N",
+        help="sign every N-th data frame of a channel, the frames between covered by it (default 1: every"
+        " frame; docs/frames.md, docs/performance.md)",
+    )
+    p.add_argument(
+        "--sign-within-ms",
+        type=_at_least_one,
+        metavar="MS",
+        help="with --sign-every: the longest a frame waits for a covering signature (default 100)",
+    )
     p.add_argument("--config", help="TOML settings file (fields, [mux], [backends.NAME])")
     p.add_argument("--open", action="store_true", help="no authentication (callers name themselves); logs a warning")
     p.add_argument(

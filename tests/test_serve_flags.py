@@ -1,0 +1,59 @@
+"""``python -m mux serve --sign-every N --sign-within-ms MS``: a real node subprocess signs
+every N-th data frame of a channel, and its exported chain verifies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+import mux
+from mux.cli import build_parser
+
+from .procs import node_process
+
+
+async def _signed_data_seqs(url: str) -> tuple[list[int], list[int], mux.ChainReport]:
+    """Open alice -> bob over REST, send 8 frames, export the chain: (seqs of signed data
+    frames, seqs of all data frames, the verified chain's report)."""
+    async with httpx.AsyncClient(base_url=url + "/api/mux", timeout=10) as c:
+        opened = await c.post("/open", json={"agent": "alice", "target": "bob", "intent": "stream"})
+        cid = opened.json()["channel_id"]
+        for i in range(8):
+            sent = await c.post("/send", json={"agent": "alice", "channel_id": cid, "payload": {"i": i}})
+            assert sent.status_code == 200, sent.text
+        exported = await c.get(f"/channel/{cid}/chain", params={"agent": "alice"})
+    frames = [orjson.loads(line) for line in exported.content.splitlines()]
+    key = await _public_key(url)
+    report = mux.verify_chain(frames, key)
+    data = [f for f in frames if f["kind"] == "data"]
+    assert frames[0]["kind"] == "open" and frames[0]["sig"]  # open frames are always signed
+    return [f["seq"] for f in data if f["sig"]], [f["seq"] for f in data], report
+
+
+async def _public_key(url: str) -> str:
+    async with httpx.AsyncClient(base_url=url + "/api/mux", timeout=10) as c:
+        return str((await c.get("/status", params={"agent": "alice"})).json()["public_key"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "signed"),
+    [((), [1, 2, 3, 4, 5, 6, 7, 8]), (("--sign-every", "4", "--sign-within-ms", "600000"), [4, 8])],
+    ids=["default", "every-4"],
+)
+async def test_serve_signs_every_nth_data_frame(tmp_path: Path, flags: tuple[str, ...], signed: list[int]) -> None:
+    async with node_process(tmp_path, "--memory", *flags) as node:
+        signed_seqs, data_seqs, report = await _signed_data_seqs(node.url)
+    assert data_seqs == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert signed_seqs == signed
+    assert report.frames == 9 and report.last_seq == 8
+
+
+@pytest.mark.parametrize("flag", ["--sign-every", "--sign-within-ms"])
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_serve_refuses_a_count_below_one(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", flag, value])
+    assert flag in capsys.readouterr().err
