@@ -16,6 +16,7 @@ from .channel import Channel, Receipt
 from .core import Endpoint, Mux, MuxConfig, open_mux
 from .errors import (
     BadRequest,
+    BadSetting,
     ChannelClosed,
     ChannelError,
     ChannelForbidden,
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_POLICY",
     "INTENT_ROUTES",
     "BadRequest",
+    "BadSetting",
     "BandwidthPolicy",
     "ChainReport",
     "Channel",

@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--certfile", help="PEM certificate: enables TLS 1.3 (with --keyfile)")
     p.add_argument("--keyfile", help="PEM private key of --certfile")
     p.add_argument("--max-message-bytes", type=int, help="largest WebSocket message / REST body (default 1 MiB)")
-    p.add_argument("--max-channels", type=int, default=None, help="open channels per agent (default 32)")
+    p.add_argument("--max-channels", type=_at_least_one, default=None, help="open channels per agent (default 32)")
     p.add_argument(
         "--sign-every",
         type=_at_least_one,

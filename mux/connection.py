@@ -45,6 +45,17 @@ def _window_arg(raw: str | None) -> int | None:
     return int(raw)
 
 
+def _flag_arg(name: str, raw: str | None) -> bool:
+    """``?NAME=1`` (or ``true``, ``yes``) on, ``0``, ``false``, ``no`` or not given off; else
+    ``bad_request``: a misspelt value must not quietly turn a feature off."""
+    word = (raw or "").lower()
+    if word in ("1", "true", "yes"):
+        return True
+    if word in ("", "0", "false", "no"):
+        return False
+    raise BadRequest(f"?{name}= must be 1, true or yes (or 0, false, no), not {raw!r}", code="bad_request")
+
+
 def _log_connected(agent: str, addr: object) -> None:
     """Log a new connection from a plain function: logging's caller lookup makes a frame
     object for the frame that called it, and a connection's handler (a coroutine that lives
@@ -68,6 +79,8 @@ async def serve_socket(node: Node, sock: Socket) -> None:
             raise BadRequest('?acks= must be "all" or "errors"', code="bad_request")
         live_acks = acks == "all"
         window = _window_arg(sock.args.get("window"))
+        resumable = _flag_arg("resumable", sock.args.get("resumable"))
+        batching = _flag_arg("batch", sock.args.get("batch"))
         endpoint = m.attach(grant.agent)
     except MuxError as exc:
         try:
@@ -78,7 +91,6 @@ async def serve_socket(node: Node, sock: Socket) -> None:
             pass
         return
     _log_connected(grant.agent, sock.remote_addr)
-    resumable = sock.args.get("resumable", "") in ("1", "true", "yes")
     session = WireSession(
         m,
         endpoint,
@@ -90,7 +102,6 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         window=window,
     )
     node.sessions[session] = None
-    batching = sock.args.get("batch", "") in ("1", "true", "yes")
     try:
         await sock.accept(subprotocol)
         await sock.send(session.hello())

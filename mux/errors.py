@@ -4,6 +4,7 @@ The tree::
 
     MuxError                      base; ``code`` = "mux_error"
     ├── BadRequest                malformed or invalid input ("bad_request", "invalid_json", ...)
+    │   └── BadSetting            a node setting of the wrong type or out of range ("bad_config")
     ├── ChannelError              a channel operation failed ("channel_error")
     │   ├── ChannelNotFound       unknown channel id ("unknown_channel")
     │   ├── ChannelForbidden      the caller is not an end of the channel ("forbidden")
@@ -23,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "BadRequest",
+    "BadSetting",
     "ChannelClosed",
     "ChannelError",
     "ChannelForbidden",
@@ -63,6 +65,18 @@ class BadRequest(MuxError):
     """The input was malformed or invalid; nothing was changed."""
 
     code = "bad_request"
+
+
+class BadSetting(BadRequest, ValueError):
+    """A setting of a node (``serve --config``, ``MUX_*``, a flag, or code) has the wrong type
+    or is out of range; also a ``ValueError``, as Python's own checks raise. ``setting`` is
+    the field's name, when one field is at fault."""
+
+    code = "bad_config"
+
+    def __init__(self, detail: str = "", *, setting: str | None = None) -> None:
+        super().__init__(detail)
+        self.setting = setting
 
 
 class ChannelError(MuxError):

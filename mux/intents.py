@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from .checks import flag, whole
 from .errors import BadRequest
 
 __all__ = [
@@ -38,13 +39,14 @@ class BandwidthPolicy:
 
     ``priority``: 0 is most urgent. ``rate``: sustained bytes/s, 0 = unlimited.
     ``burst``: bucket depth in bytes. ``preemptible``: over budget, a preemptible channel's
-    frame is refused (``throttled``); a non-preemptible one passes and is counted.
+    frame is refused (``throttled``); a non-preemptible one passes and is counted. Each is
+    checked (``mux.checks``): a wrong type or a negative number raises ``BadSetting``.
     """
 
-    priority: int
-    rate: int
-    burst: int
-    preemptible: bool
+    priority: int = attrs.field(validator=whole(0))
+    rate: int = attrs.field(validator=whole(0))
+    burst: int = attrs.field(validator=whole(0))
+    preemptible: bool = attrs.field(validator=flag)
 
     def to_dict(self) -> dict[str, object]:
         """The policy as the seed's JSON shape."""
