@@ -31,7 +31,7 @@ from .connection import serve_socket, watchdog
 from .core import Mux, start_mux
 from .errors import BadRequest, MuxError
 from .frames import Frame
-from .heap import trimmer
+from .heap import resident, trimmer
 from .outbox import WriteThrough
 from .session import WireSession
 from .settings import NodeSettings
@@ -174,7 +174,10 @@ class Node:
         out["tls"] = "TLSv1.3" if self.settings.tls else None
         out["connections"] = len(self.sessions)
         collections_done = gc.get_stats()
+        rss, rss_peak = resident()
         out["memory"] = {
+            "rss_bytes": rss,
+            "rss_peak_bytes": rss_peak,
             "heap_blocks": sys.getallocatedblocks(),
             "gc_frozen": gc.get_freeze_count(),
             "gc_collections": [g["collections"] for g in collections_done],

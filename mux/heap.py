@@ -12,7 +12,8 @@ memory stays at its peak. :func:`release_memory` runs a full garbage collection 
 glibc's ``malloc_trim(0)``, which hands free heap pages back. :func:`trimmer` does that in
 the background when at least ``threshold`` channels and connections have closed since the
 last time, checking every ``interval_s``: a burst of closes is followed by one trim, a
-steady node never trims. Elsewhere than glibc only the collection runs.
+steady node never trims. Elsewhere than glibc only the collection runs. :func:`resident`
+gives the process's resident memory now and at its peak, as ``/status`` reports it.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ import ctypes.util
 import gc
 import logging
 import math
+import os
+import resource
+import sys
 import time
 from collections.abc import Callable
 
 import trio
 
-__all__ = ["freeze_startup", "release_memory", "trimmer"]
+__all__ = ["freeze_startup", "release_memory", "resident", "trimmer"]
 
 log = logging.getLogger("mux.heap")
 
@@ -43,6 +47,19 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 _TRIM = _malloc_trim()
+
+
+def resident() -> tuple[int | None, int]:
+    """The process's resident memory in bytes: now (``/proc/self/statm``; None where there is
+    none) and its peak since start (``getrusage``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None, peak
+    return pages * os.sysconf("SC_PAGE_SIZE"), peak
 
 
 def freeze_startup() -> int:

@@ -357,6 +357,10 @@ async def test_subprocess_node_https_and_sigterm(
     assert memory["gc_frozen"] > 10_000  # start-up objects are out of full collections
     assert len(memory["gc_collections"]) == 3 and memory["gc_collections"][2] >= 1  # freezing collected
     assert isinstance(memory["gc_collected"], int)
+    status = await trio.Path(f"/proc/{proc.pid}/status").read_text()
+    vm_rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    assert abs(memory["rss_bytes"] / 1024 - vm_rss) < vm_rss / 10, (memory, vm_rss)  # as the system counts it
+    assert 0 < memory["rss_bytes"] <= memory["rss_peak_bytes"]
     proc.send_signal(signal.SIGTERM)
     await _wait_stopped(proc, out, tmp_path)
 
