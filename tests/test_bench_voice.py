@@ -1,0 +1,48 @@
+"""The voice benchmark's floods are what the issue's row (d) names: beside the call, the same
+connection floods a ``stream`` channel and a real ``file:sync`` transfer (the sync backend's
+protocol: chunk headers and chunks in order, refused frames sent again), in every flood
+block, without a voice frame refused or a connection closed (a real node subprocess, a few
+frames per block)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.bench import latency
+from tests.bench.common import node_process
+
+FRAMES = 30
+"""Voice frames per phase: ``latency.ROUNDS`` blocks of 10."""
+
+
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer idle pings before the call, a shorter settle after each block."""
+    monkeypatch.setattr(latency, "PINGS", 5)
+    monkeypatch.setattr(latency, "SETTLE_S", 0.1)
+
+
+async def test_the_call_beside_a_stream_and_a_file_transfer(quick: None) -> None:
+    with node_process() as node:
+        res = await latency.voice_run(node, FRAMES)
+    assert [f.intent for f in res.floods] == ["stream", "file:sync"]
+    for phase in res.phases[:3]:
+        assert phase.sent == phase.received == FRAMES and not phase.refused
+    assert not res.closed_connections and not res.closed_channels and not res.errors
+    assert res.alive == {"caller": True, "callee": True}
+    blocks = [(p, f.intent, f) for p, f, _ in res.flood_runs]
+    assert len(blocks) == 2 * len(latency.FLOOD_INTENTS) * latency.ROUNDS
+    for p, intent, flood in blocks:
+        assert flood.rx_bytes > 0 and flood.ok > 0, (p, intent, flood)
+        if intent == "file:sync":  # only the sync protocol's own refusals and the budget's
+            assert set(flood.refused) <= {
+                "throttled",
+                "receiver_full",
+                "chunk_data_expected",
+                "chunk_out_of_order",
+                "chunk_without_header",
+            }
+    sync = res.floods[1].sync
+    assert sync is not None and sync.acked > 2 * latency.ROUNDS * 2, "chunks went through in every flood block"
+    delivered = sum(f.rx_bytes for _, intent, f in blocks if intent == "file:sync")
+    assert delivered == (sync.acked // 2) * latency.FLOOD_BYTES, "every accepted chunk reached the callee"
