@@ -705,8 +705,11 @@ async def connect(
     requests go out as ``batch`` actions; with ``window`` (the default) each channel has a
     window of ``buffer_frames`` frames, so one channel left unread never holds up the others
     (see the module docstring). At most ``accept_backlog`` channels opened to us wait for
-    ``accept()``; more are closed at once with reason ``accept_backlog_full``.
+    ``accept()``; more are closed at once with reason ``accept_backlog_full``. A number out
+    of its range (``buffer_frames`` 0 would make an unread channel stall the reader) raises
+    ``ValueError`` before anything connects.
     """
+    _check_numbers(buffer_frames, accept_backlog, max_message_bytes, connect_timeout, request_timeout)
     target = ws_url(url, agent) + ("&batch=1" if batch else "")
     if window:  # as many frames as an inbox holds, within what a node accepts
         target += f"&window={max(1, min(buffer_frames, MAX_WINDOW))}"
@@ -744,6 +747,28 @@ async def connect(
         raise MuxError(f"cannot connect to {target}: {describe_failure(exc)}", code="unreachable") from exc
     if body_error is not None:
         raise body_error
+
+
+def _check_numbers(
+    buffer_frames: int,
+    accept_backlog: int,
+    max_message_bytes: int,
+    connect_timeout: float,
+    request_timeout: float | None,
+) -> None:
+    """:func:`connect`'s numbers, each in its range, else ``ValueError`` naming it."""
+    for name, count, least in (
+        ("buffer_frames", buffer_frames, 1),
+        ("accept_backlog", accept_backlog, 0),
+        ("max_message_bytes", max_message_bytes, 1),
+    ):
+        if isinstance(count, bool) or not isinstance(count, int) or count < least:
+            raise ValueError(f"connect(): {name} must be a whole number of at least {least}, not {count!r}")
+    for name, seconds in (("connect_timeout", connect_timeout), ("request_timeout", request_timeout)):
+        if seconds is None and name == "request_timeout":
+            continue
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+            raise ValueError(f"connect(): {name} must be a number of seconds above 0, not {seconds!r}")
 
 
 @asynccontextmanager

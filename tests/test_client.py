@@ -48,6 +48,23 @@ def test_urls() -> None:
         api_url("not a url")
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"buffer_frames": 0}, "buffer_frames must be a whole number of at least 1, not 0"),
+        ({"buffer_frames": 2.5}, "buffer_frames must be a whole number of at least 1, not 2.5"),
+        ({"accept_backlog": -1}, "accept_backlog must be a whole number of at least 0, not -1"),
+        ({"max_message_bytes": True}, "max_message_bytes must be a whole number of at least 1, not True"),
+        ({"connect_timeout": 0}, "connect_timeout must be a number of seconds above 0, not 0"),
+        ({"request_timeout": -1.0}, "request_timeout must be a number of seconds above 0, not -1.0"),
+    ],
+)
+async def test_connect_refuses_numbers_out_of_range_before_connecting(arguments: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):  # no node at port 9: it fails before connecting
+        async with connect("http://127.0.0.1:9", "alice", **arguments):
+            pass
+
+
 def test_error_from_wire() -> None:
     e = error_from_wire({"error": "unknown_channel", "detail": "no", "channel_id": "ch-1", "ref": 7}, 404)
     assert isinstance(e, ChannelNotFound) and (e.code, e.detail, e.channel_id, e.ref) == (
