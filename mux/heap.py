@@ -24,7 +24,6 @@ import gc
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -51,9 +50,14 @@ _TRIM = _malloc_trim()
 
 def resident() -> tuple[int | None, int]:
     """The process's resident memory in bytes: now (``/proc/self/statm``; None where there is
-    none) and its peak since start (``getrusage``)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    none) and its peak since start (``getrusage``; 0 where there is none)."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        peak = 0
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     try:
         with open("/proc/self/statm", "rb") as fh:
             pages = int(fh.read().split()[1])
