@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.bench import latency
+from tests.bench import common, latency
 from tests.bench.common import node_process
 
 FRAMES = 30
@@ -46,3 +46,10 @@ async def test_the_call_beside_a_stream_and_a_file_transfer(quick: None) -> None
     assert sync is not None and sync.acked > 2 * latency.ROUNDS * 2, "chunks went through in every flood block"
     delivered = sum(f.rx_bytes for _, intent, f in blocks if intent == "file:sync")
     assert delivered == (sync.acked // 2) * latency.FLOOD_BYTES, "every accepted chunk reached the callee"
+    common.TARGETS.clear()
+    rows = latency.report(res, FRAMES)
+    assert any("file:sync" in label for label, _ in rows)
+    voice, refusals = common.TARGETS  # the section's two targets, for the bench's summary
+    assert voice.name.startswith("voice p99 beside a bulk flood") and voice.figure.endswith("x")
+    assert voice.met == ("yes" if float(voice.figure[:-1]) <= 1.5 else "no")
+    assert (refusals.figure, refusals.met) == ("0 refused; connections closed: 0", "yes")

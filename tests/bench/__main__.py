@@ -13,7 +13,8 @@ valgrind: repeatable where timings are not).
 Each server section starts its own node subprocess. Progress goes to stderr while the
 sections run; the table of every number is printed at the end, after a header naming the
 machine. A section that fails prints its error in the table (and its traceback on stderr);
-the others still run.
+the others still run. Last comes one row per target of the performance issue, with this run's
+figure and whether it was met (``common.target``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import traceback
 from collections.abc import Callable
 
 from . import core, durable, instructions, latency, memory, profile, server, transfer, uplink
+from .common import TARGETS, target
 
 __all__ = ["SECTIONS", "main"]
 
@@ -47,6 +49,8 @@ DEFAULT = ["core", "server", "voice", "uplink", "memory", "transfer", "durable"]
 (valgrind runs the code some 50 times slower) run when named."""
 
 _WIDTH = 90
+INSTALL_ROOM_S = 270.0
+"""Sections that take less than this leave nox's install (about 20 s here) room in 5 minutes."""
 
 
 def main(argv: list[str]) -> int:
@@ -57,6 +61,7 @@ def main(argv: list[str]) -> int:
             print(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
             return 2
     started = time.monotonic()
+    TARGETS.clear()
     table: list[tuple[str, str]] = []
     for name in names:
         t0 = time.monotonic()
@@ -70,10 +75,20 @@ def main(argv: list[str]) -> int:
         print(f"[bench] {name} done in {took:.1f} s", file=sys.stderr, flush=True)
         table.append((f"== {name} ({took:.0f} s)", ""))
         table.extend(rows)
+    total = time.monotonic() - started
+    if names == DEFAULT:
+        target(
+            "nox -s bench under 5 minutes on a fresh clone",
+            f"{total:.0f} s of sections (nox adds its install, about 20 s here)",
+            total < INSTALL_ROOM_S,
+        )
+    if TARGETS:
+        table.append(("== the performance issue's targets, as this run measured them", ""))
+        table.extend((f"  {t.name}", f"{t.figure:<48} met: {t.met}") for t in TARGETS)
     print()
     print(
         f"mux bench: {os.cpu_count()} CPUs, Python {platform.python_version()} ({platform.python_implementation()}),"
-        f" {platform.system()} {platform.release()}, {time.monotonic() - started:.0f} s total;"
+        f" {platform.system()} {platform.release()}, {total:.0f} s total;"
         " node: python -m mux serve --memory --open (auth OFF, per-connection rate limit OFF), loopback only"
     )
     width = min(_WIDTH, max(len(label) for label, _ in table))

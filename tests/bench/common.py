@@ -37,6 +37,8 @@ __all__ = [
     "NODE_ENV",
     "Meter",
     "Proc",
+    "TARGETS",
+    "Target",
     "events",
     "fmt_ms",
     "json_payload",
@@ -46,6 +48,7 @@ __all__ = [
     "process",
     "raise_nofile",
     "seconds_left",
+    "target",
     "tls_node_process",
 ]
 
@@ -66,6 +69,26 @@ _STARTED = time.monotonic()
 def seconds_left() -> float:
     """What is left of ``BENCH_BUDGET_S`` (negative once past it)."""
     return BENCH_BUDGET_S - (time.monotonic() - _STARTED)
+
+
+@attrs.frozen
+class Target:
+    """One of the performance issue's targets as this run measured it."""
+
+    name: str
+    figure: str
+    met: str
+    """``yes``, ``no``, or which configurations met it (``by (c)``)."""
+
+
+TARGETS: list[Target] = []
+"""What the sections measured against the issue's targets, in the order they ran
+(``python -m tests.bench`` prints them last)."""
+
+
+def target(name: str, figure: str, met: bool | str) -> None:
+    """Record a target's figure in this run and whether it was met (or by what)."""
+    TARGETS.append(Target(name, figure, met if isinstance(met, str) else ("yes" if met else "no")))
 
 
 async def node_status(http: httpx.AsyncClient) -> dict[str, Any]:

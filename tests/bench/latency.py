@@ -51,10 +51,10 @@ import trio_websocket
 from mux.client import open_ws
 from mux.wire import pack_binary
 
-from .common import Meter, Proc, events, fmt_ms, node_process, node_status, percentile
+from .common import Meter, Proc, events, fmt_ms, node_process, node_status, percentile, target
 from .server import expect
 
-__all__ = ["VoiceResult", "run", "voice_run"]
+__all__ = ["VoiceResult", "report", "run", "voice_run"]
 
 VOICE_FRAMES = 900
 """Per phase: 300 in each of the ``ROUNDS`` blocks (a p99 of 900 is its 9th-worst frame)."""
@@ -434,6 +434,11 @@ def run(voice_frames: int = VOICE_FRAMES) -> list[tuple[str, str]]:
     """Start a node, run the voice benchmark, return printable rows."""
     with node_process() as node:
         r = trio.run(voice_run, node, voice_frames)
+    return report(r, voice_frames)
+
+
+def report(r: VoiceResult, voice_frames: int) -> list[tuple[str, str]]:
+    """The printable rows of a voice run; records its targets (``common.target``)."""
     alone, honoured, ignored, _ = r.phases
     p99a = percentile(alone.lat, 99)
     refused = sum(sum(p.refused.values()) for p in r.phases)  # warm-up frames count here too
@@ -494,6 +499,13 @@ def run(voice_frames: int = VOICE_FRAMES) -> list[tuple[str, str]]:
                 " (tens: a refusal leaves no cycle; each left about 13 when it did)",
             )
         )
+    ratio = percentile(honoured.lat, 99) / p99a
+    target("voice p99 beside a bulk flood within 1.5x of alone", f"{ratio:.2f}x", ratio <= 1.5)
+    target(
+        "zero voice frames refused; the connection never closed",
+        f"{refused} refused; connections closed: {len(r.closed_connections)}",
+        refused == 0 and not r.closed_connections,
+    )
     closed = r.closed_connections or ["no"]
     rows.append(
         (

@@ -35,10 +35,10 @@ import trio_websocket
 
 from mux.client import open_ws
 
-from .common import BENCH_BUDGET_S, Proc, events, node_process, node_status, raise_nofile, seconds_left
+from .common import BENCH_BUDGET_S, Proc, events, node_process, node_status, raise_nofile, seconds_left, target
 from .server import expect
 
-__all__ = ["Cycle", "memory_run", "run"]
+__all__ = ["Cycle", "MemoryResult", "memory_run", "report", "run"]
 
 CONNECTIONS = 2000
 OPENERS = 400
@@ -337,6 +337,11 @@ def run(connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int 
         return [("(e) memory", f"n/a: open-file limit {soft} < {need} (raise the hard limit: ulimit -Hn)")]
     with node_process(nofile=need) as node:
         r = trio.run(memory_run, node, connections, openers, per_opener)
+    return report(r, connections, openers, per_opener)
+
+
+def report(r: MemoryResult, connections: int, openers: int, per_opener: int) -> list[tuple[str, str]]:
+    """The printable rows of a memory run; records its targets (``common.target``)."""
     rows: list[tuple[str, str]] = []
     base = r.baseline
     c = r.cycles[0]
@@ -388,6 +393,10 @@ def run(connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int 
                 " and resume)",
             )
         )
+    target("under 4 KiB per idle open channel", f"{per_chan / 1024:.2f} KiB", per_chan < 4096)
+    after = (c.rss_closed - c.rss_conns) / max(1, c.rss_conns) * 100
+    again = "".join(f", cycle {i + 2} {_pct(x.rss_closed, x.rss_conns)}" for i, x in enumerate(r.cycles[1:]))
+    target("memory within 5% after 10,000 channels open and close", f"{after:+.1f}% (RSS){again}", abs(after) <= 5)
     if len(r.cycles) > 1:
         later = r.cycles[1:]
         errors = "".join(f"; cycle {i + 2} errors: {dict(x.errors)}" for i, x in enumerate(later) if x.errors)
