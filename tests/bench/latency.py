@@ -65,6 +65,8 @@ FLOOD_WINDOW = 8
 FLOOD_BACKOFF_S = 0.002
 FLOOD_WARMUP_S = 0.5
 FLOOD_MAX_FRAMES = 200_000
+SEND_LIMIT_S = 10.0
+"""The longest one flood frame's write may take (it is not cancelled with its block)."""
 FLOOD_INTENTS = ("stream", "file:sync")
 SYNC_FILE_BYTES = 1 << 40
 """The size the ``file:sync`` flood offers: more than any run sends (its chunks are never all sent)."""
@@ -354,7 +356,8 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                         header = {"type": "chunk", "index": frame // 2, "size": FLOOD_BYTES, "sha256": SYNC_SHA256}
                         message = orjson.dumps({**action, "payload": header}).decode()
                 flood.in_flight += 1
-                with trio.CancelScope(shield=True):  # a frame begun goes out whole, so it is answered
+                # a frame begun goes out whole, so it is answered (bounded: the node always reads)
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_LIMIT_S):
                     await caller.send_message(message)
                 flood.sent += 1
 
