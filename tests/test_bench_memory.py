@@ -48,3 +48,11 @@ def test_the_budget_counts_down_from_the_bench_s_start(monkeypatch: pytest.Monke
     assert common.BENCH_BUDGET_S - 101.0 < common.seconds_left() <= common.BENCH_BUDGET_S - 100.0
     monkeypatch.setattr(common, "_STARTED", now - common.BENCH_BUDGET_S - 1.0)
     assert common.seconds_left() < 0
+
+
+def test_the_budget_counts_from_the_start_nox_gives() -> None:
+    start, from_session = common._started({"MUX_BENCH_STARTED": str(time.time() - 40.0)})
+    assert from_session and 39.0 < time.monotonic() - start < 41.0  # the install counts too
+    for bad in ("", "soon", str(time.time() + 60.0), str(time.time() - 7200.0)):
+        start, from_session = common._started({"MUX_BENCH_STARTED": bad})
+        assert not from_session and time.monotonic() - start < 1.0, bad

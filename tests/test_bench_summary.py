@@ -33,10 +33,27 @@ def test_the_targets_come_last_with_whether_each_was_met(
     assert summary[2].split()[-4:] == ["+20.0%", "(RSS)", "met:", "no"]
 
 
-def test_a_default_run_adds_its_own_time(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("from_session", "seconds", "figure", "met"),
+    [
+        (True, 250.0, "250 s since nox began the session, its install included", "yes"),
+        (True, 297.0, "297 s since nox began the session, its install included", "no"),
+        (False, 250.0, "s of sections (nox adds its install", "yes"),
+    ],
+)
+def test_a_default_run_adds_its_own_time(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    from_session: bool,
+    seconds: float,
+    figure: str,
+    met: str,
+) -> None:
     monkeypatch.setitem(bench.SECTIONS, "fake", _fake)
     monkeypatch.setattr(bench, "DEFAULT", ["fake"])
+    monkeypatch.setattr(bench, "FROM_SESSION", from_session)
+    monkeypatch.setattr(bench, "elapsed", lambda: seconds)
     assert bench.main([]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    assert "nox -s bench under 5 minutes on a fresh clone" in last and "met: yes" in last
-    assert "s of sections (nox adds its install" in last
+    assert "nox -s bench under 5 minutes on a fresh clone" in last and figure in last
+    assert last.endswith(f"met: {met}")

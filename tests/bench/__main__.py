@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Callable
 
 from . import core, durable, instructions, latency, memory, profile, server, transfer, uplink
-from .common import TARGETS, target
+from .common import FROM_SESSION, SESSION_LIMIT_S, TARGETS, elapsed, target
 
 __all__ = ["SECTIONS", "main"]
 
@@ -76,7 +76,13 @@ def main(argv: list[str]) -> int:
         table.append((f"== {name} ({took:.0f} s)", ""))
         table.extend(rows)
     total = time.monotonic() - started
-    if names == DEFAULT:
+    if names == DEFAULT and FROM_SESSION:
+        target(
+            "nox -s bench under 5 minutes on a fresh clone",
+            f"{elapsed():.0f} s since nox began the session, its install included",
+            elapsed() < SESSION_LIMIT_S - 5,  # nox still has to end
+        )
+    elif names == DEFAULT:
         target(
             "nox -s bench under 5 minutes on a fresh clone",
             f"{total:.0f} s of sections (nox adds its install, about 20 s here)",
