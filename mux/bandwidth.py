@@ -17,12 +17,16 @@ import math
 
 import attrs
 
-__all__ = ["GAP_CLOSES", "GAP_OPENS", "UNLIMITED", "Cadence", "TokenBucket"]
+__all__ = ["GAP_CLOSES", "GAP_OPENS", "UNLIMITED", "BulkShare", "Cadence", "TokenBucket"]
 
 
 _SLACK = 1e-6
 """Credit short by less than this (bytes) counts as enough: refill is float arithmetic, and a
 frame retried after its ``retry_after_ms`` must not be refused for a rounding error."""
+_PAST = 1e-6
+"""A promised slot this many seconds behind now has passed (float dust is not a miss)."""
+_FORGET_S = 1.0
+"""A promise this long past its time is forgotten (``BulkShare``)."""
 
 
 @attrs.define
@@ -71,6 +75,92 @@ class TokenBucket:
 
 UNLIMITED = TokenBucket(0, 0)
 """The bucket of every channel with no rate limit (``take`` never changes it: shared)."""
+
+
+@attrs.define
+class _Promise:
+    """Room kept for a channel's next frame: ``nbytes`` at ``due``; the largest it sent."""
+
+    nbytes: int
+    due: float
+    largest: int
+
+
+@attrs.define
+class BulkShare:
+    """A connection's bulk budget beside a call (``bucket``, shared by its bulk channels) and
+    the slots it has promised them (``pace_ms``, ``retry_after_ms``).
+
+    Each channel's next slot is reckoned after the room already promised to the others, so
+    channels that keep to their hints never take each other's room (reckoned from the bucket
+    alone, two channels told the same time collide and one is refused). It is reckoned for the
+    largest frame the channel sent while shaped, so a file's chunk fits after its small
+    header. One promise per channel: a channel's next frame uses it (early or late). One
+    whose time has passed holds no room, so a channel that stopped holds none; a second
+    after it, it is forgotten with the channel's largest frame.
+    """
+
+    bucket: TokenBucket
+    _promised: dict[str, _Promise] = attrs.field(factory=dict)
+
+    @property
+    def rate(self) -> int:
+        """Bytes per second the connection's bulk channels share."""
+        return self.bucket.rate
+
+    def arrive(self, key: str, nbytes: int, now: float) -> int:
+        """A frame of ``nbytes`` comes on channel ``key``: it uses the channel's promise (and
+        long-past ones are forgotten); returns the size to reckon the channel's next slot for."""
+        promise = self._promised.pop(key, None)
+        for k in [k for k, p in self._promised.items() if p.due < now - _FORGET_S]:
+            del self._promised[k]
+        return max(nbytes, promise.largest) if promise is not None else nbytes
+
+    def take(self, key: str, nbytes: int, now: float) -> bool:
+        """Spend ``nbytes`` of the shared budget for channel ``key`` (``TokenBucket.take``),
+        unless that would leave another channel's promised slot short: a frame larger than
+        its channel was promised, or early, does not take the room kept for the others."""
+        b = self.bucket
+        tokens = self._tokens(now) - nbytes
+        t = now
+        for promise in self._in_order(now, but=key):
+            due = max(promise.due, t)
+            tokens = min(float(b.burst), tokens + (due - t) * b.rate)
+            if tokens + _SLACK < min(promise.nbytes, b.burst):  # as take() would find it then
+                return False
+            tokens -= promise.nbytes
+            t = due
+        return b.take(nbytes, now)
+
+    def _tokens(self, now: float) -> float:
+        b = self.bucket
+        return b.tokens if b.stamp is None else min(float(b.burst), b.tokens + (now - b.stamp) * b.rate)
+
+    def _in_order(self, now: float, but: str | None = None) -> list[_Promise]:
+        """The promises still ahead at ``now`` (but ``but``'s), soonest first."""
+        ahead = (p for k, p in self._promised.items() if k != but and p.due >= now - _PAST)
+        return sorted(ahead, key=lambda p: p.due)
+
+    def refund(self, nbytes: int) -> None:
+        """Give back what a frame took but did not use."""
+        self.bucket.refund(nbytes)
+
+    def wait_ms(self, nbytes: int, now: float) -> int:
+        """Milliseconds from ``now`` until ``nbytes`` fit after every promised slot is used."""
+        b = self.bucket
+        tokens = self._tokens(now)
+        t = now
+        for promise in self._in_order(now):
+            due = max(promise.due, t)
+            tokens = min(float(b.burst), tokens + (due - t) * b.rate) - promise.nbytes
+            t = due
+        short = min(float(nbytes), float(b.burst)) - tokens
+        ready = t + max(0.0, short) / b.rate
+        return math.ceil((ready - now) * 1000 - 1e-6)
+
+    def promise(self, key: str, nbytes: int, largest: int, due: float) -> None:
+        """Keep room for channel ``key``'s next frame of ``nbytes`` at ``due``."""
+        self._promised[key] = _Promise(nbytes, due, largest)
 
 
 GAP_OPENS = 0.15

@@ -24,7 +24,7 @@ import trio
 
 from . import wire
 from .auth import Grant
-from .bandwidth import Cadence, TokenBucket
+from .bandwidth import BulkShare, Cadence, TokenBucket
 from .channel import Channel, ChannelState, End
 from .core import Endpoint, Mux
 from .errors import BadRequest, ChannelClosed, ChannelError, ChannelNotFound, ChannelThrottled, MuxError
@@ -108,7 +108,7 @@ class WireSession:
         bulk_rate = mux.config.realtime_bulk_rate
         # a small burst (20 ms of the rate): bulk is let in a frame or two at a time, never as
         # a run of frames that would hold a call's next frame up behind it
-        self._bulk = TokenBucket(bulk_rate, max(1, bulk_rate // 50)) if bulk_rate > 0 else None
+        self._bulk = BulkShare(TokenBucket(bulk_rate, max(1, bulk_rate // 50))) if bulk_rate > 0 else None
         self._realtime_until = -math.inf
         self._cadence = Cadence()
         """The call's frames on this connection: bulk is paced into the gaps between them."""
@@ -320,19 +320,25 @@ class WireSession:
         window = self.mux.config.realtime_bulk_window or None
         encoded = None if isinstance(payload, bytes) else payload_bytes(payload)
         size = len(payload) if encoded is None else len(encoded[1])
-        if not self._bulk.take(size, now):
+        bulk = self._bulk
+        reckon = bulk.arrive(state.id, size, now)  # the next frame's size, as this channel's go
+        if not bulk.take(state.id, size, now):
             state.throttled += 1
+            retry = max(1, bulk.wait_ms(size, now))
+            bulk.promise(state.id, size, reckon, now + retry / 1000)
             # not moved into a gap: a client that ignores window would send its whole run of
             # frames there at once (measured: a worse call tail, not a better one). Raised as
             # made, never held in a local: that would tie the error, its traceback and this
             # frame (its payload) into a cycle only the garbage collector frees
             raise ChannelThrottled(
-                f"a call is active on this connection: its bulk channels share {self._bulk.rate} B/s meanwhile",
+                f"a call is active on this connection: its bulk channels share {bulk.rate} B/s meanwhile",
                 channel_id=state.id,
-                retry_after_ms=self._bulk.retry_after_ms(size),
+                retry_after_ms=retry,
                 window=window,
             )
-        return _Shaped(encoded, window, self._in_gap(now, self._bulk.wait_ms(size)) or None, size)
+        pace = self._in_gap(now, bulk.wait_ms(reckon, now))
+        bulk.promise(state.id, reckon, reckon, now + pace / 1000)
+        return _Shaped(encoded, window, pace or None, size)
 
     def _in_gap(self, now: float, wait_ms: int) -> int:
         """``wait_ms``, or longer to the gap after one of the call's frames (with

@@ -363,7 +363,7 @@ async def test_a_bulk_frame_refused_by_its_intent_does_not_spend_the_calls_share
             offer = {"action": "send", "channel_id": call, "payload": {"type": "offer", "sdp": "v=0"}}
             alice.handle(orjson.dumps(offer).decode())
             assert alice._bulk is not None
-            full = alice._bulk.tokens
+            full = alice._bulk.bucket.tokens
             blob = bytes(5000)
 
             def send_tiny() -> dict[str, Any]:
@@ -373,7 +373,7 @@ async def test_a_bulk_frame_refused_by_its_intent_does_not_spend_the_calls_share
             refused = send_tiny()
             assert refused["error"] == "throttled" and refused["window"] == 1 and refused["retry_after_ms"] > 0
             assert "call is active" not in refused["detail"]  # its intent's budget said no
-            assert alice._bulk.tokens >= full - len(blob) - 1  # charged once (the sent frame), not twice
+            assert alice._bulk.bucket.tokens >= full - len(blob) - 1  # charged once (the sent frame), not twice
             connections.cancel_scope.cancel()
 
 

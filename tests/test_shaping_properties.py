@@ -79,3 +79,67 @@ def test_bulk_that_keeps_to_the_hints_is_never_refused_beside_a_call(
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
     event("paced", any(paces))
     assert refusals == [], f"refused while keeping to the hints: {refusals[0]}"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rate=st.integers(100_000, 2_000_000),
+    size=st.integers(2_000, 40_000),
+    count=st.integers(2, 20),
+    gaps=st.booleans(),
+)
+def test_bulk_channels_that_keep_to_the_hints_are_never_refused_together(
+    rate: int, size: int, count: int, gaps: bool
+) -> None:
+    """Two bulk channels on the connection at once, one sending ``size`` frames, the other a
+    file's way (a small chunk header, then the chunk): each keeps to its own hints and
+    neither is refused, as the hints leave room for what the other was promised. Only a
+    frame larger than any its channel sent before (its first; a file's first chunk after its
+    header) may find no room, the hint having been reckoned for the largest so far: its
+    ``retry_after_ms`` then holds a slot, and the same frame sent again at it passes."""
+    refusals: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        async with (
+            mux.open_mux(agent="node", realtime_bulk_rate=rate, realtime_bulk_gaps=gaps) as node,
+            trio.open_nursery() as nursery,
+        ):
+            sender, receiver = started_sessions(node, nursery, "alice", "bob")
+            call = _reply(sender, '{"action":"open","target":"bob","intent":"call:voice"}')["channel_id"]
+            channels = [
+                _reply(sender, '{"action":"open","target":"bob","intent":"stream"}')["channel_id"] for _ in "ab"
+            ]
+
+            def drain() -> None:
+                while receiver.outbox.get_nowait() is not None:
+                    pass
+
+            async def caller() -> None:
+                for i in range(100_000):  # bounded; cancelled when the bulk is through
+                    _reply(sender, pack_binary({"action": "send", "channel_id": call, "ref": i}, bytes(200)))
+                    drain()
+                    await trio.sleep(CALL_PERIOD_S)
+
+            async def bulk(channel: str, sizes: list[int]) -> None:
+                for i, n in enumerate(sizes):
+                    message = pack_binary({"action": "send", "channel_id": channel, "ref": i}, bytes(n))
+                    ack = _reply(sender, message)
+                    drain()
+                    if ack.get("error") == "throttled" and n > max(sizes[:i], default=0):  # once more
+                        await trio.sleep(ack["retry_after_ms"] / 1000)
+                        ack = _reply(sender, message)
+                        drain()
+                    if ack.get("event") != "frame_ack":
+                        refusals.append(ack)
+                        return
+                    await trio.sleep((ack.get("pace_ms") or 0) / 1000)
+
+            nursery.start_soon(caller)
+            await trio.sleep(0.1)  # the call is on: bulk is shaped from its first frame
+            async with trio.open_nursery() as senders:
+                senders.start_soon(bulk, channels[0], [size] * count)
+                senders.start_soon(bulk, channels[1], [100, size] * count)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert refusals == [], f"refused while keeping to the hints: {refusals[0]}"
