@@ -2,10 +2,13 @@
 on random bulk traffic (hypothesis) through real sessions on a virtual clock: a bulk sender
 that keeps to the hints (one frame in flight, the next after ``pace_ms``, which is reckoned
 for a frame of the same size: a file's chunks) is never refused, whatever the size and the
-connection's bulk share, and the call's frames are never refused either."""
+connection's bulk share, and the call's frames are never refused either; nor are two bulk
+channels that keep to their own hints side by side."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -28,13 +31,53 @@ def _reply(session: WireSession, message: str | bytes) -> dict[str, Any]:
     return dict(orjson.loads(reply))
 
 
-@settings(max_examples=60, deadline=None)
-@given(
+def _drain(receiver: WireSession) -> None:
+    """Take everything queued for the receiver (there is no socket here)."""
+    while receiver.outbox.get_nowait() is not None:
+        pass
+
+
+async def _call(sender: WireSession, receiver: WireSession, call: str, refusals: list[dict[str, Any]]) -> None:
+    """The call's frames, one every ``CALL_PERIOD_S`` (bounded; cancelled when the bulk is
+    through); a refused one goes to ``refusals``."""
+    for i in range(100_000):
+        ack = _reply(sender, pack_binary({"action": "send", "channel_id": call, "ref": i}, bytes(200)))
+        if ack.get("event") != "frame_ack":
+            refusals.append(ack)
+        _drain(receiver)
+        await trio.sleep(CALL_PERIOD_S)
+
+
+@asynccontextmanager
+async def _beside_a_call(
+    rate: int, gaps: bool, bulk_channels: int, refusals: list[dict[str, Any]]
+) -> AsyncIterator[tuple[WireSession, WireSession, list[str]]]:
+    """A node whose ``alice`` has a call going to ``bob`` (its frames sent by :func:`_call`, a
+    refused one in ``refusals``) and ``bulk_channels`` stream channels beside it, shaped from
+    their first frame; yields the two sessions and the bulk channels' ids."""
+    async with (
+        mux.open_mux(agent="node", realtime_bulk_rate=rate, realtime_bulk_gaps=gaps) as node,
+        trio.open_nursery() as nursery,
+    ):
+        sender, receiver = started_sessions(node, nursery, "alice", "bob")
+        call = _reply(sender, '{"action":"open","target":"bob","intent":"call:voice"}')["channel_id"]
+        opened = [_reply(sender, '{"action":"open","target":"bob","intent":"stream"}') for _ in range(bulk_channels)]
+        nursery.start_soon(_call, sender, receiver, call, refusals)
+        await trio.sleep(0.1)  # the call is on: bulk is shaped from its first frame
+        yield sender, receiver, [o["channel_id"] for o in opened]
+        nursery.cancel_scope.cancel()
+
+
+_bulk_beside_a_call = given(
     rate=st.integers(20_000, 2_000_000),
     size=st.integers(1, 40_000),
     count=st.integers(1, 25),
     gaps=st.booleans(),
 )
+
+
+@settings(max_examples=60, deadline=None)
+@_bulk_beside_a_call
 def test_bulk_that_keeps_to_the_hints_is_never_refused_beside_a_call(
     rate: int, size: int, count: int, gaps: bool
 ) -> None:
@@ -42,31 +85,10 @@ def test_bulk_that_keeps_to_the_hints_is_never_refused_beside_a_call(
     paces: list[int] = []
 
     async def scenario() -> None:
-        async with (
-            mux.open_mux(agent="node", realtime_bulk_rate=rate, realtime_bulk_gaps=gaps) as node,
-            trio.open_nursery() as nursery,
-        ):
-            sender, receiver = started_sessions(node, nursery, "alice", "bob")
-            call = _reply(sender, '{"action":"open","target":"bob","intent":"call:voice"}')["channel_id"]
-            bulk = _reply(sender, '{"action":"open","target":"bob","intent":"stream"}')["channel_id"]
-
-            def drain() -> None:
-                while receiver.outbox.get_nowait() is not None:
-                    pass
-
-            async def caller() -> None:
-                for i in range(100_000):  # bounded; cancelled when the bulk is through
-                    ack = _reply(sender, pack_binary({"action": "send", "channel_id": call, "ref": i}, bytes(200)))
-                    if ack.get("event") != "frame_ack":
-                        refusals.append(ack)
-                    drain()
-                    await trio.sleep(CALL_PERIOD_S)
-
-            nursery.start_soon(caller)
-            await trio.sleep(0.1)  # the call is on: bulk is shaped from its first frame
+        async with _beside_a_call(rate, gaps, 1, refusals) as (sender, receiver, (bulk,)):
             for i in range(count):
                 ack = _reply(sender, pack_binary({"action": "send", "channel_id": bulk, "ref": i}, bytes(size)))
-                drain()
+                _drain(receiver)
                 if ack.get("event") != "frame_ack":
                     refusals.append(ack)
                     break
@@ -74,7 +96,6 @@ def test_bulk_that_keeps_to_the_hints_is_never_refused_beside_a_call(
                 pace = ack.get("pace_ms") or 0
                 paces.append(pace)
                 await trio.sleep(pace / 1000)
-            nursery.cancel_scope.cancel()
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
     event("paced", any(paces))
@@ -82,12 +103,7 @@ def test_bulk_that_keeps_to_the_hints_is_never_refused_beside_a_call(
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    rate=st.integers(100_000, 2_000_000),
-    size=st.integers(2_000, 40_000),
-    count=st.integers(2, 20),
-    gaps=st.booleans(),
-)
+@_bulk_beside_a_call
 def test_bulk_channels_that_keep_to_the_hints_are_never_refused_together(
     rate: int, size: int, count: int, gaps: bool
 ) -> None:
@@ -100,46 +116,25 @@ def test_bulk_channels_that_keep_to_the_hints_are_never_refused_together(
     refusals: list[dict[str, Any]] = []
 
     async def scenario() -> None:
-        async with (
-            mux.open_mux(agent="node", realtime_bulk_rate=rate, realtime_bulk_gaps=gaps) as node,
-            trio.open_nursery() as nursery,
-        ):
-            sender, receiver = started_sessions(node, nursery, "alice", "bob")
-            call = _reply(sender, '{"action":"open","target":"bob","intent":"call:voice"}')["channel_id"]
-            channels = [
-                _reply(sender, '{"action":"open","target":"bob","intent":"stream"}')["channel_id"] for _ in "ab"
-            ]
-
-            def drain() -> None:
-                while receiver.outbox.get_nowait() is not None:
-                    pass
-
-            async def caller() -> None:
-                for i in range(100_000):  # bounded; cancelled when the bulk is through
-                    _reply(sender, pack_binary({"action": "send", "channel_id": call, "ref": i}, bytes(200)))
-                    drain()
-                    await trio.sleep(CALL_PERIOD_S)
+        async with _beside_a_call(rate, gaps, 2, refusals) as (sender, receiver, channels):
 
             async def bulk(channel: str, sizes: list[int]) -> None:
                 for i, n in enumerate(sizes):
                     message = pack_binary({"action": "send", "channel_id": channel, "ref": i}, bytes(n))
                     ack = _reply(sender, message)
-                    drain()
+                    _drain(receiver)
                     if ack.get("error") == "throttled" and n > max(sizes[:i], default=0):  # once more
                         await trio.sleep(ack["retry_after_ms"] / 1000)
                         ack = _reply(sender, message)
-                        drain()
+                        _drain(receiver)
                     if ack.get("event") != "frame_ack":
                         refusals.append(ack)
                         return
                     await trio.sleep((ack.get("pace_ms") or 0) / 1000)
 
-            nursery.start_soon(caller)
-            await trio.sleep(0.1)  # the call is on: bulk is shaped from its first frame
             async with trio.open_nursery() as senders:
                 senders.start_soon(bulk, channels[0], [size] * count)
                 senders.start_soon(bulk, channels[1], [100, size] * count)
-            nursery.cancel_scope.cancel()
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
     assert refusals == [], f"refused while keeping to the hints: {refusals[0]}"
