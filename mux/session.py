@@ -302,8 +302,9 @@ class WireSession:
         """Real-time beside bulk on one connection (``MuxConfig.realtime_bulk_rate``): a call's
         frames mark the connection; meanwhile its preemptible frames share a byte budget and
         their acks carry the ``window`` hint (``MuxConfig.realtime_bulk_window``) and, when
-        the budget has no room for another frame this size yet or it is not the gap after a
-        call frame (``MuxConfig.realtime_bulk_gaps``), ``pace_ms``. Returns the
+        the budget has no room yet for the channel's next frame after what it promised the
+        connection's other bulk channels (``BulkShare``), or it is not the gap after a call
+        frame (``MuxConfig.realtime_bulk_gaps``), ``pace_ms``. Returns the
         payload's encoding when it had to compute it (for ``Mux._post``), the hints and what
         the frame was charged."""
         intent = state.intent
@@ -321,7 +322,7 @@ class WireSession:
         encoded = None if isinstance(payload, bytes) else payload_bytes(payload)
         size = len(payload) if encoded is None else len(encoded[1])
         bulk = self._bulk
-        reckon = bulk.arrive(state.id, size, now)  # the next frame's size, as this channel's go
+        reckon = bulk.arrive(state.id, size, now)  # the size its next slot is reckoned for
         if not bulk.take(state.id, size, now):
             state.throttled += 1
             retry = max(1, bulk.wait_ms(size, now))
