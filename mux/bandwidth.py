@@ -120,26 +120,27 @@ class BulkShare:
         """Spend ``nbytes`` of the shared budget for channel ``key`` (``TokenBucket.take``),
         unless that would leave another channel's promised slot short: a frame larger than
         its channel was promised, or early, does not take the room kept for the others."""
-        b = self.bucket
-        tokens = self._tokens(now) - nbytes
-        t = now
-        for promise in self._in_order(now, but=key):
-            due = max(promise.due, t)
-            tokens = min(float(b.burst), tokens + (due - t) * b.rate)
-            if tokens + _SLACK < min(promise.nbytes, b.burst):  # as take() would find it then
-                return False
-            tokens -= promise.nbytes
-            t = due
-        return b.take(nbytes, now)
+        _, _, short = self._after_promises(self._tokens(now) - nbytes, now, but=key)
+        return not short and self.bucket.take(nbytes, now)
 
     def _tokens(self, now: float) -> float:
         b = self.bucket
         return b.tokens if b.stamp is None else min(float(b.burst), b.tokens + (now - b.stamp) * b.rate)
 
-    def _in_order(self, now: float, but: str | None = None) -> list[_Promise]:
-        """The promises still ahead at ``now`` (but ``but``'s), soonest first."""
+    def _after_promises(self, tokens: float, now: float, but: str | None = None) -> tuple[float, float, bool]:
+        """Starting from ``tokens`` at ``now``, let every promise still ahead (but ``but``'s)
+        take its room in turn: the credit and the time after the last, and whether one of them
+        would have found too little (as ``TokenBucket.take`` would)."""
+        b = self.bucket
+        t, short = now, False
         ahead = (p for k, p in self._promised.items() if k != but and p.due >= now - _PAST)
-        return sorted(ahead, key=lambda p: p.due)
+        for promise in sorted(ahead, key=lambda p: p.due):
+            due = max(promise.due, t)
+            tokens = min(float(b.burst), tokens + (due - t) * b.rate)
+            short = short or tokens + _SLACK < min(promise.nbytes, b.burst)
+            tokens -= promise.nbytes
+            t = due
+        return tokens, t, short
 
     def refund(self, nbytes: int) -> None:
         """Give back what a frame took but did not use."""
@@ -147,15 +148,9 @@ class BulkShare:
 
     def wait_ms(self, nbytes: int, now: float) -> int:
         """Milliseconds from ``now`` until ``nbytes`` fit after every promised slot is used."""
-        b = self.bucket
-        tokens = self._tokens(now)
-        t = now
-        for promise in self._in_order(now):
-            due = max(promise.due, t)
-            tokens = min(float(b.burst), tokens + (due - t) * b.rate) - promise.nbytes
-            t = due
-        short = min(float(nbytes), float(b.burst)) - tokens
-        ready = t + max(0.0, short) / b.rate
+        tokens, t, _ = self._after_promises(self._tokens(now), now)
+        short = min(float(nbytes), float(self.bucket.burst)) - tokens
+        ready = t + max(0.0, short) / self.bucket.rate
         return math.ceil((ready - now) * 1000 - 1e-6)
 
     def promise(self, key: str, nbytes: int, largest: int, due: float) -> None:

@@ -27,8 +27,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 import trio
+
+resource: ModuleType | None
+try:
+    import resource  # Unix only
+except ImportError:
+    resource = None
 
 __all__ = ["freeze_startup", "release_memory", "resident", "trimmer"]
 
@@ -51,11 +58,8 @@ _TRIM = _malloc_trim()
 def resident() -> tuple[int | None, int]:
     """The process's resident memory in bytes: now (``/proc/self/statm``; None where there is
     none) and its peak since start (``getrusage``; 0 where there is none)."""
-    try:
-        import resource  # Unix only
-    except ImportError:
-        peak = 0
-    else:
+    peak = 0
+    if resource is not None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     try:

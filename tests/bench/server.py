@@ -437,16 +437,16 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                 )
             )
             relay_rows = (
-                (singles, f"(b) relay tx->node->rx, 2 conns, 1 channel, {per_round}x100 B, {window} in flight e2e"),
-                (quiets, "(b') = (b), the sender on ?acks=errors (no frame_ack per delivered send)"),
-                (signed, f"(b'') = (b') on a node signing chain heads (sign_every={HEADS_SIGN_EVERY})"),
+                ("(b)", singles, f"relay tx->node->rx, 2 conns, 1 channel, {per_round}x100 B, {window} in flight e2e"),
+                ("(b')", quiets, "= (b), the sender on ?acks=errors (no frame_ack per delivered send)"),
+                ("(b'')", signed, f"= (b') on a node signing chain heads (sign_every={HEADS_SIGN_EVERY})"),
             )
             fractions: list[float] = []
             of_single: list[float] = []
             echo_cpu = [e[2].node_cpu / per_round for e in one_by_one]  # node CPU per (f') message, per round
             in_echoes: list[str] = []
             units_of: dict[str, float] = {}  # configuration -> median node CPU per frame in (f') messages
-            for runs, label in relay_rows:
+            for name, runs, label in relay_rows:
                 mid = _median(runs, lambda x: x.rx_rate)
                 assert mid.meter is not None
                 ratios = _percent_of(runs, echoes)
@@ -454,10 +454,10 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                 of_single.append(_median(_percent_of(runs, one_by_one)))
                 units = [_cpu_per_frame(x) / c for x, c in zip(runs, echo_cpu, strict=True)]
                 in_echoes.append(f"{_median(units):.2f}")
-                units_of[label.split()[0]] = _median(units)
+                units_of[name] = _median(units)
                 rows.append(
                     (
-                        label,
+                        f"{name} {label}",
                         f"{mid.rx_rate:>8.0f} frames/s  e2e {fmt_ms(mid.rx_lat)}   "
                         f"{mid.meter.per(mid.received)}{mid.refusals()}   (median of {rounds}:"
                         f" {_spread([x.rx_rate for x in runs])}; of (f) in its round:"
@@ -562,7 +562,7 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                     f"{fractions[0]:>8.0f} % / {fractions[1]:.0f} % / {fractions[2]:.0f} %  (target >= 80 %)",
                 )
             )
-            relays = ("(b)", "(b')", "(b'')")
+            relays = [name for name, _, _ in relay_rows]
             fast = [name for name, f in zip(relays, fractions, strict=True) if f >= 80]
             target(
                 "single-frame relay at least 80% of the echo (f)",
