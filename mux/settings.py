@@ -75,6 +75,11 @@ class NodeSettings:
         """True when a certificate and key are configured."""
         return bool(self.certfile and self.keyfile)
 
+    def given(self, **overrides: Any) -> NodeSettings:
+        """These settings with ``overrides`` applied (None = not given), each checked."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return attrs.evolve(self, **given) if given else self
+
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> NodeSettings:
         """Settings from a TOML file: top-level keys are field names; ``[mux]`` holds
@@ -104,8 +109,7 @@ class NodeSettings:
             settings = cls(mux=mux, **data)
         except BadSetting as exc:
             raise BadSetting(f"{path}: {exc.detail}", setting=exc.setting) from None
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return attrs.evolve(settings, **given) if given else settings
+        return settings.given(**overrides)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> NodeSettings:
@@ -130,8 +134,7 @@ class NodeSettings:
         except BadSetting as exc:
             var = f"MUX_{exc.setting.upper()}: " if exc.setting in values else ""
             raise BadSetting(f"{var}{exc.detail}", setting=exc.setting) from None
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return attrs.evolve(settings, **given) if given else settings
+        return settings.given(**overrides)
 
 
 def _flag_from_text(raw: str) -> bool:
