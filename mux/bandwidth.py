@@ -17,7 +17,7 @@ import math
 
 import attrs
 
-__all__ = ["GAP_CLOSES", "GAP_OPENS", "UNLIMITED", "BulkShare", "Cadence", "TokenBucket"]
+__all__ = ["GAP_CLOSES", "GAP_OPENS", "UNLIMITED", "Arrival", "BulkShare", "Cadence", "TokenBucket"]
 
 
 _SLACK = 1e-6
@@ -27,6 +27,15 @@ _PAST = 1e-6
 """A promised slot this many seconds behind now has passed (float dust is not a miss)."""
 _FORGET_S = 1.0
 """A promise this long past its time is forgotten (``BulkShare``)."""
+_HOLD_MIN_S = 0.005
+"""A promise whose time has passed still holds its room, in the slots reckoned for the other
+channels, at least this long (its frame may be on its way) ...
+"""
+_HOLD_LATENESS = 2.0
+"""... or this many times the connection's recent lateness, if longer (at most ``_FORGET_S``)."""
+_LATENESS_DECAY = 0.8
+"""The connection's recent lateness is the latest frame's, or this much of the one before,
+whichever is more: it follows a slower path at once and a faster one over a few frames."""
 
 
 @attrs.define
@@ -47,14 +56,24 @@ class TokenBucket:
         """
         if self.rate <= 0:
             return True
-        if self.stamp is not None:
-            self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        self._refill(now)
         credit = self.tokens + _SLACK
         if credit >= nbytes or credit >= self.burst:
             self.tokens -= nbytes
             return True
         return False
+
+    def spend(self, nbytes: int, now: float) -> None:
+        """Spend ``nbytes`` at time ``now`` whatever the credit: below zero, the debt delays
+        the next frames."""
+        if self.rate > 0:
+            self._refill(now)
+            self.tokens -= nbytes
+
+    def _refill(self, now: float) -> None:
+        if self.stamp is not None:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
 
     def refund(self, nbytes: int) -> None:
         """Give back credit a frame took but did not use (it was refused further on)."""
@@ -86,6 +105,16 @@ class _Promise:
     largest: int
 
 
+@attrs.frozen
+class Arrival:
+    """A bulk frame as its connection's :class:`BulkShare` reckons it."""
+
+    reckon: int
+    """The size to reckon the channel's next slot for: the largest frame it sent while shaped."""
+    kept: bool
+    """It came at or after its channel's promised time, no larger than the room kept."""
+
+
 @attrs.define
 class BulkShare:
     """A connection's bulk budget beside a call (``bucket``, shared by its bulk channels) and
@@ -95,45 +124,72 @@ class BulkShare:
     channels that keep to their hints never take each other's room (reckoned from the bucket
     alone, two channels told the same time collide and one is refused). It is reckoned for the
     largest frame the channel sent while shaped, so a file's chunk fits after its small
-    header. One promise per channel: a channel's next frame uses it (early or late). One
-    whose time has passed holds no room, so a channel that stopped holds none; a second
-    after it, it is forgotten with the channel's largest frame.
+    header. One promise per channel: the channel's next frame uses it.
+
+    A frame that keeps its promise (it comes at or after its time, no larger than the room
+    kept) always passes. A client's frame comes after its hint by the way there and back and
+    the client's own delays, so a promise whose time has passed still holds its room for a
+    while: twice the lateness of the connection's recent frames, at least ``_HOLD_MIN_S``.
+    Meanwhile the other channels' slots are reckoned after it, and a frame that keeps no
+    promise (early, larger than its room, or a channel's first) is refused rather than take
+    that room. A channel that stopped costs the others one slot reckoned later; a second
+    after its time, its promise is forgotten with the channel's largest frame.
     """
 
     bucket: TokenBucket
     _promised: dict[str, _Promise] = attrs.field(factory=dict)
+    _lateness: float = 0.0
+    """Seconds the connection's recent frames came after their promised time."""
 
     @property
     def rate(self) -> int:
         """Bytes per second the connection's bulk channels share."""
         return self.bucket.rate
 
-    def arrive(self, key: str, nbytes: int, now: float) -> int:
+    def arrive(self, key: str, nbytes: int, now: float) -> Arrival:
         """A frame of ``nbytes`` comes on channel ``key``: it uses the channel's promise (and
-        long-past ones are forgotten); returns the size to reckon the channel's next slot for."""
+        long-past ones are forgotten); what it is reckoned as."""
         promise = self._promised.pop(key, None)
         for k in [k for k, p in self._promised.items() if p.due < now - _FORGET_S]:
             del self._promised[k]
-        return max(nbytes, promise.largest) if promise is not None else nbytes
+        if promise is None:
+            return Arrival(nbytes, kept=False)
+        self._lateness = max(min(now - promise.due, _FORGET_S), _LATENESS_DECAY * self._lateness)
+        kept = now >= promise.due - _PAST and nbytes <= promise.nbytes
+        return Arrival(max(nbytes, promise.largest), kept=kept)
 
-    def take(self, key: str, nbytes: int, now: float) -> bool:
-        """Spend ``nbytes`` of the shared budget for channel ``key`` (``TokenBucket.take``),
-        unless that would leave another channel's promised slot short: a frame larger than
-        its channel was promised, or early, does not take the room kept for the others."""
-        _, _, short = self._after_promises(self._tokens(now) - nbytes, now, but=key)
+    def take(self, key: str, nbytes: int, now: float, *, kept: bool) -> bool:
+        """Spend ``nbytes`` of the shared budget for channel ``key``. A frame that ``kept`` its
+        channel's promise (``Arrival``) passes: its room was kept, and what its lateness cost
+        (credit the full bucket could not bank meanwhile) is a debt the next slots are
+        reckoned after. Any other (early, larger than its room, or the channel's first) passes
+        as ``TokenBucket.take`` would, unless it would leave short a slot promised to another
+        channel: one still ahead, or one whose frame is late (``_hold``) and may be on its
+        way."""
+        if kept:
+            self.bucket.spend(nbytes, now)
+            return True
+        _, _, short = self._after_promises(self._tokens(now) - nbytes, now, since=now - self._hold(), but=key)
         return not short and self.bucket.take(nbytes, now)
+
+    def _hold(self) -> float:
+        """Seconds a promise whose time has passed still holds its room."""
+        return min(_FORGET_S, max(_HOLD_MIN_S, _HOLD_LATENESS * self._lateness))
 
     def _tokens(self, now: float) -> float:
         b = self.bucket
         return b.tokens if b.stamp is None else min(float(b.burst), b.tokens + (now - b.stamp) * b.rate)
 
-    def _after_promises(self, tokens: float, now: float, but: str | None = None) -> tuple[float, float, bool]:
-        """Starting from ``tokens`` at ``now``, let every promise still ahead (but ``but``'s)
-        take its room in turn: the credit and the time after the last, and whether one of them
-        would have found too little (as ``TokenBucket.take`` would)."""
+    def _after_promises(
+        self, tokens: float, now: float, *, since: float, but: str | None = None
+    ) -> tuple[float, float, bool]:
+        """Starting from ``tokens`` at ``now``, let every promise due since ``since`` (but
+        ``but``'s) take its room in turn, those already due first: the credit and the time
+        after the last, and whether one of them would have found too little (as
+        ``TokenBucket.take`` would)."""
         b = self.bucket
         t, short = now, False
-        ahead = (p for k, p in self._promised.items() if k != but and p.due >= now - _PAST)
+        ahead = (p for k, p in self._promised.items() if k != but and p.due >= since)
         for promise in sorted(ahead, key=lambda p: p.due):
             due = max(promise.due, t)
             tokens = min(float(b.burst), tokens + (due - t) * b.rate)
@@ -148,7 +204,7 @@ class BulkShare:
 
     def wait_ms(self, nbytes: int, now: float) -> int:
         """Milliseconds from ``now`` until ``nbytes`` fit after every promised slot is used."""
-        tokens, t, _ = self._after_promises(self._tokens(now), now)
+        tokens, t, _ = self._after_promises(self._tokens(now), now, since=now - self._hold())
         short = min(float(nbytes), float(self.bucket.burst)) - tokens
         ready = t + max(0.0, short) / self.bucket.rate
         return math.ceil((ready - now) * 1000 - 1e-6)

@@ -322,8 +322,9 @@ class WireSession:
         encoded = None if isinstance(payload, bytes) else payload_bytes(payload)
         size = len(payload) if encoded is None else len(encoded[1])
         bulk = self._bulk
-        reckon = bulk.arrive(state.id, size, now)  # the size its next slot is reckoned for
-        if not bulk.take(state.id, size, now):
+        arrival = bulk.arrive(state.id, size, now)
+        reckon = arrival.reckon  # the size its next slot is reckoned for
+        if not bulk.take(state.id, size, now, kept=arrival.kept):
             state.throttled += 1
             retry = max(1, bulk.wait_ms(size, now))
             bulk.promise(state.id, size, reckon, now + retry / 1000)

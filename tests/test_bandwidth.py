@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 import mux
-from mux.bandwidth import GAP_CLOSES, GAP_OPENS, Cadence, TokenBucket
+from mux.bandwidth import GAP_CLOSES, GAP_OPENS, BulkShare, Cadence, TokenBucket
 
 from .nodes import outbox_events, started_sessions
 
@@ -83,6 +83,55 @@ def test_wait_ms_is_when_the_next_frame_fits() -> None:
     assert b.wait_ms(400) == 300  # 100 left, 300 bytes short at 1000 B/s
     assert b.wait_ms(10_000) == 400  # over the burst: until the bucket is full
     assert TokenBucket(0, 0).wait_ms(1 << 20) == 0  # unlimited
+
+
+def _sent(share: BulkShare, key: str, nbytes: int, now: float) -> bool:
+    """One bulk frame through ``share`` as the node shapes it: when it passes, its channel's
+    next slot is promised (``pace_ms``)."""
+    arrival = share.arrive(key, nbytes, now)
+    ok = share.take(key, nbytes, now, kept=arrival.kept)
+    if ok:
+        share.promise(key, arrival.reckon, arrival.reckon, now + share.wait_ms(arrival.reckon, now) / 1000)
+    return ok
+
+
+def test_a_late_frames_room_is_held_from_the_other_channels() -> None:
+    share = BulkShare(TokenBucket(rate=1_000_000, burst=20_000))  # 1 kB a ms
+    assert _sent(share, "a", 16_000, 0.0)  # 4 kB left: a's next slot is at 12 ms
+    # 2 ms after a's slot its frame has not come: the room stays a's, b is told to wait ...
+    assert share.wait_ms(16_000, 0.014) == 14
+    assert not share.take("b", 16_000, 0.014, kept=False)  # ... and b's first frame is refused
+    assert share.take("a", 16_000, 0.015, kept=share.arrive("a", 16_000, 0.015).kept)  # a's comes
+    # a promise whose frame does not come holds its room no longer than the hold: 5 ms, or
+    # twice the connection's recent lateness (a's frame came 3 ms late)
+    share.promise("a", 16_000, 16_000, 0.040)
+    assert share.wait_ms(16_000, 0.044) == 12
+    assert share.wait_ms(16_000, 0.047) == 0
+    assert share.take("b", 16_000, 0.047, kept=False)
+
+
+def test_the_hold_follows_the_connections_lateness() -> None:
+    share = BulkShare(TokenBucket(rate=1_000_000, burst=20_000))
+    share.promise("a", 16_000, 16_000, 0.0)
+    share.take("a", 16_000, 0.050, kept=share.arrive("a", 16_000, 0.050).kept)  # 50 ms late
+    share.promise("a", 16_000, 16_000, 1.0)
+    assert share.wait_ms(16_000, 1.090) == 12  # held for twice that: 100 ms
+    assert share.wait_ms(16_000, 1.110) == 0
+
+
+def test_a_frame_that_keeps_its_promise_passes_into_debt() -> None:
+    share = BulkShare(TokenBucket(rate=1_000_000, burst=20_000))
+    share.promise("a", 16_000, 16_000, 0.0)
+    share.promise("b", 16_000, 16_000, 0.001)
+    assert share.take("b", 16_000, 0.002, kept=share.arrive("b", 16_000, 0.002).kept)
+    arrival = share.arrive("a", 16_000, 0.003)  # later than b, both late: the bucket has 5 kB
+    assert arrival.kept and share.take("a", 16_000, 0.003, kept=True)
+    assert share.wait_ms(16_000, 0.003) == 27  # the 11 kB of debt first, then 16 kB
+    early = share.arrive("a", 100, 0.003)  # no promise now: a frame that keeps none
+    assert not early.kept and not share.take("a", 100, 0.003, kept=False)
+    larger = BulkShare(TokenBucket(rate=1_000_000, burst=20_000))
+    larger.promise("a", 100, 100, 0.0)  # a file's chunk after a header's room: not kept
+    assert not larger.arrive("a", 16_000, 0.001).kept
 
 
 def test_cadence_learns_a_calls_period_and_finds_the_gap_after_its_frames() -> None:
