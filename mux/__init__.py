@@ -13,7 +13,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .channel import Channel, Receipt
-from .core import Endpoint, Mux, MuxConfig, open_mux
+from .core import Mux, MuxConfig, open_mux
+from .endpoint import Endpoint
 from .errors import (
     BadRequest,
     BadSetting,

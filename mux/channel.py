@@ -28,7 +28,8 @@ from .intents import Intent
 if TYPE_CHECKING:
     from backends.base import Backend, Disposition
 
-    from .core import Endpoint, Mux
+    from .core import Mux
+    from .endpoint import Endpoint
 
 __all__ = ["Channel", "ChannelContext", "ChannelState", "Draft", "End", "Ends", "Receipt", "Sink"]
 

@@ -24,7 +24,8 @@ from .channel import Channel
 from .errors import MuxError
 
 if TYPE_CHECKING:
-    from .core import Endpoint, Mux
+    from .core import Mux
+    from .endpoint import Endpoint
 
 __all__ = ["REPLAY", "Lingering", "Resumed", "Resumes", "new_token"]
 

@@ -1,6 +1,6 @@
 """One client connection's protocol state: actions in, events out, channels held.
 
-How this works: a :class:`WireSession` wraps the :class:`~mux.core.Endpoint` of the agent
+How this works: a :class:`WireSession` wraps the :class:`~mux.endpoint.Endpoint` of the agent
 behind one socket. ``handle(message)`` parses a message (``mux.wire``), applies it to the
 Mux with the synchronous ``*_nowait`` operations and returns the messages to send back; it
 never raises for bad input (each failure becomes an error event for that message only).
@@ -26,7 +26,8 @@ from . import wire
 from .auth import Grant
 from .bandwidth import BulkShare, Cadence, TokenBucket
 from .channel import Channel, ChannelState, End
-from .core import Endpoint, Mux
+from .core import Mux
+from .endpoint import Endpoint
 from .errors import BadRequest, ChannelClosed, ChannelError, ChannelNotFound, ChannelThrottled, MuxError
 from .frames import AgentSignature, Frame, payload_bytes
 from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
