@@ -57,6 +57,8 @@ class ClientChannel:
         self.window: int | None = None
         """The node's ``window`` hint from the last ack or refusal (None: no limit from the
         node): ``send`` keeps at most this many frames unacknowledged on the channel."""
+        self._hinted = False
+        """An answer to a send of this channel has come (its ``window``, or none, is the node's)."""
         self._in_flight = 0
         self._room = trio.lowlevel.ParkingLot()
         self._not_before = -math.inf
@@ -92,11 +94,14 @@ class ClientChannel:
         Sends honour the node's pacing hints (while a call is active on the connection, a bulk
         channel's acks carry them): beyond ``window`` frames in flight a send waits for an
         earlier one's answer, and after a ``pace_ms`` (or a refusal's ``retry_after_ms``) the
-        next send waits that long. A ``throttled`` refusal still raises
-        :class:`~mux.errors.ChannelThrottled` (with ``retry_after_ms``) for the caller to retry.
+        next send waits that long. Before the node's first answer on a preemptible channel,
+        while the connection holds a call, sends go one at a time, as the node would ask. A
+        ``throttled`` refusal still raises :class:`~mux.errors.ChannelThrottled` (with
+        ``retry_after_ms``) for the caller to retry.
         """
         while self.closed_reason is None:  # both gates again after any wait: either may have moved
-            if self.window is not None and self._in_flight >= self.window:
+            window = self._window_now()
+            if window is not None and self._in_flight >= window:
                 await self._room.park()
             elif self._not_before > trio.current_time():
                 await trio.sleep_until(self._not_before)
@@ -119,14 +124,24 @@ class ClientChannel:
             hint = reply.get("window")
             window = hint if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0 else None
             self._pace(reply.get("pace_ms"))
+            self._hinted = True
         except ChannelThrottled as exc:
             window = exc.window or None
             self._pace(exc.retry_after_ms)
+            self._hinted = True
             raise
         finally:
             self._in_flight -= 1
             self._set_window(window)
         return reply
+
+    def _window_now(self) -> int | None:
+        """The most sends in flight now: the node's hint; before its first answer, one on a
+        preemptible channel while the connection holds a call (the node shapes such a channel
+        from its first frame: a burst sent before the hint came would be refused)."""
+        if self.window is not None or self._hinted:
+            return self.window
+        return 1 if self.policy.get("preemptible") is True and self._conn._holds_call() else None
 
     def _pace(self, ms: Any) -> None:
         if isinstance(ms, int) and not isinstance(ms, bool) and 0 < ms <= 60_000:
@@ -134,6 +149,7 @@ class ClientChannel:
 
     def _set_window(self, window: int | None) -> None:
         self.window = window
+        window = self._window_now()
         if window is None:
             self._room.unpark_all()
         else:

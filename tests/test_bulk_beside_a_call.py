@@ -6,6 +6,7 @@ each channel's first frame of a size none is refused. The call's frames are neve
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import trio
 
@@ -72,3 +73,58 @@ async def test_bulk_that_keeps_to_the_hints_is_not_refused_beside_a_call(server:
             assert received == 2 * FRAMES
             assert stream.window == 1  # shaped all along: the call was active
     assert late == [], f"refused while keeping to the hints: {late} (refusals {dict(refused)})"
+
+
+async def test_concurrent_sends_beside_a_call_wait_for_the_first_hint(server: ServeInfo) -> None:
+    """Several tasks sending on one bulk channel at once, beside a call: before the node's
+    first answer on the channel ``mux.client`` keeps one frame in flight (the node shapes the
+    channel from its first frame, and a burst sent before the hint came would be refused), so
+    none of the burst is refused."""
+    refused: list[str] = []
+    in_flight = peak = 0
+    with trio.fail_after(30):
+        async with connect(server.url, "alice") as alice, connect(server.url, "bob") as bob:
+            call = await alice.open("bob", "call:voice")
+            bulk = await alice.open("bob", "stream")
+            theirs = [await bob.accept() for _ in range(2)]
+            request = alice._request
+
+            async def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+                nonlocal in_flight, peak
+                if kwargs.get("binary") is not None:  # the bulk channel's sends
+                    in_flight += 1
+                    peak = max(peak, in_flight)
+                try:
+                    return await request(*args, **kwargs)
+                finally:
+                    in_flight -= kwargs.get("binary") is not None
+
+            alice._request = counting  # type: ignore[method-assign]
+
+            async def drain(ch: ClientChannel) -> None:
+                while True:
+                    await ch.receive()
+
+            async def send(i: int) -> None:
+                try:
+                    await bulk.send(bytes(BULK_BYTES))
+                except ChannelThrottled:
+                    refused.append(f"send {i}")
+
+            async def talk() -> None:
+                await call.send({"type": "offer", "sdp": "v=0"})
+                for i in range(1000):  # bounded; cancelled once the burst is through
+                    await call.send(i.to_bytes(4, "big") + bytes(196))
+                    await trio.sleep(0.020)
+
+            async with trio.open_nursery() as nursery:
+                for ch in theirs:
+                    nursery.start_soon(drain, ch)
+                nursery.start_soon(talk)
+                await trio.sleep(0.1)  # the call is active now
+                async with trio.open_nursery() as senders:
+                    for j in range(8):
+                        senders.start_soon(send, j)
+                nursery.cancel_scope.cancel()
+    assert refused == []
+    assert peak == 1

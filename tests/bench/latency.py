@@ -17,9 +17,10 @@ Phase 1 ("alone"): the caller sends ``VOICE_FRAMES`` media frames, one every 20 
 frames of 200 bytes whose first bytes are the frame index, the send time
 (``time.perf_counter_ns``) and the phase. Phase 2: the same, while the caller floods both bulk
 channels with 16 KiB binary frames (on ``file:sync`` each is a chunk after its JSON chunk
-header: two frames, in order), honouring the node's hints (while a call is active,
-acks on bulk channels carry ``window``, at most that many frames unacknowledged, otherwise
-``FLOOD_WINDOW``; and ``pace_ms``, wait that long before the next frame). Each flood block
+header: two frames, in order), honouring the node's hints as ``mux.client`` does (while a
+call is active, acks on bulk channels carry ``window``, at most that many frames
+unacknowledged, one before the first answer, otherwise ``FLOOD_WINDOW``; and ``pace_ms``,
+wait that long before the next frame). Each flood block
 starts with ``FLOOD_WARMUP_S`` of unreported call frames, so the flood is shaped as beside a
 call in progress. Phase 3: the same flood ignoring the hints (always ``FLOOD_WINDOW`` in
 flight per channel), a client that only reacts to refusals. In both, a
@@ -117,8 +118,9 @@ class Flood:
     rx_bytes: int = 0
     in_flight: int = 0
     window: int = FLOOD_WINDOW
-    """Frames this flood may have unacknowledged: ``FLOOD_WINDOW``, or the node's ``window``
-    hint of the last answer when the flood honours it."""
+    """Frames this flood may have unacknowledged: ``FLOOD_WINDOW``, or when the flood honours
+    the hints the node's ``window`` of the last answer (1 before the first, as beside a call
+    ``mux.client`` keeps)."""
     honour: bool = True
     room: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     backoff: bool = False
@@ -372,6 +374,7 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                     async with trio.open_nursery() as floods:
                         for key, flood in by_key.items():
                             flood.honour = p == 1
+                            flood.window = 1 if flood.honour else FLOOD_WINDOW  # until the first hint
                             floods.start_soon(flood_channel, key, flood)
                         # the warm-up already carries the call (unreported frames), so the flood
                         # is shaped from its first frame, as beside a call in progress
@@ -474,7 +477,7 @@ def report(r: VoiceResult, voice_frames: int) -> list[tuple[str, str]]:
         walls[(p, f.intent)] += wall
     for (p, intent), f in sorted(totals.items()):
         refusals = ", ".join(f"{k} {v}" for k, v in f.refused.most_common()) or "none"
-        how = f"honours window (else {FLOOD_WINDOW})" if p == 1 else f"window {FLOOD_WINDOW}, ignores the hint"
+        how = f"honours window (1 first, else {FLOOD_WINDOW})" if p == 1 else f"window {FLOOD_WINDOW}, ignores the hint"
         rows.append(
             (
                 f"    flood {intent}: {how}; refused: waits retry_after_ms",
