@@ -15,6 +15,13 @@ sections run; the table of every number is printed at the end, after a header na
 machine. A section that fails prints its error in the table (and its traceback on stderr);
 the others still run. Last comes one row per target of the performance issue, with this run's
 figure and whether it was met (``common.target``).
+
+A default run stays within the bench's budget (``common.BENCH_BUDGET_S``) on a machine slower
+than usual: before each section beyond the issue's rows (a) to (f) (``OPTIONAL``), it
+reckons what that section and the required ones after it would take at this run's pace so far
+(``USUAL_S`` times the slowest ratio to usual of the sections that ran), and a section that
+would not fit gives way, its row saying so. The memory section's later cycles give way by
+themselves.
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ import traceback
 from collections.abc import Callable
 
 from . import core, durable, instructions, latency, memory, profile, server, transfer, uplink
-from .common import FROM_SESSION, SESSION_LIMIT_S, TARGETS, elapsed, target
+from .common import BENCH_BUDGET_S, FROM_SESSION, SESSION_LIMIT_S, TARGETS, elapsed, target
 
-__all__ = ["SECTIONS", "main"]
+__all__ = ["OPTIONAL", "SECTIONS", "USUAL_S", "main"]
 
 SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "core": core.run,
@@ -48,9 +55,42 @@ DEFAULT = ["core", "server", "voice", "uplink", "memory", "transfer", "durable"]
 """What runs without arguments: ``profile`` (sampling slows the node) and ``instructions``
 (valgrind runs the code some 50 times slower) run when named."""
 
+USUAL_S: dict[str, float] = {
+    "core": 6.0,
+    "server": 50.0,
+    "voice": 64.0,
+    "uplink": 34.0,
+    "memory": 30.0,
+    "transfer": 18.0,
+    "durable": 5.0,
+}
+"""Seconds each default section takes here at the machine's usual pace (memory: its first
+cycle; the later ones give way by themselves)."""
+OPTIONAL = frozenset({"core", "uplink", "transfer", "durable"})
+"""Default sections beyond the issue's rows (a) to (f): they give way in a run too slow to
+hold them within the budget."""
+_PACED = frozenset({"voice", "memory"})
+"""Sections whose time is set by the clock (voice: a frame every 20 ms) or by the budget
+(memory's cycles), not by the machine's pace: they do not tell how slow a run is."""
 _WIDTH = 90
 INSTALL_ROOM_S = 270.0
 """Sections that take less than this leave nox's install (about 20 s here) room in 5 minutes."""
+
+
+def _gives_way(name: str, after: list[str], took_s: dict[str, float]) -> str:
+    """Why the optional section ``name`` of a default run gives way ('' if it runs): what it
+    and the required sections ``after`` it would take at this run's pace so far (``took_s``:
+    each section that ran, in seconds) would go past the bench's budget."""
+    if name not in OPTIONAL:
+        return ""
+    pace = max([1.0, *(took_s[n] / USUAL_S[n] for n in took_s if n in USUAL_S and n not in _PACED)])
+    need = pace * (USUAL_S.get(name, 0.0) + sum(USUAL_S.get(n, 0.0) for n in after if n not in OPTIONAL))
+    if elapsed() + need <= BENCH_BUDGET_S:
+        return ""
+    return (
+        f"this run is {pace:.1f}x slower than usual so far: with it, the required sections after"
+        f" it would not end within the bench's {BENCH_BUDGET_S:.0f} s (at {elapsed():.0f} s, {need:.0f} s needed)"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -63,15 +103,17 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     TARGETS.clear()
     table: list[tuple[str, str]] = []
-    for name in names:
-        t0 = time.monotonic()
+    took_s: dict[str, float] = {}
+    for i, name in enumerate(names):
+        t0 = elapsed()
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        why = _gives_way(name, names[i + 1 :], took_s) if names == DEFAULT else ""
         try:
-            rows = SECTIONS[name]()
+            rows = [(f"{name}: skipped", why)] if why else SECTIONS[name]()
         except Exception as exc:  # a broken section must not hide the others' numbers
             traceback.print_exc()
             rows = [(f"{name}: FAILED", f"{type(exc).__name__}: {str(exc)[:200]}")]
-        took = time.monotonic() - t0
+        took = took_s[name] = elapsed() - t0
         print(f"[bench] {name} done in {took:.1f} s", file=sys.stderr, flush=True)
         table.append((f"== {name} ({took:.0f} s)", ""))
         table.extend(rows)
