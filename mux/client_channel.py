@@ -149,11 +149,11 @@ class ClientChannel:
 
     def _set_window(self, window: int | None) -> None:
         self.window = window
-        window = self._window_now()
-        if window is None:
+        most = self._window_now()
+        if most is None:
             self._room.unpark_all()
         else:
-            self._room.unpark(count=max(0, window - self._in_flight))
+            self._room.unpark(count=max(0, most - self._in_flight))
 
     async def receive(self) -> dict[str, Any]:
         """The next frame addressed to us (``Frame.to_dict()`` form; binary payloads as bytes).
