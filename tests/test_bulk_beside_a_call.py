@@ -20,7 +20,20 @@ FRAMES = 40
 """Per bulk channel: 40 x 16 kB at the node's 2 MB/s beside a call, both channels, 0.7 s."""
 
 
+async def _talk(call: ClientChannel) -> None:
+    """The call: its offer, then a 200-byte frame every 20 ms (bounded; cancelled when the
+    test's bulk is through)."""
+    await call.send({"type": "offer", "sdp": "v=0"})
+    for i in range(1000):
+        await call.send(i.to_bytes(4, "big") + bytes(196))
+        await trio.sleep(0.020)
+
+
 async def test_bulk_that_keeps_to_the_hints_is_not_refused_beside_a_call(server: ServeInfo) -> None:
+    """Two bulk channels, one of 16 kB frames and one a file's way (a 100-byte chunk header,
+    then the chunk), each sent one frame at a time by ``mux.client``: only a frame larger
+    than any its channel sent before may be refused (its slot was reckoned for the largest so
+    far), and it passes when sent again."""
     refused: collections.Counter[str] = collections.Counter()
     late: list[tuple[str, int]] = []
     with trio.fail_after(30):
@@ -38,19 +51,12 @@ async def test_bulk_that_keeps_to_the_hints_is_not_refused_beside_a_call(server:
                     if isinstance(payload, bytes) and len(payload) == BULK_BYTES:
                         received += 1
 
-            async def talk() -> None:
-                await call.send({"type": "offer", "sdp": "v=0"})
-                for i in range(1000):  # bounded; cancelled once the bulk is through
-                    await call.send(i.to_bytes(4, "big") + bytes(196))
-                    await trio.sleep(0.020)
-
             async def bulk(ch: ClientChannel, name: str, sizes: list[int]) -> None:
                 largest = 0
                 for n in sizes:
-                    payload: bytes | dict[str, int] = bytes(n) if n == BULK_BYTES else {"size": BULK_BYTES}
                     for _ in range(3):  # a refused frame is sent again at its retry_after_ms
                         try:
-                            await ch.send(payload)
+                            await ch.send(bytes(n))
                             break
                         except ChannelThrottled:
                             refused[name] += 1
@@ -61,7 +67,7 @@ async def test_bulk_that_keeps_to_the_hints_is_not_refused_beside_a_call(server:
             async with trio.open_nursery() as nursery:
                 for ch in theirs:
                     nursery.start_soon(read, ch)
-                nursery.start_soon(talk)
+                nursery.start_soon(_talk, call)
                 await trio.sleep(0.2)  # the call is on: bulk is shaped from its first frame
                 async with trio.open_nursery() as senders:
                     senders.start_soon(bulk, stream, "stream", [BULK_BYTES] * FRAMES)
@@ -91,13 +97,15 @@ async def test_concurrent_sends_beside_a_call_wait_for_the_first_hint(server: Se
 
             async def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
                 nonlocal in_flight, peak
-                if kwargs.get("binary") is not None:  # the bulk channel's sends
+                bulky = kwargs.get("binary") is not None  # the bulk channel's sends
+                if bulky:
                     in_flight += 1
                     peak = max(peak, in_flight)
                 try:
                     return await request(*args, **kwargs)
                 finally:
-                    in_flight -= kwargs.get("binary") is not None
+                    if bulky:
+                        in_flight -= 1
 
             alice._request = counting  # type: ignore[method-assign]
 
@@ -111,16 +119,10 @@ async def test_concurrent_sends_beside_a_call_wait_for_the_first_hint(server: Se
                 except ChannelThrottled:
                     refused.append(f"send {i}")
 
-            async def talk() -> None:
-                await call.send({"type": "offer", "sdp": "v=0"})
-                for i in range(1000):  # bounded; cancelled once the burst is through
-                    await call.send(i.to_bytes(4, "big") + bytes(196))
-                    await trio.sleep(0.020)
-
             async with trio.open_nursery() as nursery:
                 for ch in theirs:
                     nursery.start_soon(drain, ch)
-                nursery.start_soon(talk)
+                nursery.start_soon(_talk, call)
                 await trio.sleep(0.1)  # the call is active now
                 async with trio.open_nursery() as senders:
                     for j in range(8):
