@@ -2,8 +2,8 @@
 
 How this works: ``Mux.attach`` makes one :class:`Endpoint` per attached agent. The mux
 announces each channel opened to the agent (``_announce``): the endpoint holds its end and
-either hands it to the taker a connection set (``take_channels``) or queues it for
-``accept`` (bounded by the opens the mux admits, ``incoming_buffer_channels``). Leaving
+hands it to the taker set with ``take_channels`` (as a connection does), or else queues it
+for ``accept`` (bounded by the opens the mux admits, ``incoming_buffer_channels``). Leaving
 closes what it opened and the live channels it accepted; durable channels opened to it stay
 open, their frames waiting in its mailbox for its next attachment.
 """
