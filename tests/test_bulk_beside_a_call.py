@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+import pytest
 import trio
 
 from mux.client import ClientChannel, connect
@@ -81,30 +82,34 @@ async def test_bulk_that_keeps_to_the_hints_is_not_refused_beside_a_call(server:
     assert late == [], f"refused while keeping to the hints: {late} (refusals {dict(refused)})"
 
 
-async def test_concurrent_sends_beside_a_call_wait_for_the_first_hint(server: ServeInfo) -> None:
-    """Several tasks sending on one bulk channel at once, beside a call: before the node's
-    first answer on the channel ``mux.client`` keeps one frame in flight (the node shapes the
-    channel from its first frame, and a burst sent before the hint came would be refused), so
-    none of the burst is refused."""
+@pytest.mark.parametrize(("intent", "most"), [("stream", 1), ("chat", 8)])
+async def test_concurrent_sends_beside_a_call_wait_for_the_first_hint(
+    server: ServeInfo, intent: str, most: int
+) -> None:
+    """Several tasks sending on one channel at once, beside a call. On a preemptible channel
+    (``stream``) ``mux.client`` keeps one frame in flight until the node's first answer (the
+    node shapes the channel from its first frame, and a burst sent before the hint came would
+    be refused), so none of the burst is refused; a channel the node does not shape (``chat``)
+    sends its burst at once."""
     refused: list[str] = []
     in_flight = peak = 0
     with trio.fail_after(30):
         async with connect(server.url, "alice") as alice, connect(server.url, "bob") as bob:
             call = await alice.open("bob", "call:voice")
-            bulk = await alice.open("bob", "stream")
+            burst = await alice.open("bob", intent)
             theirs = [await bob.accept() for _ in range(2)]
             request = alice._request
 
-            async def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            async def counting(message: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
                 nonlocal in_flight, peak
-                bulky = kwargs.get("binary") is not None  # the bulk channel's sends
-                if bulky:
+                counted = message.get("channel_id") == burst.id
+                if counted:
                     in_flight += 1
                     peak = max(peak, in_flight)
                 try:
-                    return await request(*args, **kwargs)
+                    return await request(message, **kwargs)
                 finally:
-                    if bulky:
+                    if counted:
                         in_flight -= 1
 
             alice._request = counting  # type: ignore[method-assign]
@@ -115,7 +120,7 @@ async def test_concurrent_sends_beside_a_call_wait_for_the_first_hint(server: Se
 
             async def send(i: int) -> None:
                 try:
-                    await bulk.send(bytes(BULK_BYTES))
+                    await burst.send(bytes(BULK_BYTES) if intent == "stream" else {"i": i})
                 except ChannelThrottled:
                     refused.append(f"send {i}")
 
@@ -129,4 +134,4 @@ async def test_concurrent_sends_beside_a_call_wait_for_the_first_hint(server: Se
                         senders.start_soon(send, j)
                 nursery.cancel_scope.cancel()
     assert refused == []
-    assert peak == 1
+    assert peak == most
