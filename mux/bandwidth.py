@@ -70,9 +70,14 @@ class TokenBucket:
             self._refill(now)
             self.tokens -= nbytes
 
+    def credit(self, now: float) -> float:
+        """The credit the bucket would hold at time ``now`` (nothing spent, nothing changed)."""
+        if self.stamp is None:
+            return self.tokens
+        return min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+
     def _refill(self, now: float) -> None:
-        if self.stamp is not None:
-            self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        self.tokens = self.credit(now)
         self.stamp = now
 
     def refund(self, nbytes: int) -> None:
@@ -169,16 +174,12 @@ class BulkShare:
         if kept:
             self.bucket.spend(nbytes, now)
             return True
-        _, _, short = self._after_promises(self._tokens(now) - nbytes, now, since=now - self._hold(), but=key)
+        _, _, short = self._after_promises(self.bucket.credit(now) - nbytes, now, since=now - self._hold(), but=key)
         return not short and self.bucket.take(nbytes, now)
 
     def _hold(self) -> float:
         """Seconds a promise whose time has passed still holds its room."""
         return min(_FORGET_S, max(_HOLD_MIN_S, _HOLD_LATENESS * self._lateness))
-
-    def _tokens(self, now: float) -> float:
-        b = self.bucket
-        return b.tokens if b.stamp is None else min(float(b.burst), b.tokens + (now - b.stamp) * b.rate)
 
     def _after_promises(
         self, tokens: float, now: float, *, since: float, but: str | None = None
@@ -204,7 +205,7 @@ class BulkShare:
 
     def wait_ms(self, nbytes: int, now: float) -> int:
         """Milliseconds from ``now`` until ``nbytes`` fit after every promised slot is used."""
-        tokens, t, _ = self._after_promises(self._tokens(now), now, since=now - self._hold())
+        tokens, t, _ = self._after_promises(self.bucket.credit(now), now, since=now - self._hold())
         short = min(float(nbytes), float(self.bucket.burst)) - tokens
         ready = t + max(0.0, short) / self.bucket.rate
         return math.ceil((ready - now) * 1000 - 1e-6)
