@@ -5,6 +5,7 @@ optional sections give way so that it stays within them."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -92,3 +93,50 @@ def test_in_a_slow_run_the_optional_sections_give_way(
     assert [name for name in took if f"({name}) its row" in out] == ran
     if "extra" not in ran:  # at 200 s, 2 x (30 + 30) s would end past 285 s
         assert "extra: skipped" in out and "2.0x slower than usual" in out and "(at 200 s, 120 s needed)" in out
+
+
+def _meter(wall: float, node_cpu: float, client_cpu: float) -> common.Meter:
+    return common.Meter(proc=None, wall=wall, node_cpu=node_cpu, client_cpu=client_cpu)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("node_us", "client_us", "cores", "rate", "by"),
+    [
+        (240.0, 300.0, 2, 1e6 / 300, "the client"),  # the client's one thread is busiest
+        (300.0, 100.0, 2, 1e6 / 300, "the node"),
+        (190.0, 210.0, 2, 1e6 / 210, "the client"),  # two threads on two cores: the busier one
+        (200.0, 200.0, 1, 1e6 / 400, "the cores"),  # each could do 5,000/s alone; one core for both
+    ],
+)
+def test_the_rate_with_neither_process_waiting_names_what_sets_it(
+    node_us: float, client_us: float, cores: int, rate: float, by: str
+) -> None:
+    n = 1000
+    m = _meter(wall=10.0, node_cpu=node_us * n / 1e6, client_cpu=client_us * n / 1e6)
+    got, what = m.full_use_rate(n, cores)
+    assert got == pytest.approx(rate) and what == by
+    assert _meter(0.0, 0.0, 0.0).full_use_rate(n, cores) == (0.0, "nothing measured")
+
+
+def test_the_bounds_row_reads_the_round_of_the_median_relay(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.bench import server
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    n = 6000
+
+    def relay(rate: float, node_us: float, client_us: float) -> server.RelayResult:
+        wall = n / rate
+        r = server.RelayResult(received=n, meter=_meter(wall, node_us * n / 1e6, client_us * n / 1e6))
+        r.t_first, r.t_last_rx = 0, int(wall * 1e9)
+        return r
+
+    def echo(rate: float, srv_us: float, client_us: float) -> tuple[float, list[float], common.Meter]:
+        return rate, [], _meter(n / rate, srv_us * n / 1e6, client_us * n / 1e6)
+
+    # the median (b) is the second round's: its client busy all the time at 300 us a frame
+    singles = [relay(2000, 250, 300), relay(3300, 240, 300), relay(4000, 200, 200)]
+    echoes = [echo(9000, 100, 100), echo(5000, 118, 200), echo(1000, 100, 100)]
+    label, value = server.bounds_row(echoes, singles)
+    assert label.lstrip().startswith("what bounds (f) and (b)")
+    assert value.startswith("(f) 0.59 + 1.00, (b) 0.79 + 0.99 of 2;")
+    assert value.endswith("3333 frames/s, set by the client, 67% of (f)")

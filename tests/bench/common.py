@@ -276,6 +276,24 @@ class Meter:
         self.node_cpu = self.proc.cpu_s() - self._n0
         self.client_cpu = time.process_time() - self._c0
 
+    def cores(self) -> tuple[float, float]:
+        """Cores the node and this client process kept busy on average (CPU over wall time)."""
+        if not self.wall:
+            return 0.0, 0.0
+        return self.node_cpu / self.wall, self.client_cpu / self.wall
+
+    def full_use_rate(self, n: int, cores: int) -> tuple[float, str]:
+        """Units per second had the node and the client each spent this run's CPU per unit
+        (``n`` units) with neither ever idle, and what sets that rate: each is one thread, so
+        at most one core each (``"the node"``, ``"the client"``), and both share ``cores``
+        (``"the cores"``). What a run fell short of this rate, it lost to waiting."""
+        node, client = self.node_cpu / max(n, 1), self.client_cpu / max(n, 1)
+        if node <= 0 or client <= 0:
+            return 0.0, "nothing measured"
+        bounds = {"the node": 1 / node, "the client": 1 / client, "the cores": cores / (node + client)}
+        by = min(bounds, key=lambda k: bounds[k])
+        return bounds[by], by
+
     def per(self, n: int) -> str:
         """``node X us CPU/frame (Y% of a core), client Z us/frame`` for ``n`` units."""
         n = max(n, 1)

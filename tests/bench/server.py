@@ -31,6 +31,9 @@ Run: ``python -m tests.bench server`` (part of ``nox -s bench``). Prints, side b
   ``LONE`` frames, twice, the lowest): with 64 in flight a run may read and write several
   messages at once or not, and its per-frame cost moves with that; one at a time, nothing
   is ever batched, on either side;
+- what bounds (f) and (b) in the round of the median (b): the cores the server and the
+  client kept busy, and the rate (b) would reach with neither process waiting, set by the
+  node's thread, the client's or the cores they share (``bounds_row``);
 
 (f), (f'), (b), (b-store), (b'), (b'') and (c) run ``ROUNDS`` times, interleaved (f, f', b,
 b-store, b', b'', c, f, ...), so each relay figure is set against echoes measured seconds
@@ -67,7 +70,7 @@ from mux.client import connect, open_ws
 
 from .common import Meter, Proc, events, fmt_ms, json_payload, node_process, process, target, tls_node_process
 
-__all__ = ["RelayResult", "echo_run", "expect", "relay_run", "run"]
+__all__ = ["RelayResult", "bounds_row", "echo_run", "expect", "relay_run", "run"]
 
 PAYLOAD_BYTES = 100
 HEADS_SIGN_EVERY = 16
@@ -368,6 +371,27 @@ def _percent_of(runs: list[RelayResult], echoes: list[tuple[float, list[float], 
     return [x.rx_rate / max(1.0, e[0]) * 100 for x, e in zip(runs, echoes, strict=True)]
 
 
+def bounds_row(echoes: list[tuple[float, list[float], Meter]], singles: list[RelayResult]) -> tuple[str, str]:
+    """What bounds (f) and (b) in the round of the median (b): the cores the server and the
+    client kept busy in each, and the rate (b) would reach had neither process waited, as a
+    % of that round's (f). The echo leaves its server half idle, its one client thread busy;
+    a relayed frame costs both processes about the same, so (b) needs both cores."""
+    cores = os.cpu_count() or 1
+    i = sorted(range(len(singles)), key=lambda k: singles[k].rx_rate)[len(singles) // 2]
+    f_rate, _, fm = echoes[i]
+    b = singles[i]
+    assert b.meter is not None
+    f_srv, f_cli = fm.cores()
+    b_srv, b_cli = b.meter.cores()
+    full, by = b.meter.full_use_rate(b.received, cores)
+    return (
+        "    what bounds (f) and (b), the median (b)'s round: cores kept busy, server + client",
+        f"(f) {f_srv:.2f} + {f_cli:.2f}, (b) {b_srv:.2f} + {b_cli:.2f} of {cores};"
+        f" (b) with neither ever waiting: {full:.0f} frames/s, set by {by},"
+        f" {full / max(1.0, f_rate) * 100:.0f}% of (f)",
+    )
+
+
 def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tuple[str, str]]:
     """Start a node, a node signing chain heads and an echo server; measure (f), (b), (b'),
     (b'') and (c) in ``rounds`` interleaved rounds (each of ``n * 6 // 10`` frames), then (a)
@@ -559,6 +583,7 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                     f"{fractions[0]:>8.0f} % / {fractions[1]:.0f} % / {fractions[2]:.0f} %  (target >= 80 %)",
                 )
             )
+            rows.append(bounds_row(echoes, singles))
             relays = [name for name, _, _ in relay_rows]
             fast = [name for name, f in zip(relays, fractions, strict=True) if f >= 80]
             target(
