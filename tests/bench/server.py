@@ -374,8 +374,9 @@ def _percent_of(runs: list[RelayResult], echoes: list[tuple[float, list[float], 
 def bounds_row(echoes: list[tuple[float, list[float], Meter]], singles: list[RelayResult]) -> tuple[str, str]:
     """What bounds (f) and (b) in the round of the median (b): the cores the server and the
     client kept busy in each, and the rate (b) would reach had neither process waited, as a
-    % of that round's (f). The echo leaves its server half idle, its one client thread busy;
-    a relayed frame costs both processes about the same, so (b) needs both cores."""
+    % of that round's (f). Each process is one thread: on two cores or more, the busier per
+    frame sets the pace. In the echo that is the client (two messages per echo); in (b) it is
+    mostly the client too (three messages per relayed frame: the send, its ack, the frame)."""
     cores = os.cpu_count() or 1
     i = sorted(range(len(singles)), key=lambda k: singles[k].rx_rate)[len(singles) // 2]
     f_rate, _, fm = echoes[i]
