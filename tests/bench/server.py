@@ -33,7 +33,8 @@ Run: ``python -m tests.bench server`` (part of ``nox -s bench``). Prints, side b
   is ever batched, on either side;
 - what bounds (f) and (b) in the round of the median (b): the cores the server and the
   client kept busy, and the rate (b) would reach with neither process waiting, set by the
-  node's thread, the client's or the cores they share (``bounds_row``);
+  node's thread, the client's or the cores they share; and the rate of each server alone,
+  one over its CPU per message, which no client bounds (``bounds_row``);
 
 (f), (f'), (b), (b-store), (b'), (b'') and (c) run ``ROUNDS`` times, interleaved (f, f', b,
 b-store, b', b'', c, f, ...), so each relay figure is set against echoes measured seconds
@@ -374,7 +375,9 @@ def _percent_of(runs: list[RelayResult], echoes: list[tuple[float, list[float], 
 def bounds_row(echoes: list[tuple[float, list[float], Meter]], singles: list[RelayResult]) -> tuple[str, str]:
     """What bounds (f) and (b) in the round of the median (b): the cores the server and the
     client kept busy in each, and the rate (b) would reach had neither process waited, as a
-    % of that round's (f). Each process is one thread: on two cores or more, the busier per
+    % of that round's (f); and what each server alone could do, one core busy all the time
+    (the echo server per message, the node per relayed frame), which no client bounds. Each
+    process is one thread: on two cores or more, the busier per
     frame sets the pace. In the echo that is the client (two messages per echo); in (b) it is
     mostly the client too (three messages per relayed frame: the send, its ack, the frame)."""
     cores = os.cpu_count() or 1
@@ -385,11 +388,15 @@ def bounds_row(echoes: list[tuple[float, list[float], Meter]], singles: list[Rel
     f_srv, f_cli = fm.cores()
     b_srv, b_cli = b.meter.cores()
     full, by = b.meter.full_use_rate(b.received, cores)
+    echo_alone = f_rate * fm.wall / fm.node_cpu if fm.node_cpu > 0 else 0.0
+    node_alone = b.received / b.meter.node_cpu if b.meter.node_cpu > 0 else 0.0
     return (
         "    what bounds (f) and (b), the median (b)'s round: cores kept busy, server + client",
         f"(f) {f_srv:.2f} + {f_cli:.2f}, (b) {b_srv:.2f} + {b_cli:.2f} of {cores};"
         f" (b) with neither ever waiting: {full:.0f} frames/s, set by {by},"
-        f" {full / max(1.0, f_rate) * 100:.0f}% of (f)",
+        f" {full / max(1.0, f_rate) * 100:.0f}% of (f); the servers alone (1 / CPU per message):"
+        f" echo {echo_alone:.0f}/s, node relaying {node_alone:.0f}/s"
+        f" ({node_alone / max(1.0, echo_alone) * 100:.0f}%)",
     )
 
 
