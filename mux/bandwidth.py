@@ -57,8 +57,7 @@ class TokenBucket:
         if self.rate <= 0:
             return True
         self._refill(now)
-        credit = self.tokens + _SLACK
-        if credit >= nbytes or credit >= self.burst:
+        if self.covers(self.tokens, nbytes):
             self.tokens -= nbytes
             return True
         return False
@@ -72,9 +71,16 @@ class TokenBucket:
 
     def credit(self, now: float) -> float:
         """The credit the bucket would hold at time ``now`` (nothing spent, nothing changed)."""
-        if self.stamp is None:
-            return self.tokens
-        return min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        return self.tokens if self.stamp is None else self.refilled(self.tokens, now - self.stamp)
+
+    def refilled(self, tokens: float, seconds: float) -> float:
+        """Credit ``tokens`` after ``seconds`` of refill, at most ``burst``."""
+        return min(float(self.burst), tokens + seconds * self.rate)
+
+    def covers(self, tokens: float, nbytes: int) -> bool:
+        """True when credit ``tokens`` lets a frame of ``nbytes`` pass (or the bucket is full)."""
+        credit = tokens + _SLACK
+        return credit >= nbytes or credit >= self.burst
 
     def _refill(self, now: float) -> None:
         self.tokens = self.credit(now)
@@ -193,8 +199,8 @@ class BulkShare:
         ahead = (p for k, p in self._promised.items() if k != but and p.due >= since)
         for promise in sorted(ahead, key=lambda p: p.due):
             due = max(promise.due, t)
-            tokens = min(float(b.burst), tokens + (due - t) * b.rate)
-            short = short or tokens + _SLACK < min(promise.nbytes, b.burst)
+            tokens = b.refilled(tokens, due - t)
+            short = short or not b.covers(tokens, promise.nbytes)
             tokens -= promise.nbytes
             t = due
         return tokens, t, short

@@ -136,7 +136,7 @@ def test_the_bounds_row_reads_the_round_of_the_median_relay(monkeypatch: pytest.
     # the median (b) is the second round's: its client busy all the time at 300 us a frame
     singles = [relay(2000, 250, 300), relay(3300, 240, 300), relay(4000, 200, 200)]
     echoes = [echo(9000, 100, 100), echo(5000, 118, 200), echo(1000, 100, 100)]
-    label, value = server.bounds_row(echoes, singles)
+    label, value = server.bounds_row(echoes, singles, n)
     assert label.lstrip().startswith("what bounds (f) and (b)")
     assert value.startswith("(f) 0.59 + 1.00, (b) 0.79 + 0.99 of 2;")
     assert "3333 frames/s, set by the client, 67% of (f);" in value

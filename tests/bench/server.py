@@ -372,23 +372,25 @@ def _percent_of(runs: list[RelayResult], echoes: list[tuple[float, list[float], 
     return [x.rx_rate / max(1.0, e[0]) * 100 for x, e in zip(runs, echoes, strict=True)]
 
 
-def bounds_row(echoes: list[tuple[float, list[float], Meter]], singles: list[RelayResult]) -> tuple[str, str]:
+def bounds_row(
+    echoes: list[tuple[float, list[float], Meter]], singles: list[RelayResult], per_round: int
+) -> tuple[str, str]:
     """What bounds (f) and (b) in the round of the median (b): the cores the server and the
     client kept busy in each, and the rate (b) would reach had neither process waited, as a
-    % of that round's (f); and what each server alone could do, one core busy all the time
+    % of that round's (f) (``per_round`` messages); and what each server alone could do, one core busy all the time
     (the echo server per message, the node per relayed frame), which no client bounds. Each
     process is one thread: on two cores or more, the busier per
     frame sets the pace. In the echo that is the client (two messages per echo); in (b) it is
     mostly the client too (three messages per relayed frame: the send, its ack, the frame)."""
     cores = os.cpu_count() or 1
-    i = sorted(range(len(singles)), key=lambda k: singles[k].rx_rate)[len(singles) // 2]
+    i = _median(list(range(len(singles))), lambda k: singles[k].rx_rate)
     f_rate, _, fm = echoes[i]
     b = singles[i]
     assert b.meter is not None
     f_srv, f_cli = fm.cores()
     b_srv, b_cli = b.meter.cores()
     full, by = b.meter.full_use_rate(b.received, cores)
-    echo_alone = f_rate * fm.wall / fm.node_cpu if fm.node_cpu > 0 else 0.0
+    echo_alone = per_round / fm.node_cpu if fm.node_cpu > 0 else 0.0
     node_alone = b.received / b.meter.node_cpu if b.meter.node_cpu > 0 else 0.0
     return (
         "    what bounds (f) and (b), the median (b)'s round: cores kept busy, server + client",
@@ -591,7 +593,7 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                     f"{fractions[0]:>8.0f} % / {fractions[1]:.0f} % / {fractions[2]:.0f} %  (target >= 80 %)",
                 )
             )
-            rows.append(bounds_row(echoes, singles))
+            rows.append(bounds_row(echoes, singles, per_round))
             relays = [name for name, _, _ in relay_rows]
             fast = [name for name, f in zip(relays, fractions, strict=True) if f >= 80]
             target(
