@@ -28,6 +28,7 @@ async def test_the_call_beside_a_stream_and_a_file_transfer(quick: None) -> None
     assert [f.intent for f in res.floods] == ["stream", "file:sync"]
     for phase in res.phases[:3]:
         assert phase.sent == phase.received == FRAMES and not phase.refused
+        assert len(phase.send_s) == FRAMES and all(0 < s < latency.SEND_LIMIT_S for s in phase.send_s)
     assert not res.closed_connections and not res.closed_channels and not res.errors
     assert res.alive == {"caller": True, "callee": True}
     blocks = [(p, f.intent, f) for p, f, _ in res.flood_runs]
@@ -49,6 +50,8 @@ async def test_the_call_beside_a_stream_and_a_file_transfer(quick: None) -> None
     common.TARGETS.clear()
     rows = latency.report(res, FRAMES)
     assert any("file:sync" in label for label, _ in rows)
+    sends = next(figure for label, figure in rows if "the caller's own send of a voice frame" in label)
+    assert sends.count(" / ") == 5 and "(alone / honouring / ignoring)" in sends
     voice, refusals = common.TARGETS  # the section's two targets, for the bench's summary
     assert voice.name.startswith("voice p99 beside a bulk flood") and voice.figure.endswith("x")
     assert voice.met == ("yes" if float(voice.figure[:-1]) <= 1.5 else "no")

@@ -29,10 +29,12 @@ refused frame (``receiver_full`` or ``throttled``) frees its place and the flood
 0.5 s; a refused ``file:sync`` frame is sent again, with the chunk frames after it that
 the node then refused as out of order (go-back-N). The callee's one reader takes everything
 (voice and bulk) off its socket; a voice frame's latency is its receive time minus the send
-time in its payload. The rows give p50/p99 in each phase, the p99 ratios to "alone", every
-voice frame refused or dropped (the targets: none refused, the connection never closed), the
-bulk bytes delivered, and whether either connection or the voice channel was closed; both
-sockets must answer a ``ping`` at the end.
+time in its payload. The caller also times its own ``send_message`` of each voice frame:
+its turn at its WebSocket behind the flood's frames, the client's part of a rise. The rows
+give p50/p99 in each phase, the p99 ratios to "alone", every voice frame refused or dropped
+(the targets: none refused, the connection never closed), the bulk bytes delivered, and
+whether either connection or the voice channel was closed; both sockets must answer a
+``ping`` at the end.
 """
 
 from __future__ import annotations
@@ -95,6 +97,9 @@ class Phase:
     sent_ns: dict[int, int] = attrs.field(factory=dict)
     lateness: list[float] = attrs.field(factory=list)
     """How late the client's 20 ms ticker sent each frame (client-side jitter)."""
+    send_s: list[float] = attrs.field(factory=list)
+    """How long the caller's ``send_message`` of each frame took: its turn at its own
+    WebSocket, behind the flood's frames on the same connection (client-side)."""
     dispositions: collections.Counter[str] = attrs.field(factory=collections.Counter)
     refused: collections.Counter[str] = attrs.field(factory=collections.Counter)
     block_ends: list[int] = attrs.field(factory=list)
@@ -329,6 +334,7 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                 await caller.send_message(
                     pack_binary({"action": "send", "channel_id": voice, "ref": f"v{p}:{i}"}, payload)
                 )
+                phase.send_s.append((time.perf_counter_ns() - t) / 1e9)
                 phase.sent += 1
 
         async def flood_channel(key: str, flood: Flood) -> None:
@@ -493,6 +499,15 @@ def report(r: VoiceResult, voice_frames: int) -> list[tuple[str, str]]:
             f"{cpu[0]:5.0f}% / {cpu[1]:3.0f}% / {cpu[2]:3.0f}% of a core; client ticker lateness p99"
             f" {percentile(alone.lateness, 99) * 1e3:.2f} / {percentile(honoured.lateness, 99) * 1e3:.2f} /"
             f" {percentile(ignored.lateness, 99) * 1e3:.2f} ms",
+        )
+    )
+    rises = [percentile(ph.lat, 99) - p99a for ph in (honoured, ignored)]
+    rows.append(
+        (
+            "    the caller's own send of a voice frame (its turn at its WebSocket), p99",
+            f"{' / '.join(f'{percentile(ph.send_s, 99) * 1e3:.2f}' for ph in (alone, honoured, ignored))} ms"
+            f" (alone / honouring / ignoring), while the voice p99 beside the floods was"
+            f" {rises[0] * 1e3:+.2f} / {rises[1] * 1e3:+.2f} ms on alone's",
         )
     )
     before, after = r.gc_before.get("gc_collections"), r.gc_after.get("gc_collections")
