@@ -51,7 +51,8 @@ async def test_the_call_beside_a_stream_and_a_file_transfer(quick: None) -> None
     rows = latency.report(res, FRAMES)
     assert any("file:sync" in label for label, _ in rows)
     sends = next(figure for label, figure in rows if "the caller's own send of a voice frame" in label)
-    assert sends.count(" / ") == 5 and "(alone / honouring / ignoring)" in sends
+    p99s = [float(v) for v in sends.split(" ms")[0].split(" / ")]  # the caller's send, each phase
+    assert len(p99s) == 3 and all(0 < v < latency.SEND_LIMIT_S * 1e3 for v in p99s), sends
     voice, refusals = common.TARGETS  # the section's two targets, for the bench's summary
     assert voice.name.startswith("voice p99 beside a bulk flood") and voice.figure.endswith("x")
     assert voice.met == ("yes" if float(voice.figure[:-1]) <= 1.5 else "no")

@@ -98,8 +98,8 @@ class Phase:
     lateness: list[float] = attrs.field(factory=list)
     """How late the client's 20 ms ticker sent each frame (client-side jitter)."""
     send_s: list[float] = attrs.field(factory=list)
-    """How long the caller's ``send_message`` of each frame took: its turn at its own
-    WebSocket, behind the flood's frames on the same connection (client-side)."""
+    """From each frame's send time (in its payload) to the caller's ``send_message`` of it
+    returning: its turn at its own WebSocket, behind the flood's frames (client-side)."""
     dispositions: collections.Counter[str] = attrs.field(factory=collections.Counter)
     refused: collections.Counter[str] = attrs.field(factory=collections.Counter)
     block_ends: list[int] = attrs.field(factory=list)
