@@ -377,9 +377,9 @@ def bounds_row(
 ) -> tuple[str, str]:
     """What bounds (f) and (b) in the round of the median (b): the cores the server and the
     client kept busy in each, and the rate (b) would reach had neither process waited, as a
-    % of that round's (f) (``per_round`` messages); and what each server alone could do, one core busy all the time
-    (the echo server per message, the node per relayed frame), which no client bounds. Each
-    process is one thread: on two cores or more, the busier per
+    % of that round's (f) (``per_round`` messages); and what each server alone could do with
+    one core busy all the time (the echo server per message, the node per relayed frame),
+    which no client bounds. Each process is one thread: on two cores or more, the busier per
     frame sets the pace. In the echo that is the client (two messages per echo); in (b) it is
     mostly the client too (three messages per relayed frame: the send, its ack, the frame)."""
     cores = os.cpu_count() or 1
@@ -543,9 +543,8 @@ def run(n: int = 10_000, window: int = WINDOW, rounds: int = ROUNDS) -> list[tup
                 (
                     "    node CPU per relayed frame, in echoed messages of (f'): (b) / (b') / (b'')"
                     + (" / (c)" if batched.batch_supported else ""),
-                    f"{' / '.join(f'{u:.2f}' for u in units_of.values()):>8}  (the seed's {SEED_US_PER_ACK} us per"
-                    " acked frame was"
-                    f" {SEED_IN_ECHOES} of a Hypercorn echo on its machine: DESIGN.md)",
+                    f"{' / '.join(f'{u:.2f}' for u in units_of.values()):>8}  (the seed's {SEED_US_PER_ACK} us"
+                    f" per acked frame was {SEED_IN_ECHOES} of a Hypercorn echo on its machine: DESIGN.md)",
                 )
             )
             lone_echo, lone_relay, lone_heads, lone_tls = [], [], [], []
