@@ -31,7 +31,7 @@ from .connection import serve_socket, watchdog
 from .core import Mux, start_mux
 from .errors import BadRequest, MuxError
 from .frames import Frame
-from .heap import resident, trimmer
+from .heap import allocator, resident, trimmer
 from .outbox import WriteThrough
 from .session import WireSession
 from .settings import NodeSettings
@@ -178,6 +178,7 @@ class Node:
         out["memory"] = {
             "rss_bytes": rss,
             "rss_peak_bytes": rss_peak,
+            "allocator": allocator(),
             "heap_blocks": sys.getallocatedblocks(),
             "gc_frozen": gc.get_freeze_count(),
             "gc_collections": [g["collections"] for g in collections_done],

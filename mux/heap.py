@@ -9,11 +9,13 @@ call's frame latency), and no memory is spent for it.
 Memory back: CPython frees a closed channel's objects at once (or at its next cyclic
 garbage collection), but the allocator keeps the freed pages for reuse, so a node's resident
 memory stays at its peak. :func:`release_memory` runs a full garbage collection and then
-glibc's ``malloc_trim(0)``, which hands free heap pages back. :func:`trimmer` does that in
-the background when at least ``threshold`` channels and connections have closed since the
-last time, checking every ``interval_s``: a burst of closes is followed by one trim, a
-steady node never trims. Elsewhere than glibc only the collection runs. :func:`resident`
-gives the process's resident memory now and at its peak, as ``/status`` reports it.
+hands free heap pages back: jemalloc's purge of every arena when the process runs under
+jemalloc (``LD_PRELOAD``; docs/performance.md, "Memory"), else glibc's ``malloc_trim(0)``.
+:func:`trimmer` does that in the background when at least ``threshold`` channels and
+connections have closed since the last time, checking every ``interval_s``: a burst of
+closes is followed by one trim, a steady node never trims. Elsewhere only the collection
+runs. :func:`resident` gives the process's resident memory now and at its peak, and
+:func:`allocator` which allocators hold it, as ``/status`` reports them.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ try:
 except ImportError:
     resource = None
 
-__all__ = ["freeze_startup", "release_memory", "resident", "trimmer"]
+__all__ = ["allocator", "freeze_startup", "release_memory", "resident", "trimmer"]
 
 log = logging.getLogger("mux.heap")
 
@@ -52,7 +54,41 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
+_ARENAS_ALL = 4096
+"""jemalloc's ``MALLCTL_ARENAS_ALL``: ``arena.4096.purge`` purges every arena."""
+
+
+def _jemalloc_purge() -> Callable[[], bool] | None:
+    """jemalloc's purge of every arena's unused dirty pages, when this process allocates with
+    jemalloc (its ``mallctl`` is among the loaded symbols); None otherwise."""
+    try:
+        mallctl = ctypes.CDLL(None).mallctl
+    except (OSError, AttributeError, TypeError):
+        return None
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    mallctl.restype = ctypes.c_int
+    name = f"arena.{_ARENAS_ALL}.purge".encode()
+
+    def purge() -> bool:
+        mallctl(b"thread.tcache.flush", None, None, None, 0)  # this thread's cached blocks first
+        failed: int = mallctl(name, None, None, None, 0)
+        return failed == 0
+
+    return purge
+
+
 _TRIM = _malloc_trim()
+_PURGE = _jemalloc_purge()
+
+
+def allocator() -> str:
+    """Which allocators hold the node's memory: ``"pymalloc"`` (CPython's, for objects up to
+    512 bytes) over ``"jemalloc"`` or the C library's ``"malloc"``; just the C allocator's
+    name when ``PYTHONMALLOC=malloc`` sends every object to it."""
+    c_allocator = "jemalloc" if _PURGE is not None else "malloc"
+    if os.environ.get("PYTHONMALLOC", "").startswith("malloc"):
+        return c_allocator
+    return f"pymalloc over {c_allocator}"
 
 
 def resident() -> tuple[int | None, int]:
@@ -80,8 +116,11 @@ def freeze_startup() -> int:
 
 
 def release_memory() -> bool:
-    """Collect garbage and return free heap pages to the OS; True if the heap was trimmed."""
+    """Collect garbage and return free heap pages to the OS (jemalloc's purge, else glibc's
+    ``malloc_trim``); True when jemalloc's purge ran or glibc's trim handed pages back."""
     gc.collect()
+    if _PURGE is not None:
+        return _PURGE()
     if _TRIM is None:
         return False
     return bool(_TRIM(0))
@@ -107,4 +146,6 @@ async def trimmer(
         t0 = time.perf_counter()
         trimmed = release_memory()
         took_ms = (time.perf_counter() - t0) * 1e3
-        log.info("released memory after %d closes in %.0f ms (heap trimmed: %s)", now, took_ms, trimmed)
+        log.info(
+            "released memory after %d closes in %.0f ms (%s; pages handed back: %s)", now, took_ms, allocator(), trimmed
+        )

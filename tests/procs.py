@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -33,11 +34,20 @@ class NodeProcess:
 
 
 @asynccontextmanager
-async def node_process(data_dir: Path, *extra: str, timeout: float = 20.0) -> AsyncIterator[NodeProcess]:
-    """Start ``python -m mux serve`` on a free loopback port; yield once it listens."""
+async def node_process(
+    data_dir: Path, *extra: str, timeout: float = 20.0, env: dict[str, str] | None = None, log: Path | None = None
+) -> AsyncIterator[NodeProcess]:
+    """Start ``python -m mux serve`` on a free loopback port; yield once it listens. ``env``
+    is added to this process's environment; with ``log``, the node's log (stderr) goes there."""
     args = [sys.executable, "-m", "mux", "serve", "--host", "127.0.0.1", "--port", "0", "--agent", "node", "--open"]
     args += ["--data-dir", str(data_dir), *extra]
-    process = await trio.lowlevel.open_process(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    stderr = os.open(log or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        process = await trio.lowlevel.open_process(
+            args, stdout=subprocess.PIPE, stderr=stderr, env={**os.environ, **(env or {})}
+        )
+    finally:
+        os.close(stderr)  # the node has its own copy
     assert process.stdout is not None
     try:
         buf = b""

@@ -30,12 +30,15 @@ async def test_later_cycles_run_only_within_the_bench_s_budget(
     assert len(res.cycles) == cycles
     for cycle in res.cycles:
         assert cycle.opened == SMALL["openers"] * SMALL["per_opener"] and not cycle.errors
+        assert cycle.allocator == "pymalloc over malloc"  # as the node's /status says
     if cycles < memory.CYCLES:
         assert res.skipped.startswith(f"the bench's {common.BENCH_BUDGET_S:.0f} s would not hold another")
     else:
         assert res.skipped == ""
     common.TARGETS.clear()
-    memory.report(res, **SMALL)
+    rows = dict(memory.report(res, **SMALL))
+    held = next(value for label, value in rows.items() if "WS connections held" in label)
+    assert held.endswith("; allocator: pymalloc over malloc")
     per_channel, back = common.TARGETS  # the section's two targets, for the bench's summary
     assert per_channel.name == "under 4 KiB per idle open channel" and per_channel.figure.endswith(" KiB")
     assert back.name == "memory within 5% after 10,000 channels open and close"
@@ -56,3 +59,18 @@ def test_the_budget_counts_from_the_start_nox_gives() -> None:
     for bad in ("", "soon", str(time.time() + 60.0), str(time.time() - 7200.0)):
         start, from_session = common._started({"MUX_BENCH_STARTED": bad})
         assert not from_session and time.monotonic() - start < 1.0, bad
+
+
+def test_the_node_s_environment_takes_key_value_words() -> None:
+    """``MUX_BENCH_NODE_ENV`` (what the bench adds to its nodes' environment) is KEY=VALUE
+    words with shell quoting; anything else is refused by name rather than ignored."""
+    assert common.node_env("") == {}
+    assert common.node_env("PYTHONMALLOC=malloc LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF='narenas:1,a b'") == {
+        "PYTHONMALLOC": "malloc",
+        "LD_PRELOAD": "libjemalloc.so.2",
+        "MALLOC_CONF": "narenas:1,a b",
+    }
+    assert common.node_env("EMPTY=") == {"EMPTY": ""}
+    for bad in ("PYTHONMALLOC", "=x", "A=1 jemalloc"):
+        with pytest.raises(ValueError, match="is not KEY=VALUE"):
+            common.node_env(bad)

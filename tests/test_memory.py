@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import gc
 import inspect
 import logging
+import os
 import sys
 import tracemalloc
 import weakref
+from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 import trio
@@ -21,6 +25,7 @@ from mux.client import open_ws, ws_url
 from mux.server import ServeInfo
 
 from .nodes import running_tasks, started_sessions
+from .procs import node_process
 
 
 async def test_closed_channels_keep_no_connection(node: mux.Mux) -> None:
@@ -271,3 +276,39 @@ async def test_a_connection_keeps_nothing_of_its_connected_log_line(server: Serv
         app_log.setLevel(level)
         app_log.propagate = propagate
     assert held < 20 * 100, f"{held} bytes kept by logging's caller lookup for 20 connections"
+
+
+def test_allocator_names_pymalloc_over_the_c_library_by_default() -> None:
+    assert heap.allocator() == "pymalloc over malloc"  # this test process: no LD_PRELOAD
+
+
+JEMALLOC = ctypes.util.find_library("jemalloc")
+
+
+async def test_node_under_jemalloc_says_so_and_purges_after_a_burst_of_closes(tmp_path: Path) -> None:
+    """docs/performance.md, "Memory": run under jemalloc (``LD_PRELOAD``), the node reports it
+    in ``/status`` and, after a burst of closes, hands free pages back with jemalloc's purge
+    (glibc's ``malloc_trim`` would not reach jemalloc's pages)."""
+    if JEMALLOC is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("libjemalloc2 is missing: .ci/run installs it")
+        pytest.skip("jemalloc is not installed (apt-get install libjemalloc2)")
+    log = tmp_path / "node.log"
+    env = {"PYTHONMALLOC": "malloc", "LD_PRELOAD": JEMALLOC, "MUX_TRIM_AFTER_CLOSES": "20"}
+    async with node_process(tmp_path / "data", env=env, log=log) as node, httpx.AsyncClient(base_url=node.url) as http:
+        memory = (await http.get("/api/mux/status")).json()["memory"]
+        assert memory["allocator"] == "jemalloc"
+        assert memory["heap_blocks"] == 0  # no object in pymalloc's blocks: jemalloc holds them all
+        opened = []
+        for i in range(25):
+            reply = await http.post("/api/mux/open", json={"agent": "alice", "target": f"bob{i}", "intent": "stream"})
+            assert reply.status_code == 200, reply.text
+            opened.append(reply.json()["channel_id"])
+        for cid in opened:
+            reply = await http.post("/api/mux/close", json={"channel_id": cid, "agent": "alice"})
+            assert reply.status_code == 200, reply.text
+        with trio.fail_after(15):  # the trimmer checks every second, once the closes settle
+            while "released memory after" not in log.read_text():  # noqa: ASYNC110  (another process's log)
+                await trio.sleep(0.2)
+    released = next(line for line in log.read_text().splitlines() if "released memory after" in line)
+    assert "(jemalloc; pages handed back: True)" in released

@@ -133,11 +133,13 @@ def main(argv: list[str]) -> int:
     if TARGETS:
         table.append(("== the performance issue's targets, as this run measured them", ""))
         table.extend((f"  {t.name}", f"{t.figure:<48} met: {t.met}") for t in TARGETS)
+    added = os.environ.get("MUX_BENCH_NODE_ENV")
     print()
     print(
         f"mux bench: {os.cpu_count()} CPUs, Python {platform.python_version()} ({platform.python_implementation()}),"
         f" {platform.system()} {platform.release()}, {total:.0f} s total;"
         " node: python -m mux serve --memory --open (auth OFF, per-connection rate limit OFF), loopback only"
+        + (f"; node environment adds {added}" if added else "")
     )
     width = min(_WIDTH, max(len(label) for label, _ in table))
     print(f"{'benchmark':<{width}} result")

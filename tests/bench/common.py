@@ -17,6 +17,7 @@ import math
 import os
 import resource
 import select
+import shlex
 import ssl
 import subprocess
 import sys
@@ -45,6 +46,7 @@ __all__ = [
     "events",
     "fmt_ms",
     "json_payload",
+    "node_env",
     "node_process",
     "node_status",
     "percentile",
@@ -58,8 +60,21 @@ __all__ = [
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
-NODE_ENV = {"MUX_RATE_MESSAGES_PER_S": "0"}
-"""Environment of the benchmark node: the per-connection message rate limit is off."""
+
+def node_env(text: str) -> dict[str, str]:
+    """``KEY=VALUE`` words (shell quoting) as a mapping; a word without ``=`` is an error."""
+    pairs = [word.partition("=") for word in shlex.split(text)]
+    bad = [key for key, eq, _ in pairs if not eq or not key]
+    if bad:
+        raise ValueError(f"MUX_BENCH_NODE_ENV: {bad[0]!r} is not KEY=VALUE")
+    return {key: value for key, _, value in pairs}
+
+
+NODE_ENV = {"MUX_RATE_MESSAGES_PER_S": "0", **node_env(os.environ.get("MUX_BENCH_NODE_ENV", ""))}
+"""Environment of the benchmark nodes: the per-connection message rate limit is off, and
+whatever ``MUX_BENCH_NODE_ENV`` adds (``KEY=VALUE`` words), e.g. the node under jemalloc:
+``MUX_BENCH_NODE_ENV="PYTHONMALLOC=malloc LD_PRELOAD=libjemalloc.so.2" python -m tests.bench memory``
+(docs/performance.md, "Memory"). The header names what was added."""
 
 BENCH_BUDGET_S = 285.0
 """What a whole default run may take: ``nox -s bench`` must end within 5 minutes on a fresh

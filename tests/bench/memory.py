@@ -119,6 +119,8 @@ class Cycle:
     heap_channels: int = 0
     heap_closed: int = 0
     heap_gone: int = 0
+    allocator: str = ""
+    """Which allocators hold the node's memory (``/status`` ``memory.allocator``)."""
     ledger_closed: dict[str, Any] = attrs.field(factory=dict)
     """The node's ``/status`` ``ledger`` after the channels closed (what it keeps by design)."""
     in_cycles: int = 0
@@ -252,6 +254,7 @@ async def _cycle(
         cyc.rss_conns = await _settle(node, http, connections=connections, channels=0)
         st = await node_status(http)
         cyc.connections, cyc.heap_conns = st.get("connections", 0), _heap(st)
+        cyc.allocator = str((st.get("memory") or {}).get("allocator", "not reported"))
         collected = _collected(st)
 
         t0, c0 = trio.current_time(), node.cpu_s()
@@ -352,7 +355,7 @@ def report(r: MemoryResult, connections: int, openers: int, per_opener: int) -> 
         (
             f"(e) {connections} WS connections held (node /status: {c.connections})",
             f"{per_conn / 1024:8.1f} KiB/connection  RSS {base / 1024:.1f} -> {c.rss_conns / 1024:.1f} MiB,"
-            f" connected in {c.connect_s:.1f} s",
+            f" connected in {c.connect_s:.1f} s; allocator: {c.allocator}",
         ),
         (
             f"(e) + {c.opened} channels ({openers} agents x {per_opener}; node /status: {c.channels_open})",
