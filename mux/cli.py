@@ -148,6 +148,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.certfile) != bool(args.keyfile):
         raise BadRequest("--certfile and --keyfile go together", code="bad_request")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.jemalloc:
+        from .heap import run_under_jemalloc
+
+        run_under_jemalloc()  # returns once it does (the first time, this process is executed again)
     flags: dict[str, Any] = dict(
         host=args.host,
         port=args.port,
@@ -285,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_at_least_one,
         metavar="MS",
         help="with --sign-every: the longest a frame waits for a covering signature (default 100)",
+    )
+    p.add_argument(
+        "--jemalloc",
+        action="store_true",
+        help="run under jemalloc (executes itself again with PYTHONMALLOC=malloc and LD_PRELOAD): more memory goes"
+        " back after bursts of closes, 4-5%% more at the peak (docs/performance.md, Memory); needs libjemalloc2",
     )
     p.add_argument("--config", help="TOML settings file (fields, [mux], [backends.NAME])")
     p.add_argument("--open", action="store_true", help="no authentication (callers name themselves); logs a warning")

@@ -16,6 +16,7 @@ connections have closed since the last time, checking every ``interval_s``: a bu
 closes is followed by one trim, a steady node never trims. Elsewhere only the collection
 runs. :func:`resident` gives the process's resident memory now and at its peak, and
 :func:`allocator` which allocators hold it, as ``/status`` reports them.
+:func:`run_under_jemalloc` (``serve --jemalloc``) re-executes the process under jemalloc.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import ModuleType
 
 import trio
+
+from .errors import BadSetting
 
 resource: ModuleType | None
 try:
@@ -39,7 +42,16 @@ try:
 except ImportError:
     resource = None
 
-__all__ = ["allocator", "freeze_startup", "release_memory", "resident", "trimmer"]
+__all__ = [
+    "JEMALLOC_CONF",
+    "allocator",
+    "freeze_startup",
+    "jemalloc_environment",
+    "release_memory",
+    "resident",
+    "run_under_jemalloc",
+    "trimmer",
+]
 
 log = logging.getLogger("mux.heap")
 
@@ -79,6 +91,50 @@ def _jemalloc_purge() -> Callable[[], bool] | None:
 
 _TRIM = _malloc_trim()
 _PURGE = _jemalloc_purge()
+
+
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,narenas:1"
+"""jemalloc's settings for a node: freed pages go back within about a second, purged by a
+background thread, all in one arena (docs/performance.md, "Memory", measured them)."""
+_REEXECUTED = "MUX_JEMALLOC_REEXECUTED"
+"""Set in the environment of the re-executed process: it does not try a second time."""
+
+
+def jemalloc_environment(environ: Mapping[str, str], library: str) -> dict[str, str]:
+    """``environ`` as a process needs it to run under jemalloc: every object allocated by the
+    C allocator (``PYTHONMALLOC=malloc``), ``library`` preloaded ahead of any other, and
+    ``MALLOC_CONF`` (``JEMALLOC_CONF`` unless one is set)."""
+    env = dict(environ)
+    preload = environ.get("LD_PRELOAD", "").split()
+    env["LD_PRELOAD"] = " ".join([library, *(lib for lib in preload if lib != library)])
+    env["PYTHONMALLOC"] = "malloc"
+    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    env[_REEXECUTED] = "1"
+    return env
+
+
+def run_under_jemalloc() -> None:
+    """Return at once if this process runs under jemalloc; else execute it again (same
+    interpreter, arguments and pid) with :func:`jemalloc_environment`. Raises ``BadSetting``
+    when jemalloc is not installed, or did not load in the process executed again."""
+    if allocator() == "jemalloc":
+        return
+    if os.environ.get(_REEXECUTED):
+        raise BadSetting(
+            f"--jemalloc: this process was executed again with LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}"
+            " and PYTHONMALLOC=malloc, but jemalloc did not load",
+            setting="jemalloc",
+        )
+    library = ctypes.util.find_library("jemalloc")
+    if library is None:
+        raise BadSetting(
+            "--jemalloc: jemalloc is not installed (Debian and Ubuntu: apt-get install libjemalloc2)",
+            setting="jemalloc",
+        )
+    log.info("executing again under jemalloc (%s)", library)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], jemalloc_environment(os.environ, library))
 
 
 def allocator() -> str:

@@ -22,6 +22,7 @@ import trio.testing
 import mux
 from mux import heap
 from mux.client import open_ws, ws_url
+from mux.errors import BadSetting
 from mux.server import ServeInfo
 
 from .nodes import running_tasks, started_sessions
@@ -285,17 +286,22 @@ def test_allocator_names_pymalloc_over_the_c_library_by_default() -> None:
 JEMALLOC = ctypes.util.find_library("jemalloc")
 
 
-async def test_node_under_jemalloc_says_so_and_purges_after_a_burst_of_closes(tmp_path: Path) -> None:
-    """docs/performance.md, "Memory": run under jemalloc (``LD_PRELOAD``), the node reports it
-    in ``/status`` and, after a burst of closes, hands free pages back with jemalloc's purge
-    (glibc's ``malloc_trim`` would not reach jemalloc's pages)."""
+async def test_serve_jemalloc_runs_the_node_under_jemalloc_which_it_purges_after_a_burst_of_closes(
+    tmp_path: Path,
+) -> None:
+    """docs/performance.md, "Memory": ``serve --jemalloc`` executes the node again under
+    jemalloc; ``/status`` says so and, after a burst of closes, the node hands free pages
+    back with jemalloc's purge (glibc's ``malloc_trim`` would not reach jemalloc's pages)."""
     if JEMALLOC is None:
         if os.environ.get("CI") == "true":
             pytest.fail("libjemalloc2 is missing: .ci/run installs it")
         pytest.skip("jemalloc is not installed (apt-get install libjemalloc2)")
     log = tmp_path / "node.log"
-    env = {"PYTHONMALLOC": "malloc", "LD_PRELOAD": JEMALLOC, "MUX_TRIM_AFTER_CLOSES": "20"}
-    async with node_process(tmp_path / "data", env=env, log=log) as node, httpx.AsyncClient(base_url=node.url) as http:
+    env = {"MUX_TRIM_AFTER_CLOSES": "20"}
+    async with (
+        node_process(tmp_path / "data", "--jemalloc", env=env, log=log) as node,
+        httpx.AsyncClient(base_url=node.url) as http,
+    ):
         memory = (await http.get("/api/mux/status")).json()["memory"]
         assert memory["allocator"] == "jemalloc"
         assert memory["heap_blocks"] == 0  # no object in pymalloc's blocks: jemalloc holds them all
@@ -310,5 +316,25 @@ async def test_node_under_jemalloc_says_so_and_purges_after_a_burst_of_closes(tm
         with trio.fail_after(15):  # the trimmer checks every second, once the closes settle
             while "released memory after" not in log.read_text():  # noqa: ASYNC110  (another process's log)
                 await trio.sleep(0.2)
-    released = next(line for line in log.read_text().splitlines() if "released memory after" in line)
+    lines = log.read_text().splitlines()
+    assert sum("executing again under jemalloc" in line for line in lines) == 1
+    released = next(line for line in lines if "released memory after" in line)
     assert "(jemalloc; pages handed back: True)" in released
+
+
+def test_the_jemalloc_environment_keeps_what_the_caller_set() -> None:
+    env = heap.jemalloc_environment({"LD_PRELOAD": "libother.so", "HOME": "/h"}, "libjemalloc.so.2")
+    assert env["LD_PRELOAD"] == "libjemalloc.so.2 libother.so"  # first, so its malloc is the one
+    assert env["PYTHONMALLOC"] == "malloc" and env["MALLOC_CONF"] == heap.JEMALLOC_CONF and env["HOME"] == "/h"
+    mine = heap.jemalloc_environment({"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "narenas:2"}, "libjemalloc.so.2")
+    assert mine["LD_PRELOAD"] == "libjemalloc.so.2" and mine["MALLOC_CONF"] == "narenas:2"
+
+
+def test_serve_jemalloc_without_jemalloc_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MUX_JEMALLOC_REEXECUTED", raising=False)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(BadSetting, match=r"not installed \(Debian and Ubuntu: apt-get install libjemalloc2\)"):
+        heap.run_under_jemalloc()
+    monkeypatch.setenv("MUX_JEMALLOC_REEXECUTED", "1")  # executed again, and still not under jemalloc
+    with pytest.raises(BadSetting, match="but jemalloc did not load"):
+        heap.run_under_jemalloc()
