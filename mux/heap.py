@@ -122,7 +122,8 @@ def run_under_jemalloc() -> None:
     if os.environ.get(_REEXECUTED):
         raise BadSetting(
             f"--jemalloc: this process was executed again with LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}"
-            " and PYTHONMALLOC=malloc, but jemalloc did not load",
+            f" and PYTHONMALLOC=malloc, but its allocator is {allocator()!r}, not 'jemalloc' (python -E and -I"
+            " ignore PYTHONMALLOC)",
             setting="jemalloc",
         )
     library = ctypes.util.find_library("jemalloc")
@@ -139,10 +140,11 @@ def run_under_jemalloc() -> None:
 
 def allocator() -> str:
     """Which allocators hold the node's memory: ``"pymalloc"`` (CPython's, for objects up to
-    512 bytes) over ``"jemalloc"`` or the C library's ``"malloc"``; just the C allocator's
-    name when ``PYTHONMALLOC=malloc`` sends every object to it."""
+    512 bytes) over ``"jemalloc"`` or ``"malloc"`` (the C library's, or another preloaded in
+    its place); just the C allocator's name when ``PYTHONMALLOC=malloc`` sends every object
+    to it (unless ``python -E`` or ``-I`` made Python ignore that variable)."""
     c_allocator = "jemalloc" if _PURGE is not None else "malloc"
-    if os.environ.get("PYTHONMALLOC", "").startswith("malloc"):
+    if not sys.flags.ignore_environment and os.environ.get("PYTHONMALLOC", "").startswith("malloc"):
         return c_allocator
     return f"pymalloc over {c_allocator}"
 

@@ -336,5 +336,5 @@ def test_serve_jemalloc_without_jemalloc_is_a_clear_error(monkeypatch: pytest.Mo
     with pytest.raises(BadSetting, match=r"not installed \(Debian and Ubuntu: apt-get install libjemalloc2\)"):
         heap.run_under_jemalloc()
     monkeypatch.setenv("MUX_JEMALLOC_REEXECUTED", "1")  # executed again, and still not under jemalloc
-    with pytest.raises(BadSetting, match="but jemalloc did not load"):
+    with pytest.raises(BadSetting, match="but its allocator is 'pymalloc over malloc', not 'jemalloc'"):
         heap.run_under_jemalloc()
