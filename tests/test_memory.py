@@ -279,8 +279,10 @@ async def test_a_connection_keeps_nothing_of_its_connected_log_line(server: Serv
     assert held < 20 * 100, f"{held} bytes kept by logging's caller lookup for 20 connections"
 
 
-def test_allocator_names_pymalloc_over_the_c_library_by_default() -> None:
-    assert heap.allocator() == "pymalloc over malloc"  # this test process: no LD_PRELOAD
+def test_allocator_names_pymalloc_over_the_c_library_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert heap.allocator() == "pymalloc over malloc"  # this test process: no LD_PRELOAD, no PYTHONMALLOC
+    monkeypatch.setenv("PYTHONMALLOC", "malloc")  # as a process started with it would say
+    assert heap.allocator() == "malloc"
 
 
 JEMALLOC = ctypes.util.find_library("jemalloc")
