@@ -141,7 +141,12 @@ class Node:
         if s.trim_after_closes > 0:
             m = self.mux
             nursery.start_soon(
-                partial(trimmer, lambda: m._stats["closed"] + self.closed_sessions, threshold=s.trim_after_closes)
+                partial(
+                    trimmer,
+                    lambda: m._stats["closed"] + self.closed_sessions,
+                    threshold=s.trim_after_closes,
+                    compact=m.compact,
+                )
             )
 
     async def shutdown(self, reason: str = "node_shutdown") -> None:

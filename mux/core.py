@@ -17,7 +17,7 @@ import collections
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from os import PathLike
 from pathlib import Path
@@ -57,6 +57,7 @@ from .frames import (
     held_bytes,
     payload_bytes,
 )
+from .heap import shrink
 from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry, shared_policy
 from .mailbox import Mailbox, MailboxFull, check_room
 from .outbox import SharedBudget
@@ -527,6 +528,19 @@ class Mux:
             end.put(frame)
         return frame
 
+    def compact(self) -> int:
+        """Rebuild the node's tables of channels, agents and mailboxes where a burst grew them
+        far past what they now hold (:func:`mux.heap.shrink`; the trimmer calls this after a
+        burst of closes). Returns the bytes given back."""
+        tables: tuple[MutableMapping[str, Any], ...] = (
+            self._channels,
+            self._closed,
+            self._opened_by,
+            self._endpoints,
+            self.mailboxes,
+        )
+        return sum(shrink(table) for table in tables)
+
     def _count(self, state: ChannelState, size: int) -> None:
         state.frames += 1
         state.bytes += size
@@ -708,8 +722,8 @@ class Mux:
             holder = end.holder
             if holder is not None:
                 holder._held.pop(state.id, None)
-                if not holder._held:  # a dict keeps the table it grew to: start small again
-                    holder._held = {}
+                if not holder._held:  # an emptied dict keeps the table it grew to: let it go
+                    holder._held.clear()
             if not self._undelivered(state, end.agent):
                 end.shut()
                 end.holder = None  # a closed channel kept for lookups holds no connection

@@ -148,7 +148,7 @@ class Endpoint:
                 handle._end.detach()
                 del self._held[state.id]
                 if not self._held:
-                    self._held = {}
+                    self._held.clear()
             else:
                 self.mux._close_nowait(state, reason, by=self.agent)
 

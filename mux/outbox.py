@@ -263,6 +263,9 @@ class Outbox:
                 del self._queues[key]
                 if not ring:
                     del self._rings[urgency]
+                if not self.queued:  # emptied dicts keep their tables: let them go (see heap.py)
+                    self._queues.clear()
+                    self._rings.clear()
             if q.room is not None:
                 q.room.unpark_all()
             if self.on_take is not None and key != CONTROL:

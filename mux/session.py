@@ -719,8 +719,8 @@ class _ChannelSink:
             session._credits.pop(self.key, None)
         if session._sinks.get(self.key) is self:
             del session._sinks[self.key]
-            if not session._sinks:  # a dict keeps the table it grew to: start small again
-                session._sinks = {}
+            if not session._sinks:  # an emptied dict keeps the table it grew to: let it go
+                session._sinks.clear()
             if session._realtime is not None:
                 session._realtime.discard(self.key)
                 if not session._realtime:

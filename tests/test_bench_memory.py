@@ -3,7 +3,9 @@ while the bench's budget has room for them (a real node subprocess, a few connec
 
 from __future__ import annotations
 
+import importlib
 import time
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +45,32 @@ async def test_later_cycles_run_only_within_the_bench_s_budget(
     assert per_channel.name == "under 4 KiB per idle open channel" and per_channel.figure.endswith(" KiB")
     assert back.name == "memory within 5% after 10,000 channels open and close"
     assert back.figure.count(", cycle ") == cycles - 1
+
+
+async def test_the_bench_s_nodes_take_the_arguments_it_is_given(
+    quick: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``MUX_BENCH_NODE_ARGS`` reaches the node: a node told (by a settings file whose name
+    needs quoting) to keep no frames and no closed channels ends the memory section with
+    one chain in its ledger, where a default node keeps every channel's."""
+    config = tmp_path / "relay only.toml"
+    config.write_text("memory_ledger_bytes = 0\n[mux]\nclosed_retention = 0\n")
+    monkeypatch.setattr(memory, "seconds_left", lambda: 0.0)
+    assert common.NODE_ARGS == ()
+    with node_process() as default:
+        res_default = await memory.memory_run(default, **SMALL)
+    monkeypatch.setenv("MUX_BENCH_NODE_ARGS", f"--config '{config}'")
+    try:
+        assert importlib.reload(common).NODE_ARGS == ("--config", str(config))
+        with node_process() as node:
+            res = await memory.memory_run(node, **SMALL)
+    finally:
+        monkeypatch.delenv("MUX_BENCH_NODE_ARGS")
+        importlib.reload(common)
+    assert common.NODE_ARGS == ()
+    assert res_default.cycles[0].ledger_closed["chains"] == 20 + 4  # the warm-up's and the cycle's
+    (cycle,) = res.cycles
+    assert cycle.opened == 4 and cycle.ledger_closed["chains"] == 1
 
 
 def test_the_budget_counts_down_from_the_bench_s_start(monkeypatch: pytest.MonkeyPatch) -> None:

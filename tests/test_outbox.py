@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import collections
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,27 @@ def test_most_urgent_first_and_turns_among_equals() -> None:
     # burst of channels leaves none behind).
     assert box._queues == {}
     assert box._rings == {}
+
+
+def test_an_emptied_outbox_keeps_no_grown_tables() -> None:
+    """Once everything queued has been taken, the outbox's maps of queues and urgencies are
+    as small as an empty dict again, the same objects. A dict keeps the table it grew to, and
+    adding and removing keys makes it take a new one every few keys: the table a busy
+    connection took last would outlive a burst of channels, among the burst's own memory,
+    and keep those pages from going back (docs/performance.md, "Memory")."""
+    box = Outbox(per_key=100)
+    queues, rings = box._queues, box._rings
+    empty = sys.getsizeof({})
+    for turn in range(3):
+        for i in range(40):
+            box.put_nowait(f"ch-{turn}-{i}", i % 9, "m")
+        assert sys.getsizeof(queues) > empty and sys.getsizeof(rings) > empty
+        while box.get_nowait() is not None:
+            pass
+        assert box._queues is queues and box._rings is rings
+        assert (len(queues), sys.getsizeof(queues), len(rings), sys.getsizeof(rings)) == (0, empty, 0, empty)
+    box.put_nowait("ch-again", 4, "a", "b")  # and it works as before
+    assert [box.get_nowait(), box.get_nowait(), box.get_nowait()] == ["a", "b", None]
 
 
 async def test_a_held_turn_writes_through_at_its_end_or_wakes_the_writer() -> None:

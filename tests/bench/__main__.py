@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 import time
 import traceback
 from collections.abc import Callable
 
 from . import core, durable, instructions, latency, memory, profile, server, transfer, uplink
-from .common import BENCH_BUDGET_S, FROM_SESSION, SESSION_LIMIT_S, TARGETS, elapsed, target
+from .common import BENCH_BUDGET_S, FROM_SESSION, NODE_ARGS, SESSION_LIMIT_S, TARGETS, elapsed, target
 
 __all__ = ["OPTIONAL", "SECTIONS", "USUAL_S", "main"]
 
@@ -134,12 +135,14 @@ def main(argv: list[str]) -> int:
         table.append(("== the performance issue's targets, as this run measured them", ""))
         table.extend((f"  {t.name}", f"{t.figure:<48} met: {t.met}") for t in TARGETS)
     added = os.environ.get("MUX_BENCH_NODE_ENV")
+    args = " ".join(shlex.quote(arg) for arg in NODE_ARGS)
     print()
     print(
         f"mux bench: {os.cpu_count()} CPUs, Python {platform.python_version()} ({platform.python_implementation()}),"
         f" {platform.system()} {platform.release()}, {total:.0f} s total;"
         " node: python -m mux serve --memory --open (auth OFF, per-connection rate limit OFF), loopback only"
         + (f"; node environment adds {added}" if added else "")
+        + (f"; node arguments add {args}" if args else "")
     )
     width = min(_WIDTH, max(len(label) for label, _ in table))
     print(f"{'benchmark':<{width}} result")

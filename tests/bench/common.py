@@ -37,6 +37,7 @@ __all__ = [
     "BENCH_BUDGET_S",
     "FROM_SESSION",
     "SESSION_LIMIT_S",
+    "NODE_ARGS",
     "NODE_ENV",
     "Meter",
     "Proc",
@@ -75,6 +76,12 @@ NODE_ENV = {"MUX_RATE_MESSAGES_PER_S": "0", **node_env(os.environ.get("MUX_BENCH
 whatever ``MUX_BENCH_NODE_ENV`` adds (``KEY=VALUE`` words), e.g. the node under jemalloc:
 ``MUX_BENCH_NODE_ENV="PYTHONMALLOC=malloc LD_PRELOAD=libjemalloc.so.2" python -m tests.bench memory``
 (docs/performance.md, "Memory"). The header names what was added."""
+
+NODE_ARGS = tuple(shlex.split(os.environ.get("MUX_BENCH_NODE_ARGS", "")))
+"""Arguments ``MUX_BENCH_NODE_ARGS`` adds to every benchmark node's ``mux serve`` (shell
+quoting), after the bench's own, e.g. a node under jemalloc that keeps no frames:
+``MUX_BENCH_NODE_ARGS="--jemalloc --config relay.toml" python -m tests.bench memory``
+(docs/performance.md, "Memory"). The header names them."""
 
 BENCH_BUDGET_S = 285.0
 """What a whole default run may take: ``nox -s bench`` must end within 5 minutes on a fresh
@@ -250,7 +257,20 @@ def node_process(
     ``data_dir``, ``--data-dir DATA_DIR`` instead of ``--memory`` (the default node: its key and
     SQLite store in that directory)."""
     store = ["--data-dir", data_dir] if data_dir is not None else ["--memory"]
-    args = [sys.executable, "-m", "mux", "serve", "--port", "0", *store, "--open", "--agent", "bench", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "mux",
+        "serve",
+        "--port",
+        "0",
+        *store,
+        "--open",
+        "--agent",
+        "bench",
+        *extra,
+        *NODE_ARGS,
+    ]
     with process(args, "listening on", env={**NODE_ENV, **(env or {})}, nofile=nofile) as proc:
         yield proc
 

@@ -18,7 +18,7 @@ import trio
 
 from mux.client import open_ws
 
-from .common import NODE_ENV, Meter, Proc, events, process
+from .common import NODE_ARGS, NODE_ENV, Meter, Proc, events, process
 
 __all__ = ["run"]
 
@@ -73,7 +73,10 @@ def run(n: int = 3000, window: int = 64) -> list[tuple[str, str]]:
     """Measure the three rows and return them printable."""
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as data:
-        args = [sys.executable, "-m", "mux", "serve", "--port", "0", "--open", "--agent", "bench", "--data-dir", data]
+        args = [
+            *(sys.executable, "-m", "mux", "serve", "--port", "0", "--open", "--agent", "bench", "--data-dir", data),
+            *NODE_ARGS,
+        ]
         with process(args, "listening on", env=NODE_ENV) as node:
             cases: list[tuple[str, str, bool]] = [
                 ("live relay: stream to a connected receiver", "stream", True),
