@@ -13,11 +13,11 @@ hands free heap pages back: jemalloc's purge of every arena when the process run
 jemalloc (``LD_PRELOAD``; docs/performance.md, "Memory"), else glibc's ``malloc_trim(0)``.
 :func:`trimmer` does that in the background when at least ``threshold`` channels and
 connections have closed since the last time, checking every ``interval_s``: a burst of
-closes is followed by one trim, a steady node never trims. Before it, the trimmer's
+closes is followed by one trim, a steady node never trims. Before each trim, the trimmer's
 ``compact`` (the node's :meth:`~mux.core.Mux.compact`) rebuilds the node's long-lived tables
 that a burst grew and emptied (:func:`shrink`): a dict keeps the table it grew to, 512 KiB
-after 10,000 channels. Elsewhere only the collection
-runs. :func:`resident` gives the process's resident memory now and at its peak, and
+after 10,000 channels. With neither allocator found, only the collection runs.
+:func:`resident` gives the process's resident memory now and at its peak, and
 :func:`allocator` which allocators hold it, as ``/status`` reports them.
 :func:`run_under_jemalloc` (``serve --jemalloc``) re-executes the process under jemalloc.
 """

@@ -3,7 +3,6 @@ while the bench's budget has room for them (a real node subprocess, a few connec
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 
@@ -59,15 +58,10 @@ async def test_the_bench_s_nodes_take_the_arguments_it_is_given(
     assert common.NODE_ARGS == ()
     with node_process() as default:
         res_default = await memory.memory_run(default, **SMALL)
-    monkeypatch.setenv("MUX_BENCH_NODE_ARGS", f"--config '{config}'")
-    try:
-        assert importlib.reload(common).NODE_ARGS == ("--config", str(config))
-        with node_process() as node:
-            res = await memory.memory_run(node, **SMALL)
-    finally:
-        monkeypatch.delenv("MUX_BENCH_NODE_ARGS")
-        importlib.reload(common)
-    assert common.NODE_ARGS == ()
+    monkeypatch.setattr(common, "NODE_ARGS", common.node_args(f"--config '{config}'"))
+    assert common.NODE_ARGS == ("--config", str(config))
+    with node_process() as node:
+        res = await memory.memory_run(node, **SMALL)
     assert res_default.cycles[0].ledger_closed["chains"] == 20 + 4  # the warm-up's and the cycle's
     (cycle,) = res.cycles
     assert cycle.opened == 4 and cycle.ledger_closed["chains"] == 1

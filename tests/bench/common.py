@@ -54,6 +54,7 @@ __all__ = [
     "process",
     "raise_nofile",
     "seconds_left",
+    "node_args",
     "target",
     "tls_node_process",
 ]
@@ -77,7 +78,13 @@ whatever ``MUX_BENCH_NODE_ENV`` adds (``KEY=VALUE`` words), e.g. the node under 
 ``MUX_BENCH_NODE_ENV="PYTHONMALLOC=malloc LD_PRELOAD=libjemalloc.so.2" python -m tests.bench memory``
 (docs/performance.md, "Memory"). The header names what was added."""
 
-NODE_ARGS = tuple(shlex.split(os.environ.get("MUX_BENCH_NODE_ARGS", "")))
+
+def node_args(text: str) -> tuple[str, ...]:
+    """Command-line words (shell quoting), as ``MUX_BENCH_NODE_ARGS`` gives them."""
+    return tuple(shlex.split(text))
+
+
+NODE_ARGS = node_args(os.environ.get("MUX_BENCH_NODE_ARGS", ""))
 """Arguments ``MUX_BENCH_NODE_ARGS`` adds to every benchmark node's ``mux serve`` (shell
 quoting), after the bench's own, e.g. a node under jemalloc that keeps no frames:
 ``MUX_BENCH_NODE_ARGS="--jemalloc --config relay.toml" python -m tests.bench memory``
