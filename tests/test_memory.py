@@ -9,6 +9,7 @@ import gc
 import inspect
 import logging
 import os
+import re
 import sys
 import tracemalloc
 import weakref
@@ -26,7 +27,7 @@ from mux.client import open_ws, ws_url
 from mux.errors import BadSetting
 from mux.server import ServeInfo
 
-from .nodes import running_tasks, started_sessions
+from .nodes import running_tasks, serve_node, started_sessions
 from .procs import node_process
 
 
@@ -195,6 +196,28 @@ async def test_the_node_gives_back_the_table_a_burst_of_channels_grew(node: mux.
     assert sys.getsizeof(node._channels) == sys.getsizeof({}) and len(node._closed) == node.config.closed_retention
     again = alice.open_nowait("bob")
     assert node.channel_state(again.id).is_open and len(node._channels) == 1
+
+
+async def test_a_running_node_shrinks_its_tables_after_a_burst_of_closes(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node's trimmer is given the node's compact: after 1,500 channels close, its log
+    line says the tables gave memory back, and the node's table of channels is small again."""
+    caplog.set_level(logging.INFO, logger="mux.heap")
+    info = await serve_node(nursery, trim_after_closes=1000)
+    node = info.node.mux
+    node.config.max_channels_per_agent = node.config.incoming_buffer_channels = 10_000
+    alice, _bob = node.attach("alice"), node.attach("bob")
+    handles = [alice.open_nowait("bob") for _ in range(1500)]
+    for handle in handles:
+        await handle.close()
+    for _ in range(100):  # the trimmer checks every second, once the closes settle
+        if "released memory after" in caplog.text:
+            break
+        await trio.sleep(0.1)
+    shrunk = re.search(r"tables shrunk by (\d+) KiB", caplog.text)
+    assert shrunk is not None and int(shrunk[1]) > 16, caplog.text
+    assert sys.getsizeof(node._channels) == sys.getsizeof({})
 
 
 def test_release_memory_collects_and_trims() -> None:
