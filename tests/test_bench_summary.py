@@ -142,3 +142,27 @@ def test_the_bounds_row_reads_the_round_of_the_median_relay(monkeypatch: pytest.
     assert "3333 frames/s, set by the client, 67% of (f);" in value
     # the echo server alone: 118 us a message; the node alone: 240 us a relayed frame
     assert value.endswith("echo 8475/s, node relaying 4167/s (49%)")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ((), "(auth OFF, per-connection rate limit OFF), loopback only\n"),
+        (
+            ("--jemalloc", "--config", "relay only.toml"),
+            "per-connection rate limit as its --config file says), loopback only;"
+            " node arguments add --jemalloc --config 'relay only.toml'\n",
+        ),
+    ],
+)
+def test_the_header_names_the_arguments_the_nodes_were_given(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], says: str
+) -> None:
+    """A settings file takes the place of the ``MUX_*`` variables the bench turns the rate
+    limit off with: the header does not claim it is off then, and names the arguments."""
+    monkeypatch.setitem(bench.SECTIONS, "fake", lambda: [("(x) a row", "1 thing/s")])
+    monkeypatch.setattr(bench, "NODE_ARGS", args)
+    monkeypatch.delenv("MUX_BENCH_NODE_ENV", raising=False)
+    assert bench.main(["fake"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines(keepends=True) if line.startswith("mux bench:"))
+    assert header.endswith(says)

@@ -136,11 +136,13 @@ def main(argv: list[str]) -> int:
         table.extend((f"  {t.name}", f"{t.figure:<48} met: {t.met}") for t in TARGETS)
     added = os.environ.get("MUX_BENCH_NODE_ENV")
     args = " ".join(shlex.quote(arg) for arg in NODE_ARGS)
+    # a settings file takes the place of the MUX_* variables, MUX_RATE_MESSAGES_PER_S=0 among them
+    rate = "as its --config file says" if "--config" in NODE_ARGS else "OFF"
     print()
     print(
         f"mux bench: {os.cpu_count()} CPUs, Python {platform.python_version()} ({platform.python_implementation()}),"
         f" {platform.system()} {platform.release()}, {total:.0f} s total;"
-        " node: python -m mux serve --memory --open (auth OFF, per-connection rate limit OFF), loopback only"
+        f" node: python -m mux serve --memory --open (auth OFF, per-connection rate limit {rate}), loopback only"
         + (f"; node environment adds {added}" if added else "")
         + (f"; node arguments add {args}" if args else "")
     )
