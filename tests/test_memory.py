@@ -167,7 +167,8 @@ def test_shrink_rebuilds_a_grown_table_in_place() -> None:
         for i in range(20_000):
             if i % 2000:
                 del table[f"k{i}"]
-        table.move_to_end("k0") if isinstance(table, collections.OrderedDict) else None
+        if isinstance(table, collections.OrderedDict):
+            table.move_to_end("k0")
         before, items, grown = table, list(table.items()), sys.getsizeof(table)
         freed = heap.shrink(table)
         assert table is before and list(table.items()) == items and len(items) == 10

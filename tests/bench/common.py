@@ -63,9 +63,14 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def node_args(text: str) -> tuple[str, ...]:
+    """Command-line words (shell quoting), as ``MUX_BENCH_NODE_ARGS`` gives them."""
+    return tuple(shlex.split(text))
+
+
 def node_env(text: str) -> dict[str, str]:
     """``KEY=VALUE`` words (shell quoting) as a mapping; a word without ``=`` is an error."""
-    pairs = [word.partition("=") for word in shlex.split(text)]
+    pairs = [word.partition("=") for word in node_args(text)]
     bad = [key for key, eq, _ in pairs if not eq or not key]
     if bad:
         raise ValueError(f"MUX_BENCH_NODE_ENV: {bad[0]!r} is not KEY=VALUE")
@@ -77,11 +82,6 @@ NODE_ENV = {"MUX_RATE_MESSAGES_PER_S": "0", **node_env(os.environ.get("MUX_BENCH
 whatever ``MUX_BENCH_NODE_ENV`` adds (``KEY=VALUE`` words), e.g. the node under jemalloc:
 ``MUX_BENCH_NODE_ENV="PYTHONMALLOC=malloc LD_PRELOAD=libjemalloc.so.2" python -m tests.bench memory``
 (docs/performance.md, "Memory"). The header names what was added."""
-
-
-def node_args(text: str) -> tuple[str, ...]:
-    """Command-line words (shell quoting), as ``MUX_BENCH_NODE_ARGS`` gives them."""
-    return tuple(shlex.split(text))
 
 
 NODE_ARGS = node_args(os.environ.get("MUX_BENCH_NODE_ARGS", ""))
