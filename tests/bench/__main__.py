@@ -9,7 +9,8 @@ connections), ``transfer`` (tunnel and file transfer MB/s next to a direct TCP c
 ``durable`` (acks after a SQLite commit), and, only when named, ``profile`` (where the
 node's CPU goes per relayed frame, by layer, next to the echo's; needs py-spy) and
 ``instructions`` (instructions per relayed send through the protocol logic, counted by
-valgrind: repeatable where timings are not).
+valgrind: repeatable where timings are not) and ``arenas`` (the memory section's cycle once,
+on a node counting which objects hold the allocator's arenas after the channels close).
 Each server section starts its own node subprocess. Progress goes to stderr while the
 sections run; the table of every number is printed at the end, after a header naming the
 machine. A section that fails prints its error in the table (and its traceback on stderr);
@@ -34,7 +35,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from . import core, durable, instructions, latency, memory, profile, server, transfer, uplink
+from . import census, core, durable, instructions, latency, memory, profile, server, transfer, uplink
 from .common import BENCH_BUDGET_S, FROM_SESSION, NODE_ARGS, SESSION_LIMIT_S, TARGETS, elapsed, target
 
 __all__ = ["OPTIONAL", "SECTIONS", "USUAL_S", "main"]
@@ -49,12 +50,14 @@ SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "durable": durable.run,
     "profile": profile.run,
     "instructions": instructions.run,
+    "arenas": census.run,
 }
 """Section name -> function returning (label, value) rows."""
 
 DEFAULT = ["core", "server", "voice", "uplink", "memory", "transfer", "durable"]
-"""What runs without arguments: ``profile`` (sampling slows the node) and ``instructions``
-(valgrind runs the code some 50 times slower) run when named."""
+"""What runs without arguments: ``profile`` (sampling slows the node), ``instructions``
+(valgrind runs the code some 50 times slower) and ``arenas`` (a census of the node's objects
+at each step: a minute more) run when named."""
 
 USUAL_S: dict[str, float] = {
     "core": 6.0,

@@ -258,16 +258,21 @@ def process(
 
 @contextmanager
 def node_process(
-    *extra: str, nofile: int | None = None, env: dict[str, str] | None = None, data_dir: str | None = None
+    *extra: str,
+    nofile: int | None = None,
+    env: dict[str, str] | None = None,
+    data_dir: str | None = None,
+    module: str = "mux",
 ) -> Iterator[Proc]:
     """A benchmark node: ``python -m mux serve --port 0 --memory --open --agent bench``; with
     ``data_dir``, ``--data-dir DATA_DIR`` instead of ``--memory`` (the default node: its key and
-    SQLite store in that directory)."""
+    SQLite store in that directory); ``module`` runs another module's ``serve`` in place of
+    ``mux``'s (``tests.bench.census``: the node that counts its objects by arena)."""
     store = ["--data-dir", data_dir] if data_dir is not None else ["--memory"]
     args = [
         sys.executable,
         "-m",
-        "mux",
+        module,
         "serve",
         "--port",
         "0",

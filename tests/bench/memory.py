@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import itertools
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -176,10 +177,28 @@ async def _settle(node: Proc, http: httpx.AsyncClient, *, connections: int, chan
     return rss
 
 
+Observer = Callable[[str, str], Awaitable[None]]
+"""Called after each RSS reading of a cycle with the cycle's tag and the step: ``connections``
+(all connected), ``channels`` (all open), ``closed`` (the channels closed), ``gone`` (the
+connections closed too); ``tests.bench.census`` takes its census then."""
+
+
+async def _observed(observe: Observer | None, tag: str, step: str) -> None:
+    if observe is not None:
+        await observe(tag, step)
+
+
 async def _cycle(
-    node: Proc, http: httpx.AsyncClient, tag: str, connections: int, openers: int, per_opener: int
+    node: Proc,
+    http: httpx.AsyncClient,
+    tag: str,
+    connections: int,
+    openers: int,
+    per_opener: int,
+    observe: Observer | None = None,
 ) -> Cycle:
-    """Connect, open, hold, close and disconnect once; read RSS at each step."""
+    """Connect, open, hold, close and disconnect once; read RSS at each step (and call
+    ``observe`` after each reading)."""
     cyc = Cycle()
     conns = [Conn(f"{tag}-{i:05d}") for i in range(connections)]
     for i in range(openers):
@@ -252,6 +271,7 @@ async def _cycle(
         cyc.connect_s = trio.current_time() - t0
         _progress(f"{tag}: {connections} connected in {cyc.connect_s:.1f} s")
         cyc.rss_conns = await _settle(node, http, connections=connections, channels=0)
+        await _observed(observe, tag, "connections")
         st = await node_status(http)
         cyc.connections, cyc.heap_conns = st.get("connections", 0), _heap(st)
         cyc.allocator = str((st.get("memory") or {}).get("allocator", "not reported"))
@@ -266,6 +286,7 @@ async def _cycle(
         _progress(f"{tag}: {sum(len(c.opened) for c in conns)} channels opened in {cyc.open_s:.1f} s")
         cyc.opened = sum(len(c.opened) for c in conns)
         cyc.rss_channels = await _settle(node, http, connections=connections, channels=cyc.opened)
+        await _observed(observe, tag, "channels")
         st = await node_status(http)
         cyc.channels_open, cyc.heap_channels = st.get("channels_open", 0), _heap(st)
 
@@ -276,12 +297,14 @@ async def _cycle(
                         closers.start_soon(close_all, conn)
         _progress(f"{tag}: channels closed")
         cyc.rss_closed = await _settle(node, http, connections=connections, channels=0)
+        await _observed(observe, tag, "closed")
         st = await node_status(http)
         cyc.heap_closed, cyc.ledger_closed = _heap(st), dict(st.get("ledger") or {})
         cyc.in_cycles = _collected(st) - collected
         release.set()
     _progress(f"{tag}: disconnected")
     cyc.rss_gone = await _settle(node, http, connections=0, channels=0)
+    await _observed(observe, tag, "gone")
     cyc.heap_gone = _heap(await node_status(http))
     for conn in conns:
         cyc.errors.update(conn.errors)
@@ -300,32 +323,47 @@ class MemoryResult:
 
 
 async def memory_run(
-    node: Proc, connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int = PER_OPENER
+    node: Proc,
+    connections: int = CONNECTIONS,
+    openers: int = OPENERS,
+    per_opener: int = PER_OPENER,
+    *,
+    cycles: int = CYCLES,
+    observe: Observer | None = None,
 ) -> MemoryResult:
-    """Warm up, read the baseline, run ``CYCLES`` cycles."""
+    """Warm up, read the baseline, run ``cycles`` cycles (the later ones as the bench's
+    budget allows); ``observe`` is called after each RSS reading."""
     res = MemoryResult()
     with trio.fail_after(MEMORY_TIMEOUT_S):
-        await _memory_cycles(node, res, connections, openers, per_opener)
+        await _memory_cycles(node, res, connections, openers, per_opener, cycles, observe)
     return res
 
 
-async def _memory_cycles(node: Proc, res: MemoryResult, connections: int, openers: int, per_opener: int) -> None:
+async def _memory_cycles(
+    node: Proc,
+    res: MemoryResult,
+    connections: int,
+    openers: int,
+    per_opener: int,
+    cycles: int,
+    observe: Observer | None,
+) -> None:
     async with httpx.AsyncClient(base_url=node.url + "/api/mux", timeout=10) as http:
-        await _cycle(node, http, "warm", 20, 10, 2)  # imports, caches, first allocations
+        await _cycle(node, http, "warm", 20, 10, 2, observe)  # imports, caches, first allocations
         res.baseline = await _settle(node, http, connections=0, channels=0)
         res.heap_baseline = _heap(await node_status(http))
         started = last = trio.current_time()
-        for c in range(CYCLES):
+        for c in range(cycles):
             now = trio.current_time()
             if c and now - started > MORE_CYCLES_UNDER_S:
                 res.skipped = f"the cycles so far took {now - started:.0f} s"
             elif c and seconds_left() < (now - last) + AFTER_MEMORY_S:
                 res.skipped = f"the bench's {BENCH_BUDGET_S:.0f} s would not hold another {now - last:.0f} s cycle"
             if res.skipped:
-                _progress(f"cycles {c + 1}-{CYCLES} skipped: {res.skipped}")
+                _progress(f"cycles {c + 1}-{cycles} skipped: {res.skipped}")
                 break
             last = now
-            res.cycles.append(await _cycle(node, http, f"m{c}", connections, openers, per_opener))
+            res.cycles.append(await _cycle(node, http, f"m{c}", connections, openers, per_opener, observe))
 
 
 def _pct(now: int, start: int) -> str:
