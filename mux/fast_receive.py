@@ -54,6 +54,17 @@ class FastReceive:
         self._stock = stream.handle
         self._frames: ClientFrames | None = None
 
+    def prepare(self) -> ClientFrames | None:
+        """Make the frame parser once the handshake is done (the node calls this when it has
+        accepted the connection, so that what a connection keeps is made with it, not amid a
+        burst of other work at its first message); None when the connection is one this does
+        not parse (an extension negotiated, or no WebSocket protocol yet)."""
+        if self._frames is None:
+            proto = getattr(self._stream.connection, "_proto", None)
+            if proto is not None and not proto.extensions and not proto.client:
+                self._frames = ClientFrames(self._stream.config.websocket_max_message_size)
+        return self._frames
+
     async def __call__(self, event: Any) -> None:
         stream = self._stream
         sock = self._sock
@@ -62,14 +73,11 @@ class FastReceive:
             if stream.closed:  # the stream and this handler would hold each other until a GC pass
                 stream.__dict__.pop("handle", None)
             return
-        frames = self._frames
+        frames = self._frames or self.prepare()
         if frames is None:
-            proto = getattr(stream.connection, "_proto", None)
-            if proto is None or proto.extensions or proto.client:
-                del stream.handle  # Hypercorn's own from now on
-                await self._stock_after_rest(event)
-                return
-            frames = self._frames = ClientFrames(stream.config.websocket_max_message_size)
+            del stream.handle  # Hypercorn's own from now on
+            await self._stock_after_rest(event)
+            return
         if frames.off:
             await self._stock_after_rest(event)
             return

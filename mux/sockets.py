@@ -242,6 +242,9 @@ class AsgiSocket:
             self.closed = True
             raise Disconnected()
         await self._send({"type": "websocket.accept", "subprotocol": subprotocol, "headers": []})
+        handle = getattr(self._stream, "handle", None)
+        if isinstance(handle, FastReceive):
+            handle.prepare()
 
     async def send(self, message: str | bytes) -> None:
         """Send one message (nothing once closed)."""

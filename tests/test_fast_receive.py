@@ -20,7 +20,7 @@ from mux.fast_receive import FastReceive
 from mux.sockets import AsgiSocket, Disconnected
 from mux.wsframes import ClientFrames
 
-from .wsutil import masked_frame, serve_raw
+from .wsutil import masked_frame, raw_client, serve_raw
 
 pytestmark = pytest.mark.parametrize("fast", [True, False], ids=["fast", "stock"])
 
@@ -174,4 +174,37 @@ async def test_a_closed_connection_s_stream_is_freed_at_once(nursery: trio.Nurse
         assert streams[0]() is None
     finally:
         gc.enable()
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("deflate", [False, True], ids=["plain", "permessage_deflate"])
+async def test_the_parser_is_made_when_the_connection_is_accepted(
+    nursery: trio.Nursery, fast: bool, deflate: bool
+) -> None:
+    """What a connection keeps for reading is made with it, before its first message (not
+    amid whatever else the node makes then); a connection with an extension gets none, and
+    its messages go through wsproto as before."""
+    from wsproto.extensions import PerMessageDeflate
+
+    seen: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        sock = AsgiSocket(scope, receive, send_, fast_receive=fast)
+        await sock.accept(None)
+        assert sock._stream is not None
+        handle = sock._stream.__dict__.get("handle")
+        seen["accepted"] = type(getattr(handle, "_frames", None)).__name__
+        message = await sock.receive()
+        handle = sock._stream.__dict__.get("handle")
+        seen["after"] = type(getattr(handle, "_frames", None)).__name__
+        await sock.send(message)
+        await trio.sleep_forever()
+
+    url = await serve_raw(nursery, app)
+    async with raw_client(url, extensions=[PerMessageDeflate()] if deflate else None) as client:
+        assert client.extensions == (["permessage-deflate"] if deflate else [])
+        await client.burst("hello")
+        assert await client.messages(1) == ["hello"]
+    parser = "ClientFrames" if fast and not deflate else "NoneType"
+    assert seen == {"accepted": parser, "after": parser}
     nursery.cancel_scope.cancel()

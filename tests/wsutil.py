@@ -14,6 +14,7 @@ import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Message, Pong, Request
+from wsproto.extensions import Extension
 from wsproto.frame_protocol import FrameProtocol
 
 from mux.wire import unpack_binary
@@ -126,6 +127,8 @@ class RawClient:
         self.frames = FrameProtocol(client=True, extensions=[])
         self.parts: list[Any] = []
         self.pongs = 0
+        self.extensions: list[str] = []
+        """The extensions the server accepted in its handshake."""
 
     async def burst(self, *messages: str | bytes | None) -> None:
         """All of ``messages`` in one write (so one read on the server, on loopback); None
@@ -154,13 +157,26 @@ class RawClient:
         return got
 
 
+def _accepted(ws: WSConnection) -> AcceptConnection | None:
+    """The server's handshake answer, if it came; the events after it stay for ``messages``."""
+    for event in ws.events():
+        if isinstance(event, AcceptConnection):
+            return event
+    return None
+
+
 @asynccontextmanager
 async def raw_client(
-    url: str, ssl_context: ssl.SSLContext | None = None, *, receive_buffer: int | None = None
+    url: str,
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    receive_buffer: int | None = None,
+    extensions: list[Extension] | None = None,
 ) -> AsyncIterator[RawClient]:
     """A :class:`RawClient` connected (handshake done) to ``url``; over TLS with ``ssl_context``;
     with ``receive_buffer``, its socket's ``SO_RCVBUF`` set before it connects (a small one
-    keeps what the node has sent but the client not yet read small, as a slow link does)."""
+    keeps what the node has sent but the client not yet read small, as a slow link does);
+    offering ``extensions`` in its handshake (it sends its own messages uncompressed)."""
     parts = urllib.parse.urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
     stream: trio.abc.Stream
@@ -176,10 +192,11 @@ async def raw_client(
     client = RawClient(stream)
     try:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        await stream.send_all(client.ws.send(Request(host=parts.netloc, target=target)))
+        await stream.send_all(client.ws.send(Request(host=parts.netloc, target=target, extensions=extensions or [])))
         with trio.fail_after(5):
-            while not any(isinstance(e, AcceptConnection) for e in client.ws.events()):
+            while (accepted := _accepted(client.ws)) is None:
                 client.ws.receive_data(bytes(await stream.receive_some(1 << 16)))
+        client.extensions = [extension.name for extension in accepted.extensions]
         yield client
     finally:
         await stream.aclose()
