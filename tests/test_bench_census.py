@@ -4,6 +4,7 @@ pymalloc arena they are in, it names what it counts, and its section runs on a r
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import subprocess
 import sys
@@ -45,14 +46,20 @@ def test_the_census_counts_each_small_object_once_by_its_arena() -> None:
         wide.append(Wide())
     small = [Blob(b"x" * 40) for _ in range(300)]
     large = [Blob(b"x" * 4000) for _ in range(300)]  # over 512 bytes: malloc's, not in an arena
+    names = [tuple(f"name-{i}-{j}" for j in range(10)) for i in range(500)]  # tuples the GC untracks
     found = census.census()
+    assert not any(gc.is_tracked(t) for t in names)
     assert _count(found, "Thing") == 40_000 and _count(found, "Wide") == 20_000
     assert _count(found, "Blob") == 300  # the small ones only
     assert all(0 <= arena < 1 << 20 for arena in found)
     shared = [arena for arena, kinds in found.items() if kinds["Thing"] > 100 and kinds["Wide"] > 100]
     assert shared  # by arena, not by size class (which would keep the two apart)
     del things, wide, small, large
-    assert _count(census.census(), "Thing") == 0
+    strings = _count(found, "str")
+    del names
+    after = census.census()
+    assert _count(after, "Thing") == 0
+    assert 4_900 <= strings - _count(after, "str") <= 5_100  # the 5,000 strings in untracked tuples
 
 
 async def test_names_say_which_function_a_coroutine_or_closure_is() -> None:
@@ -82,9 +89,9 @@ def test_the_rows_count_the_arenas_the_burst_added_and_what_holds_them() -> None
     peak = {0: c(str=5), 1: c(str=5), 2: c(End=900), 3: c(End=800), 4: c(End=700)}
     after = {0: c(str=5), 1: c(str=4), 2: c(End=1, dict=2), 3: c(End=40, coroutine=3)}
     rows = dict(census.census_rows(before, peak, after, (100 * 1024, 110 * 1024)))
-    assert rows["(census) pymalloc arenas in use: before the channels opened / with them open / after they closed"] == (
-        "       2 / 5 / 4 (1 MiB each; RSS 100.0 -> 110.0 MiB, +10.0%)"
-    )
+    assert rows[
+        "(census) pymalloc arenas holding objects made since start-up: before the channels opened / open / closed"
+    ] == ("       2 / 5 / 4 (1 MiB each; RSS 100.0 -> 110.0 MiB, +10.0%)")
     assert rows["(census) arenas the burst added, still in use after the channels closed"] == (
         "       2 holding 46 objects, of 1700 at the peak; 1 of them held by 10 objects or fewer"
     )
@@ -123,7 +130,7 @@ def test_the_arenas_section_takes_a_census_of_a_real_node_at_each_step(monkeypat
     assert states[("m0", "channels")] - states[("m0", "connections")] == 6  # this cycle's, open
     labels = [label for label, _ in rows]
     assert labels[:4] == [
-        "(census) pymalloc arenas in use: before the channels opened / with them open / after they closed",
+        "(census) pymalloc arenas holding objects made since start-up: before the channels opened / open / closed",
         "(census) arenas the burst added, still in use after the channels closed",
         "(census) objects in each of those arenas, fewest first",
         "(census) what those objects are, most first",

@@ -10,7 +10,8 @@ channels added that were still in use after the channels closed, and what was in
 How this works: the node is ``python -m tests.bench.census serve ...`` (``mux serve`` with
 a ``SIGUSR1`` handler). On the signal, :func:`census` walks every object the garbage
 collector tracks, and the untracked ones they refer to (strings, bytes, numbers), keeps
-those pymalloc holds (at most 512 bytes, in an anonymous mapping), reads the arena index
+those pymalloc holds (the node's start-up objects, frozen by ``gc.freeze``, are not among
+them: the census counts what was made since) (at most 512 bytes, in an anonymous mapping), reads the arena index
 from the header of the pool the object is in (CPython 3.11+'s ``pool_header``: ``arenaindex``
 at byte 32) and counts the objects by arena and type; it writes that to
 ``MUX_BENCH_CENSUS_DIR/census-N.json``. The memory section's cycle calls :func:`observe`
@@ -93,17 +94,21 @@ def _within(spans: list[tuple[int, int]], addr: int) -> bool:
 
 
 def _objects() -> Iterator[object]:
-    """Every object the garbage collector tracks, and the untracked ones they refer to,
-    each once."""
+    """Every object the garbage collector tracks (but the permanent generation: what the
+    node froze at start-up, ``mux.heap.freeze_startup``), and the untracked ones they refer
+    to, directly or through untracked containers (a tuple of strings), each once."""
     seen: set[int] = set()
     for obj in gc.get_objects():
         if id(obj) not in seen:
             seen.add(id(obj))
             yield obj
-        for ref in gc.get_referents(obj):
-            if not gc.is_tracked(ref) and id(ref) not in seen:
+        untracked = [ref for ref in gc.get_referents(obj) if not gc.is_tracked(ref)]
+        while untracked:
+            ref = untracked.pop()
+            if id(ref) not in seen:
                 seen.add(id(ref))
                 yield ref
+                untracked.extend(inner for inner in gc.get_referents(ref) if not gc.is_tracked(inner))
 
 
 def census() -> Census:
@@ -183,7 +188,7 @@ def census_rows(before: Census, peak: Census, after: Census, rss: tuple[int, int
     change = (rss_after - rss_before) / max(1, rss_before) * 100
     return [
         (
-            "(census) pymalloc arenas in use: before the channels opened / with them open / after they closed",
+            "(census) pymalloc arenas holding objects made since start-up: before the channels opened / open / closed",
             f"{len(before):8d} / {len(peak)} / {len(after)} (1 MiB each; RSS {rss_before / 1024:.1f} ->"
             f" {rss_after / 1024:.1f} MiB, {change:+.1f}%)",
         ),
