@@ -137,3 +137,19 @@ def test_the_arenas_section_takes_a_census_of_a_real_node_at_each_step(monkeypat
     ]
     in_use = [int(n) for n in rows[0][1].split("(")[0].split("/")]
     assert len(in_use) == 3 and all(n > 0 for n in in_use)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [(("--jemalloc",), {}, "--jemalloc"), ((), {"PYTHONMALLOC": "malloc"}, "PYTHONMALLOC=malloc")],
+)
+def test_the_section_says_so_when_its_node_would_not_run_on_pymalloc(
+    monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], env: dict[str, str], says: str
+) -> None:
+    from tests.bench import common
+
+    monkeypatch.setattr(common, "NODE_ARGS", args)
+    monkeypatch.setattr(common, "NODE_ENV", {**common.NODE_ENV, **env})
+    assert census.run(12, 3, 2) == [
+        ("(census)", f"n/a: the arena census needs CPython's pymalloc, and the node would run with {says}")
+    ]

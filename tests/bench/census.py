@@ -211,13 +211,24 @@ async def _census_run(node: Any, connections: int, openers: int, per_opener: int
     return await memory.memory_run(node, connections, openers, per_opener, cycles=1, observe=taker.observe)
 
 
+def _other_allocator(args: tuple[str, ...], env: dict[str, str]) -> str | None:
+    """What would keep a bench node off pymalloc (``--jemalloc``, ``PYTHONMALLOC``), or None."""
+    if "--jemalloc" in args:
+        return "--jemalloc"
+    malloc = env.get("PYTHONMALLOC", "pymalloc")
+    return None if malloc in ("pymalloc", "pymalloc_debug") else f"PYTHONMALLOC={malloc}"
+
+
 def run(
     connections: int | None = None, openers: int | None = None, per_opener: int | None = None
 ) -> list[tuple[str, str]]:
     """Run the memory section's cycle once on a census node; rows."""
-    from . import memory
+    from . import common, memory
     from .common import node_process, raise_nofile
 
+    other = _other_allocator(common.NODE_ARGS, {**os.environ, **common.NODE_ENV})
+    if other is not None:
+        return [("(census)", f"n/a: the arena census needs CPython's pymalloc, and the node would run with {other}")]
     connections = memory.CONNECTIONS if connections is None else connections
     openers = memory.OPENERS if openers is None else openers
     per_opener = memory.PER_OPENER if per_opener is None else per_opener
