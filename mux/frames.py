@@ -88,21 +88,22 @@ def frame_hash(
     agent: AgentSignature | None = None,
 ) -> str:
     """The ``tbz_hash`` (hex SHA-256) of a frame header, as specified in ``docs/frames.md``."""
-    header: dict[str, Any] = {
-        "v": FRAME_VERSION,
+    header: dict[str, Any] = {  # in sorted order: the canonical form without sorting again
         "channel_id": channel_id,
-        "seq": seq,
-        "kind": kind,
-        "sender": sender,
-        "target": target,
-        "intent": intent,
-        "ts": ts,
-        "prev": prev,
         "enc": enc,
+        "intent": intent,
+        "kind": kind,
         "payload_sha256": payload_sha256,
+        "prev": prev,
+        "sender": sender,
+        "seq": seq,
+        "target": target,
+        "ts": ts,
+        "v": FRAME_VERSION,
     }
-    if agent is not None:
-        header.update(agent_key=agent.key, agent_nonce=agent.nonce, agent_sig=agent.sig)
+    if agent is None:
+        return _sha256(orjson.dumps(header)).hexdigest()
+    header.update(agent_key=agent.key, agent_nonce=agent.nonce, agent_sig=agent.sig)
     return _sha256(orjson.dumps(header, option=_SORT)).hexdigest()
 
 
