@@ -4,21 +4,22 @@ Run: ``python -m tests.bench arenas`` (not part of the default run). CPython's s
 allocator (pymalloc) takes memory from the system in 1 MiB arenas of 16 KiB pools and gives
 an arena back only once no object is left in any of its pools. This section runs the memory
 section's cycle once (2,000 connections, 10,000 channels opened and closed) on a node that
-counts, at each step, the live objects in every arena, and prints the arenas the burst of
+counts, at each step, the objects in every arena, and prints the arenas the burst of
 channels added that were still in use after the channels closed, and what was in them.
 
 How this works: the node is ``python -m tests.bench.census serve ...`` (``mux serve`` with
 a ``SIGUSR1`` handler). On the signal, :func:`census` walks every object the garbage
-collector tracks, and the untracked ones they refer to (strings, bytes, numbers), keeps
-those pymalloc holds (the node's start-up objects, frozen by ``gc.freeze``, are not among
-them: the census counts what was made since) (at most 512 bytes, in an anonymous mapping), reads the arena index
-from the header of the pool the object is in (CPython 3.11+'s ``pool_header``: ``arenaindex``
-at byte 32) and counts the objects by arena and type; it writes that to
-``MUX_BENCH_CENSUS_DIR/census-N.json``. The memory section's cycle calls :func:`observe`
-after each of its readings, which signals the node and waits for the file. Arena indices are
-slots in pymalloc's table: an arena given back during the burst and another one taken in
-its slot would count as one. Only meaningful under pymalloc (the node's default): under
-``PYTHONMALLOC=malloc`` (``serve --jemalloc``) there are no arenas and the node refuses.
+collector tracks and the untracked ones reached from them (strings, bytes, numbers, tuples
+of those), keeps those pymalloc holds (at most 512 bytes, in an anonymous mapping), reads
+the arena index from the header of the pool the object is in (CPython 3.11+'s
+``pool_header``: ``arenaindex`` at byte 32) and counts the objects by arena and type; it
+writes that to ``MUX_BENCH_CENSUS_DIR/census-N.json``. What the node made at start-up is
+not counted: the node freezes it (``gc.freeze``), and the collector lists no frozen object.
+The memory section's cycle calls :meth:`Taker.observe` after each of its readings, which
+signals the node and waits for the file. Arena indices are slots in pymalloc's table: an
+arena given back during the burst and another one taken in its slot would count as one.
+Only meaningful under pymalloc (the node's default): under ``PYTHONMALLOC=malloc`` (``serve
+--jemalloc``) there are no arenas, and the section says so instead of starting a node.
 """
 
 from __future__ import annotations
