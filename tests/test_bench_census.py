@@ -153,3 +153,9 @@ def test_the_section_says_so_when_its_node_would_not_run_on_pymalloc(
     assert census.run(12, 3, 2) == [
         ("(census)", f"n/a: the arena census needs CPython's pymalloc, and the node would run with {says}")
     ]
+
+
+def test_the_census_refuses_a_free_threaded_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    with pytest.raises(RuntimeError, match="free-threaded build allocates with mimalloc"):
+        census.census()

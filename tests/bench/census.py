@@ -117,6 +117,8 @@ def census() -> Census:
     pymalloc is not the allocator)."""
     if os.environ.get("PYTHONMALLOC", "pymalloc") not in ("pymalloc", "pymalloc_debug") or not sys.getallocatedblocks():
         raise RuntimeError("the arena census needs CPython's pymalloc (PYTHONMALLOC unset)")
+    if not getattr(sys, "_is_gil_enabled", lambda: True)():
+        raise RuntimeError("the arena census needs CPython's pymalloc (a free-threaded build allocates with mimalloc)")
     gc.collect()
     spans = _anonymous_mappings()
     counts: Census = collections.defaultdict(collections.Counter)
