@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -99,7 +100,7 @@ def test_the_rows_count_the_arenas_the_burst_added_and_what_holds_them() -> None
     assert rows["(census) what those objects are, most first"] == "41 End; 3 coroutine; 2 dict"
 
 
-def test_the_census_node_refuses_without_pymalloc_or_a_directory(tmp_path: object) -> None:
+def test_the_census_node_refuses_without_pymalloc_or_a_directory(tmp_path: Path) -> None:
     base = {**os.environ, "MUX_BENCH_CENSUS_DIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "tests.bench.census", "serve", "--memory", "--open", "--port", "0"]
     done = subprocess.run(cmd, env={**base, "PYTHONMALLOC": "malloc"}, capture_output=True, text=True, timeout=60)
