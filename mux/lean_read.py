@@ -1,164 +1,133 @@
-"""Reading a WebSocket connection's socket straight into the stream, past Hypercorn's read loop.
+"""The node's own read loop for each TCP connection, in place of Hypercorn's.
 
-On HTTP/1.1 over plain TCP, once the connection is open and Hypercorn's HTTP/1.1 protocol
-only passes bytes through, :class:`LeanRead` takes the place of trio's ``receive_some`` on
-the socket: each read goes straight to the stream's ``handle``, past Hypercorn's read loop
-(its timeout scope and events, the protocol's pass-through) and trio's socket wrappers (a
-checkpoint before and a scheduler pass after every read that found data); it lets other tasks
-run every :data:`LEAN_READS_PER_YIELD` reads that did not wait, and hands the end of the
-stream, errors and every read once the stream closes back to Hypercorn. Over TLS (trio's
-``SSLStream``), :class:`LeanTLSRead` does the same with the connection's own SSLObject: the
-socket's bytes go into its incoming BIO and what it decrypts to ``handle``; anything but
-plain reading (the transport's end, a TLS error or close, the TLS layer having something to
-send) goes on in trio's ``receive_some``, on the same SSLObject.
+How this works: :class:`LeanTCPServer` is Hypercorn's ``TCPServer`` (the task that serves one
+TCP connection) with its read loop replaced by :class:`LeanReader`'s. The reader reads the
+socket itself without blocking, past trio's socket wrappers (over TLS, through the
+connection's own SSLObject), and when the socket has nothing waits on its
+:class:`~mux.readiness.Park`, so a wait makes no objects (``mux.readiness`` says why that
+matters). Once the connection is an open WebSocket (Hypercorn's HTTP/1.1 protocol only passes
+bytes through to the stream), each read goes straight to the stream's ``handle`` (the fast
+receive, ``mux.fast_receive``); before that (the handshake, plain HTTP requests) and on any
+other protocol, to Hypercorn's protocol, as its own loop would. Unlike Hypercorn's loop it
+makes no timeout scope per read, and it makes nothing at a connection's first message that
+outlives the read. It lets other tasks run every :data:`LEAN_READS_PER_YIELD` reads that did
+not wait. Anything but plain reading (an error, the TLS layer having something to send, a
+peer's close over TLS) goes to trio's own ``receive_some``, which raises as it does; a read
+timeout (``read_timeout``), a platform without epoll or a stream this module does not know
+keeps Hypercorn's loop.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any, cast
 
 import trio
-from hypercorn.protocol.events import Data as _HypercornData
-from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.protocol.h11 import H11WSConnection as _H11WSConnection
+from hypercorn.events import Closed, RawData
+from hypercorn.protocol.events import Data
+from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
 from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 from . import hypercorn_conn
+from .readiness import Park, ReadyHub
 
-__all__ = ["LEAN_READS_PER_YIELD", "LeanRead", "LeanTLSRead"]
+__all__ = ["LEAN_READS_PER_YIELD", "LeanReader", "LeanTCPServer"]
 
 LEAN_READS_PER_YIELD = 4
-"""The lean reader (:class:`LeanRead`) lets other tasks run after this many reads in a row
-that found data without waiting (a read that waits has let them run already)."""
+"""A reader lets other tasks run after this many reads in a row that found data without
+waiting (a read that waits has let them run already)."""
+
+_WAIT = b"wait"
+"""What a read step returns when the socket has nothing yet (compared by identity)."""
 
 
-class LeanRead:
-    """``receive_some`` of a WebSocket connection's plain TCP socket, in place of trio's,
-    while Hypercorn's HTTP/1.1 protocol only passes bytes through to the WebSocket stream:
-    each read goes straight to the stream's ``handle`` (the fast receive), skipping for
-    every read Hypercorn's read loop (its timeout scope, its ``RawData`` and the HTTP/1.1
-    protocol's pass-through) and trio's socket wrappers (their checkpoint before and
-    scheduler pass after every read that found data). It returns to Hypercorn's loop only
-    what that loop must see: the end of the stream, a read the stream no longer takes this
-    way (before the handshake is done, once closed), or an error (then through trio's own
-    ``receive_some``, which raises it as trio does). Not installed when Hypercorn has a read
-    timeout."""
+class LeanTCPServer(TCPServer):
+    """Hypercorn's ``TCPServer`` read by a :class:`LeanReader` (``hub`` wakes it) when its
+    stream is a plain trio socket or trio's TLS over one, and Hypercorn has no read timeout."""
 
-    def __init__(self, sock: trio.SocketStream, proto: H11Protocol, stream: WSStream) -> None:
-        self._proto = proto
-        self._stream = stream
-        self._socket: Any = sock
-        self._raw: socket.socket = sock.socket._sock  # type: ignore[attr-defined]
+    def __init__(self, hub: ReadyHub | None, *args: Any) -> None:
+        super().__init__(*args)
+        self._hub = hub
 
-    @staticmethod
-    def install(stream: WSStream) -> None:
-        """Read ``stream``'s connection this way when it is HTTP/1.1 on plain TCP or TLS (then
-        :class:`LeanTLSRead`) with no read timeout; else leave it to Hypercorn."""
-        under = hypercorn_conn.h11_under(stream)
-        if under is None or under[1].config.read_timeout:
-            return
-        proto, tcp = under
-        sock: Any = tcp.stream
-        if isinstance(sock, trio.SocketStream):
-            sock.receive_some = LeanRead(sock, proto, stream)  # type: ignore[method-assign]
-        elif hypercorn_conn.tls_known(sock):
-            sock.receive_some = LeanTLSRead(sock, proto, stream)
+    async def _read_data(self) -> None:
+        reader = LeanReader.over(self, self._hub) if not self.config.read_timeout else None
+        if reader is None:
+            await super()._read_data()
+        else:
+            await reader.run()
 
-    def _passing_through(self) -> bool:
-        """True while Hypercorn would hand every read, as it is, to this stream's ``handle``."""
-        proto, stream = self._proto, self._stream
+
+class LeanReader:
+    """Reads one connection's socket until its end and hands on every read (the module's
+    docstring says where). Made when the connection starts; :meth:`run` is the whole loop."""
+
+    def __init__(self, tcp: TCPServer, hub: ReadyHub, raw: socket.socket, transport: trio.SocketStream) -> None:
+        self._tcp = tcp
+        self._hub = hub
+        self._raw = raw
+        self._transport = transport
+        self._park: Park = hub.park(raw.fileno())
+        self._read: Callable[[], bytes | None] = self._read_plain
+        self._tls: trio.SSLStream[Any] | None = None
+
+    @classmethod
+    def over(cls, tcp: TCPServer, hub: ReadyHub | None) -> LeanReader | None:
+        """A reader for ``tcp``'s stream when this module knows it (plain or TLS), else None."""
+        stream: Any = tcp.stream
+        if hub is None:
+            return None
+        if isinstance(stream, trio.SocketStream):
+            return cls(tcp, hub, stream.socket._sock, stream)  # type: ignore[attr-defined]
+        if hypercorn_conn.tls_known(stream):
+            reader = cls(tcp, hub, stream.transport_stream.socket._sock, stream.transport_stream)
+            reader._tls = stream
+            reader._read = reader._read_tls
+            return reader
+        return None
+
+    def _target(self) -> WSStream | None:
+        """The WebSocket stream a read goes straight to, while Hypercorn's HTTP/1.1 protocol
+        would only pass it through (else None: Hypercorn's protocol takes it)."""
+        proto = getattr(self._tcp.protocol, "protocol", None)
+        if not isinstance(proto, H11Protocol):
+            return None
+        stream = proto.stream
         connection = proto.connection
-        return (
-            proto.stream is stream
-            and isinstance(connection, _H11WSConnection)
+        if (
+            isinstance(stream, WSStream)
+            and isinstance(connection, H11WSConnection)
             and not connection.buffer
             and not stream.closed
-        )
+        ):
+            return stream
+        return None
 
-    def _read(self, size: int) -> bytes | None:
+    def _read_plain(self) -> bytes | None:
         """One non-blocking read: its bytes (b"" at the end of the stream), ``_WAIT`` when
         there is nothing yet, or None when the read is trio's to make (an error)."""
         try:
-            return self._raw.recv(size)
+            return self._raw.recv(MAX_RECV)
         except BlockingIOError:
             return _WAIT
         except OSError:
-            self._drop()
             return None  # trio's receive_some meets it again and raises as it does
 
-    async def _stock(self, max_bytes: int | None) -> bytes:
-        """trio's own ``receive_some``."""
-        return await trio.SocketStream.receive_some(self._socket, max_bytes)
-
-    async def __call__(self, max_bytes: int | None = None) -> bytes:
-        size = max_bytes or _LEAN_RECV
-        raw = self._raw
-        stream = self._stream
-        in_a_row = 0
-        try:
-            while self._passing_through():
-                await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: no more reads, as trio's
-                data = self._read(size)
-                if data is _WAIT:
-                    in_a_row = 0
-                    await trio.lowlevel.wait_readable(raw)
-                    continue
-                if data is None:
-                    break
-                if not data:
-                    self._drop()
-                    return data  # the end: Hypercorn closes
-                await stream.handle(_HypercornData(stream_id=stream.stream_id, data=data))
-                in_a_row += 1
-                if in_a_row >= LEAN_READS_PER_YIELD:
-                    in_a_row = 0
-                    await trio.lowlevel.checkpoint()
-        except BaseException:
-            self._drop()  # cancelled or failed: Hypercorn's read loop ends
-            raise
-        if stream.closed:
-            self._drop()
-        return await self._stock(max_bytes)
-
-    def _drop(self) -> None:
-        """Hypercorn's and trio's own reads from now on (and nothing left holding this
-        connection's objects in a cycle)."""
-        self._socket.__dict__.pop("receive_some", None)
-
-
-_LEAN_RECV = 2**16
-_WAIT = b"wait"
-"""What a lean read step returns when the socket has nothing yet (compared by identity)."""
-
-
-class LeanTLSRead(LeanRead):
-    """:class:`LeanRead` over TLS, in place of trio's ``SSLStream.receive_some``: the
-    socket's bytes go into the stream's own SSLObject (its incoming BIO) and what it decrypts
-    straight to the WebSocket stream's ``handle``. Whatever is not plain reading goes to
-    trio's ``receive_some`` on the same SSLObject, which goes on from where this left off: the
-    transport's end, a TLS error, a close, or the TLS layer having something to send (a key
-    update: trio sends it)."""
-
-    def __init__(self, sock: trio.SSLStream[Any], proto: H11Protocol, stream: WSStream) -> None:
-        self._proto = proto
-        self._stream = stream
-        self._socket = sock
-        self._raw = sock.transport_stream.socket._sock
-
-    def _read(self, size: int) -> bytes | None:
-        """Decrypted bytes, ``_WAIT`` when the socket has nothing yet, or None: trio's turn."""
-        tls = self._socket
+    def _read_tls(self) -> bytes | None:
+        """Decrypted bytes, ``_WAIT`` when the socket has nothing yet, or None: trio's turn
+        (the transport's end, a TLS error or close, the TLS layer having something to send)."""
+        tls: Any = self._tls
         obj: ssl.SSLObject = tls._ssl_object
         while tls._state.name == "OK":
             try:
-                data = obj.read(size)
+                data = obj.read(MAX_RECV)
             except ssl.SSLWantReadError:
                 if tls._outgoing.pending:
                     return None  # the TLS layer has something to send
                 try:
-                    received = self._raw.recv(size)
+                    received = self._raw.recv(MAX_RECV)
                 except BlockingIOError:
                     return _WAIT
                 except OSError:
@@ -172,6 +141,51 @@ class LeanTLSRead(LeanRead):
             return data or None  # b"": the peer's close_notify, which trio's receive_some returns
         return None
 
-    async def _stock(self, max_bytes: int | None) -> bytes:
-        """trio's own ``SSLStream.receive_some``, on the same SSLObject."""
-        return cast(bytes, await trio.SSLStream.receive_some(self._socket, max_bytes))  # SSLObject.read: bytes
+    async def _stock(self) -> bytes:
+        """trio's own ``receive_some`` on the stream (it raises what it meets)."""
+        stream: Any = self._tcp.stream
+        if self._tls is not None:
+            return cast(bytes, await trio.SSLStream.receive_some(stream, MAX_RECV))
+        return await trio.SocketStream.receive_some(stream, MAX_RECV)
+
+    async def _aclose(self) -> None:
+        """The transport's ``aclose`` while the reader runs: wake a parked read with
+        ``ClosedResourceError`` (as trio's close would), then close."""
+        self._park.shut(trio.ClosedResourceError("the connection was closed"))
+        await trio.SocketStream.aclose(self._transport)
+
+    async def run(self) -> None:
+        """Read and hand on until the end of the stream, an error or a close; then tell
+        Hypercorn's protocol the connection closed, as its loop does."""
+        tcp = self._tcp
+        park = self._park
+        read = self._read
+        self._transport.aclose = self._aclose  # type: ignore[method-assign]
+        in_a_row = 0
+        try:
+            while True:
+                await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: no more reads, as trio's
+                data = read()
+                if data is _WAIT:
+                    in_a_row = 0
+                    await park  # outside any except block: a waiting task holds no exception
+                    continue
+                if data is None:
+                    data = await self._stock()
+                stream = self._target() if data else None
+                if stream is not None:
+                    await stream.handle(Data(stream_id=stream.stream_id, data=data))
+                else:
+                    await tcp.protocol.handle(RawData(data))
+                    if not data:
+                        break
+                in_a_row += 1
+                if in_a_row >= LEAN_READS_PER_YIELD:
+                    in_a_row = 0
+                    await trio.lowlevel.checkpoint()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # as Hypercorn's loop: the connection is over
+        finally:
+            self._hub.forget(park)
+            self._transport.__dict__.pop("aclose", None)
+        await tcp.protocol.handle(Closed())

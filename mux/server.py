@@ -21,9 +21,9 @@ import attrs
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.middleware import ProxyFixMiddleware
-from hypercorn.trio import serve as hypercorn_serve
 
 from .app import Node, create_app, create_blueprint, node_asgi
+from .hypercorn_serve import serve as hypercorn_serve
 from .settings import NodeSettings
 
 __all__ = ["ServeInfo", "Tls13Config", "create_app", "create_blueprint", "hypercorn_config", "serve"]

@@ -21,9 +21,10 @@ one.
 
 On Hypercorn, :class:`AsgiSocket` also goes past Hypercorn's layers where it can, each in its
 own module: it takes the client's messages apart itself and can handle them right in the
-server's reader (``mux.fast_receive``), reads the socket itself (``mux.lean_read``), and
-writes the socket itself (``mux.direct_writes``); ``mux.hypercorn_conn`` says which
-connections it knows well enough to do so.
+server's reader (``mux.fast_receive``), which the node's own read loop feeds
+(``mux.lean_read``, under ``mux.server``), and writes the socket itself
+(``mux.direct_writes``); ``mux.hypercorn_conn`` says which connections it knows well
+enough to do so.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from wsproto.utilities import LocalProtocolError
 
 from .direct_writes import UNSENT_BYTES, wire_under
 from .fast_receive import INLINE_FAILED, FastReceive
-from .lean_read import LeanRead
 from .wsframes import server_frames
 
 __all__ = [
@@ -227,7 +227,6 @@ class AsgiSocket:
         """The part of a :meth:`send_now` write the socket did not take: written before anything else."""
         if self._stream is not None and fast_receive:
             self._stream.handle = FastReceive(self._stream, self)  # type: ignore[method-assign]
-            LeanRead.install(self._stream)
         queue = getattr(receive, "__self__", None)
         self._receive_nowait = queue.receive_nowait if isinstance(queue, trio.MemoryReceiveChannel) else None
         """The server's queue of received events behind ``receive`` (Hypercorn's is a trio

@@ -1,9 +1,11 @@
-"""Once a plain-TCP WebSocket is open, ``AsgiSocket`` reads its socket itself
-(``mux.lean_read.LeanRead``) and hands each read straight to the stream, past Hypercorn's
-read loop and trio's socket wrappers: on a real Hypercorn server, the HTTP/1.1 protocol sees
-no more than the handshake, every message and ping is answered as before, a read timeout
-keeps Hypercorn's own loop, and a connection whose reads never wait still lets the others
-run; on a socket pair, it reads to the end and stops when cancelled, as trio's own."""
+"""The node's own read loop for each TCP connection (``mux.lean_read.LeanTCPServer``, under
+``mux.hypercorn_serve.serve``) and the waits it makes (``mux.readiness``): on a real server,
+Hypercorn's HTTP/1.1 protocol sees no more than the handshake, every message and ping is
+answered as before, a read timeout keeps Hypercorn's own loop, a connection whose reads never
+wait still lets the others run, idle connections hold no objects made for their waits, and a
+connection the server closes while its reader waits ends; on a socket pair, the reader reads
+to the end and stops when cancelled, and a park wakes, cancels, shuts and refuses a second
+waiter."""
 
 from __future__ import annotations
 
@@ -11,45 +13,48 @@ import contextlib
 import socket
 import threading
 import time
+import tracemalloc
 import types
 import urllib.parse
 from typing import Any
 
-import h11
 import pytest
 import trio
-from hypercorn.events import RawData
-from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
+from hypercorn.events import Closed, RawData
+from hypercorn.protocol.h11 import H11Protocol
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.frame_protocol import FrameProtocol
 
 import mux.lean_read
+from mux import hypercorn_conn
 from mux.direct_writes import PlainWire
-from mux.lean_read import LeanRead
+from mux.lean_read import LeanReader, LeanTCPServer
+from mux.readiness import ReadyHub
 from mux.sockets import AsgiSocket, Disconnected
 
 from .wsutil import raw_client, serve_raw
 
 
 class _Echo:
-    """Echoes every message; remembers whether its socket was read by the lean reader."""
+    """Echoes every message; remembers each connection's TCP server and socket."""
 
     def __init__(self, fast: bool = True) -> None:
         self.fast = fast
-        self.lean: list[bool] = []
+        self.servers: list[Any] = []
         self.sockets: list[trio.SocketStream] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send_: Any) -> None:
         sock = AsgiSocket(scope, receive, send_, fast_receive=self.fast)
         await sock.accept(None)
-        assert isinstance(sock._wire, PlainWire)
+        assert isinstance(sock._wire, PlainWire) and sock._stream is not None
+        under = hypercorn_conn.h11_under(sock._stream)
+        assert under is not None
+        self.servers.append(under[1])
         self.sockets.append(sock._wire.sock)
         with contextlib.suppress(Disconnected):
             while True:
-                message = await sock.receive()
-                self.lean.append(isinstance(sock._wire.sock.__dict__.get("receive_some"), LeanRead))
-                await sock.send(message)
+                await sock.send(await sock.receive())
 
 
 def _count_protocol_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -66,13 +71,14 @@ def _count_protocol_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return reads
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["lean", "stock"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-receive", "stock-receive"])
 async def test_once_open_reads_go_straight_to_the_stream(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, fast: bool
 ) -> None:
-    """With the fast receive, Hypercorn's protocol is handed only the handshake; every
-    message, a ping among them, and a message split across reads are answered as on the
-    stock path, and the lean reader is gone once the connection is."""
+    """Hypercorn's protocol is handed only the upgrade request; every message, a ping among
+    them, and a message split across reads are answered as on Hypercorn's own loop (through
+    the fast receive or Hypercorn's stream), and the connection's reader is unregistered
+    and its close hook gone once the connection is."""
     reads = _count_protocol_reads(monkeypatch)
     app = _Echo(fast)
     async with raw_client(await serve_raw(nursery, app)) as client:
@@ -86,24 +92,85 @@ async def test_once_open_reads_go_straight_to_the_stream(
         await client.stream.send_all(whole[1000:])
         got += await client.messages(1)
         pongs = client.pongs
+        [tcp] = app.servers
+        assert isinstance(tcp, LeanTCPServer)
+        assert tcp._hub is not None and tcp._hub.parks == 1
     await trio.sleep(0.2)  # the server meets the end of the stream
-    assert [s.__dict__.get("receive_some") for s in app.sockets] == [None]
+    assert tcp._hub.parks == 0
+    assert [s.__dict__.get("aclose") for s in app.sockets] == [None]
     assert got == [m for i in range(10) for m in (f"a{i}", f"b{i}" * 50)] + [b"x" * 3000]
     assert pongs == 10
-    assert app.lean == [fast] * 21
-    if fast:  # the upgrade request, and the read Hypercorn may have been waiting in when the app began
-        assert len(reads) <= 2
-    else:
-        assert len(reads) >= 12
+    assert len(reads) == 1  # the upgrade request
 
 
-async def test_with_a_read_timeout_hypercorn_reads_as_before(nursery: trio.Nursery) -> None:
-    """Hypercorn enforces its ``read_timeout`` in its own loop: the lean reader stays out."""
+async def test_with_a_read_timeout_hypercorn_reads_as_before(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hypercorn enforces its ``read_timeout`` in its own loop: every read goes through its
+    protocol, and no reader is registered."""
+    reads = _count_protocol_reads(monkeypatch)
     app = _Echo()
     async with raw_client(await serve_raw(nursery, app, read_timeout=30)) as client:
-        await client.burst("one", "two")
-        assert await client.messages(2) == ["one", "two"]
-    assert app.lean == [False, False]
+        for word in ("one", "two"):
+            await client.burst(word)
+            assert await client.messages(1) == [word]
+        assert app.servers[0]._hub.parks == 0
+    assert len(reads) == 3
+
+
+async def test_idle_connections_hold_no_objects_made_for_their_waits(nursery: trio.Nursery) -> None:
+    """Forty connections, each having sent and been answered, wait for their next message:
+    trio's epoll manager holds what it made for a few waits (the hub's, the listener's, the
+    test's), fewer blocks than there are connections; trio's own ``wait_readable`` makes a
+    record, a closure and its cells, and coroutines for every wait, five blocks or more per
+    waiting connection."""
+    app = _Echo()
+    url = await serve_raw(nursery, app)
+    tracemalloc.start(8)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(raw_client(url)) for _ in range(40)]
+            for i, client in enumerate(clients):
+                await client.burst(f"m{i}")
+                assert await client.messages(1) == [f"m{i}"]
+            await trio.sleep(0.1)
+            snapshot = tracemalloc.take_snapshot()
+            assert app.servers[0]._hub.parks == 40
+    finally:
+        tracemalloc.stop()
+    epoll = snapshot.filter_traces([tracemalloc.Filter(True, "*trio/_core/_io_epoll.py")])
+    made = sum(stat.count for stat in epoll.statistics("filename"))
+    assert made < 40, f"{made} blocks made by trio's epoll waits: one or more per idle connection"
+
+
+async def test_a_connection_the_server_closes_while_its_reader_waits_ends(nursery: trio.Nursery) -> None:
+    """The app closes the WebSocket while the connection's reader waits for the client: the
+    reader wakes, Hypercorn's connection ends and the socket is unregistered."""
+    closed = trio.Event()
+    servers: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        sock = AsgiSocket(scope, receive, send_)
+        await sock.accept(None)
+        assert sock._stream is not None
+        servers.append(hypercorn_conn.h11_under(sock._stream))
+        await sock.receive()
+        await trio.sleep(0.05)  # the reader is waiting again
+        await sock.close(1000, "done")
+        closed.set()
+
+    async with raw_client(await serve_raw(nursery, app)) as client:
+        await client.burst("hello")
+        with trio.fail_after(5):
+            await closed.wait()
+            while (await client.stream.receive_some(1 << 16)) != b"":
+                pass  # the close frame, then the server's end of the stream
+        [(_, tcp)] = servers
+        for _ in range(100):
+            if tcp._hub.parks == 0:
+                break
+            await trio.sleep(0.01)
+        assert tcp._hub.parks == 0
 
 
 def _blocking_client(url: str) -> socket.socket:
@@ -178,60 +245,106 @@ async def test_a_connection_whose_reads_never_wait_lets_others_run(
     nursery.cancel_scope.cancel()
 
 
-class _Stream:
-    """What the lean reader uses of Hypercorn's WebSocket stream: it records each read."""
+class _Protocol:
+    """What the reader hands reads to when no WebSocket is open: it records them."""
 
     def __init__(self) -> None:
-        self.closed = False
-        self.stream_id = 1
+        self.protocol = None
         self.reads: list[bytes] = []
+        self.closed = False
         self.arrived = trio.Event()
 
     async def handle(self, event: Any) -> None:
-        self.reads.append(bytes(event.data))
-        self.arrived.set()
+        if isinstance(event, Closed):
+            self.closed = True
+        else:
+            self.reads.append(bytes(event.data))
+            self.arrived.set()
 
 
-def _lean_pair() -> tuple[socket.socket, trio.SocketStream, _Stream, LeanRead]:
-    """A socket pair: the client's end, and the server's with a lean reader installed on it."""
+def _reader_pair(hub: ReadyHub) -> tuple[socket.socket, trio.SocketStream, _Protocol, LeanReader]:
+    """A socket pair: the client's end, and a reader of the server's end."""
     client, server = socket.socketpair()
     sock = trio.SocketStream(trio.socket.from_stdlib_socket(server))
-    stream = _Stream()
-    proto = types.SimpleNamespace(stream=stream, connection=H11WSConnection(h11.Connection(h11.SERVER)))
-    lean = LeanRead(sock, proto, stream)  # type: ignore[arg-type]
-    sock.receive_some = lean  # type: ignore[method-assign]
-    return client, sock, stream, lean
+    protocol = _Protocol()
+    tcp: Any = types.SimpleNamespace(stream=sock, protocol=protocol)
+    reader = LeanReader.over(tcp, hub)
+    assert reader is not None
+    return client, sock, protocol, reader
 
 
-async def test_the_lean_reader_reads_until_the_end_and_stops_when_cancelled() -> None:
-    """One call reads and hands on everything up to the peer's end, which it returns (b"")
-    with the lean reader gone; a cancelled reader reads nothing more, as trio's own would
-    not, and leaves the socket to trio."""
-    client, sock, stream, _ = _lean_pair()
-    ended: list[bytes] = []
-
-    async def read() -> None:
-        ended.append(await sock.receive_some(1024))
-
+async def test_the_reader_reads_until_the_end_and_stops_when_cancelled(nursery: trio.Nursery) -> None:
+    """The reader hands on every read up to the peer's end (b""), then says the connection
+    closed and unregisters; a cancelled reader reads nothing more, as trio's own would not."""
+    hub = ReadyHub.open()
+    assert hub is not None
+    await nursery.start(hub.run)
+    client, sock, protocol, reader = _reader_pair(hub)
     with client, trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read)
+        async with trio.open_nursery() as readers:
+            readers.start_soon(reader.run)
             for part in (b"one", b"two"):
                 client.sendall(part)
-                await stream.arrived.wait()
-                stream.arrived = trio.Event()
+                await protocol.arrived.wait()
+                protocol.arrived = trio.Event()
             client.shutdown(socket.SHUT_WR)
-    assert (stream.reads, ended) == ([b"one", b"two"], [b""])
-    assert "receive_some" not in sock.__dict__
+    assert (protocol.reads, protocol.closed, hub.parks) == ([b"one", b"two", b""], True, 0)
+    assert "aclose" not in sock.__dict__
     await sock.aclose()
 
-    client, sock, stream, _ = _lean_pair()
+    client, sock, protocol, reader = _reader_pair(hub)
     with client:
         client.sendall(b"never")
         with trio.CancelScope() as scope:
             scope.cancel()
-            await sock.receive_some(1024)
-        assert stream.reads == []
-        assert "receive_some" not in sock.__dict__
-        assert await sock.receive_some(1024) == b"never"  # trio's own
+            await reader.run()
+        assert (protocol.reads, hub.parks) == ([], 0)
+        assert await sock.receive_some(1024) == b"never"  # still there, for trio's own read
     await sock.aclose()
+
+
+async def test_a_park_wakes_cancels_shuts_and_takes_one_waiter(nursery: trio.Nursery) -> None:
+    """A parked task wakes when its socket gets data (and again for later data), leaves on
+    cancellation and can park again, gets the error it is shut with, and a second waiter is
+    refused."""
+    hub = ReadyHub.open()
+    assert hub is not None
+    await nursery.start(hub.run)
+    client, server = socket.socketpair()
+    server.setblocking(False)
+    with client, server:
+        park = hub.park(server.fileno())
+        woken: list[bytes] = []
+
+        async def waiter() -> None:
+            for _ in range(2):
+                await park
+                woken.append(server.recv(100))
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(waiter)
+                for data in (b"a", b"b"):
+                    await trio.sleep(0.02)
+                    client.sendall(data)
+        assert woken == [b"a", b"b"]
+
+        with trio.move_on_after(0.05) as scope:
+            await park
+        assert scope.cancelled_caught
+
+        async def second() -> None:
+            with pytest.raises(trio.BusyResourceError):
+                await park
+
+        async def shut_soon() -> None:
+            await trio.sleep(0.05)
+            await second()
+            park.shut(trio.ClosedResourceError("shut"))
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(shut_soon)
+                with pytest.raises(trio.ClosedResourceError, match="shut"):
+                    await park
+        assert hub.parks == 0

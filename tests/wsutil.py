@@ -85,11 +85,13 @@ async def open_cuttable_ws(url: str) -> AsyncIterator[tuple[WebSocketConnection,
 async def serve_raw(
     nursery: trio.Nursery, ws_app: Any, *, max_message_size: int | None = None, read_timeout: int | None = None
 ) -> str:
-    """Serve the raw ASGI WebSocket app ``ws_app`` on Hypercorn (lifespan answered here);
+    """Serve the raw ASGI WebSocket app ``ws_app`` on Hypercorn as the node does (its own read
+    loop, ``mux.hypercorn_serve``; lifespan answered here);
     return its ``ws://`` URL. ``max_message_size``: Hypercorn's ``websocket_max_message_size``;
     ``read_timeout``: its ``read_timeout``."""
     from hypercorn.config import Config
-    from hypercorn.trio import serve as hypercorn_serve
+
+    from mux.hypercorn_serve import serve as hypercorn_serve
 
     async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
         if scope["type"] == "lifespan":
