@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Generator
 from typing import Any, cast
 
 import trio
@@ -157,6 +158,12 @@ class LeanReader:
     async def run(self) -> None:
         """Read and hand on until the end of the stream, an error or a close; then tell
         Hypercorn's protocol the connection closed, as its loop does."""
+        await self._loop()
+
+    @types.coroutine
+    def _loop(self) -> Generator[Any, Any, None]:
+        """:meth:`run`'s loop, a generator-based coroutine so that it can yield the park's
+        trap to trio itself (``mux.readiness`` says why)."""
         tcp = self._tcp
         park = self._park
         read = self._read
@@ -164,28 +171,28 @@ class LeanReader:
         in_a_row = 0
         try:
             while True:
-                await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: no more reads, as trio's
+                yield from trio.lowlevel.checkpoint_if_cancelled()  # noqa: ASYNC105  (awaited: yield from)
                 data = read()
                 if data is _WAIT:
                     in_a_row = 0
-                    await park  # outside any except block: a waiting task holds no exception
+                    (yield park.arm()).unwrap()  # outside any except block: a waiting task holds no exception
                     continue
                 if data is None:
-                    data = await self._stock()
+                    data = yield from self._stock()
                 stream = self._target() if data else None
                 if stream is not None:
-                    await stream.handle(Data(stream_id=stream.stream_id, data=data))
+                    yield from stream.handle(Data(stream_id=stream.stream_id, data=data))
                 else:
-                    await tcp.protocol.handle(RawData(data))
+                    yield from tcp.protocol.handle(RawData(data))
                     if not data:
                         break
                 in_a_row += 1
                 if in_a_row >= LEAN_READS_PER_YIELD:
                     in_a_row = 0
-                    await trio.lowlevel.checkpoint()
+                    yield from trio.lowlevel.checkpoint()  # noqa: ASYNC105  (awaited: yield from)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # as Hypercorn's loop: the connection is over
         finally:
             self._hub.forget(park)
             self._transport.__dict__.pop("aclose", None)
-        await tcp.protocol.handle(Closed())
+        yield from tcp.protocol.handle(Closed())

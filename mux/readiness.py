@@ -7,24 +7,30 @@ of traffic keeps those objects among the burst's, and CPython's small-object all
 every 1 MiB arena that holds even one of them (docs/performance.md, "Memory").
 :class:`ReadyHub` instead registers each socket once, edge-triggered, in an epoll set of its
 own, and a single task (:meth:`ReadyHub.run`) waits for that set in trio. A reader reads its
-socket until it would block and then awaits its :class:`Park`: an object made once per
-connection, which suspends the reader's task with a trap made once too, and which the hub's
-task reschedules when the kernel reports new data. Edge-triggered registration is safe
-because a reader only parks after a read found nothing: data that arrives after that read
-raises a fresh event. Linux only (``select.epoll``); elsewhere :func:`ReadyHub.open` gives
-None and the server reads as Hypercorn does.
+socket until it would block and then yields its :class:`Park`'s trap to trio: the park and
+the trap are made once per connection, and the hub's task reschedules the reader when the
+kernel reports new data. The reader yields the trap from its own long-lived generator-based
+coroutine, so a wait makes no coroutine, and no exception either: an exception leaving a
+Python function (a ``StopIteration`` ending an ``await`` on an iterator) makes CPython
+create the frame object of the coroutine it returns into, in the middle of the burst.
+Edge-triggered registration is safe because a reader only parks after a read found
+nothing: data that arrives after that read raises a fresh event. Linux only
+(``select.epoll``); elsewhere :func:`ReadyHub.open` gives None and the server reads as
+Hypercorn does.
 """
 
 from __future__ import annotations
 
 import select
+import types
+from collections.abc import Generator
 from typing import Any
 
 import outcome
 import trio
 from trio._core._traps import WaitTaskRescheduled  # the trap trio's own waits yield
 
-__all__ = ["Park", "ReadyHub"]
+__all__ = ["Park", "ReadyHub", "wait"]
 
 _EVENTS = getattr(select, "EPOLLIN", 0) | getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLET", 0)
 """Readable, the peer's half-close, edge-triggered: one event per arrival of data."""
@@ -90,65 +96,47 @@ class ReadyHub:
 
 
 class Park:
-    """Where one connection's reader waits for its socket: ``await park`` suspends the task
-    until the hub sees data, the socket is shut (:meth:`shut`: the error is raised), or the
-    task is cancelled. Made once per connection, as is everything a wait uses."""
+    """Where one connection's reader waits for its socket. Made once per connection, as is
+    everything a wait uses: a generator-based coroutine yields :meth:`arm`'s trap to trio and
+    unwraps the outcome trio sends back (:func:`wait` does that for any task). The task wakes
+    when the hub sees data, when the socket is shut (:meth:`shut`: the error is raised), or
+    when it is cancelled."""
 
-    __slots__ = ("_hub", "_task", "_trap", "_yielded", "fd")
+    __slots__ = ("_hub", "_task", "_trap", "fd")
 
     def __init__(self, hub: ReadyHub, fd: int) -> None:
         self._hub = hub
         self.fd = fd
         self._task: trio.lowlevel.Task | None = None
         self._trap = WaitTaskRescheduled(self._abort)
-        self._yielded = False
 
     def _abort(self, _: Any) -> trio.lowlevel.Abort:
         self._task = None
         return trio.lowlevel.Abort.SUCCEEDED
 
+    def arm(self) -> Any:
+        """Make the current task this socket's waiter and return the trap it must yield to
+        trio (``(yield park.arm()).unwrap()``)."""
+        if self._task is not None:
+            raise trio.BusyResourceError("another task is already waiting on this socket")
+        self._task = trio.lowlevel.current_task()
+        return self._trap
+
     def wake(self, error: BaseException | None = None) -> None:
-        """Reschedule the parked reader, if any (raising ``error`` in it, if given)."""
+        """Reschedule the waiting task, if any (raising ``error`` in it, if given)."""
         task = self._task
         if task is not None:
             self._task = None
             trio.lowlevel.reschedule(task, outcome.Error(error) if error is not None else outcome.Value(None))
 
     def shut(self, error: BaseException) -> None:
-        """The socket is closing: raise ``error`` in the parked reader and unregister."""
+        """The socket is closing: raise ``error`` in the waiting task and unregister."""
         self.wake(error)
         self._hub.forget(self)
 
-    # ``await park``: an iterator that yields trio's trap once, then returns what trio sends.
-    def __await__(self) -> Park:
-        if self._task is not None:
-            raise trio.BusyResourceError("another task is already waiting on this socket")
-        self._task = trio.lowlevel.current_task()
-        return self
 
-    def __iter__(self) -> Park:
-        return self
-
-    def __next__(self) -> Any:
-        return self.send(None)
-
-    def send(self, value: Any) -> Any:
-        """Yield the trap (first); then end the await with the outcome trio sends back (as
-        its own traps do: a value, or the error raised here, such as a cancellation)."""
-        if not self._yielded:
-            self._yielded = True
-            return self._trap
-        self._yielded = False
-        raise StopIteration(value.unwrap())
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        """End the await with an exception thrown into the task."""
-        self._yielded = False
-        self._task = None
-        error = val if val is not None else typ
-        raise error() if isinstance(error, type) else error
-
-    def close(self) -> None:
-        """The awaiting coroutine is being closed: forget the wait."""
-        self._yielded = False
-        self._task = None
+@types.coroutine
+def wait(park: Park) -> Generator[Any, Any, None]:
+    """Wait on ``park`` from any task (``await wait(park)``). Each call makes a generator; a
+    reader that waits often yields :meth:`Park.arm`'s trap itself (``mux.lean_read``)."""
+    (yield park.arm()).unwrap()

@@ -10,6 +10,7 @@ waiter."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import socket
 import threading
 import time
@@ -30,7 +31,7 @@ import mux.lean_read
 from mux import hypercorn_conn
 from mux.direct_writes import PlainWire
 from mux.lean_read import LeanReader, LeanTCPServer
-from mux.readiness import ReadyHub
+from mux.readiness import ReadyHub, wait
 from mux.sockets import AsgiSocket, Disconnected
 
 from .wsutil import raw_client, serve_raw
@@ -318,7 +319,7 @@ async def test_a_park_wakes_cancels_shuts_and_takes_one_waiter(nursery: trio.Nur
 
         async def waiter() -> None:
             for _ in range(2):
-                await park
+                await wait(park)
                 woken.append(server.recv(100))
 
         with trio.fail_after(5):
@@ -330,12 +331,12 @@ async def test_a_park_wakes_cancels_shuts_and_takes_one_waiter(nursery: trio.Nur
         assert woken == [b"a", b"b"]
 
         with trio.move_on_after(0.05) as scope:
-            await park
+            await wait(park)
         assert scope.cancelled_caught
 
         async def second() -> None:
             with pytest.raises(trio.BusyResourceError):
-                await park
+                await wait(park)
 
         async def shut_soon() -> None:
             await trio.sleep(0.05)
@@ -346,5 +347,39 @@ async def test_a_park_wakes_cancels_shuts_and_takes_one_waiter(nursery: trio.Nur
             async with trio.open_nursery() as inner:
                 inner.start_soon(shut_soon)
                 with pytest.raises(trio.ClosedResourceError, match="shut"):
-                    await park
+                    await wait(park)
         assert hub.parks == 0
+
+
+async def test_a_readers_waits_and_wakes_make_no_frame_objects(nursery: trio.Nursery) -> None:
+    """Woken many times, the reader's coroutines never get frame objects: CPython makes one
+    for the frame an exception returns into (a ``StopIteration`` ending an ``await`` on an
+    iterator would), and one made mid-burst outlives the burst with the connection."""
+    hub = ReadyHub.open()
+    assert hub is not None
+    await nursery.start(hub.run)
+    client, sock, protocol, reader = _reader_pair(hub)
+    run = reader.run()
+
+    async def drive() -> None:
+        await run
+
+    def frames() -> list[object]:
+        held = [run, run.cr_await]
+        return [ref for obj in held for ref in gc.get_referents(obj) if type(ref).__name__ == "frame"]
+
+    with client:
+        nursery.start_soon(drive)
+        with trio.fail_after(5):
+            for i in range(20):
+                client.sendall(b"x%d" % i)
+                await protocol.arrived.wait()
+                protocol.arrived = trio.Event()
+        assert run.cr_await is not None and frames() == []
+        client.shutdown(socket.SHUT_WR)
+        for _ in range(500):
+            if protocol.closed:
+                break
+            await trio.sleep(0.01)
+        assert protocol.closed
+    await sock.aclose()
