@@ -1,5 +1,6 @@
-"""The arena census (``python -m tests.bench arenas``): it counts live objects by the
-pymalloc arena they are in, it names what it counts, and its section runs on a real node."""
+"""The arena census (``python -m tests.bench arenas``): it counts allocated blocks by the
+pymalloc arena they are in, it names what it counts (objects by type, objects in free lists
+or not reached, raw blocks by size), and its section runs on a real node."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def test_the_census_counts_each_small_object_once_by_its_arena() -> None:
     small = [Blob(b"x" * 40) for _ in range(300)]
     large = [Blob(b"x" * 4000) for _ in range(300)]  # over 512 bytes: malloc's, not in an arena
     names = [tuple(f"name-{i}-{j}" for j in range(10)) for i in range(500)]  # tuples the GC untracks
+    gc.collect()  # (when it looks at them)
     found = census.census()
     assert not any(gc.is_tracked(t) for t in names)
     assert _count(found, "Thing") == 40_000 and _count(found, "Wide") == 20_000
@@ -63,7 +65,26 @@ def test_the_census_counts_each_small_object_once_by_its_arena() -> None:
     assert 4_900 <= strings - _count(after, "str") <= 5_100  # the 5,000 strings in untracked tuples
 
 
-async def test_names_say_which_function_a_coroutine_or_closure_is() -> None:
+async def test_blocks_no_walked_object_is_in_are_named_too() -> None:
+    """A dict's table is a block of its own, named as the dict's storage; a freed tuple
+    CPython keeps for reuse is in a free list; a string only a running function's untracked
+    tuple holds is not reached by the walk; each is counted as that."""
+    gc.collect()
+    before = census.census()
+    tables = [{f"k{j}": j for j in range(10)} for _ in range(2000)]  # each table a block of its own
+    held = tuple(f"only-here-{i}" for i in range(300))
+    gc.collect()  # untracks ``held`` (it holds only strings): nothing the walk lists reaches it
+    assert not gc.is_tracked(held)
+    spare = [tuple(range(i, i + 13)) for i in range(400)]
+    del spare  # 400 tuples of 13 go to CPython's list of free tuples of that size
+    found = census.census()
+    assert _count(found, "storage of dict") - _count(before, "storage of dict") >= 1900
+    assert _count(found, "free list: tuple") - _count(before, "free list: tuple") >= 350
+    assert _count(found, "not reached: str") - _count(before, "not reached: str") >= 300
+    assert len(tables) == 2000 and len(held) == 300
+
+
+def test_names_say_which_function_a_coroutine_or_closure_is() -> None:
     async def waiting() -> None:
         pass
 
@@ -89,15 +110,20 @@ def test_the_rows_count_the_arenas_the_burst_added_and_what_holds_them() -> None
     before = {0: c(str=5), 1: c(str=5)}
     peak = {0: c(str=5), 1: c(str=5), 2: c(End=900), 3: c(End=800), 4: c(End=700)}
     after = {0: c(str=5), 1: c(str=4), 2: c(End=1, dict=2), 3: c(End=40, coroutine=3)}
+    after[3]["free list: tuple"] = 5
+    after[3]["raw 32 B"] = 1
     rows = dict(census.census_rows(before, peak, after, (100 * 1024, 110 * 1024)))
-    assert rows[
-        "(census) pymalloc arenas holding objects made since start-up: before the channels opened / open / closed"
-    ] == ("       2 / 5 / 4 (1 MiB each; RSS 100.0 -> 110.0 MiB, +10.0%)")
-    assert rows["(census) arenas the burst added, still in use after the channels closed"] == (
-        "       2 holding 46 objects, of 1700 at the peak; 1 of them held by 10 objects or fewer"
+    assert rows["(census) pymalloc arenas in use: before the channels opened / open / closed"] == (
+        "       2 / 5 / 4 (1 MiB each; RSS 100.0 -> 110.0 MiB, +10.0%)"
     )
-    assert rows["(census) objects in each of those arenas, fewest first"] == "3, 43"
-    assert rows["(census) what those objects are, most first"] == "41 End; 3 coroutine; 2 dict"
+    assert rows["(census) arenas the burst added, still in use after the channels closed"] == (
+        "       2 holding 52 blocks (46 objects the walk reached), of 1700 at the peak; 1 of them held by 10"
+        " blocks or fewer"
+    )
+    assert rows["(census) blocks in each of those arenas, fewest first"] == "3, 49"
+    assert rows["(census) what those blocks hold, most first"] == (
+        "41 End; 5 free list: tuple; 3 coroutine; 2 dict; 1 raw 32 B"
+    )
 
 
 def test_the_census_node_refuses_without_pymalloc_or_a_directory(tmp_path: Path) -> None:
@@ -131,10 +157,10 @@ def test_the_arenas_section_takes_a_census_of_a_real_node_at_each_step(monkeypat
     assert states[("m0", "channels")] - states[("m0", "connections")] == 6  # this cycle's, open
     labels = [label for label, _ in rows]
     assert labels[:4] == [
-        "(census) pymalloc arenas holding objects made since start-up: before the channels opened / open / closed",
+        "(census) pymalloc arenas in use: before the channels opened / open / closed",
         "(census) arenas the burst added, still in use after the channels closed",
-        "(census) objects in each of those arenas, fewest first",
-        "(census) what those objects are, most first",
+        "(census) blocks in each of those arenas, fewest first",
+        "(census) what those blocks hold, most first",
     ]
     in_use = [int(n) for n in rows[0][1].split("(")[0].split("/")]
     assert len(in_use) == 3 and all(n > 0 for n in in_use)

@@ -1,29 +1,36 @@
-"""Which objects keep CPython's allocator from giving memory back after a burst of channels.
+"""Which blocks keep CPython's allocator from giving memory back after a burst of channels.
 
 Run: ``python -m tests.bench arenas`` (not part of the default run). CPython's small-object
 allocator (pymalloc) takes memory from the system in 1 MiB arenas of 16 KiB pools and gives
-an arena back only once no object is left in any of its pools. This section runs the memory
-section's cycle once (2,000 connections, 10,000 channels opened and closed) on a node that
-counts, at each step, the objects in every arena, and prints the arenas the burst of
-channels added that were still in use after the channels closed, and what was in them.
+an arena back only once no block is left allocated in any of its pools. This section runs
+the memory section's cycle once (2,000 connections, 10,000 channels opened and closed) on a
+node that counts, at each step, the allocated blocks in every arena and what they hold, and
+prints the arenas the burst of channels added that were still in use after the channels
+closed, and what was in them.
 
 How this works: the node is ``python -m tests.bench.census serve ...`` (``mux serve`` with
-a ``SIGUSR1`` handler). On the signal, :func:`census` walks every object the garbage
+a ``SIGUSR1`` handler). On the signal, :func:`census` first reads every pool in use (found
+by its header at each 16 KiB boundary of the process's anonymous mappings; CPython 3.11+'s
+``pool_header``) and lists its allocated blocks, those below its first never-used block and
+off its free list, with the pool's arena index. Then it walks every object the garbage
 collector tracks and the untracked ones reached from them (strings, bytes, numbers, tuples
-of those), keeps those pymalloc holds (at most 512 bytes, in an anonymous mapping), reads
-the arena index from the header of the pool the object is in (CPython 3.11+'s
-``pool_header``: ``arenaindex`` at byte 32) and counts the objects by arena and type; it
-writes that to ``MUX_BENCH_CENSUS_DIR/census-N.json``. What the node made at start-up is
-not counted: the node freezes it (``gc.freeze``), and the collector lists no frozen object.
-The memory section's cycle calls :meth:`Taker.observe` after each of its readings, which
-signals the node and waits for the file. Arena indices are slots in pymalloc's table: an
-arena given back during the burst and another one taken in its slot would count as one.
-Only meaningful under pymalloc (the node's default): under ``PYTHONMALLOC=malloc`` (``serve
---jemalloc``) there are no arenas, and the section says so instead of starting a node.
+of those), and names each block: the type of the object in it, or, for a block no walked
+object is in, the type its header names (``not reached: T``; ``free list: T`` with a zero
+reference count, as in CPython's lists of freed tuples, lists, dicts and floats) or its size
+(``raw N B``: the storage of a dict, a list or an object's attributes). It counts the blocks
+by arena and kind and writes that to ``MUX_BENCH_CENSUS_DIR/census-N.json``. Objects the node
+made at start-up are frozen (``gc.freeze``) and not walked: they count as ``not reached``,
+in the arenas of start-up. The memory section's cycle calls :meth:`Taker.observe` after each
+of its readings, which signals the node and waits for the file. Arena indices are slots in
+pymalloc's table: an arena given back during the burst and another one taken in its slot
+would count as one. Only meaningful under pymalloc (the node's default): under
+``PYTHONMALLOC=malloc`` (``serve --jemalloc``) there are no arenas, and the section says so
+instead of starting a node.
 """
 
 from __future__ import annotations
 
+import array
 import collections
 import ctypes
 import gc
@@ -44,8 +51,13 @@ __all__ = ["POOL_BYTES", "Census", "census", "census_rows", "install", "run", "t
 
 POOL_BYTES = 16 * 1024
 """pymalloc's pool size on 64-bit CPython 3.11+: a pool starts at its address rounded down."""
-_ARENA_INDEX_AT = 32
-"""Offset of ``arenaindex`` in ``struct pool_header`` (a union, three pointers, then it)."""
+_POOL_OVERHEAD = 48
+"""``struct pool_header``'s size: its count, free list, two links, then ``arenaindex``,
+``szidx``, ``nextoffset`` and ``maxnextoffset`` (four 32-bit fields)."""
+_ALIGNMENT = 16
+"""pymalloc's block sizes are multiples of this (size class ``szidx`` holds ``(szidx + 1) * 16`` bytes)."""
+_GC_HEAD = 16
+"""The collector's header before every object it tracks (3.11+: two words)."""
 SMALL_BYTES = 512
 """pymalloc's largest block: bigger objects come from ``malloc``."""
 _DIR_ENV = "MUX_BENCH_CENSUS_DIR"
@@ -53,7 +65,7 @@ CENSUS_TIMEOUT_S = 60.0
 CENSUS_POLL_S = 0.05
 
 Census = dict[int, collections.Counter[str]]
-"""Live objects per arena index, counted by type name."""
+"""Allocated blocks per arena index, counted by what they hold (:func:`_block_kind`)."""
 
 
 def type_name(obj: object) -> str:
@@ -83,17 +95,6 @@ def _anonymous_mappings() -> list[tuple[int, int]]:
     return sorted(spans)
 
 
-def _within(spans: list[tuple[int, int]], addr: int) -> bool:
-    lo, hi = 0, len(spans)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if spans[mid][1] <= addr:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo < len(spans) and spans[lo][0] <= addr
-
-
 def _objects() -> Iterator[object]:
     """Every object the garbage collector tracks (but the permanent generation: what the
     node froze at start-up, ``mux.heap.freeze_startup``), and the untracked ones they refer
@@ -112,28 +113,135 @@ def _objects() -> Iterator[object]:
                 untracked.extend(inner for inner in gc.get_referents(ref) if not gc.is_tracked(inner))
 
 
+def _pool_blocks(spans: list[tuple[int, int]]) -> array.array[int]:
+    """Every allocated block in every pymalloc pool in use, as pairs (address, size |
+    arena << 32). Pools are found by their headers at every 16 KiB boundary of the anonymous
+    mappings; a block is allocated when it lies below the pool's first never-used block
+    (``nextoffset``) and is not on the pool's free list. What this makes goes to ``malloc``
+    (the array and each pool's copy) or is freed at once, so it leaves the pools as found."""
+    found: array.array[int] = array.array("Q")
+    for start, end in spans:
+        pool = (start + POOL_BYTES - 1) & ~(POOL_BYTES - 1)
+        while pool + POOL_BYTES <= end:
+            words = memoryview(ctypes.string_at(pool, POOL_BYTES)).cast("Q")
+            count, arena, szidx = words[0] & 0xFFFFFFFF, words[4] & 0xFFFFFFFF, words[4] >> 32
+            next_offset, max_next = words[5] & 0xFFFFFFFF, words[5] >> 32
+            size = (szidx + 1) * _ALIGNMENT
+            if (
+                count
+                and szidx < SMALL_BYTES // _ALIGNMENT
+                and _POOL_OVERHEAD <= next_offset <= POOL_BYTES
+                and max_next == POOL_BYTES - size
+                and count <= (POOL_BYTES - _POOL_OVERHEAD) // size
+            ):
+                free = set()
+                block = words[1]
+                while block:
+                    if not pool + _POOL_OVERHEAD <= block < pool + POOL_BYTES or len(free) > count + 2048:
+                        free = None  # not a pool after all
+                        break
+                    free.add(block - pool)
+                    block = words[(block - pool) // 8]
+                if free is not None:
+                    tag = size | arena << 32
+                    for offset in range(_POOL_OVERHEAD, next_offset, size):
+                        if offset not in free:
+                            found.append(pool + offset)
+                            found.append(tag)
+            pool += POOL_BYTES
+    return found
+
+
+def _known_types(objects: dict[int, object]) -> dict[int, type]:
+    """Every type reachable from ``object`` by subclassing, and the walked objects' types, by address."""
+    types: dict[int, type] = {}
+    todo: list[type] = [object, *(type(obj) for obj in objects.values())]
+    while todo:
+        kind = todo.pop()
+        if id(kind) in types:
+            continue
+        types[id(kind)] = kind
+        try:
+            todo.extend(type.__subclasses__(kind))
+        except TypeError:
+            pass
+    return types
+
+
+_OBJECT_AT = (0, _GC_HEAD, 2 * _GC_HEAD)
+"""Where an object can start in its block: at once; past the collector's header; past that
+and the two pointers before it of an object whose attributes CPython manages (its values
+and its dict, 3.11+)."""
+_OWNER_WORDS = (-4, 8)
+"""Words around an object read for pointers to the raw blocks it owns: from its managed
+attribute values (four words before a tracked object) to its first eight (a list's items,
+a dict's table and values, a set's table)."""
+
+
+def _block_kind(address: int, size: int, objects: dict[int, object], types: dict[int, type]) -> str:
+    """What the allocated block at ``address`` holds: an object the walk reached (its type
+    name), an object it did not reach (``not reached: T``; ``free list: T`` when its
+    reference count is 0, as in CPython's lists of freed tuples, lists, dicts and floats), or
+    no object (``raw N B``; :func:`_owners` names the reached objects whose storage it is)."""
+    for offset in _OBJECT_AT:
+        if offset < size:
+            obj = objects.get(address + offset)
+            if obj is not None:
+                return type_name(obj)
+    words = memoryview(ctypes.string_at(address, min(size, 48))).cast("Q")
+    for at in (0, 2):  # the object itself, then past a collector header
+        if len(words) > at + 1 and words[at + 1] in types:
+            kind = types[words[at + 1]]
+            return f"{'free list' if words[at] == 0 else 'not reached'}: {kind.__qualname__}"
+    return f"raw {size} B"
+
+
+def _owners(raw: set[int], placed: list[tuple[int, object]]) -> dict[int, str]:
+    """For raw blocks (addresses) a reached object points to from its first words or its
+    managed attribute values: ``storage of T``. ``placed``: (address, object) of the reached
+    objects in pymalloc's pools; what is read stays within each one's pool."""
+    owners: dict[int, str] = {}
+    first, last = _OWNER_WORDS
+    for address, obj in placed:
+        pool = address & ~(POOL_BYTES - 1)
+        start = max(address + 8 * first, pool + _POOL_OVERHEAD)
+        end = min(address + 8 * last, pool + POOL_BYTES)
+        for word in memoryview(ctypes.string_at(start, end - start)).cast("Q"):
+            if word in raw and word not in owners:
+                owners[word] = f"storage of {type(obj).__qualname__}"
+    return owners
+
+
 def census() -> Census:
-    """Count this process's live small objects by pymalloc arena and type (RuntimeError when
-    pymalloc is not the allocator)."""
+    """Count this process's allocated pymalloc blocks by arena and by what they hold
+    (:func:`_block_kind`, :func:`_owners`; RuntimeError when pymalloc is not the allocator).
+    The pools are read first, before the census makes anything."""
     if os.environ.get("PYTHONMALLOC", "pymalloc") not in ("pymalloc", "pymalloc_debug") or not sys.getallocatedblocks():
         raise RuntimeError("the arena census needs CPython's pymalloc (PYTHONMALLOC unset)")
     if not getattr(sys, "_is_gil_enabled", lambda: True)():
         raise RuntimeError("the arena census needs CPython's pymalloc (a free-threaded build allocates with mimalloc)")
-    gc.collect()
-    spans = _anonymous_mappings()
+    blocks = _pool_blocks(_anonymous_mappings())
+    objects = {id(obj): obj for obj in _objects() if _small(obj)}
+    types = _known_types(objects)
+    kinds = [_block_kind(blocks[i], blocks[i + 1] & 0xFFFFFFFF, objects, types) for i in range(0, len(blocks), 2)]
+    raw = {blocks[2 * i] for i, kind in enumerate(kinds) if kind.startswith("raw ")}
+    pools = {blocks[i] & ~(POOL_BYTES - 1) for i in range(0, len(blocks), 2)}
+    placed = [(address, obj) for address, obj in objects.items() if address & ~(POOL_BYTES - 1) in pools]
+    owners = _owners(raw, placed)
+    objects.clear()  # it holds its own cell (the comprehensions' closure): no cycle left for the collector
+    placed.clear()
     counts: Census = collections.defaultdict(collections.Counter)
-    for obj in _objects():
-        try:
-            if sys.getsizeof(obj) > SMALL_BYTES:
-                continue
-        except TypeError:
-            continue
-        pool = id(obj) & ~(POOL_BYTES - 1)
-        if not _within(spans, pool):
-            continue  # a static object (in the interpreter's image), not pymalloc's
-        arena = int.from_bytes(ctypes.string_at(pool + _ARENA_INDEX_AT, 4), "little")
-        counts[arena][type_name(obj)] += 1
+    for i, kind in enumerate(kinds):
+        address, tag = blocks[2 * i], blocks[2 * i + 1]
+        counts[tag >> 32][owners.get(address, kind) if kind.startswith("raw ") else kind] += 1
     return dict(counts)
+
+
+def _small(obj: object) -> bool:
+    try:
+        return sys.getsizeof(obj) <= SMALL_BYTES
+    except TypeError:
+        return False
 
 
 def install(directory: str) -> None:
@@ -176,9 +284,12 @@ class Taker:
         raise TimeoutError(f"the census node wrote no {path.name} within {CENSUS_TIMEOUT_S:.0f} s")
 
 
+_NOT_OBJECTS = ("not reached: ", "free list: ", "raw ", "storage of ")
+
+
 def census_rows(before: Census, peak: Census, after: Census, rss: tuple[int, int]) -> list[tuple[str, str]]:
     """Rows for the arenas in use after the channels closed that were not in use before they
-    opened: how many, what they held at the peak and after, and what keeps them."""
+    opened: how many, the blocks they held at the peak and after, and what keeps them."""
     added = sorted(set(after) - set(before))
     held = {arena: after[arena] for arena in added}
     holding = sorted(sum(types.values()) for types in held.values())
@@ -187,22 +298,23 @@ def census_rows(before: Census, peak: Census, after: Census, rss: tuple[int, int
         kinds.update(types)
     at_peak = sum(sum(peak.get(arena, {}).values()) for arena in added)
     few = sum(1 for n in holding if n <= 10)
+    objects = sum(n for kind, n in kinds.items() if not kind.startswith(_NOT_OBJECTS))
     rss_before, rss_after = rss
     change = (rss_after - rss_before) / max(1, rss_before) * 100
     return [
         (
-            "(census) pymalloc arenas holding objects made since start-up: before the channels opened / open / closed",
+            "(census) pymalloc arenas in use: before the channels opened / open / closed",
             f"{len(before):8d} / {len(peak)} / {len(after)} (1 MiB each; RSS {rss_before / 1024:.1f} ->"
             f" {rss_after / 1024:.1f} MiB, {change:+.1f}%)",
         ),
         (
             "(census) arenas the burst added, still in use after the channels closed",
-            f"{len(added):8d} holding {sum(holding)} objects, of {at_peak} at the peak; {few} of them held by"
-            " 10 objects or fewer",
+            f"{len(added):8d} holding {sum(holding)} blocks ({objects} objects the walk reached), of {at_peak}"
+            f" at the peak; {few} of them held by 10 blocks or fewer",
         ),
-        ("(census) objects in each of those arenas, fewest first", f"{', '.join(map(str, holding)) or 'none'}"),
+        ("(census) blocks in each of those arenas, fewest first", f"{', '.join(map(str, holding)) or 'none'}"),
         (
-            "(census) what those objects are, most first",
+            "(census) what those blocks hold, most first",
             "; ".join(f"{n} {name}" for name, n in kinds.most_common(10)) or "nothing",
         ),
     ]
