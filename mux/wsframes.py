@@ -83,7 +83,11 @@ class ClientFrames:
     """
 
     max_size: int
-    _buf: bytearray = attrs.field(factory=bytearray)
+    _buf: bytes | bytearray = b""
+    """What was received and not yet taken out, from ``_pos`` on: the bytes of the last read
+    themselves, a bytearray only while a frame spans reads, and the empty bytes (shared,
+    nothing of the parser's own) once all is taken: a buffer the parser kept between reads
+    would have been made at a connection's last read, mid-burst too, and outlive the burst."""
     _pos: int = 0
     _off: bool = False
 
@@ -101,10 +105,13 @@ class ClientFrames:
         """Add bytes received from the client (RuntimeError once off: they are wsproto's)."""
         if self._off:
             raise RuntimeError("the parser is off: hand the bytes to wsproto")
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            self._buf, self._pos = data, 0
+            return
+        rest = bytearray(memoryview(buf)[pos:]) if pos or isinstance(buf, bytes) else buf
+        rest += data
+        self._buf, self._pos = rest, 0
 
     def next(self) -> str | bytes | Passed | None:
         """The next whole item, or None until more bytes arrive (always None once off)."""
@@ -138,22 +145,31 @@ class ClientFrames:
         end = start + n
         if len(buf) < end:
             return None
-        self._pos = end
         if opcode >= 9:
+            self._taken(end)
             return Passed(bytes(buf[pos:end]))
         payload = _unmask(bytes(buf[start - 4 : start]), buf[start:end])
         if opcode == 2:
+            self._taken(end)
             return payload
         try:
-            return payload.decode()
+            text = payload.decode()
         except UnicodeDecodeError:
-            self._pos = pos
-            return self._hand_off()
+            return self._hand_off()  # from this frame on
+        self._taken(end)
+        return text
+
+    def _taken(self, end: int) -> None:
+        """Everything up to ``end`` is taken out; hold nothing once that is all."""
+        if end == len(self._buf):
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = end
 
     def stop(self) -> bytes:
         """Turn the parser off; return the bytes it held (for wsproto)."""
         rest = bytes(self._buf[self._pos :])
-        self._buf = bytearray()
+        self._buf = b""
         self._pos = 0
         self._off = True
         return rest

@@ -3,6 +3,7 @@ frames parsed directly give the messages wsproto gives, and wsproto gets everyth
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -258,3 +259,26 @@ def test_unmasking_compiled_and_by_integer_match_the_rfc(size: int) -> None:
     assert wsframes._unmask(mask, bytearray(payload)) == expected
     if os.environ.get("CI") == "true":  # websockets is a dependency: its C loop must be there
         assert wsframes.COMPILED_MASK is not None
+
+
+def test_between_reads_the_parser_holds_no_bytes_of_its_own() -> None:
+    """Once every whole frame of a read is taken out, the parser keeps neither that read
+    nor a buffer (one made at a connection's last read would outlive a burst of reads); only a
+    frame that spans reads is held, until it is whole."""
+
+    def held_bytes(parser: ClientFrames) -> list[bytes | bytearray]:
+        return [ref for ref in gc.get_referents(parser) if isinstance(ref, (bytes, bytearray)) and ref]
+
+    client = _client()
+    parser = ClientFrames(max_size=1 << 20)
+    whole = b"".join(bytes(client.send_data(m)) for m in ("one", b"two", "three" * 40))
+    parser.feed(whole)
+    assert _drain(parser) == ["one", b"two", "three" * 40]
+    assert held_bytes(parser) == [] and parser.held == 0
+    split = bytes(client.send_data("four" * 100))
+    parser.feed(whole + split[:50])
+    assert _drain(parser) == ["one", b"two", "three" * 40]
+    assert parser.held == 50 and len(held_bytes(parser)) == 1
+    parser.feed(split[50:])
+    assert _drain(parser) == ["four" * 100]
+    assert held_bytes(parser) == [] and parser.held == 0
