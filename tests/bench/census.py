@@ -196,13 +196,16 @@ def _block_kind(address: int, size: int, objects: dict[int, object], types: dict
     return f"raw {size} B"
 
 
-def _owners(raw: set[int], placed: list[tuple[int, object]]) -> dict[int, str]:
+def _owners(raw: set[int], placed: list[int], objects: dict[int, object]) -> dict[int, str]:
     """For raw blocks (addresses) a reached object points to from its first words or its
-    managed attribute values: ``storage of T``. ``placed``: (address, object) of the reached
-    objects in pymalloc's pools; what is read stays within each one's pool."""
+    managed attribute values: ``storage of T``. ``placed``: the addresses of the reached
+    objects in pymalloc's pools (not pairs: freed, 2,000 of them would stay in CPython's free
+    list of tuples, in the pools the census itself took); what is read stays within each
+    one's pool."""
     owners: dict[int, str] = {}
     first, last = _OWNER_WORDS
-    for address, obj in placed:
+    for address in placed:
+        obj = objects[address]
         pool = address & ~(POOL_BYTES - 1)
         start = max(address + 8 * first, pool + _POOL_OVERHEAD)
         end = min(address + 8 * last, pool + POOL_BYTES)
@@ -226,8 +229,8 @@ def census() -> Census:
     kinds = [_block_kind(blocks[i], blocks[i + 1] & 0xFFFFFFFF, objects, types) for i in range(0, len(blocks), 2)]
     raw = {blocks[2 * i] for i, kind in enumerate(kinds) if kind.startswith("raw ")}
     pools = {blocks[i] & ~(POOL_BYTES - 1) for i in range(0, len(blocks), 2)}
-    placed = [(address, obj) for address, obj in objects.items() if address & ~(POOL_BYTES - 1) in pools]
-    owners = _owners(raw, placed)
+    placed = [address for address in objects if address & ~(POOL_BYTES - 1) in pools]
+    owners = _owners(raw, placed, objects)
     objects.clear()  # it holds its own cell (the comprehensions' closure): no cycle left for the collector
     placed.clear()
     counts: Census = collections.defaultdict(collections.Counter)
