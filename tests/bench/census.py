@@ -65,7 +65,7 @@ CENSUS_TIMEOUT_S = 60.0
 CENSUS_POLL_S = 0.05
 
 Census = dict[int, collections.Counter[str]]
-"""Allocated blocks per arena index, counted by what they hold (:func:`_block_kind`)."""
+"""Allocated blocks per arena index, counted by what they hold (:func:`census`)."""
 
 
 def type_name(obj: object) -> str:
@@ -168,26 +168,26 @@ def _known_types(objects: dict[int, object]) -> dict[int, type]:
     return types
 
 
-_OBJECT_AT = (0, _GC_HEAD, 2 * _GC_HEAD)
-"""Where an object can start in its block: at once; past the collector's header; past that
-and the two pointers before it of an object whose attributes CPython manages (its values
-and its dict, 3.11+)."""
-_OWNER_WORDS = (-4, 8)
-"""Words around an object read for pointers to the raw blocks it owns: from its managed
-attribute values (four words before a tracked object) to its first eight (a list's items,
-a dict's table and values, a set's table)."""
+_NONE = object()
+"""No walked object at an address (an empty container found there is falsy, not absent)."""
 
 
-def _block_kind(address: int, size: int, objects: dict[int, object], types: dict[int, type]) -> str:
-    """What the allocated block at ``address`` holds: an object the walk reached (its type
-    name), an object it did not reach (``not reached: T``; ``free list: T`` when its
-    reference count is 0, as in CPython's lists of freed tuples, lists, dicts and floats), or
-    no object (``raw N B``; :func:`_owners` names the reached objects whose storage it is)."""
-    for offset in _OBJECT_AT:
-        if offset < size:
-            obj = objects.get(address + offset)
-            if obj is not None:
-                return type_name(obj)
+_OWNER_WORDS = 8
+"""An object's first words, read for pointers to the raw blocks it owns: a list's items, a
+dict's table and values, a set's table, a bytearray's buffer."""
+_VALUES_AT = -4
+"""Where, in words from the object, CPython 3.11+ keeps the pointer to the attribute values
+of an object whose ``__dict__`` it manages (``Py_TPFLAGS_MANAGED_DICT``)."""
+_MANAGED_DICT = 1 << 4
+_OWNING = (dict, list, set, frozenset, bytearray)
+"""Types whose instances keep their contents in a block of their own."""
+
+
+def _unwalked(address: int, size: int, types: dict[int, type]) -> str:
+    """What an allocated block no walked object is in holds: an object all the same
+    (``not reached: T``; ``free list: T`` when its reference count is 0, as in CPython's lists
+    of freed tuples, lists, dicts and floats), or no object (``raw N B``; :func:`_owners`
+    names the reached objects whose storage it is)."""
     words = memoryview(ctypes.string_at(address, min(size, 48))).cast("Q")
     for at in (0, 2):  # the object itself, then past a collector header
         if len(words) > at + 1 and words[at + 1] in types:
@@ -197,18 +197,20 @@ def _block_kind(address: int, size: int, objects: dict[int, object], types: dict
 
 
 def _owners(raw: set[int], placed: list[int], objects: dict[int, object]) -> dict[int, str]:
-    """For raw blocks (addresses) a reached object points to from its first words or its
-    managed attribute values: ``storage of T``. ``placed``: the addresses of the reached
-    objects in pymalloc's pools (not pairs: freed, 2,000 of them would stay in CPython's free
-    list of tuples, in the pools the census itself took); what is read stays within each
-    one's pool."""
+    """For raw blocks (addresses) a reached object points to, from its first words (a
+    container of :data:`_OWNING`) or its managed attribute values: ``storage of T``.
+    ``placed``: the addresses of the reached objects in pymalloc's pools (not pairs: freed,
+    2,000 of them would stay in CPython's free list of tuples, in the pools the census itself
+    took); what is read stays within each one's pool."""
     owners: dict[int, str] = {}
-    first, last = _OWNER_WORDS
     for address in placed:
         obj = objects[address]
+        managed = type(obj).__flags__ & _MANAGED_DICT
+        if not managed and not isinstance(obj, _OWNING):
+            continue
         pool = address & ~(POOL_BYTES - 1)
-        start = max(address + 8 * first, pool + _POOL_OVERHEAD)
-        end = min(address + 8 * last, pool + POOL_BYTES)
+        start = max(address + 8 * _VALUES_AT, pool + _POOL_OVERHEAD) if managed else address
+        end = min(address + 8 * _OWNER_WORDS, pool + POOL_BYTES)
         for word in memoryview(ctypes.string_at(start, end - start)).cast("Q"):
             if word in raw and word not in owners:
                 owners[word] = f"storage of {type(obj).__qualname__}"
@@ -216,17 +218,28 @@ def _owners(raw: set[int], placed: list[int], objects: dict[int, object]) -> dic
 
 
 def census() -> Census:
-    """Count this process's allocated pymalloc blocks by arena and by what they hold
-    (:func:`_block_kind`, :func:`_owners`; RuntimeError when pymalloc is not the allocator).
-    The pools are read first, before the census makes anything."""
+    """Count this process's allocated pymalloc blocks by arena and by what they hold: the
+    type of the walked object in it (at the block, past the collector's header, or past that
+    and a managed ``__dict__``'s two pointers), else :func:`_unwalked` and :func:`_owners`
+    (RuntimeError when pymalloc is not the allocator). The pools are read first, before the
+    census makes anything."""
     if os.environ.get("PYTHONMALLOC", "pymalloc") not in ("pymalloc", "pymalloc_debug") or not sys.getallocatedblocks():
         raise RuntimeError("the arena census needs CPython's pymalloc (PYTHONMALLOC unset)")
     if not getattr(sys, "_is_gil_enabled", lambda: True)():
         raise RuntimeError("the arena census needs CPython's pymalloc (a free-threaded build allocates with mimalloc)")
     blocks = _pool_blocks(_anonymous_mappings())
-    objects = {id(obj): obj for obj in _objects() if _small(obj)}
+    objects = {id(obj): obj for obj in _objects()}  # those over 512 bytes are in no block: never looked up
     types = _known_types(objects)
-    kinds = [_block_kind(blocks[i], blocks[i + 1] & 0xFFFFFFFF, objects, types) for i in range(0, len(blocks), 2)]
+    get = objects.get
+    kinds: list[str] = []
+    for i in range(0, len(blocks), 2):
+        address, size = blocks[i], blocks[i + 1] & 0xFFFFFFFF
+        obj = get(address, _NONE)
+        if obj is _NONE and size > _GC_HEAD:
+            obj = get(address + _GC_HEAD, _NONE)  # an object the collector tracks has its header first
+            if obj is _NONE and size > 2 * _GC_HEAD:
+                obj = get(address + 2 * _GC_HEAD, _NONE)  # and its managed attributes' pointers before that
+        kinds.append(type_name(obj) if obj is not _NONE else _unwalked(address, size, types))
     raw = {blocks[2 * i] for i, kind in enumerate(kinds) if kind.startswith("raw ")}
     pools = {blocks[i] & ~(POOL_BYTES - 1) for i in range(0, len(blocks), 2)}
     placed = [address for address in objects if address & ~(POOL_BYTES - 1) in pools]
@@ -238,13 +251,6 @@ def census() -> Census:
         address, tag = blocks[2 * i], blocks[2 * i + 1]
         counts[tag >> 32][owners.get(address, kind) if kind.startswith("raw ") else kind] += 1
     return dict(counts)
-
-
-def _small(obj: object) -> bool:
-    try:
-        return sys.getsizeof(obj) <= SMALL_BYTES
-    except TypeError:
-        return False
 
 
 def install(directory: str) -> None:
