@@ -2,9 +2,8 @@
 
 :func:`serve` is ``hypercorn.trio.serve`` (Hypercorn 0.18's ``worker_serve``: lifespan,
 sockets, TLS and plain listeners, graceful shutdown) with one change: each TCP connection is
-served by :class:`mux.lean_read.LeanTCPServer`, whose reads wait through one
-:class:`mux.readiness.ReadyHub` (its task runs in the server's nursery, beside the
-connections). QUIC binds are not served (the node speaks HTTP/1.1 and HTTP/2 over TCP).
+served by :class:`mux.lean_read.LeanTCPServer`, the node's own read loop from the
+connection's start. QUIC binds are not served (the node speaks HTTP/1.1 and HTTP/2 over TCP).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
 from .lean_read import LeanTCPServer
-from .readiness import ReadyHub
 
 __all__ = ["serve"]
 
@@ -53,12 +51,7 @@ async def serve(
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
-        async with trio.open_nursery() as hub_nursery:  # outlives every connection
-            hub = ReadyHub.open()
-            if hub is not None:
-                await hub_nursery.start(hub.run)
-            await _serve_connections(wrapped, config, hub, context, lifespan_state, shutdown_trigger, task_status)
-            hub_nursery.cancel_scope.cancel()
+        await _serve_connections(wrapped, config, context, lifespan_state, shutdown_trigger, task_status)
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
 
@@ -66,7 +59,6 @@ async def serve(
 async def _serve_connections(
     app: Any,
     config: Config,
-    hub: ReadyHub | None,
     context: WorkerContext,
     lifespan_state: LifespanState,
     shutdown_trigger: Callable[..., Awaitable[None]] | None,
@@ -106,7 +98,7 @@ async def _serve_connections(
                 if shutdown_trigger is not None:
                     nursery.start_soon(raise_shutdown, shutdown_trigger)
                 nursery.start_soon(raise_shutdown, context.terminate.wait)
-                connection = partial(LeanTCPServer, hub, app, config, context, ConnectionState(lifespan_state.copy()))
+                connection = partial(LeanTCPServer, app, config, context, ConnectionState(lifespan_state.copy()))
                 nursery.start_soon(partial(trio.serve_listeners, connection, listeners, handler_nursery=server_nursery))
                 await trio.sleep_forever()
         except BaseExceptionGroup as error:

@@ -33,7 +33,7 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 from . import hypercorn_conn
-from .readiness import Park, ReadyHub
+from .readiness import Park
 
 __all__ = ["LEAN_READS_PER_YIELD", "LeanReader", "LeanTCPServer"]
 
@@ -46,15 +46,11 @@ _WAIT = b"wait"
 
 
 class LeanTCPServer(TCPServer):
-    """Hypercorn's ``TCPServer`` read by a :class:`LeanReader` (``hub`` wakes it) when its
-    stream is a plain trio socket or trio's TLS over one, and Hypercorn has no read timeout."""
-
-    def __init__(self, hub: ReadyHub | None, *args: Any) -> None:
-        super().__init__(*args)
-        self._hub = hub
+    """Hypercorn's ``TCPServer`` read by a :class:`LeanReader` when its stream is a plain
+    trio socket or trio's TLS over one, and Hypercorn has no read timeout."""
 
     async def _read_data(self) -> None:
-        reader = LeanReader.over(self, self._hub) if not self.config.read_timeout else None
+        reader = LeanReader.over(self) if not self.config.read_timeout else None
         if reader is None:
             await super()._read_data()
         else:
@@ -65,25 +61,22 @@ class LeanReader:
     """Reads one connection's socket until its end and hands on every read (the module's
     docstring says where). Made when the connection starts; :meth:`run` is the whole loop."""
 
-    def __init__(self, tcp: TCPServer, hub: ReadyHub, raw: socket.socket, transport: trio.SocketStream) -> None:
+    def __init__(self, tcp: TCPServer, raw: socket.socket) -> None:
         self._tcp = tcp
-        self._hub = hub
         self._raw = raw
-        self._transport = transport
-        self._park: Park = hub.park(raw.fileno())
+        self._park: Park | None = Park.open(raw.fileno())
+        """None where trio's I/O manager is not one ``mux.readiness`` knows: trio's own waits."""
         self._read: Callable[[], bytes | None] = self._read_plain
         self._tls: trio.SSLStream[Any] | None = None
 
     @classmethod
-    def over(cls, tcp: TCPServer, hub: ReadyHub | None) -> LeanReader | None:
+    def over(cls, tcp: TCPServer) -> LeanReader | None:
         """A reader for ``tcp``'s stream when this module knows it (plain or TLS), else None."""
         stream: Any = tcp.stream
-        if hub is None:
-            return None
         if isinstance(stream, trio.SocketStream):
-            return cls(tcp, hub, stream.socket._sock, stream)  # type: ignore[attr-defined]
+            return cls(tcp, stream.socket._sock)  # type: ignore[attr-defined]
         if hypercorn_conn.tls_known(stream):
-            reader = cls(tcp, hub, stream.transport_stream.socket._sock, stream.transport_stream)
+            reader = cls(tcp, stream.transport_stream.socket._sock)
             reader._tls = stream
             reader._read = reader._read_tls
             return reader
@@ -149,12 +142,6 @@ class LeanReader:
             return cast(bytes, await trio.SSLStream.receive_some(stream, MAX_RECV))
         return await trio.SocketStream.receive_some(stream, MAX_RECV)
 
-    async def _aclose(self) -> None:
-        """The transport's ``aclose`` while the reader runs: wake a parked read with
-        ``ClosedResourceError`` (as trio's close would), then close."""
-        self._park.shut(trio.ClosedResourceError("the connection was closed"))
-        await trio.SocketStream.aclose(self._transport)
-
     async def run(self) -> None:
         """Read and hand on until the end of the stream, an error or a close; then tell
         Hypercorn's protocol the connection closed, as its loop does."""
@@ -167,7 +154,6 @@ class LeanReader:
         tcp = self._tcp
         park = self._park
         read = self._read
-        self._transport.aclose = self._aclose  # type: ignore[method-assign]
         in_a_row = 0
         try:
             while True:
@@ -175,7 +161,10 @@ class LeanReader:
                 data = read()
                 if data is _WAIT:
                     in_a_row = 0
-                    (yield park.arm()).unwrap()  # outside any except block: a waiting task holds no exception
+                    if park is not None:  # outside any except block: a waiting task holds no exception
+                        (yield park.arm()).unwrap()
+                    else:
+                        yield from trio.lowlevel.wait_readable(self._raw)  # noqa: ASYNC105  (awaited: yield from)
                     continue
                 if data is None:
                     data = yield from self._stock()
@@ -192,7 +181,4 @@ class LeanReader:
                     yield from trio.lowlevel.checkpoint()  # noqa: ASYNC105  (awaited: yield from)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # as Hypercorn's loop: the connection is over
-        finally:
-            self._hub.forget(park)
-            self._transport.__dict__.pop("aclose", None)
         yield from tcp.protocol.handle(Closed())

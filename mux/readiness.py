@@ -1,138 +1,87 @@
-"""Waiting for many sockets to become readable, with nothing made per wait.
+"""Waiting for a socket to become readable, with nothing made per wait.
 
 How this works: trio's ``wait_readable`` makes a handful of objects at every wait (its
-coroutines, the closure that would cancel it, its epoll record) and changes the socket's
-epoll registration twice (armed, then disarmed). A connection that last waited during a burst
-of traffic keeps those objects among the burst's, and CPython's small-object allocator keeps
-every 1 MiB arena that holds even one of them (docs/performance.md, "Memory").
-:class:`ReadyHub` instead registers each socket once, edge-triggered, in an epoll set of its
-own, and a single task (:meth:`ReadyHub.run`) waits for that set in trio. A reader reads its
-socket until it would block and then yields its :class:`Park`'s trap to trio: the park and
-the trap are made once per connection, and the hub's task reschedules the reader when the
-kernel reports new data. The reader yields the trap from its own long-lived generator-based
-coroutine, so a wait makes no coroutine, and no exception either: an exception leaving a
-Python function (a ``StopIteration`` ending an ``await`` on an iterator) makes CPython
-create the frame object of the coroutine it returns into, in the middle of the burst.
-Edge-triggered registration is safe because a reader only parks after a read found
-nothing: data that arrives after that read raises a fresh event. Linux only
-(``select.epoll``); elsewhere :func:`ReadyHub.open` gives None and the server reads as
-Hypercorn does.
+coroutines, the closure that would cancel it, its record of the socket's waiters). A
+connection that last waited during a burst of traffic keeps those objects among the burst's,
+and CPython's small-object allocator keeps every 1 MiB arena that holds even one of them
+(docs/performance.md, "Memory"). A :class:`Park` is made once per connection with what such
+a wait needs: the record of the socket's waiters trio's epoll manager keeps, and the trap a
+waiting task yields to trio. :meth:`Park.arm` puts the record in trio's table and asks trio
+to watch the socket, as ``wait_readable`` does; trio wakes the task the same way (its epoll
+loop, and ``notify_closing`` when the socket is closed, raising ``ClosedResourceError``).
+The reader yields the trap from its own long-lived generator-based coroutine, so a wait
+makes no coroutine, and no exception either: an exception leaving a Python function (a
+``StopIteration`` ending an ``await`` on an iterator) makes CPython create the frame object
+of the coroutine it returns into, in the middle of the burst.
+
+This uses trio's epoll manager's own table (``_registered``, ``_update_registrations``,
+``EpollWaiters``): :meth:`Park.open` gives None where the running trio has no such manager
+(another platform, a trio that changed), and the reader then waits as trio does.
 """
 
 from __future__ import annotations
 
-import select
 import types
 from collections.abc import Generator
 from typing import Any
 
-import outcome
 import trio
 from trio._core._traps import WaitTaskRescheduled  # the trap trio's own waits yield
 
-__all__ = ["Park", "ReadyHub", "wait"]
-
-_EVENTS = getattr(select, "EPOLLIN", 0) | getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLET", 0)
-"""Readable, the peer's half-close, edge-triggered: one event per arrival of data."""
-_MAX_EVENTS = 1024
-
-
-class ReadyHub:
-    """One edge-triggered epoll set for many sockets, and the task that wakes their readers
-    (:meth:`run`, in the server's nursery)."""
-
-    def __init__(self, epoll: Any) -> None:
-        self._epoll = epoll
-        self._parks: dict[int, Park] = {}
-
-    @classmethod
-    def open(cls) -> ReadyHub | None:
-        """A hub, or None where the platform has no epoll."""
-        make = getattr(select, "epoll", None)
-        return cls(make()) if make is not None else None
-
-    def park(self, fd: int) -> Park:
-        """Register ``fd`` and give the :class:`Park` its reader awaits when the socket has
-        nothing to read."""
-        park = Park(self, fd)
-        self._parks[fd] = park
-        try:
-            self._epoll.register(fd, _EVENTS)
-        except FileExistsError:  # cannot stay registered once closed; defensive
-            self._epoll.modify(fd, _EVENTS)
-        return park
-
-    def forget(self, park: Park) -> None:
-        """Unregister ``park``'s socket (still open or not)."""
-        if self._parks.get(park.fd) is park:
-            del self._parks[park.fd]
-            try:
-                self._epoll.unregister(park.fd)
-            except OSError:  # closed already: the kernel dropped it from the set
-                pass
-
-    @property
-    def parks(self) -> int:
-        """Sockets registered now."""
-        return len(self._parks)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Wake the parked reader of every socket that got data, until cancelled; then
-        close the epoll set."""
-        epoll = self._epoll
-        parks = self._parks
-        task_status.started()
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(epoll.fileno())
-                for fd, _ in epoll.poll(0, _MAX_EVENTS):
-                    park = parks.get(fd)
-                    if park is not None:
-                        park.wake()
-        finally:
-            for park in list(parks.values()):
-                park.shut(trio.ClosedResourceError("the server stopped reading"))
-            epoll.close()
+__all__ = ["Park", "wait"]
 
 
 class Park:
-    """Where one connection's reader waits for its socket. Made once per connection, as is
-    everything a wait uses: a generator-based coroutine yields :meth:`arm`'s trap to trio and
-    unwraps the outcome trio sends back (:func:`wait` does that for any task). The task wakes
-    when the hub sees data, when the socket is shut (:meth:`shut`: the error is raised), or
-    when it is cancelled."""
+    """Where one socket's reader waits until the socket is readable, the socket is closed
+    (``ClosedResourceError``) or the task is cancelled; made once per socket, as is
+    everything a wait uses. A generator-based coroutine yields :meth:`arm`'s trap to trio and
+    unwraps the outcome trio sends back (:func:`wait` does that for any task)."""
 
-    __slots__ = ("_hub", "_task", "_trap", "fd")
+    __slots__ = ("_io", "_trap", "_waiters", "fd")
 
-    def __init__(self, hub: ReadyHub, fd: int) -> None:
-        self._hub = hub
+    def __init__(self, io: Any, waiters: Any, fd: int) -> None:
+        self._io = io
         self.fd = fd
-        self._task: trio.lowlevel.Task | None = None
+        self._waiters = waiters
         self._trap = WaitTaskRescheduled(self._abort)
 
-    def _abort(self, _: Any) -> trio.lowlevel.Abort:
-        self._task = None
-        return trio.lowlevel.Abort.SUCCEEDED
+    @classmethod
+    def open(cls, fd: int) -> Park | None:
+        """A park for ``fd`` in the running trio, or None when its I/O manager is not the
+        epoll manager this module knows."""
+        try:
+            from trio._core._io_epoll import EpollIOManager, EpollWaiters
+            from trio._core._run import GLOBAL_RUN_CONTEXT
+        except ImportError:  # another platform
+            return None
+        io = GLOBAL_RUN_CONTEXT.runner.io_manager
+        known = (
+            isinstance(io, EpollIOManager)
+            and isinstance(getattr(io, "_registered", None), dict)
+            and callable(getattr(io, "_update_registrations", None))
+        )
+        return cls(io, EpollWaiters(), fd) if known else None
 
     def arm(self) -> Any:
-        """Make the current task this socket's waiter and return the trap it must yield to
-        trio (``(yield park.arm()).unwrap()``)."""
-        if self._task is not None:
-            raise trio.BusyResourceError("another task is already waiting on this socket")
-        self._task = trio.lowlevel.current_task()
+        """Make the current task the socket's reader in trio's table and return the trap it
+        must yield (``(yield park.arm()).unwrap()``). BusyResourceError if another task
+        reads it already."""
+        registered = self._io._registered
+        waiters = registered.get(self.fd)
+        if waiters is None:  # nobody waits on the socket: this park's own record
+            waiters = registered[self.fd] = self._waiters
+        if waiters.read_task is not None:
+            raise trio.BusyResourceError("another task is already reading this socket")
+        waiters.read_task = trio.lowlevel.current_task()
+        self._io._update_registrations(self.fd)
         return self._trap
 
-    def wake(self, error: BaseException | None = None) -> None:
-        """Reschedule the waiting task, if any (raising ``error`` in it, if given)."""
-        task = self._task
-        if task is not None:
-            self._task = None
-            trio.lowlevel.reschedule(task, outcome.Error(error) if error is not None else outcome.Value(None))
-
-    def shut(self, error: BaseException) -> None:
-        """The socket is closing: raise ``error`` in the waiting task and unregister."""
-        self.wake(error)
-        self._hub.forget(self)
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        waiters = self._io._registered.get(self.fd)
+        if waiters is not None:
+            waiters.read_task = None
+            self._io._update_registrations(self.fd)
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 @types.coroutine

@@ -31,7 +31,7 @@ import mux.lean_read
 from mux import hypercorn_conn
 from mux.direct_writes import PlainWire
 from mux.lean_read import LeanReader, LeanTCPServer
-from mux.readiness import ReadyHub, wait
+from mux.readiness import Park, wait
 from mux.sockets import AsgiSocket, Disconnected
 
 from .wsutil import raw_client, serve_raw
@@ -78,8 +78,7 @@ async def test_once_open_reads_go_straight_to_the_stream(
 ) -> None:
     """Hypercorn's protocol is handed only the upgrade request; every message, a ping among
     them, and a message split across reads are answered as on Hypercorn's own loop (through
-    the fast receive or Hypercorn's stream), and the connection's reader is unregistered
-    and its close hook gone once the connection is."""
+    the fast receive or Hypercorn's stream)."""
     reads = _count_protocol_reads(monkeypatch)
     app = _Echo(fast)
     async with raw_client(await serve_raw(nursery, app)) as client:
@@ -95,10 +94,6 @@ async def test_once_open_reads_go_straight_to_the_stream(
         pongs = client.pongs
         [tcp] = app.servers
         assert isinstance(tcp, LeanTCPServer)
-        assert tcp._hub is not None and tcp._hub.parks == 1
-    await trio.sleep(0.2)  # the server meets the end of the stream
-    assert tcp._hub.parks == 0
-    assert [s.__dict__.get("aclose") for s in app.sockets] == [None]
     assert got == [m for i in range(10) for m in (f"a{i}", f"b{i}" * 50)] + [b"x" * 3000]
     assert pongs == 10
     assert len(reads) == 1  # the upgrade request
@@ -108,23 +103,22 @@ async def test_with_a_read_timeout_hypercorn_reads_as_before(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Hypercorn enforces its ``read_timeout`` in its own loop: every read goes through its
-    protocol, and no reader is registered."""
+    protocol."""
     reads = _count_protocol_reads(monkeypatch)
     app = _Echo()
     async with raw_client(await serve_raw(nursery, app, read_timeout=30)) as client:
         for word in ("one", "two"):
             await client.burst(word)
             assert await client.messages(1) == [word]
-        assert app.servers[0]._hub.parks == 0
     assert len(reads) == 3
 
 
 async def test_idle_connections_hold_no_objects_made_for_their_waits(nursery: trio.Nursery) -> None:
     """Forty connections, each having sent and been answered, wait for their next message:
-    trio's epoll manager holds what it made for a few waits (the hub's, the listener's, the
-    test's), fewer blocks than there are connections; trio's own ``wait_readable`` makes a
-    record, a closure and its cells, and coroutines for every wait, five blocks or more per
-    waiting connection."""
+    trio's epoll manager holds what it made for a few waits (the listener's, the test's),
+    fewer blocks than there are connections; trio's own ``wait_readable`` makes a record, a
+    closure and its cells, and coroutines for every wait, five blocks or more per waiting
+    connection."""
     app = _Echo()
     url = await serve_raw(nursery, app)
     tracemalloc.start(8)
@@ -136,7 +130,6 @@ async def test_idle_connections_hold_no_objects_made_for_their_waits(nursery: tr
                 assert await client.messages(1) == [f"m{i}"]
             await trio.sleep(0.1)
             snapshot = tracemalloc.take_snapshot()
-            assert app.servers[0]._hub.parks == 40
     finally:
         tracemalloc.stop()
     epoll = snapshot.filter_traces([tracemalloc.Filter(True, "*trio/_core/_io_epoll.py")])
@@ -144,17 +137,26 @@ async def test_idle_connections_hold_no_objects_made_for_their_waits(nursery: tr
     assert made < 40, f"{made} blocks made by trio's epoll waits: one or more per idle connection"
 
 
-async def test_a_connection_the_server_closes_while_its_reader_waits_ends(nursery: trio.Nursery) -> None:
+async def test_a_connection_the_server_closes_while_its_reader_waits_ends(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The app closes the WebSocket while the connection's reader waits for the client: the
-    reader wakes, Hypercorn's connection ends and the socket is unregistered."""
+    reader wakes (trio's ``notify_closing`` reaches its wait) and the connection ends."""
     closed = trio.Event()
-    servers: list[Any] = []
+    ended = trio.Event()
+    stock = LeanTCPServer._read_data
+
+    async def read_data(self: LeanTCPServer) -> None:
+        try:
+            await stock(self)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(LeanTCPServer, "_read_data", read_data)
 
     async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
         sock = AsgiSocket(scope, receive, send_)
         await sock.accept(None)
-        assert sock._stream is not None
-        servers.append(hypercorn_conn.h11_under(sock._stream))
         await sock.receive()
         await trio.sleep(0.05)  # the reader is waiting again
         await sock.close(1000, "done")
@@ -166,12 +168,7 @@ async def test_a_connection_the_server_closes_while_its_reader_waits_ends(nurser
             await closed.wait()
             while (await client.stream.receive_some(1 << 16)) != b"":
                 pass  # the close frame, then the server's end of the stream
-        [(_, tcp)] = servers
-        for _ in range(100):
-            if tcp._hub.parks == 0:
-                break
-            await trio.sleep(0.01)
-        assert tcp._hub.parks == 0
+            await ended.wait()
 
 
 def _blocking_client(url: str) -> socket.socket:
@@ -263,24 +260,30 @@ class _Protocol:
             self.arrived.set()
 
 
-def _reader_pair(hub: ReadyHub) -> tuple[socket.socket, trio.SocketStream, _Protocol, LeanReader]:
+def _reader_pair() -> tuple[socket.socket, trio.SocketStream, _Protocol, LeanReader]:
     """A socket pair: the client's end, and a reader of the server's end."""
     client, server = socket.socketpair()
     sock = trio.SocketStream(trio.socket.from_stdlib_socket(server))
     protocol = _Protocol()
     tcp: Any = types.SimpleNamespace(stream=sock, protocol=protocol)
-    reader = LeanReader.over(tcp, hub)
+    reader = LeanReader.over(tcp)
     assert reader is not None
     return client, sock, protocol, reader
 
 
-async def test_the_reader_reads_until_the_end_and_stops_when_cancelled(nursery: trio.Nursery) -> None:
+def _watched(sock: trio.SocketStream) -> bool:
+    """Whether trio's epoll manager has a waiter for the socket."""
+    from trio._core._run import GLOBAL_RUN_CONTEXT
+
+    return sock.socket.fileno() in GLOBAL_RUN_CONTEXT.runner.io_manager._registered  # type: ignore[attr-defined]
+
+
+async def test_the_reader_reads_until_the_end_and_stops_when_cancelled() -> None:
     """The reader hands on every read up to the peer's end (b""), then says the connection
-    closed and unregisters; a cancelled reader reads nothing more, as trio's own would not."""
-    hub = ReadyHub.open()
-    assert hub is not None
-    await nursery.start(hub.run)
-    client, sock, protocol, reader = _reader_pair(hub)
+    closed; a cancelled reader reads nothing more, as trio's own would not, and leaves no
+    wait behind."""
+    client, sock, protocol, reader = _reader_pair()
+    assert reader._park is not None  # on Linux: trio's epoll manager, known
     with client, trio.fail_after(5):
         async with trio.open_nursery() as readers:
             readers.start_soon(reader.run)
@@ -289,32 +292,35 @@ async def test_the_reader_reads_until_the_end_and_stops_when_cancelled(nursery: 
                 await protocol.arrived.wait()
                 protocol.arrived = trio.Event()
             client.shutdown(socket.SHUT_WR)
-    assert (protocol.reads, protocol.closed, hub.parks) == ([b"one", b"two", b""], True, 0)
-    assert "aclose" not in sock.__dict__
+    assert (protocol.reads, protocol.closed, _watched(sock)) == ([b"one", b"two", b""], True, False)
     await sock.aclose()
 
-    client, sock, protocol, reader = _reader_pair(hub)
+    client, sock, protocol, reader = _reader_pair()
     with client:
+        async with trio.open_nursery() as readers:
+            readers.start_soon(reader.run)
+            await trio.sleep(0.05)
+            assert _watched(sock)  # waiting
+            readers.cancel_scope.cancel()
+        assert not _watched(sock)
         client.sendall(b"never")
         with trio.CancelScope() as scope:
             scope.cancel()
             await reader.run()
-        assert (protocol.reads, hub.parks) == ([], 0)
+        assert protocol.reads == []
         assert await sock.receive_some(1024) == b"never"  # still there, for trio's own read
     await sock.aclose()
 
 
-async def test_a_park_wakes_cancels_shuts_and_takes_one_waiter(nursery: trio.Nursery) -> None:
+async def test_a_park_wakes_cancels_is_closed_and_takes_one_waiter() -> None:
     """A parked task wakes when its socket gets data (and again for later data), leaves on
-    cancellation and can park again, gets the error it is shut with, and a second waiter is
-    refused."""
-    hub = ReadyHub.open()
-    assert hub is not None
-    await nursery.start(hub.run)
+    cancellation and can park again, gets ``ClosedResourceError`` when the socket is closed
+    (trio's ``notify_closing``), and a second waiter is refused."""
     client, server = socket.socketpair()
     server.setblocking(False)
     with client, server:
-        park = hub.park(server.fileno())
+        park = Park.open(server.fileno())
+        assert park is not None
         woken: list[bytes] = []
 
         async def waiter() -> None:
@@ -338,27 +344,23 @@ async def test_a_park_wakes_cancels_shuts_and_takes_one_waiter(nursery: trio.Nur
             with pytest.raises(trio.BusyResourceError):
                 await wait(park)
 
-        async def shut_soon() -> None:
+        async def close_soon() -> None:
             await trio.sleep(0.05)
             await second()
-            park.shut(trio.ClosedResourceError("shut"))
+            trio.lowlevel.notify_closing(server)
 
         with trio.fail_after(5):
             async with trio.open_nursery() as inner:
-                inner.start_soon(shut_soon)
-                with pytest.raises(trio.ClosedResourceError, match="shut"):
+                inner.start_soon(close_soon)
+                with pytest.raises(trio.ClosedResourceError):
                     await wait(park)
-        assert hub.parks == 0
 
 
 async def test_a_readers_waits_and_wakes_make_no_frame_objects(nursery: trio.Nursery) -> None:
     """Woken many times, the reader's coroutines never get frame objects: CPython makes one
     for the frame an exception returns into (a ``StopIteration`` ending an ``await`` on an
     iterator would), and one made mid-burst outlives the burst with the connection."""
-    hub = ReadyHub.open()
-    assert hub is not None
-    await nursery.start(hub.run)
-    client, sock, protocol, reader = _reader_pair(hub)
+    client, sock, protocol, reader = _reader_pair()
     run = reader.run()
 
     async def drive() -> None:
