@@ -12,9 +12,10 @@ other protocol, to Hypercorn's protocol, as its own loop would. Unlike Hypercorn
 makes no timeout scope per read, and it makes nothing at a connection's first message that
 outlives the read. It lets other tasks run every :data:`LEAN_READS_PER_YIELD` reads that did
 not wait. Anything but plain reading (an error, the TLS layer having something to send, a
-peer's close over TLS) goes to trio's own ``receive_some``, which raises as it does; a read
-timeout (``read_timeout``), a platform without epoll or a stream this module does not know
-keeps Hypercorn's loop.
+peer's close over TLS) goes to trio's own ``receive_some``, which raises as it does. Where
+trio's I/O manager is not the epoll manager ``mux.readiness`` knows, the reader waits with
+trio's ``wait_readable``; a read timeout (``read_timeout``) or a stream this module does not
+know keeps Hypercorn's loop.
 """
 
 from __future__ import annotations
