@@ -70,6 +70,7 @@ class Park:
         waiters = registered.get(self.fd)
         if waiters is None:  # nobody waits on the socket: this park's own record
             waiters = registered[self.fd] = self._waiters
+            waiters.current_flags = 0  # as a fresh record: trio (re)arms the socket
         if waiters.read_task is not None:
             raise trio.BusyResourceError("another task is already reading this socket")
         waiters.read_task = trio.lowlevel.current_task()

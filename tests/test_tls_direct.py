@@ -1,4 +1,5 @@
-"""A node's own reads and writes over TLS (``mux.lean_read.LeanTLSRead``, ``mux.direct_writes.TLSWire``).
+"""A node's own reads and writes over TLS (``mux.lean_read.LeanReader`` through the
+SSLObject, ``mux.direct_writes.TLSWire``).
 
 Over TLS the node reads its socket into the connection's own SSLObject and hands what it
 decrypts straight to the WebSocket parser, and its connection writers encrypt with that
