@@ -38,12 +38,11 @@ from .wsutil import raw_client, serve_raw
 
 
 class _Echo:
-    """Echoes every message; remembers each connection's TCP server and socket."""
+    """Echoes every message; remembers each connection's TCP server."""
 
     def __init__(self, fast: bool = True) -> None:
         self.fast = fast
         self.servers: list[Any] = []
-        self.sockets: list[trio.SocketStream] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send_: Any) -> None:
         sock = AsgiSocket(scope, receive, send_, fast_receive=self.fast)
@@ -52,7 +51,6 @@ class _Echo:
         under = hypercorn_conn.h11_under(sock._stream)
         assert under is not None
         self.servers.append(under[1])
-        self.sockets.append(sock._wire.sock)
         with contextlib.suppress(Disconnected):
             while True:
                 await sock.send(await sock.receive())
