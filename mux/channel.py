@@ -18,11 +18,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
+import orjson
 import trio
 
+from . import packed_frames
 from .bandwidth import TokenBucket
 from .errors import ChannelClosed, ChannelForbidden, ChannelFull, MuxError
 from .frames import ChainHead, Frame
+from .heap import renew
 from .intents import Intent
 
 if TYPE_CHECKING:
@@ -220,6 +223,34 @@ class Ends:
         return (self._a, self._b)
 
 
+def _ended(end: End) -> End:
+    """A new, detached, ended copy of ``end``."""
+    return End(renew(end.agent), end.capacity, ended=True, generation=end.generation)
+
+
+def _renew_json(value: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object again, in new objects."""
+    copy: dict[str, Any] = orjson.loads(orjson.dumps(value))
+    return copy
+
+
+def _frame(kept: Frame | bytes | None, channel_id: str) -> Frame | None:
+    """A kept frame, unpacked if it was packed."""
+    return packed_frames.unpack(kept, channel_id)[0] if isinstance(kept, bytes) else kept
+
+
+def _packed(kept: Frame | bytes | None) -> bytes | None:
+    """A kept frame packed, in a new object."""
+    if kept is None:
+        return None
+    return bytes(memoryview(kept)) if isinstance(kept, bytes) else packed_frames.pack([kept])
+
+
+def _renew_frame(frame: Frame | None, channel_id: str) -> Frame | None:
+    """An equal frame in new objects (through its packed form), of ``channel_id``."""
+    return None if frame is None else packed_frames.unpack(packed_frames.pack([frame]), channel_id)[0]
+
+
 @attrs.frozen
 class Draft:
     """A frame about to be chained, as ``Backend.check_frame`` sees it: who sends what to whom."""
@@ -261,8 +292,8 @@ class ChannelState:
     backend_name: str
     fallback: bool
     opened_at: float
-    open_frame: Frame | None = None
-    close_frame: Frame | None = None
+    _open_frame: Frame | bytes | None = attrs.field(default=None, alias="open_frame")
+    _close_frame: Frame | bytes | None = attrs.field(default=None, alias="close_frame")
     close_reason: str | None = None
     frames: int = 0
     bytes: int = 0
@@ -292,9 +323,64 @@ class ChannelState:
         return self._extra
 
     @property
+    def open_frame(self) -> Frame | None:
+        """The signed open frame (kept packed in a moved state: see ``moved``)."""
+        return _frame(self._open_frame, self.id)
+
+    @open_frame.setter
+    def open_frame(self, frame: Frame | None) -> None:
+        self._open_frame = frame
+
+    @property
+    def close_frame(self) -> Frame | None:
+        """The signed close frame, once closed (kept packed in a moved state)."""
+        return _frame(self._close_frame, self.id)
+
+    @close_frame.setter
+    def close_frame(self, frame: Frame | None) -> None:
+        self._close_frame = frame
+
+    @property
     def is_open(self) -> bool:
         """True until the close frame is chained."""
-        return self.close_frame is None
+        return self._close_frame is None
+
+    def moved(self) -> ChannelState:
+        """This closed channel's state again, in new objects: its strings, metadata, chain
+        head, bucket and ends, its open and close frames packed (``mux.packed_frames``,
+        unpacked when asked for). :meth:`mux.core.Mux.compact` puts it in place of the
+        old one after a burst of closes, so that what the node keeps of recently closed
+        channels does not hold the memory the burst took. Only for a closed channel whose
+        ends nobody waits on (the caller checks): the copy has no context, no task and
+        detached ends."""
+        assert self._close_frame is not None
+        cid = renew(self.id)
+        a, b = self.ends.values()
+        bucket = self.bucket
+        return ChannelState(
+            id=cid,
+            intent=self.intent,
+            agent=renew(self.agent),
+            target=renew(self.target),
+            metadata=_renew_json(self.metadata),
+            chain=attrs.evolve(self.chain, channel_id=cid, head=renew(self.chain.head)),
+            bucket=TokenBucket(bucket.rate, bucket.burst),
+            ends=Ends(_ended(a), _ended(b)),
+            backend=self.backend,
+            backend_name=self.backend_name,
+            fallback=self.fallback,
+            opened_at=float.fromhex(self.opened_at.hex()),
+            open_frame=_packed(self._open_frame),
+            close_frame=_packed(self._close_frame),
+            close_reason=renew(self.close_reason) if self.close_reason is not None else None,
+            frames=self.frames,
+            bytes=self.bytes,
+            throttled=self.throttled,
+            dropped=self.dropped,
+            durable=self.durable,
+            extra_seal=_renew_frame(self.extra_seal, cid),
+            extra=_renew_json(self._extra) if self._extra is not None else None,
+        )
 
     @property
     def state(self) -> str:

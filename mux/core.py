@@ -431,7 +431,7 @@ class Mux:
         ``defer_sign`` the frame is left unsigned: the caller signs a later frame of the
         channel (or seals it) before it returns to its event loop. ``encoded`` is
         ``payload_bytes(payload)`` when the caller already has it."""
-        if state.close_frame is not None:
+        if not state.is_open:
             raise ChannelClosed(f"channel is closed ({state.close_reason})", channel_id=state.id)
         encoded = encoded or payload_bytes(payload)
         size = len(encoded[1])
@@ -531,17 +531,50 @@ class Mux:
         return frame
 
     def compact(self) -> int:
-        """Rebuild the node's tables of channels, agents and mailboxes where a burst grew them
-        far past what they now hold (:func:`mux.heap.shrink`; the trimmer calls this after a
-        burst of closes). Returns the bytes given back."""
+        """After a burst of closes: rebuild the node's tables of channels, agents and
+        mailboxes where the burst grew them far past what they now hold
+        (:func:`mux.heap.shrink`), move the states of recently closed channels into new
+        objects (``_move_closed``), and let the store move what it keeps (``Store.compact``:
+        the in-memory ledger's packed chains). Returns the bytes the tables gave back."""
+        self._move_closed()
         tables: tuple[MutableMapping[str, Any], ...] = (
             self._channels,
-            self._closed,
             self._opened_by,
             self._endpoints,
             self.mailboxes,
         )
-        return sum(shrink(table) for table in tables)
+        return self.store.compact() + sum(shrink(table) for table in tables)
+
+    def _move_closed(self) -> int:
+        """Put a copy in new objects (``ChannelState.moved``) in place of each kept closed
+        channel's state that nothing waits on any more, in a new table: what a burst left
+        in the closed-channel lookups sits among the memory the burst freed, and would keep
+        it. Returns how many moved."""
+        moved = 0
+        fresh: collections.OrderedDict[str, ChannelState] = collections.OrderedDict()
+        for state in self._closed.values():
+            if self._settled(state):
+                state.ctx = None  # its context's link back to it: let refcounting free it
+                state = state.moved()
+                moved += 1
+            fresh[state.id] = state
+        self._closed = fresh
+        return moved
+
+    def _settled(self, state: ChannelState) -> bool:
+        """True for a closed channel nothing will touch again but lookups: no task still
+        to end, no long-poll reader, no resume waiting, no mail of it in a mailbox."""
+        scope = state.cancel_scope
+        if state.durable or (scope is not None and not scope.cancel_called) or state.appended:
+            return False
+        agents = [end.agent for end in state.ends.values() if end.reserved is None]
+        if len(agents) < 2:
+            return False
+        for agent in (*agents, self.agent):
+            box = self.mailboxes.get(agent)
+            if box is not None and state.id in box.channels:
+                return False
+        return True
 
     def _count(self, state: ChannelState, size: int) -> None:
         state.frames += 1

@@ -16,7 +16,11 @@ connections have closed since the last time, checking every ``interval_s``: a bu
 closes is followed by one trim, a steady node never trims. Before each trim, the trimmer's
 ``compact`` (the node's :meth:`~mux.core.Mux.compact`) rebuilds the node's long-lived tables
 that a burst grew and emptied (:func:`shrink`): a dict keeps the table it grew to, 512 KiB
-after 10,000 channels. With neither allocator found, only the collection runs.
+after 10,000 channels. It also copies what the node keeps of recently closed channels (their
+states, the in-memory ledger's packed chains) into new objects. Under jemalloc those go to
+the oldest pages with room (:func:`settle` first hands the blocks just freed back to their
+pages), so the burst's own pages empty and go back. With neither allocator found, only the
+collection runs.
 :func:`resident` gives the process's resident memory now and at its peak, and
 :func:`allocator` which allocators hold it, as ``/status`` reports them.
 :func:`run_under_jemalloc` (``serve --jemalloc``) re-executes the process under jemalloc.
@@ -52,8 +56,10 @@ __all__ = [
     "freeze_startup",
     "jemalloc_environment",
     "release_memory",
+    "renew",
     "resident",
     "run_under_jemalloc",
+    "settle",
     "shrink",
     "trimmer",
 ]
@@ -75,27 +81,46 @@ _ARENAS_ALL = 4096
 """jemalloc's ``MALLCTL_ARENAS_ALL``: ``arena.4096.purge`` purges every arena."""
 
 
-def _jemalloc_purge() -> Callable[[], bool] | None:
-    """jemalloc's purge of every arena's unused dirty pages, when this process allocates with
-    jemalloc (its ``mallctl`` is among the loaded symbols); None otherwise."""
+def _mallctl() -> Callable[[bytes], bool] | None:
+    """jemalloc's ``mallctl`` for commands that take and give nothing (True when it did it),
+    when this process allocates with jemalloc (the symbol is loaded); None otherwise."""
     try:
         mallctl = ctypes.CDLL(None).mallctl
     except (OSError, AttributeError, TypeError):
         return None
     mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     mallctl.restype = ctypes.c_int
+
+    def command(name: bytes) -> bool:
+        failed: int = mallctl(name, None, None, None, 0)
+        return failed == 0
+
+    return command
+
+
+def _jemalloc_purge(mallctl: Callable[[bytes], bool] | None) -> Callable[[], bool] | None:
+    """jemalloc's purge of every arena's unused dirty pages (after this thread's cached
+    blocks), or None without jemalloc."""
+    if mallctl is None:
+        return None
     name = f"arena.{_ARENAS_ALL}.purge".encode()
 
     def purge() -> bool:
-        mallctl(b"thread.tcache.flush", None, None, None, 0)  # this thread's cached blocks first
-        failed: int = mallctl(name, None, None, None, 0)
-        return failed == 0
+        mallctl(b"thread.tcache.flush")  # this thread's cached blocks first
+        return mallctl(name)
 
     return purge
 
 
+def _jemalloc_flush(mallctl: Callable[[bytes], bool] | None) -> Callable[[], bool] | None:
+    """jemalloc's flush of this thread's cache of freed blocks, or None without jemalloc."""
+    return None if mallctl is None else lambda: mallctl(b"thread.tcache.flush")
+
+
 _TRIM = _malloc_trim()
-_PURGE = _jemalloc_purge()
+_MALLCTL = _mallctl()
+_PURGE = _jemalloc_purge(_MALLCTL)
+_FLUSH = _jemalloc_flush(_MALLCTL)
 
 
 JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,narenas:1"
@@ -198,10 +223,27 @@ def shrink(table: MutableMapping[Any, Any]) -> int:
     return max(0, held - sys.getsizeof(table))
 
 
-def release_memory() -> bool:
-    """Collect garbage and return free heap pages to the OS (jemalloc's purge, else glibc's
-    ``malloc_trim``); True when jemalloc's purge ran or glibc's trim handed pages back."""
+def settle() -> None:
+    """Collect garbage and, under jemalloc, hand this thread's cache of freed blocks back to
+    their pages: what is allocated next (``compact``'s copies) then goes to the oldest pages
+    with room, not into the blocks a burst just freed."""
     gc.collect()
+    if _FLUSH is not None:
+        _FLUSH()
+
+
+def renew(text: str) -> str:
+    """An equal string in a new object (``compact`` moves what a node keeps out of the
+    memory a burst took)."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+
+
+def release_memory(*, collect: bool = True) -> bool:
+    """Collect garbage (unless ``collect`` is False: :func:`settle` just did) and return free
+    heap pages to the OS (jemalloc's purge, else glibc's ``malloc_trim``); True when
+    jemalloc's purge ran or glibc's trim handed pages back."""
+    if collect:
+        gc.collect()
     if _PURGE is not None:
         return _PURGE()
     if _TRIM is None:
@@ -217,7 +259,7 @@ async def trimmer(
     min_gap_s: float = 30.0,
     compact: Callable[[], int] | None = None,
 ) -> None:
-    """Run ``compact()`` (bytes it gave back) and then ``release_memory`` whenever ``closed()``
+    """Run :func:`settle`, ``compact()`` (bytes it gave back) and then ``release_memory`` whenever ``closed()``
     (a running count of closed channels and connections) has grown by ``threshold`` since the
     last trim, once the burst is over (nothing closed during the last ``interval_s``); while
     closes go on, at most once per ``min_gap_s`` (a full collection pauses the node: steady
@@ -233,8 +275,9 @@ async def trimmer(
             continue
         last, last_trim = now, trio.current_time()
         t0 = time.perf_counter()
+        settle()
         tables = compact() if compact is not None else 0
-        trimmed = release_memory()
+        trimmed = release_memory(collect=False)
         took_ms = (time.perf_counter() - t0) * 1e3
         log.info(
             "released memory after %d closes in %.0f ms (%s; pages handed back: %s; tables shrunk by %d KiB)",

@@ -114,7 +114,7 @@ async def test_trimmer_runs_once_per_burst_of_closes(
 ) -> None:
     calls: list[int] = []
     closed = 0
-    monkeypatch.setattr(heap, "release_memory", lambda: calls.append(closed) or True)
+    monkeypatch.setattr(heap, "release_memory", lambda **_: calls.append(closed) or True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: heap.trimmer(lambda: closed, threshold=100, interval_s=1.0))
         await trio.sleep(2.5)
@@ -142,7 +142,8 @@ async def test_the_trimmer_shrinks_the_nodes_tables_before_it_hands_pages_back(
 ) -> None:
     order: list[str] = []
     closed = 0
-    monkeypatch.setattr(heap, "release_memory", lambda: order.append("release") or True)
+    monkeypatch.setattr(heap, "release_memory", lambda **_: order.append("release") or True)
+    monkeypatch.setattr(heap, "settle", lambda: order.append("settle"))
     caplog.set_level(logging.INFO, logger="mux.heap")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
@@ -152,7 +153,7 @@ async def test_the_trimmer_shrinks_the_nodes_tables_before_it_hands_pages_back(
         closed = 10
         await trio.sleep(3)
         nursery.cancel_scope.cancel()
-    assert order == ["compact", "release"]
+    assert order == ["settle", "compact", "release"]
     assert "pages handed back: True; tables shrunk by 40 KiB)" in caplog.text
 
 
