@@ -33,7 +33,18 @@ from backends.stream import StreamBackend
 from . import __version__
 from .agents import normalize_agent
 from .bandwidth import UNLIMITED, TokenBucket
-from .channel import Channel, ChannelContext, ChannelState, Draft, End, Ends, Receipt, now_ms, shared_route
+from .channel import (
+    Channel,
+    ChannelContext,
+    ChannelState,
+    Draft,
+    End,
+    Ends,
+    Receipt,
+    ShelvedChannel,
+    now_ms,
+    shared_route,
+)
 from .config import MuxConfig, configured_registry
 from .endpoint import Endpoint
 from .errors import (
@@ -57,7 +68,7 @@ from .frames import (
     held_bytes,
     payload_bytes,
 )
-from .heap import shrink
+from .heap import renew, shrink
 from .intents import GENERIC_BACKEND, BandwidthPolicy, Intent, IntentRegistry, shared_policy
 from .mailbox import Mailbox, MailboxFull, check_room
 from .outbox import SharedBudget
@@ -115,7 +126,8 @@ class Mux:
         """Bytes all mailboxes hold (``Mailbox.bytes`` summed)."""
         self._nursery = nursery
         self._channels: dict[str, ChannelState] = {}
-        self._closed: collections.OrderedDict[str, ChannelState] = collections.OrderedDict()
+        self._closed: collections.OrderedDict[str, ChannelState | ShelvedChannel] = collections.OrderedDict()
+        """Recently closed channels (``closed_retention``), the settled ones shelved by ``compact``."""
         self._opened_by: collections.Counter[str] = collections.Counter()
         self._endpoints: dict[str, Endpoint] = {}
         self._backends: dict[str, Backend] = {}
@@ -196,6 +208,8 @@ class Mux:
     def channel_state(self, channel_id: str, *, caller: str | None = None) -> ChannelState:
         """Look up a channel (open or recently closed); with ``caller``, only its two ends."""
         state = self._channels.get(channel_id) or self._closed.get(channel_id)
+        if isinstance(state, ShelvedChannel):
+            state = state.revive(channel_id, self._sign)
         if state is None:
             shown = channel_id[:80] if isinstance(channel_id, str) else None
             raise ChannelNotFound(f"no channel {shown!r}", channel_id=shown)
@@ -207,7 +221,10 @@ class Mux:
         """Summaries of open channels (and recently closed ones), optionally one agent's."""
         states = list(self._channels.values())
         if include_closed:
-            states += list(self._closed.values())
+            states += [
+                state.revive(cid, self._sign) if isinstance(state, ShelvedChannel) else state
+                for cid, state in self._closed.items()
+            ]
         if agent is not None:
             agent = normalize_agent(agent)
             states = [s for s in states if agent in s.ends]
@@ -533,10 +550,10 @@ class Mux:
     def compact(self) -> int:
         """After a burst of closes: rebuild the node's tables of channels, agents and
         mailboxes where the burst grew them far past what they now hold
-        (:func:`mux.heap.shrink`), move the states of recently closed channels into new
-        objects (``_move_closed``), and let the store move what it keeps (``Store.compact``:
-        the in-memory ledger's packed chains). Returns the bytes the tables gave back."""
-        self._move_closed()
+        (:func:`mux.heap.shrink`), shelve the states of recently closed channels
+        (``_shelve_closed``), and let the store move what it keeps (``Store.compact``: the
+        in-memory ledger's packed chains). Returns the bytes the tables gave back."""
+        self._shelve_closed()
         tables: tuple[MutableMapping[str, Any], ...] = (
             self._channels,
             self._opened_by,
@@ -545,21 +562,24 @@ class Mux:
         )
         return self.store.compact() + sum(shrink(table) for table in tables)
 
-    def _move_closed(self) -> int:
-        """Put a copy in new objects (``ChannelState.moved``) in place of each kept closed
-        channel's state that nothing waits on any more, in a new table: what a burst left
-        in the closed-channel lookups sits among the memory the burst freed, and would keep
-        it. Returns how many moved."""
-        moved = 0
-        fresh: collections.OrderedDict[str, ChannelState] = collections.OrderedDict()
-        for state in self._closed.values():
-            if self._settled(state):
+    def _shelve_closed(self) -> int:
+        """Keep each settled closed channel's state shelved (``ShelvedChannel``), in a new
+        table with new keys, and move those already shelved into new objects too: what a
+        burst left in the closed-channel lookups sits among the memory the burst freed, and
+        would keep it. Returns how many it shelved now."""
+        shelved = 0
+        fresh: collections.OrderedDict[str, ChannelState | ShelvedChannel] = collections.OrderedDict()
+        for cid, state in self._closed.items():
+            kept: ChannelState | ShelvedChannel = state
+            if isinstance(state, ShelvedChannel):
+                kept = ShelvedChannel(state.intent, state.backend, bytes(memoryview(state.data)))
+            elif self._settled(state):
                 state.ctx = None  # its context's link back to it: let refcounting free it
-                state = state.moved()
-                moved += 1
-            fresh[state.id] = state
+                kept = ShelvedChannel.of(state)
+                shelved += 1
+            fresh[renew(cid) if kept is not state else cid] = kept
         self._closed = fresh
-        return moved
+        return shelved
 
     def _settled(self, state: ChannelState) -> bool:
         """True for a closed channel nothing will touch again but lookups: no task still
@@ -750,9 +770,10 @@ class Mux:
         self._stats["closed"] += 1
         while len(self._closed) > self.config.closed_retention:
             _, forgotten = self._closed.popitem(last=False)
-            # its context points back at it: without that cycle, refcounting frees the channel
-            # (and its ends) as soon as nothing else holds it, not at a later garbage collection
-            forgotten.ctx = None
+            if isinstance(forgotten, ChannelState):
+                # its context points back at it: without that cycle, refcounting frees the channel
+                # (and its ends) as soon as nothing else holds it, not at a later garbage collection
+                forgotten.ctx = None
         for end in state.ends.values():
             holder = end.holder
             if holder is not None:

@@ -1,15 +1,18 @@
-"""After a burst of closes the node moves what it keeps of closed channels into new objects.
+"""After a burst of closes the node keeps what it remembers of closed channels compact and in
+new objects.
 
-``Mux.compact`` (the trimmer runs it) replaces each settled closed channel's state with a
-copy (``ChannelState.moved``: new strings, ends, chain head, its frames packed), and the
-in-memory ledger keeps a closed channel's chain packed (``mux.packed_frames``) and copies
-it anew. Lookups, exports, refusals and repeated closes see no difference; a closed channel
-that still has work (mail not yet delivered) keeps its state as it is.
+``Mux.compact`` (the trimmer runs it) shelves each settled closed channel's state
+(``ShelvedChannel``: one ``bytes`` beside its intent and backend, revived at each lookup)
+and copies the shelves anew; the in-memory ledger keeps a closed channel's chain packed
+(``mux.packed_frames``) and copies it anew too. Lookups, exports, refusals and repeated
+closes see no difference; a closed channel that still has work (mail not yet delivered)
+keeps its state as it is.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import httpx
@@ -18,6 +21,7 @@ import trio
 
 import mux
 from mux import storage
+from mux.channel import ShelvedChannel
 from mux.errors import ChannelClosed, ChannelForbidden
 from mux.signing import verify_chain
 from mux.storage import MemoryStore
@@ -29,7 +33,7 @@ def _same_text(a: str, b: str) -> bool:
     return a == b and a is not b
 
 
-async def test_compact_moves_a_closed_channel_and_nothing_changes_for_its_users(node: mux.Mux) -> None:
+async def test_compact_shelves_a_closed_channel_and_nothing_changes_for_its_users(node: mux.Mux) -> None:
     alice, _bob = node.attach("alice"), node.attach("bob")
     ch = alice.open_nowait("bob", metadata={"room": "blue", "n": [1, 2]})
     for i in range(3):
@@ -40,17 +44,23 @@ async def test_compact_moves_a_closed_channel_and_nothing_changes_for_its_users(
     assert verify_chain(chain, node.public_key).frames == 5
 
     node.compact()
+    shelf = node._closed[ch.id]
+    assert isinstance(shelf, ShelvedChannel) and old.ctx is None
+    assert sys.getsizeof(shelf.data) < 1200
+    assert _same_text(next(iter(node._closed)), ch.id)
     new = node.channel_state(ch.id, caller="bob")
-    assert new is not old and old.ctx is None
+    assert new is not old and new is not node.channel_state(ch.id), "made anew at each lookup"
     assert new.info() == info
-    assert _same_text(new.id, old.id) and _same_text(new.agent, old.agent) and _same_text(new.target, old.target)
-    assert new.metadata == old.metadata and new.metadata is not old.metadata
+    assert new.metadata == old.metadata and new.opened_at == old.opened_at
     assert [e.agent for e in new.ends.values()] == ["alice", "bob"]
     assert all(e.ended and not e.attached and e.holder is None for e in new.ends.values())
-    assert new.open_frame == chain[0] and new.close_frame == close == chain[-1]
-    assert new.chain.head == close.tbz_hash and new.chain.next_seq == 5
+    assert new.open_frame == chain[0] and new.close_frame == close == chain[-1] and new.extra_seal is None
+    assert new.chain.head == close.tbz_hash and new.chain.next_seq == 5 and new.chain.intent == old.chain.intent
+    assert (new.bucket.rate, new.bucket.burst) == (old.bucket.rate, old.bucket.burst)
     assert await node.export(ch.id, caller="alice") == chain
-    assert next(iter(node._closed)) is new.id
+    node.compact()
+    again = node._closed[ch.id]
+    assert isinstance(again, ShelvedChannel) and again.data == shelf.data and again.data is not shelf.data
     with pytest.raises(ChannelForbidden):
         node.channel_state(ch.id, caller="mallory")
     with pytest.raises(ChannelClosed):
@@ -69,7 +79,7 @@ async def test_a_closed_channel_with_mail_still_to_deliver_keeps_its_state(node:
     kept = node.channel_state(ch.id)
     assert node._undelivered(kept, "carol")
     node.compact()
-    assert node.channel_state(ch.id) is kept
+    assert node.channel_state(ch.id) is kept and kept.ctx is not None
 
 
 async def test_the_ledger_keeps_a_closed_channels_chain_packed(node: mux.Mux) -> None:
@@ -134,7 +144,7 @@ async def test_a_running_node_moves_its_closed_channels_and_serves_them_as_befor
         with trio.fail_after(15):  # the trimmer checks every second, once the closes settle
             while "released memory after" not in caplog.text:  # noqa: ASYNC110  (a log line, not a state)
                 await trio.sleep(0.1)
-        assert node.channel_state(cid) is not old
+        assert isinstance(node._closed[cid], ShelvedChannel) and node.channel_state(cid) is not old
         after = (await http.get(f"/api/mux/channel/{cid}", params={"agent": "bob"})).json()
         assert after == before and after["state"] == "closed"
         reply = await http.post("/api/mux/send", json={"channel_id": cid, "agent": "alice", "payload": {}})
