@@ -148,10 +148,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.certfile) != bool(args.keyfile):
         raise BadRequest("--certfile and --keyfile go together", code="bad_request")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.jemalloc:
-        from .heap import run_under_jemalloc
-
-        run_under_jemalloc()  # returns once it does (the first time, this process is executed again)
     flags: dict[str, Any] = dict(
         host=args.host,
         port=args.port,
@@ -183,6 +179,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .heap import freeze_startup
 
     configured_registry(settings.mux)  # a bad [mux.intent_policies] fails here with a clear error
+    if args.jemalloc is not False:  # once the settings are known good: a bad one stops the node at once
+        from .heap import run_under_jemalloc
+
+        # returns once it does (the first time, this process is executed again); by default
+        # only where jemalloc is installed
+        run_under_jemalloc(required=args.jemalloc is True)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -292,9 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--jemalloc",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="run under jemalloc (executes itself again with PYTHONMALLOC=malloc and LD_PRELOAD): more memory goes"
-        " back after bursts of closes, 4-5%% more at the peak (docs/performance.md, Memory); needs libjemalloc2",
+        " back after bursts of closes, 4-5%% more at the peak (docs/performance.md, Memory). Default: when"
+        " jemalloc is installed (libjemalloc2), else CPython's allocator, with a warning; --jemalloc fails"
+        " without it, --no-jemalloc stays on CPython's allocator",
     )
     p.add_argument("--config", help="TOML settings file (fields, [mux], [backends.NAME])")
     p.add_argument("--open", action="store_true", help="no authentication (callers name themselves); logs a warning")

@@ -23,7 +23,8 @@ pages), so the burst's own pages empty and go back. With neither allocator found
 collection runs.
 :func:`resident` gives the process's resident memory now and at its peak, and
 :func:`allocator` which allocators hold it, as ``/status`` reports them.
-:func:`run_under_jemalloc` (``serve --jemalloc``) re-executes the process under jemalloc.
+:func:`run_under_jemalloc` (``serve`` unless ``--no-jemalloc``) re-executes the process under
+jemalloc.
 """
 
 from __future__ import annotations
@@ -143,29 +144,37 @@ def jemalloc_environment(environ: Mapping[str, str], library: str) -> dict[str, 
     return env
 
 
-def run_under_jemalloc() -> None:
+def run_under_jemalloc(*, required: bool = True) -> None:
     """Return at once if this process runs under jemalloc; else execute it again (same
-    interpreter, arguments and pid) with :func:`jemalloc_environment`. Raises ``BadSetting``
-    when jemalloc is not installed, or did not load in the process executed again."""
+    interpreter, arguments and pid) with :func:`jemalloc_environment`. When jemalloc is not
+    installed, or did not load in the process executed again, raise ``BadSetting`` if
+    ``required`` (``serve --jemalloc``), else log why and return (``serve`` by default: the
+    node then runs on CPython's allocator)."""
     if allocator() == "jemalloc":
         return
-    if os.environ.get(_REEXECUTED):
-        raise BadSetting(
-            f"--jemalloc: this process was executed again with LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}"
-            f" and PYTHONMALLOC=malloc, but its allocator is {allocator()!r}, not 'jemalloc' (python -E and -I"
-            " ignore PYTHONMALLOC)",
-            setting="jemalloc",
-        )
     library = ctypes.util.find_library("jemalloc")
-    if library is None:
-        raise BadSetting(
-            "--jemalloc: jemalloc is not installed (Debian and Ubuntu: apt-get install libjemalloc2)",
-            setting="jemalloc",
+    if os.environ.get(_REEXECUTED):
+        problem = (
+            f"this process was executed again with LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}"
+            f" and PYTHONMALLOC=malloc, but its allocator is {allocator()!r}, not 'jemalloc' (python -E and -I"
+            " ignore PYTHONMALLOC)"
         )
-    log.info("executing again under jemalloc (%s)", library)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], jemalloc_environment(os.environ, library))
+    elif library is None:
+        problem = "jemalloc is not installed (Debian and Ubuntu: apt-get install libjemalloc2)"
+    elif sys.flags.ignore_environment and not required:
+        problem = "python -E or -I ignores PYTHONMALLOC"
+    else:
+        log.info("executing again under jemalloc (%s)", library)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], jemalloc_environment(os.environ, library))
+    if required:
+        raise BadSetting(f"--jemalloc: {problem}", setting="jemalloc")
+    log.warning(
+        "running on CPython's allocator, not jemalloc: %s. More of the memory a burst of closes took"
+        " stays with the process (docs/performance.md, Memory); serve --no-jemalloc says this is meant",
+        problem,
+    )
 
 
 def allocator() -> str:

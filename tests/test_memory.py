@@ -383,20 +383,26 @@ def test_allocator_names_pymalloc_over_the_c_library_by_default(monkeypatch: pyt
 JEMALLOC = ctypes.util.find_library("jemalloc")
 
 
-async def test_serve_jemalloc_runs_the_node_under_jemalloc_which_it_purges_after_a_burst_of_closes(
-    tmp_path: Path,
-) -> None:
-    """docs/performance.md, "Memory": ``serve --jemalloc`` executes the node again under
-    jemalloc; ``/status`` says so and, after a burst of closes, the node hands free pages
-    back with jemalloc's purge (glibc's ``malloc_trim`` would not reach jemalloc's pages)."""
+def _need_jemalloc() -> None:
     if JEMALLOC is None:
         if os.environ.get("CI") == "true":
             pytest.fail("libjemalloc2 is missing: .ci/run installs it")
         pytest.skip("jemalloc is not installed (apt-get install libjemalloc2)")
+
+
+@pytest.mark.parametrize("flags", [("--jemalloc",), ()], ids=["--jemalloc", "by-default"])
+async def test_serve_runs_the_node_under_jemalloc_which_it_purges_after_a_burst_of_closes(
+    tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    """docs/performance.md, "Memory": ``serve`` (and ``serve --jemalloc``) executes the node
+    again under jemalloc where it is installed; ``/status`` says so and, after a burst of
+    closes, the node hands free pages back with jemalloc's purge (glibc's ``malloc_trim``
+    would not reach jemalloc's pages)."""
+    _need_jemalloc()
     log = tmp_path / "node.log"
     env = {"MUX_TRIM_AFTER_CLOSES": "20"}
     async with (
-        node_process(tmp_path / "data", "--jemalloc", env=env, log=log) as node,
+        node_process(tmp_path / "data", *flags, env=env, log=log) as node,
         httpx.AsyncClient(base_url=node.url) as http,
     ):
         memory = (await http.get("/api/mux/status")).json()["memory"]
@@ -417,6 +423,35 @@ async def test_serve_jemalloc_runs_the_node_under_jemalloc_which_it_purges_after
     assert sum("executing again under jemalloc" in line for line in lines) == 1
     released = next(line for line in lines if "released memory after" in line)
     assert "(jemalloc; pages handed back: True; tables shrunk by 0 KiB)" in released  # 25 channels: too few
+
+
+async def test_serve_no_jemalloc_stays_on_cpythons_allocator(tmp_path: Path) -> None:
+    _need_jemalloc()  # else every node runs on CPython's allocator anyway: nothing to tell apart
+    log = tmp_path / "node.log"
+    async with (
+        node_process(tmp_path / "data", "--no-jemalloc", log=log) as node,
+        httpx.AsyncClient(base_url=node.url) as http,
+    ):
+        memory = (await http.get("/api/mux/status")).json()["memory"]
+    assert memory["allocator"] == "pymalloc over malloc" and memory["heap_blocks"] > 0
+    text = log.read_text()
+    assert "executing again under jemalloc" not in text and "not jemalloc" not in text
+
+
+def test_without_jemalloc_serve_says_so_and_runs_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """By default (not ``--jemalloc``) a missing jemalloc is a warning, not an error: the node
+    runs on CPython's allocator."""
+    monkeypatch.delenv("MUX_JEMALLOC_REEXECUTED", raising=False)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    caplog.set_level(logging.WARNING, logger="mux.heap")
+    heap.run_under_jemalloc(required=False)
+    assert "running on CPython's allocator, not jemalloc: jemalloc is not installed (Debian" in caplog.text
+    assert "serve --no-jemalloc says this is meant" in caplog.text
+    monkeypatch.setenv("MUX_JEMALLOC_REEXECUTED", "1")
+    heap.run_under_jemalloc(required=False)
+    assert "but its allocator is 'pymalloc over malloc', not 'jemalloc'" in caplog.text
 
 
 def test_the_jemalloc_environment_keeps_what_the_caller_set() -> None:

@@ -361,7 +361,7 @@ def run(
     if soft < need:
         return [("(census)", f"n/a: open-file limit {soft} < {need} (raise the hard limit: ulimit -Hn)")]
     with tempfile.TemporaryDirectory() as tmp:
-        with node_process(nofile=need, env={_DIR_ENV: tmp}, module="tests.bench.census") as node:
+        with node_process("--no-jemalloc", nofile=need, env={_DIR_ENV: tmp}, module="tests.bench.census") as node:
             taker = Taker(node.pid, Path(tmp))
             started = time.monotonic()
             result = trio.run(_census_run, node, connections, openers, per_opener, taker)
