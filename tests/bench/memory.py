@@ -446,19 +446,24 @@ def report(r: MemoryResult, connections: int, openers: int, per_opener: int) -> 
         kept = ", ".join(f"{(b.rss_gone - a.rss_gone) / 1024:+.1f}" for a, b in itertools.pairwise(r.cycles))
         rows.append(
             (
-                f"(e) cycles 1-{len(r.cycles)}, the same again: peak RSS; RSS after all closed",
+                f"(e) {_cycles(1, len(r.cycles))}, the same again: peak RSS; RSS after all closed",
                 f"{peaks} MiB; {gone} MiB: {kept} MiB kept by each later cycle{errors}",
             )
         )
         rows.append(
             (
-                f"(e) cycles 2-{len(r.cycles)}: RSS after the channels close, vs just before they opened",
+                f"(e) {_cycles(2, len(r.cycles))}: RSS after the channels close, vs just before they opened",
                 ", ".join(f"{_pct(x.rss_closed, x.rss_conns)} ({x.rss_closed / 1024:.1f} MiB)" for x in later)
-                + " (a node that held channels before reuses that memory; it is not given back)",
+                + " (a later burst reuses what the allocator kept of the one before, or takes again what it gave back)",
             )
         )
         if r.skipped:
-            rows.append((f"(e) cycles {len(r.cycles) + 1}-{CYCLES}", f"skipped: {r.skipped}"))
+            rows.append((f"(e) {_cycles(len(r.cycles) + 1, CYCLES)}", f"skipped: {r.skipped}"))
     else:
-        rows.append((f"(e) cycles 2-{CYCLES}", f"skipped: {r.skipped}"))
+        rows.append((f"(e) {_cycles(2, CYCLES)}", f"skipped: {r.skipped}"))
     return rows
+
+
+def _cycles(first: int, last: int) -> str:
+    """``cycle 2`` or ``cycles 2-3``."""
+    return f"cycle {first}" if first == last else f"cycles {first}-{last}"
