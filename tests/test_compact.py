@@ -117,11 +117,11 @@ async def test_a_long_chain_is_not_packed(node: mux.Mux, monkeypatch: pytest.Mon
     assert isinstance(chains[short.id], bytes) and isinstance(chains[long.id], list)
 
 
-async def test_a_running_node_moves_its_closed_channels_and_serves_them_as_before(
+async def test_a_running_node_shelves_its_closed_channels_and_serves_them_as_before(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Over HTTP, on a node whose trimmer runs after 40 closes: the closed channels' states
-    and chains are moved, and the node answers for them exactly as before."""
+    are shelved and the chains copied anew, and the node answers for them exactly as before."""
     caplog.set_level(logging.INFO, logger="mux.heap")
     info = await serve_node(nursery, trim_after_closes=40)
     node = info.node.mux
