@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from .cli import main
-
 if __name__ == "__main__":
+    from .heap import early_jemalloc
+
+    early_jemalloc(sys.argv[1:])  # serve: under jemalloc before the heavy imports
+    from .cli import main
+
     sys.exit(main())

@@ -37,7 +37,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -54,6 +54,7 @@ except ImportError:
 __all__ = [
     "JEMALLOC_CONF",
     "allocator",
+    "early_jemalloc",
     "freeze_startup",
     "jemalloc_environment",
     "release_memory",
@@ -144,13 +145,16 @@ def jemalloc_environment(environ: Mapping[str, str], library: str) -> dict[str, 
     return env
 
 
-def run_under_jemalloc(*, required: bool = True) -> None:
-    """Return at once if this process runs under jemalloc; else execute it again (same
-    interpreter, arguments and pid) with :func:`jemalloc_environment`. When jemalloc is not
-    installed, or did not load in the process executed again, raise ``BadSetting`` if
-    ``required`` (``serve --jemalloc``), else log why and return (``serve`` by default: the
-    node then runs on CPython's allocator)."""
+def run_under_jemalloc(*, required: bool = True, quiet: bool = False) -> None:
+    """Return at once if this process runs under jemalloc (saying so, unless ``quiet``, when
+    it was executed again for it); else execute it again (same interpreter, arguments and
+    pid) with :func:`jemalloc_environment`. When jemalloc is not installed, or did not load
+    in the process executed again, raise ``BadSetting`` if ``required`` (``serve
+    --jemalloc``), else, unless ``quiet``, log why and return (``serve`` by default: the node
+    then runs on CPython's allocator)."""
     if allocator() == "jemalloc":
+        if os.environ.get(_REEXECUTED) and not quiet:
+            log.info("running under jemalloc (executed again with LD_PRELOAD=%s)", os.environ.get("LD_PRELOAD", ""))
         return
     library = ctypes.util.find_library("jemalloc")
     if os.environ.get(_REEXECUTED):
@@ -164,17 +168,27 @@ def run_under_jemalloc(*, required: bool = True) -> None:
     elif sys.flags.ignore_environment and not required:
         problem = "python -E or -I ignores PYTHONMALLOC"
     else:
-        log.info("executing again under jemalloc (%s)", library)
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], jemalloc_environment(os.environ, library))
     if required:
         raise BadSetting(f"--jemalloc: {problem}", setting="jemalloc")
-    log.warning(
-        "running on CPython's allocator, not jemalloc: %s. More of the memory a burst of closes took"
-        " stays with the process (docs/performance.md, Memory); serve --no-jemalloc says this is meant",
-        problem,
-    )
+    if not quiet:
+        log.warning(
+            "running on CPython's allocator, not jemalloc: %s. More of the memory a burst of closes took"
+            " stays with the process (docs/performance.md, Memory); serve --no-jemalloc says this is meant",
+            problem,
+        )
+
+
+def early_jemalloc(argv: Sequence[str]) -> None:
+    """``python -m mux serve ...`` executes itself again under jemalloc here, before the
+    command line is parsed and the node's modules are imported (a second of start-up saved),
+    unless the arguments turn it off or ask for help; ``serve`` then checks its settings,
+    and says which allocator it runs on (``run_under_jemalloc``)."""
+    if not argv or argv[0] != "serve" or any(a in ("-h", "--help") or a.startswith("--no-j") for a in argv):
+        return
+    run_under_jemalloc(required=False, quiet=True)
 
 
 def allocator() -> str:

@@ -420,7 +420,7 @@ async def test_serve_runs_the_node_under_jemalloc_which_it_purges_after_a_burst_
             while "released memory after" not in log.read_text():  # noqa: ASYNC110  (another process's log)
                 await trio.sleep(0.2)
     lines = log.read_text().splitlines()
-    assert sum("executing again under jemalloc" in line for line in lines) == 1
+    assert sum("running under jemalloc (executed again with LD_PRELOAD=" in line for line in lines) == 1
     released = next(line for line in lines if "released memory after" in line)
     assert "(jemalloc; pages handed back: True; tables shrunk by 0 KiB)" in released  # 25 channels: too few
 
@@ -435,7 +435,7 @@ async def test_serve_no_jemalloc_stays_on_cpythons_allocator(tmp_path: Path) -> 
         memory = (await http.get("/api/mux/status")).json()["memory"]
     assert memory["allocator"] == "pymalloc over malloc" and memory["heap_blocks"] > 0
     text = log.read_text()
-    assert "executing again under jemalloc" not in text and "not jemalloc" not in text
+    assert "under jemalloc" not in text and "not jemalloc" not in text
 
 
 def test_without_jemalloc_serve_says_so_and_runs_on(
@@ -470,3 +470,24 @@ def test_serve_jemalloc_without_jemalloc_is_a_clear_error(monkeypatch: pytest.Mo
     monkeypatch.setenv("MUX_JEMALLOC_REEXECUTED", "1")  # executed again, and still not under jemalloc
     with pytest.raises(BadSetting, match="but its allocator is 'pymalloc over malloc', not 'jemalloc'"):
         heap.run_under_jemalloc()
+
+
+def test_python_m_mux_serve_goes_to_jemalloc_before_it_parses_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m mux serve`` executes itself again under jemalloc before the command line
+    is parsed (``heap.early_jemalloc``, quietly: the node says which allocator it runs on
+    once its settings are checked), unless the arguments turn it off, abbreviated too, or
+    ask for help; other commands never do."""
+    calls: list[dict[str, bool]] = []
+    monkeypatch.setattr(heap, "run_under_jemalloc", lambda **kw: calls.append(kw))
+    for argv in (
+        [],
+        ["token", "issue"],
+        ["serve", "--no-jemalloc"],
+        ["serve", "--port", "1", "--no-jem"],
+        ["serve", "-h"],
+        ["serve", "--help"],
+    ):
+        heap.early_jemalloc(argv)
+    assert calls == []
+    heap.early_jemalloc(["serve", "--port", "8443", "--jemalloc"])
+    assert calls == [{"required": False, "quiet": True}]
