@@ -335,9 +335,10 @@ class ChannelState:
 @attrs.frozen
 class ShelvedChannel:
     """A closed channel's state kept as one ``bytes`` (beside its intent and backend), for
-    the node's lookups of recently closed channels: about 1 KB in three objects where the
-    state itself takes about 2 KB in two dozen, and a new object, so that what a burst of
-    closes leaves in the lookups does not hold the memory the burst took.
+    the node's lookups of recently closed channels: 1.0 KB kept per channel where the state
+    itself kept 2.2 KB (tracemalloc, the lookup's key and table slot included), and a new
+    object, so that what a burst of closes leaves in the lookups does not hold the memory
+    the burst took.
 
     :meth:`of` shelves a settled closed channel (nothing will change it any more, the caller
     checks); :meth:`revive` gives an equal state again, made anew at every lookup, with no

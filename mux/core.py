@@ -562,12 +562,11 @@ class Mux:
         )
         return self.store.compact() + sum(shrink(table) for table in tables)
 
-    def _shelve_closed(self) -> int:
+    def _shelve_closed(self) -> None:
         """Keep each settled closed channel's state shelved (``ShelvedChannel``), in a new
         table with new keys, and move those already shelved into new objects too: what a
         burst left in the closed-channel lookups sits among the memory the burst freed, and
-        would keep it. Returns how many it shelved now."""
-        shelved = 0
+        would keep it."""
         fresh: collections.OrderedDict[str, ChannelState | ShelvedChannel] = collections.OrderedDict()
         for cid, state in self._closed.items():
             kept: ChannelState | ShelvedChannel = state
@@ -576,10 +575,8 @@ class Mux:
             elif self._settled(state):
                 state.ctx = None  # its context's link back to it: let refcounting free it
                 kept = ShelvedChannel.of(state)
-                shelved += 1
             fresh[renew(cid) if kept is not state else cid] = kept
         self._closed = fresh
-        return shelved
 
     def _settled(self, state: ChannelState) -> bool:
         """True for a closed channel nothing will touch again but lookups: no task still
