@@ -31,7 +31,7 @@ from .connection import serve_socket, watchdog
 from .core import Mux, start_mux
 from .errors import BadRequest, MuxError
 from .frames import Frame
-from .heap import allocator, resident, trimmer
+from .heap import allocator, jemalloc_stats, resident, trimmer
 from .outbox import WriteThrough
 from .session import WireSession
 from .settings import NodeSettings
@@ -185,6 +185,7 @@ class Node:
             "rss_peak_bytes": rss_peak,
             "allocator": allocator(),
             "heap_blocks": sys.getallocatedblocks(),
+            "jemalloc": jemalloc_stats(),
             "gc_frozen": gc.get_freeze_count(),
             "gc_collections": [g["collections"] for g in collections_done],
             "gc_collected": sum(g["collected"] for g in collections_done),

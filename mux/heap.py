@@ -57,6 +57,7 @@ __all__ = [
     "early_jemalloc",
     "freeze_startup",
     "jemalloc_environment",
+    "jemalloc_stats",
     "release_memory",
     "renew",
     "resident",
@@ -83,15 +84,23 @@ _ARENAS_ALL = 4096
 """jemalloc's ``MALLCTL_ARENAS_ALL``: ``arena.4096.purge`` purges every arena."""
 
 
-def _mallctl() -> Callable[[bytes], bool] | None:
-    """jemalloc's ``mallctl`` for commands that take and give nothing (True when it did it),
-    when this process allocates with jemalloc (the symbol is loaded); None otherwise."""
+def _load_mallctl() -> Any:
+    """jemalloc's ``mallctl`` C function when this process allocates with jemalloc (the
+    symbol is loaded), else None."""
     try:
         mallctl = ctypes.CDLL(None).mallctl
     except (OSError, AttributeError, TypeError):
         return None
     mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     mallctl.restype = ctypes.c_int
+    return mallctl
+
+
+def _mallctl(mallctl: Any) -> Callable[[bytes], bool] | None:
+    """``mallctl`` for commands that take and give nothing (True when it did it), or None
+    without jemalloc."""
+    if mallctl is None:
+        return None
 
     def command(name: bytes) -> bool:
         failed: int = mallctl(name, None, None, None, 0)
@@ -119,10 +128,47 @@ def _jemalloc_flush(mallctl: Callable[[bytes], bool] | None) -> Callable[[], boo
     return None if mallctl is None else lambda: mallctl(b"thread.tcache.flush")
 
 
+JEMALLOC_STATS = ("allocated", "active", "resident", "metadata", "retained")
+"""What :func:`jemalloc_stats` reports, in bytes: ``allocated``, what the program holds;
+``active``, the pages with at least one block in use (``active - allocated`` is the room
+left between blocks); ``resident``, the allocator's pages in memory, its own ``metadata``
+included; ``retained``, address space it keeps but has given back to the OS."""
+
+
+def _jemalloc_reader(mallctl: Any) -> Callable[[], dict[str, int] | None] | None:
+    """A reader of jemalloc's ``JEMALLOC_STATS`` (refreshed first; None when this jemalloc
+    keeps no statistics), or None without jemalloc."""
+    if mallctl is None:
+        return None
+    epoch = ctypes.c_uint64(1)
+    names = [(name, f"stats.{name}".encode()) for name in JEMALLOC_STATS]
+
+    def read() -> dict[str, int] | None:
+        if mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch)):
+            return None
+        stats = {}
+        for name, key in names:
+            value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+            if mallctl(key, ctypes.byref(value), ctypes.byref(size), None, 0):
+                return None
+            stats[name] = value.value
+        return stats
+
+    return read
+
+
 _TRIM = _malloc_trim()
-_MALLCTL = _mallctl()
+_MALLCTL_C = _load_mallctl()
+_MALLCTL = _mallctl(_MALLCTL_C)
 _PURGE = _jemalloc_purge(_MALLCTL)
 _FLUSH = _jemalloc_flush(_MALLCTL)
+_READ = _jemalloc_reader(_MALLCTL_C)
+
+
+def jemalloc_stats() -> dict[str, int] | None:
+    """jemalloc's counts of the heap now (``JEMALLOC_STATS``, bytes), or None when the
+    process does not run under jemalloc or its jemalloc keeps no statistics."""
+    return None if _READ is None else _READ()
 
 
 JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,narenas:1"

@@ -43,6 +43,17 @@ async def test_later_cycles_run_only_within_the_bench_s_budget(
     rows = dict(memory.report(res, **SMALL))
     held = next(value for label, value in rows.items() if "WS connections held" in label)
     assert held.endswith(f"; allocator: {ALLOCATOR}")
+    unit = "KiB" if ALLOCATOR == "jemalloc" else "blocks"
+    live = next(value for label, value in rows.items() if label.startswith(f"(e) live heap, {unit} "))
+    counts = [int(n) for n in live.split(" (")[0].split(" / ")]
+    assert len(counts) == 5 and all(n > 0 for n in counts)  # jemalloc's allocated KiB, or pymalloc's blocks
+    kept = [value for label, value in rows.items() if "keeps, under jemalloc" in label]
+    if ALLOCATOR == "jemalloc":
+        (line,) = kept
+        assert " MiB held by objects, " in line and line.endswith(" MiB free pages not yet given back")
+        assert all(0 < c.jemalloc_conns["allocated"] <= c.jemalloc_conns["active"] for c in res.cycles)
+    else:
+        assert kept == []
     per_channel, back = common.TARGETS  # the section's two targets, for the bench's summary
     assert per_channel.name == "under 4 KiB per idle open channel" and per_channel.figure.endswith(" KiB")
     assert back.name == "memory within 5% after 10,000 channels open and close"

@@ -376,6 +376,7 @@ async def test_a_connection_keeps_nothing_of_its_connected_log_line(server: Serv
 
 def test_allocator_names_pymalloc_over_the_c_library_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert heap.allocator() == "pymalloc over malloc"  # this test process: no LD_PRELOAD, no PYTHONMALLOC
+    assert heap.jemalloc_stats() is None
     monkeypatch.setenv("PYTHONMALLOC", "malloc")  # as a process started with it would say
     assert heap.allocator() == "malloc"
 
@@ -408,6 +409,9 @@ async def test_serve_runs_the_node_under_jemalloc_which_it_purges_after_a_burst_
         memory = (await http.get("/api/mux/status")).json()["memory"]
         assert memory["allocator"] == "jemalloc"
         assert memory["heap_blocks"] == 0  # no object in pymalloc's blocks: jemalloc holds them all
+        stats = memory["jemalloc"]  # jemalloc's own counts stand for them
+        assert set(stats) == set(heap.JEMALLOC_STATS)
+        assert 0 < stats["allocated"] <= stats["active"] <= stats["resident"] <= memory["rss_bytes"]
         opened = []
         for i in range(25):
             reply = await http.post("/api/mux/open", json={"agent": "alice", "target": f"bob{i}", "intent": "stream"})
@@ -434,6 +438,7 @@ async def test_serve_no_jemalloc_stays_on_cpythons_allocator(tmp_path: Path) -> 
     ):
         memory = (await http.get("/api/mux/status")).json()["memory"]
     assert memory["allocator"] == "pymalloc over malloc" and memory["heap_blocks"] > 0
+    assert memory["jemalloc"] is None
     text = log.read_text()
     assert "under jemalloc" not in text and "not jemalloc" not in text
 

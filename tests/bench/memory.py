@@ -114,14 +114,17 @@ class Cycle:
     rss_closed: int = 0
     rss_gone: int = 0
     heap_conns: int = 0
-    """Live allocator blocks in the node (``/status`` ``memory.heap_blocks``) with every
-    connection open, with every channel open too, after the channels closed, and after
-    everything closed."""
+    """The node's live heap (:func:`_heap`) with every connection open, with every channel
+    open too, after the channels closed, and after everything closed."""
     heap_channels: int = 0
     heap_closed: int = 0
     heap_gone: int = 0
     allocator: str = ""
     """Which allocators hold the node's memory (``/status`` ``memory.allocator``)."""
+    jemalloc_conns: dict[str, int] = attrs.field(factory=dict)
+    """jemalloc's counts (``/status`` ``memory.jemalloc``) with every connection open and
+    after the channels closed; empty on another allocator."""
+    jemalloc_closed: dict[str, int] = attrs.field(factory=dict)
     ledger_closed: dict[str, Any] = attrs.field(factory=dict)
     """The node's ``/status`` ``ledger`` after the channels closed (what it keeps by design)."""
     in_cycles: int = 0
@@ -140,15 +143,31 @@ def _progress(text: str) -> None:
     print(f"[bench]   memory: {text}", file=sys.stderr, flush=True)
 
 
-def _heap(st: dict[str, Any]) -> int:
+def _memory(st: dict[str, Any]) -> dict[str, Any]:
     memory = st.get("memory")
-    return int(memory.get("heap_blocks", 0)) if isinstance(memory, dict) else 0
+    return memory if isinstance(memory, dict) else {}
+
+
+def _jemalloc(st: dict[str, Any]) -> dict[str, int]:
+    stats = _memory(st).get("jemalloc")
+    return {k: int(v) for k, v in stats.items()} if isinstance(stats, dict) else {}
+
+
+def _heap(st: dict[str, Any]) -> int:
+    """The node's live heap: under jemalloc the KiB its objects hold (``memory.jemalloc``
+    ``allocated``), else the live blocks of CPython's allocator (``memory.heap_blocks``)."""
+    allocated = _jemalloc(st).get("allocated")
+    return allocated >> 10 if allocated is not None else int(_memory(st).get("heap_blocks", 0))
+
+
+def heap_unit(allocator: str) -> str:
+    """What :func:`_heap` counts on this allocator."""
+    return "KiB" if allocator == "jemalloc" else "blocks"
 
 
 def _collected(st: dict[str, Any]) -> int:
     """Objects the node's garbage collector has found in reference cycles since it started."""
-    memory = st.get("memory")
-    return int(memory.get("gc_collected", 0)) if isinstance(memory, dict) else 0
+    return int(_memory(st).get("gc_collected", 0))
 
 
 async def _settle(node: Proc, http: httpx.AsyncClient, *, connections: int, channels: int) -> int:
@@ -273,8 +292,8 @@ async def _cycle(
         cyc.rss_conns = await _settle(node, http, connections=connections, channels=0)
         await _observed(observe, tag, "connections")
         st = await node_status(http)
-        cyc.connections, cyc.heap_conns = st.get("connections", 0), _heap(st)
-        cyc.allocator = str((st.get("memory") or {}).get("allocator", "not reported"))
+        cyc.connections, cyc.heap_conns, cyc.jemalloc_conns = st.get("connections", 0), _heap(st), _jemalloc(st)
+        cyc.allocator = str(_memory(st).get("allocator", "not reported"))
         collected = _collected(st)
 
         t0, c0 = trio.current_time(), node.cpu_s()
@@ -300,6 +319,7 @@ async def _cycle(
         await _observed(observe, tag, "closed")
         st = await node_status(http)
         cyc.heap_closed, cyc.ledger_closed = _heap(st), dict(st.get("ledger") or {})
+        cyc.jemalloc_closed = _jemalloc(st)
         cyc.in_cycles = _collected(st) - collected
         release.set()
     _progress(f"{tag}: disconnected")
@@ -370,6 +390,27 @@ def _pct(now: int, start: int) -> str:
     return f"{(now - start) / start * 100:+.1f}%" if start else "n/a"
 
 
+def _kept(before: dict[str, int], after: dict[str, int]) -> str:
+    """jemalloc's growth from ``before`` to ``after`` the channels, split into the objects
+    the node still holds, the room left between them, and pages not yet given back."""
+    if not before or not after:
+        return ""
+    mib = 2**20
+
+    def grew(name: str) -> float:
+        return (after[name] - before[name]) / mib
+
+    room_before, room_after = before["active"] - before["allocated"], after["active"] - after["allocated"]
+    idle = (after["resident"] - after["active"] - after["metadata"]) - (
+        before["resident"] - before["active"] - before["metadata"]
+    )
+    return (
+        f"{grew('allocated'):+8.1f} MiB held by objects, {(room_after - room_before) / mib:+.1f} MiB of room between"
+        f" them in pages in use, {grew('metadata'):+.1f} MiB allocator metadata, {idle / mib:+.1f} MiB free pages"
+        " not yet given back"
+    )
+
+
 def run(connections: int = CONNECTIONS, openers: int = OPENERS, per_opener: int = PER_OPENER) -> list[tuple[str, str]]:
     """Start a node with a raised open-file limit, run the memory benchmark, return rows."""
     need = connections + 1024
@@ -403,21 +444,25 @@ def report(r: MemoryResult, connections: int, openers: int, per_opener: int) -> 
         (
             "(e) RSS after the channels close, connections still open",
             f"{c.rss_closed / 1024:8.1f} MiB = {_pct(c.rss_closed, c.rss_conns)} vs {c.rss_conns / 1024:.1f} MiB"
-            f" before they opened (target within 5%); live heap blocks {_pct(c.heap_closed, c.heap_conns)}",
+            f" before they opened (target within 5%); live heap {_pct(c.heap_closed, c.heap_conns)}",
         ),
         (
             "(e) RSS after the connections close too",
             f"{c.rss_gone / 1024:8.1f} MiB = {_pct(c.rss_gone, base)} vs baseline {base / 1024:.1f} MiB;"
-            f" live heap blocks {_pct(c.heap_gone, r.heap_baseline)}",
+            f" live heap {_pct(c.heap_gone, r.heap_baseline)}",
         ),
     ]
+    unit = heap_unit(c.allocator)
     rows.append(
         (
-            "(e) live heap blocks (node /status): baseline / connections / + channels / channels closed / all closed",
+            f"(e) live heap, {unit} (node /status): baseline / connections / + channels / channels closed / all closed",
             f"{r.heap_baseline:8d} / {c.heap_conns} / {c.heap_channels} / {c.heap_closed} / {c.heap_gone} (objects"
-            " freed, bounded ledger and closed-channel lookups kept; RSS keeps the allocator's high-water pages)",
+            " freed, bounded ledger and closed-channel lookups kept)",
         )
     )
+    kept = _kept(c.jemalloc_conns, c.jemalloc_closed)
+    if kept:
+        rows.append(("(e) what the RSS after the channels close keeps, under jemalloc (node /status)", kept))
     rows.append(
         (
             "(e) objects found in reference cycles while the channels opened and closed (node /status)",
