@@ -48,8 +48,10 @@ if TYPE_CHECKING:
     from mux.channel import ChannelContext, Draft
     from mux.frames import Frame
 
-__all__ = ["HEADER_MAX_BYTES", "SyncBackend", "chunk_count", "chunk_length", "valid_file_name"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "HEADER_MAX_BYTES", "SyncBackend", "chunk_count", "chunk_length", "valid_file_name"]
 
+DEFAULT_CHUNK_SIZE = 64 << 10
+"""The chunk size a sender offers unless told otherwise (64 KiB; ``mux.filesync.send_file``)."""
 HEADER_MAX_BYTES = 1024
 """Largest JSON message of the protocol (a chunk header, an answer), in canonical bytes."""
 

@@ -14,7 +14,10 @@ from .errors import BadRequest, MuxError, VerificationError
 from .intents import IntentRegistry, resolve_intent
 from .signing import NodeKey, verify_chain
 
-__all__ = ["build_parser", "main"]
+__all__ = ["DEFAULT_URL", "build_parser", "main"]
+
+DEFAULT_URL = "http://127.0.0.1:8443"
+"""The node a verb talks to without ``--url`` (``python -m mux serve``'s default)."""
 
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, Command] = {}

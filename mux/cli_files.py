@@ -22,14 +22,18 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from backends.sync import DEFAULT_CHUNK_SIZE
+
 from . import cli
-from .cli_remote import DEFAULT_URL
+from .cli import DEFAULT_URL
 from .errors import BadRequest
-from .filesync import DEFAULT_CHUNK_SIZE, Progress, SyncResult
+
+if TYPE_CHECKING:
+    from .filesync import Progress, SyncResult
 
 __all__ = ["extend"]
 

@@ -36,7 +36,7 @@ import trio
 from backends.tping import is_ping
 
 from . import cli
-from .cli_remote import DEFAULT_URL
+from .cli import DEFAULT_URL
 from .errors import BadRequest, MuxError, VerificationError
 from .signing import verify_frame
 

@@ -21,15 +21,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import cli
+from .cli import DEFAULT_URL
 from .errors import BadRequest, VerificationError
 
 if TYPE_CHECKING:
     from .rest_client import MuxClient
 
 __all__ = ["DEFAULT_URL", "extend"]
-
-DEFAULT_URL = "http://127.0.0.1:8443"
-"""The node a verb talks to without ``--url`` (``python -m mux serve``'s default)."""
 
 
 def _client(args: argparse.Namespace) -> MuxClient:

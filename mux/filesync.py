@@ -35,7 +35,7 @@ import attrs
 import orjson
 import trio
 
-from backends.sync import chunk_count, chunk_length, valid_file_name
+from backends.sync import DEFAULT_CHUNK_SIZE, chunk_count, chunk_length, valid_file_name
 
 from .client import ClientChannel, MuxConnection
 from .errors import ChannelClosed, ChannelThrottled, MuxError
@@ -58,8 +58,6 @@ log = logging.getLogger("mux.filesync")
 
 INTENT = "file:sync"
 """The intent of file transfer channels."""
-DEFAULT_CHUNK_SIZE = 64 << 10
-"""Chunk size used by :func:`send_file` unless told otherwise (64 KiB)."""
 PARTIAL_DIR = ".mux-partial"
 """Sub-directory of the receiving directory holding partial files and progress records."""
 _HASH_BLOCK = 1 << 20

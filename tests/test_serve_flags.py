@@ -3,6 +3,8 @@ every N-th data frame of a channel, and its exported chain verifies."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -51,3 +53,25 @@ def test_serve_refuses_a_count_below_one(flag: str, value: str, capsys: pytest.C
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", flag, value])
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["mux.cli", "mux.cli_remote", "mux.cli_files", "mux.cli_net"])
+def test_each_command_line_module_imports_on_its_own(module: str) -> None:
+    """The verbs' modules register with ``mux.cli`` and ``mux.cli`` imports them: any of them
+    imported first (as a plugin or a test might) must not meet a half-made other."""
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_serve_imports_none_of_the_client_side() -> None:
+    """``python -m mux serve`` imports what the node needs: not the client, the file
+    transfer or the HTTP client (httpx brings its own command line, rich and pygments),
+    which cost the node's start-up a fifth of a second."""
+    code = (
+        "import sys, mux.cli, mux.server, mux.config; mux.cli.build_parser().parse_args(['serve']);"
+        " print(sorted(m for m in ('httpx', 'mux.client', 'mux.filesync', 'mux.rest_client', 'rich')"
+        " if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
