@@ -55,6 +55,7 @@ __all__ = [
     "JEMALLOC_CONF",
     "allocator",
     "early_jemalloc",
+    "flush_thread_cache",
     "freeze_startup",
     "jemalloc_environment",
     "jemalloc_stats",
@@ -297,6 +298,13 @@ def settle() -> None:
     their pages: what is allocated next (``compact``'s copies) then goes to the oldest pages
     with room, not into the blocks a burst just freed."""
     gc.collect()
+    flush_thread_cache()
+
+
+def flush_thread_cache() -> None:
+    """Under jemalloc, hand the calling thread's cache of freed blocks back to their pages
+    (each thread has its own: a worker thread's stays full, and keeps those pages, until it
+    frees more or flushes); nothing on another allocator."""
     if _FLUSH is not None:
         _FLUSH()
 

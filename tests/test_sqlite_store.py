@@ -3,6 +3,8 @@ that durable sends never wait for, nothing queued lost when it stops, no orjson 
 
 from __future__ import annotations
 
+import ctypes.util
+import gc
 import random
 import sqlite3
 import tracemalloc
@@ -249,6 +251,76 @@ async def test_what_is_queued_is_written_when_the_writer_stops(tmp_path: Path) -
         await store.flushed(store.position)
     store.close()
     assert _rows(tmp_path) == 10
+
+
+def _sqlite_memory_used() -> int:
+    """What SQLite has allocated in this process, all connections (``sqlite3_memory_used``
+    of the library Python's ``sqlite3`` module runs on)."""
+    name = ctypes.util.find_library("sqlite3")
+    if name is None:
+        pytest.fail("libsqlite3 not found: Python's sqlite3 module loads it")
+    library = ctypes.CDLL(name)
+    library.sqlite3_memory_used.restype = ctypes.c_int64
+    return int(library.sqlite3_memory_used())
+
+
+async def test_compact_hands_the_page_cache_back_once_what_is_queued_is_written(tmp_path: Path) -> None:
+    """docs/performance.md, "Memory": after a burst, the trimmer's ``compact`` has the writer
+    hand SQLite's page cache back (a burst of writes fills it, 2 MiB by default), but only
+    after everything queued then is committed (written first, not dropped)."""
+    store = _store(tmp_path, linger_s=0.0)
+    statements: list[str] = []
+    padding = {"pad": "x" * 400}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        store._db.set_trace_callback(statements.append)  # called in the writer's thread
+        gc.collect()  # earlier tests' connections close now, not while this one is measured
+        start = _sqlite_memory_used()
+        for i in range(4000):
+            store.append(_frame("c", i, padding))
+        with trio.fail_after(10):
+            await store.flushed(store.position)
+        filled = _sqlite_memory_used()
+        assert filled - start > 1 << 20  # the cache took what the burst wrote
+        for i in range(4000, 4100):
+            store.append(_frame("c", i, padding))
+        assert store.compact() == 0  # SQLite does not say how much
+        with trio.fail_after(10):
+            while "PRAGMA shrink_memory" not in statements:  # noqa: ASYNC110  (the writer's thread)
+                await trio.sleep(0.01)
+        assert store.durable == store.position  # the 100 queued frames went in first
+        nursery.cancel_scope.cancel()
+    released = statements.index("PRAGMA shrink_memory")
+    assert "COMMIT" in statements[:released] and statements.count("PRAGMA shrink_memory") == 1
+    assert _sqlite_memory_used() < filled - (1 << 20)
+    store.close()
+    assert _rows(tmp_path) == 4100
+
+
+async def test_the_writer_keeps_nothing_of_a_written_batch_while_it_waits(tmp_path: Path) -> None:
+    """The batch's statements (every frame encoded) are let go once committed, not held by
+    the waiting writer until the next batch: after a burst, that would be the burst's last
+    batch kept for as long as the node stays quiet, among the pages the burst took."""
+    store = _store(tmp_path, linger_s=0.0)
+    padding = {"pad": "x" * 1000}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await trio.sleep(0.05)  # the writer waits for its first batch
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for i in range(500):
+                store.append(_frame("c", i, padding))
+            with trio.fail_after(10):
+                await store.flushed(store.position)
+            await trio.sleep(0.05)  # the writer waits again
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        nursery.cancel_scope.cancel()
+    assert kept < 100_000  # the batch encoded: over 500 KB
+    store.close()
 
 
 def test_kept_json_carries_no_orjson_slack() -> None:
