@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.bench import common, memory
 from tests.bench.common import node_process
@@ -110,3 +111,20 @@ def test_the_node_s_environment_takes_key_value_words() -> None:
     for bad in ("PYTHONMALLOC", "=x", "A=1 jemalloc"):
         with pytest.raises(ValueError, match="is not KEY=VALUE"):
             common.node_env(bad)
+
+
+async def test_the_memory_section_runs_on_the_readme_s_node_too(quick: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m tests.bench memory-sqlite``: the same cycle on a node keeping its ledger in
+    SQLite in a data directory; its rows and targets say so."""
+    monkeypatch.setattr(memory, "seconds_left", lambda: 0.0)
+    common.TARGETS.clear()
+    rows = await trio.to_thread.run_sync(lambda: memory.run_sqlite(**SMALL))
+    assert rows and all(label.startswith("(e, SQLite store) ") for label, _ in rows)
+    assert not any("in-memory ledger" in label for label, _ in rows)  # its ledger is on disk
+    held = next(value for label, value in rows if "WS connections held" in label)
+    assert held.endswith(f"; allocator: {ALLOCATOR}")
+    assert [t.name for t in common.TARGETS] == [
+        "under 4 KiB per idle open channel (SQLite store)",
+        "memory within 5% after 10,000 channels open and close (SQLite store)",
+    ]
+    common.TARGETS.clear()

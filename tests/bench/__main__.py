@@ -10,7 +10,8 @@ connections), ``transfer`` (tunnel and file transfer MB/s next to a direct TCP c
 node's CPU goes per relayed frame, by layer, next to the echo's; needs py-spy) and
 ``instructions`` (instructions per relayed send through the protocol logic, counted by
 valgrind: repeatable where timings are not) and ``arenas`` (the memory section's cycle once,
-on a node counting which objects hold the allocator's arenas after the channels close).
+on a node counting which objects hold the allocator's arenas after the channels close) and
+``memory-sqlite`` (the memory section on the README's node, its ledger in SQLite).
 Each server section starts its own node subprocess. Progress goes to stderr while the
 sections run; the table of every number is printed at the end, after a header naming the
 machine. A section that fails prints its error in the table (and its traceback on stderr);
@@ -51,13 +52,15 @@ SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "profile": profile.run,
     "instructions": instructions.run,
     "arenas": census.run,
+    "memory-sqlite": memory.run_sqlite,
 }
 """Section name -> function returning (label, value) rows."""
 
 DEFAULT = ["core", "server", "voice", "uplink", "memory", "transfer", "durable"]
 """What runs without arguments: ``profile`` (sampling slows the node), ``instructions``
-(valgrind runs the code some 50 times slower) and ``arenas`` (a census of the node's objects
-at each step: a minute more) run when named."""
+(valgrind runs the code some 50 times slower), ``arenas`` (a census of the node's objects
+at each step: a minute more) and ``memory-sqlite`` (the memory section again, on a node with
+its SQLite store) run when named."""
 
 USUAL_S: dict[str, float] = {
     "core": 6.0,
@@ -148,6 +151,7 @@ def main(argv: list[str]) -> int:
         f" node: python -m mux serve --memory --open (auth OFF, per-connection rate limit {rate}), loopback only"
         + (f"; node environment adds {added}" if added else "")
         + (f"; node arguments add {args}" if args else "")
+        + ("; memory-sqlite's node: --data-dir (a new one) in place of --memory" if "memory-sqlite" in names else "")
     )
     width = min(_WIDTH, max(len(label) for label, _ in table))
     print(f"{'benchmark':<{width}} result")
