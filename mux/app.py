@@ -31,7 +31,7 @@ from .connection import serve_socket, watchdog
 from .core import Mux, start_mux
 from .errors import BadRequest, MuxError
 from .frames import Frame
-from .heap import allocator, jemalloc_stats, resident, trimmer
+from .heap import allocator, jemalloc_stats, resident, shrink, trimmer
 from .outbox import WriteThrough
 from .session import WireSession
 from .settings import NodeSettings
@@ -145,9 +145,15 @@ class Node:
                     trimmer,
                     lambda: m._stats["closed"] + self.closed_sessions,
                     threshold=s.trim_after_closes,
-                    compact=m.compact,
+                    compact=self.compact,
                 )
             )
+
+    def compact(self) -> int:
+        """The trimmer's compact (after a burst of closes): the Mux's (:meth:`Mux.compact`),
+        then the node's table of connections where a burst of them grew it (72 KiB after
+        2,000); returns the bytes the tables gave back."""
+        return self.require().compact() + shrink(self.sessions)
 
     async def shutdown(self, reason: str = "node_shutdown") -> None:
         """Close every channel (signed close frames), tell clients, close their sockets.

@@ -222,6 +222,21 @@ async def test_a_running_node_shrinks_its_tables_after_a_burst_of_closes(
     assert sys.getsizeof(node._channels) == sys.getsizeof({})
 
 
+async def test_the_node_gives_back_the_table_a_burst_of_connections_grew(nursery: trio.Nursery) -> None:
+    """The node's compact (the trimmer's) also rebuilds its table of live connections, which
+    2,000 connections grew to 72 KiB in the bench and which stays so once they are gone."""
+    info = await serve_node(nursery)
+    node = info.node
+    node.sessions.update((object(), None) for _ in range(3000))  # as many connections came ...
+    grown = sys.getsizeof(node.sessions)
+    for gone in list(node.sessions):  # ... and went, one by one
+        del node.sessions[gone]
+    node.sessions[live := object()] = None  # one still connected
+    assert sys.getsizeof(node.sessions) == grown
+    assert node.compact() >= grown - 1024
+    assert list(node.sessions) == [live] and sys.getsizeof(node.sessions) < 1024
+
+
 def test_release_memory_collects_and_trims() -> None:
     class Cycle:
         def __init__(self) -> None:
