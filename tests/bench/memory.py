@@ -126,6 +126,8 @@ class Cycle:
     """jemalloc's counts (``/status`` ``memory.jemalloc``) with every connection open and
     after the channels closed; empty on another allocator."""
     jemalloc_closed: dict[str, int] = attrs.field(factory=dict)
+    jemalloc_gone: dict[str, int] = attrs.field(factory=dict)
+    """jemalloc's counts after everything closed (empty on another allocator)."""
     ledger_closed: dict[str, Any] = attrs.field(factory=dict)
     """The node's ``/status`` ``ledger`` after the channels closed (what it keeps by design)."""
     in_cycles: int = 0
@@ -326,7 +328,8 @@ async def _cycle(
     _progress(f"{tag}: disconnected")
     cyc.rss_gone = await _settle(node, http, connections=0, channels=0)
     await _observed(observe, tag, "gone")
-    cyc.heap_gone = _heap(await node_status(http))
+    st = await node_status(http)
+    cyc.heap_gone, cyc.jemalloc_gone = _heap(st), _jemalloc(st)
     for conn in conns:
         cyc.errors.update(conn.errors)
     return cyc
@@ -338,6 +341,7 @@ class MemoryResult:
 
     baseline: int = 0
     heap_baseline: int = 0
+    jemalloc_baseline: dict[str, int] = attrs.field(factory=dict)
     cycles: list[Cycle] = attrs.field(factory=list)
     skipped: str = ""
     """Why fewer than ``CYCLES`` cycles ran (empty when all did)."""
@@ -372,7 +376,8 @@ async def _memory_cycles(
     async with httpx.AsyncClient(base_url=node.url + "/api/mux", timeout=10) as http:
         await _cycle(node, http, "warm", 20, 10, 2, observe)  # imports, caches, first allocations
         res.baseline = await _settle(node, http, connections=0, channels=0)
-        res.heap_baseline = _heap(await node_status(http))
+        st = await node_status(http)
+        res.heap_baseline, res.jemalloc_baseline = _heap(st), _jemalloc(st)
         started = last = trio.current_time()
         for c in range(cycles):
             now = trio.current_time()
@@ -392,7 +397,7 @@ def _pct(now: int, start: int) -> str:
 
 
 def _kept(before: dict[str, int], after: dict[str, int]) -> str:
-    """jemalloc's growth from ``before`` to ``after`` the channels, split into the objects
+    """jemalloc's growth from ``before`` to ``after``, split into the objects
     the node still holds, the room left between them, and pages not yet given back."""
     if not before or not after:
         return ""
@@ -485,6 +490,9 @@ def _rows(r: MemoryResult, connections: int, openers: int, per_opener: int, name
     kept = _kept(c.jemalloc_conns, c.jemalloc_closed)
     if kept:
         rows.append(("(e) what the RSS after the channels close keeps, under jemalloc (node /status)", kept))
+    kept = _kept(r.jemalloc_baseline, c.jemalloc_gone)
+    if kept:
+        rows.append(("(e) what the RSS after the connections close too keeps, against the baseline", kept))
     rows.append(
         (
             "(e) objects found in reference cycles while the channels opened and closed (node /status)",
