@@ -21,8 +21,9 @@ states, the in-memory ledger's packed chains) into new objects. Under jemalloc t
 the oldest pages with room (:func:`settle` first hands the blocks just freed back to their
 pages), so the burst's own pages empty and go back. With neither allocator found, only the
 collection runs.
-:func:`resident` gives the process's resident memory now and at its peak, and
-:func:`allocator` which allocators hold it, as ``/status`` reports them.
+:func:`resident` gives the process's resident memory now and at its peak,
+:func:`allocator` which allocators hold it, and :func:`jemalloc_stats` jemalloc's own counts
+(what the objects hold, the pages that hold them), as ``/status`` reports them.
 :func:`run_under_jemalloc` (``serve`` unless ``--no-jemalloc``) re-executes the process under
 jemalloc.
 """
