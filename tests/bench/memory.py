@@ -17,7 +17,11 @@ the bench's budget (``common.BENCH_BUDGET_S``) has room for it and the sections 
 one, else the table says why it was skipped. Per-connection and
 per-channel figures are the differences divided by the counts. The target (memory back within 5% after 10,000 channels
 open and close) compares the RSS after the channels close with the RSS just before they
-opened, the 2,000 connections open both times. The node's ``/status`` confirms the counts it holds.
+opened, the 2,000 connections open both times. The node's ``/status`` confirms the counts it holds,
+and gives its live heap at each step: under jemalloc, jemalloc's own counts, which split
+what RSS kept into the objects still held, the room left between them, the allocator's
+metadata and free pages not yet given back. ``run_sqlite`` (``python -m tests.bench
+memory-sqlite``) runs the same on the README's node, its ledger in SQLite.
 """
 
 from __future__ import annotations
@@ -397,8 +401,8 @@ def _pct(now: int, start: int) -> str:
 
 
 def _kept(before: dict[str, int], after: dict[str, int]) -> str:
-    """jemalloc's growth from ``before`` to ``after``, split into the objects
-    the node still holds, the room left between them, and pages not yet given back."""
+    """jemalloc's growth from ``before`` to ``after``, split into the objects the node still
+    holds, the room left between them, the allocator's metadata, and pages not yet given back."""
     if not before or not after:
         return ""
     mib = 2**20
