@@ -53,7 +53,24 @@ async def test_the_call_beside_a_stream_and_a_file_transfer(quick: None) -> None
     sends = next(figure for label, figure in rows if "the caller's own send of a voice frame" in label)
     p99s = [float(v) for v in sends.split(" ms")[0].split(" / ")]  # the caller's send, each phase
     assert len(p99s) == 3 and all(0 < v < latency.SEND_LIMIT_S * 1e3 for v in p99s), sends
+    late = next(figure for label, figure in rows if "the slowest 1% of frames" in label)
+    assert late.startswith("1 of 1 / ") or late.startswith("0 of 1 / "), late  # 30 frames: the slowest one
     voice, refusals = common.TARGETS  # the section's two targets, for the bench's summary
     assert voice.name.startswith("voice p99 beside a bulk flood") and voice.figure.endswith("x")
     assert voice.met == ("yes" if float(voice.figure[:-1]) <= 1.5 else "no")
     assert (refusals.figure, refusals.met) == ("0 refused; connections closed: 0", "yes")
+
+
+def test_the_slowest_frames_are_told_apart_by_where_they_were_held_up() -> None:
+    """A frame as late at the caller's ``frame_ack`` as at the callee was held up before the
+    node queued it for the callee; one acknowledged early was held up on the way out."""
+    phase = latency.Phase()
+    for i in range(300):  # the slowest 1%: three frames
+        phase.lat_by[i] = 0.001
+        phase.ack_s[i] = 0.0005
+    phase.lat_by.update({7: 0.020, 8: 0.015, 9: 0.012})
+    phase.ack_s.update({7: 0.019, 8: 0.002, 9: 0.010})  # in, out, in (10 ms of 12: over 3/4)
+    assert latency.where_late(phase) == (2, 3)
+    phase.ack_s.pop(7)  # its frame_ack never came back: not counted as held up on the way in
+    assert latency.where_late(phase) == (1, 3)
+    assert latency.where_late(latency.Phase()) == (0, 0)

@@ -31,7 +31,9 @@ the node then refused as out of order (go-back-N). The callee's one reader takes
 (voice and bulk) off its socket; a voice frame's latency is its receive time minus the send
 time in its payload. The caller also times its own ``send_message`` of each voice frame:
 its turn at its WebSocket behind the flood's frames, the client's part of a rise. The rows
-give p50/p99 in each phase, the p99 ratios to "alone", every voice frame refused or dropped
+give p50/p99 in each phase, the p99 ratios to "alone", where the slowest 1% of frames were
+held up (as late at the caller's ``frame_ack``, before the node had queued them for the
+callee, or only on the way out), every voice frame refused or dropped
 (the targets: none refused, the connection never closed), the bulk bytes delivered, and
 whether either connection or the voice channel was closed; both sockets must answer a
 ``ping`` at the end.
@@ -95,6 +97,11 @@ class Phase:
     ack_lat: list[float] = attrs.field(factory=list)
     """Send -> ``frame_ack`` on the caller's socket: the way in, without the way out."""
     sent_ns: dict[int, int] = attrs.field(factory=dict)
+    ack_s: dict[int, float] = attrs.field(factory=dict)
+    """Each frame's send -> ``frame_ack``, by index: the node answers once it has taken the
+    frame in and handed it to the callee's queue."""
+    lat_by: dict[int, float] = attrs.field(factory=dict)
+    """Each frame's latency to the callee, by index."""
     lateness: list[float] = attrs.field(factory=list)
     """How late the client's 20 ms ticker sent each frame (client-side jitter)."""
     send_s: list[float] = attrs.field(factory=list)
@@ -270,9 +277,11 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                             phase = res.phases[int(ref[1])]
                             if name == "frame_ack":
                                 phase.dispositions[str(ev.get("disposition"))] += 1
-                                sent_ns = phase.sent_ns.get(int(ref.split(":", 1)[1]))
+                                index = int(ref.split(":", 1)[1])
+                                sent_ns = phase.sent_ns.get(index)
                                 if sent_ns is not None:
-                                    phase.ack_lat.append((time.perf_counter_ns() - sent_ns) / 1e9)
+                                    phase.ack_s[index] = (time.perf_counter_ns() - sent_ns) / 1e9
+                                    phase.ack_lat.append(phase.ack_s[index])
                             elif "error" in ev:
                                 phase.refused[str(ev["error"])] += 1
                         elif (flood := by_key.get(ref.split(":", 1)[0])) is not None:
@@ -306,10 +315,11 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                         if name in ("frame", "frame_part") and isinstance(ev.get("_payload"), bytes):
                             payload: bytes = ev["_payload"]
                             if cid == voice and name == "frame":
-                                _, t, p = _STAMP.unpack_from(payload)
+                                index, t, p = _STAMP.unpack_from(payload)
                                 phase = res.phases[p]
                                 phase.received += 1
                                 phase.lat.append((now - t) / 1e9)
+                                phase.lat_by[index] = phase.lat[-1]
                             elif (flood := by_id.get(str(cid))) is not None:
                                 flood.rx_bytes += len(payload)
                         elif name == "pong":
@@ -434,6 +444,17 @@ def _phase_row(phase: Phase) -> str:
     )
 
 
+def where_late(phase: Phase) -> tuple[int, int]:
+    """Of the phase's slowest 1% of frames (at least one), how many were at least three
+    quarters as late at the caller's ``frame_ack``: held up before the node had them queued
+    for the callee (the caller's socket, the way in, the node's own turn), not on the way
+    out to the callee. Returns (that many, the frames looked at)."""
+    slowest = sorted(phase.lat_by.items(), key=lambda item: item[1], reverse=True)
+    slowest = slowest[: max(1, len(slowest) // 100)]
+    before = sum(1 for i, lat in slowest if phase.ack_s.get(i, 0.0) >= 0.75 * lat)
+    return before, len(slowest)
+
+
 def _block_ratios(flood: Phase, alone: Phase) -> str:
     """Each block's p99 over the alone block of its round, and the whole phase's p95 ratio:
     a p99 of a few hundred frames is set by a handful, so these show how much it moves."""
@@ -508,6 +529,14 @@ def report(r: VoiceResult, voice_frames: int) -> list[tuple[str, str]]:
             f"{' / '.join(f'{percentile(ph.send_s, 99) * 1e3:.2f}' for ph in (alone, honoured, ignored))} ms"
             f" (alone / honouring / ignoring), while the voice p99 beside the floods was"
             f" {rises[0] * 1e3:+.2f} / {rises[1] * 1e3:+.2f} ms on alone's",
+        )
+    )
+    late = [where_late(ph) for ph in (alone, honoured, ignored)]
+    rows.append(
+        (
+            "    the slowest 1% of frames: as late at the caller's frame_ack (held up on the way in)",
+            " / ".join(f"{n} of {m}" for n, m in late) + " (alone / honouring / ignoring; the rest were held"
+            " up on the way out to the callee)",
         )
     )
     before, after = r.gc_before.get("gc_collections"), r.gc_after.get("gc_collections")
