@@ -94,12 +94,11 @@ class Phase:
     sent: int = 0
     received: int = 0
     lat: list[float] = attrs.field(factory=list)
-    ack_lat: list[float] = attrs.field(factory=list)
-    """Send -> ``frame_ack`` on the caller's socket: the way in, without the way out."""
     sent_ns: dict[int, int] = attrs.field(factory=dict)
     ack_s: dict[int, float] = attrs.field(factory=dict)
-    """Each frame's send -> ``frame_ack``, by index: the node answers once it has taken the
-    frame in and handed it to the callee's queue."""
+    """Each frame's send -> ``frame_ack`` on the caller's socket, by index: the way in,
+    without the way out (the node answers once it has handed the frame to the callee's
+    queue)."""
     lat_by: dict[int, float] = attrs.field(factory=dict)
     """Each frame's latency to the callee, by index."""
     lateness: list[float] = attrs.field(factory=list)
@@ -281,7 +280,6 @@ async def voice_run(node: Proc, voice_frames: int = VOICE_FRAMES) -> VoiceResult
                                 sent_ns = phase.sent_ns.get(index)
                                 if sent_ns is not None:
                                     phase.ack_s[index] = (time.perf_counter_ns() - sent_ns) / 1e9
-                                    phase.ack_lat.append(phase.ack_s[index])
                             elif "error" in ev:
                                 phase.refused[str(ev["error"])] += 1
                         elif (flood := by_key.get(ref.split(":", 1)[0])) is not None:
@@ -440,7 +438,7 @@ def _phase_row(phase: Phase) -> str:
     dropped = phase.dispositions.get("dropped", 0)
     return (
         f"{fmt_ms(phase.lat)}   received {phase.received}/{phase.sent}, refused {refused}, dropped {dropped},"
-        f" lost {missing - refused}; caller's frame_ack {fmt_ms(phase.ack_lat)}"
+        f" lost {missing - refused}; caller's frame_ack {fmt_ms(list(phase.ack_s.values()))}"
     )
 
 
