@@ -25,6 +25,7 @@ from quart import Blueprint, Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from . import open_files
 from .auth import REVOKED_FILE, Authenticator, Grant, Revocations, bearer_token
 from .bandwidth import TokenBucket
 from .connection import serve_socket, watchdog
@@ -196,6 +197,7 @@ class Node:
             "gc_collections": [g["collections"] for g in collections_done],
             "gc_collected": sum(g["collected"] for g in collections_done),
         }
+        out["open_files"] = open_files.status()
         out["protocols"] = ["h2", "http/1.1"] if self.settings.tls else ["http/1.1", "h2c"]
         return out
 

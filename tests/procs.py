@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -35,16 +36,26 @@ class NodeProcess:
 
 @asynccontextmanager
 async def node_process(
-    data_dir: Path, *extra: str, timeout: float = 20.0, env: dict[str, str] | None = None, log: Path | None = None
+    data_dir: Path,
+    *extra: str,
+    timeout: float = 20.0,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    open_files: tuple[int, int] | None = None,
 ) -> AsyncIterator[NodeProcess]:
     """Start ``python -m mux serve`` on a free loopback port; yield once it listens. ``env``
-    is added to this process's environment; with ``log``, the node's log (stderr) goes there."""
+    is added to this process's environment; with ``log``, the node's log (stderr) goes there;
+    ``open_files`` (soft, hard) is the node's ``RLIMIT_NOFILE`` at its start."""
     args = [sys.executable, "-m", "mux", "serve", "--host", "127.0.0.1", "--port", "0", "--agent", "node", "--open"]
     args += ["--data-dir", str(data_dir), *extra]
     stderr = os.open(log or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         process = await trio.lowlevel.open_process(
-            args, stdout=subprocess.PIPE, stderr=stderr, env={**os.environ, **(env or {})}
+            args,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, **(env or {})},
+            preexec_fn=None if open_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files),
         )
     finally:
         os.close(stderr)  # the node has its own copy

@@ -1,0 +1,122 @@
+"""The node's limit on open files (``mux.open_files``).
+
+Every WebSocket connection holds a file descriptor. ``python -m mux serve`` raises its soft
+``RLIMIT_NOFILE`` to the hard limit, so a node started from a shell's default soft limit (1024
+on most Linux systems) still holds ``max_connections``; ``/status`` ``open_files`` shows the
+limit and what is open; and the node warns at start when even the hard limit leaves too little
+for ``max_connections``. The nodes here are real ``mux serve`` processes started with a soft
+limit of 64, held by real WebSocket clients on loopback.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from trio_websocket import WebSocketConnection, connect_websocket_url
+
+from mux import open_files
+
+from .procs import node_process
+from .wsutil import recv, ws_url
+
+SOFT = 64
+"""The node's soft limit at its start: far below the connections it is asked to hold."""
+CLIENTS = 150
+
+
+async def _status(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        reply = await http.get("/api/mux/status")
+        assert reply.status_code == 200, reply.text
+        status: dict[str, Any] = reply.json()
+        return status
+
+
+def _room_for_clients() -> None:
+    """This process holds the clients' ends: make sure its own limit has room for them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = CLIENTS + 256
+    if soft < wanted and (hard == resource.RLIM_INFINITY or hard >= wanted):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+async def test_serve_raises_its_soft_limit_and_holds_more_connections_than_it(tmp_path: Path) -> None:
+    _room_for_clients()
+    log = tmp_path / "node.log"
+    env = {"MUX_MAX_CONNECTIONS": "500"}  # 1024 files are room enough: no warning
+    async with node_process(tmp_path, "--memory", log=log, open_files=(SOFT, 1024), env=env) as node:
+        before = (await _status(node.url))["open_files"]
+        assert before["limit"] == 1024 and before["hard_limit"] == 1024
+        assert 0 < before["open"] < SOFT
+        held: list[WebSocketConnection] = []
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(60):  # each connection is a descriptor: over 64 of them
+                for i in range(CLIENTS):
+                    ws = await connect_websocket_url(nursery, ws_url(node.url, f"holder{i}"))
+                    assert (await recv(ws, timeout=20))["event"] == "connected"
+                    held.append(ws)
+            status = await _status(node.url)
+            assert status["connections"] == CLIENTS
+            assert status["open_files"]["open"] > CLIENTS
+            for ws in held:
+                await ws.aclose()
+    text = log.read_text()
+    assert f"open files: soft limit raised from {SOFT} to 1024" in text, text[-2000:]
+    assert not [line for line in text.splitlines() if "open files" in line and "WARNING" in line]
+
+
+async def test_serve_warns_when_the_hard_limit_leaves_too_little(tmp_path: Path) -> None:
+    log = tmp_path / "node.log"
+    env = {"MUX_MAX_CONNECTIONS": "1000"}
+    async with node_process(tmp_path, "--memory", log=log, open_files=(SOFT, 300), env=env) as node:
+        assert (await _status(node.url))["open_files"]["limit"] == 300
+    text = log.read_text()
+    warning = next((line for line in text.splitlines() if "open files" in line and "WARNING" in line), None)
+    assert warning is not None, text[-2000:]
+    assert "max_connections=1000 needs" in warning and "hard limit 300" in warning
+    fits = int(re.search(r"past about (\d+) connections", warning)[1])  # type: ignore[index]
+    assert 250 < fits < 300  # the limit less what the node had open once it listened
+
+
+def test_raise_limit_in_this_process() -> None:
+    """Unit: ``raise_limit`` sets the soft limit to the hard one (where that is unlimited, to
+    what the kernel allows a process) and reports both; again, it changes nothing. The
+    process's limit is put back afterwards."""
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = saved
+    ceiling = open_files._ceiling(hard)
+    low = min(soft, 128)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+        assert open_files.raise_limit() == open_files.OpenFiles(soft=ceiling, hard=hard, raised_from=low)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (ceiling, hard)
+        assert open_files.raise_limit() == open_files.OpenFiles(soft=ceiling, hard=hard, raised_from=None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+
+
+def test_shortfall_names_the_numbers() -> None:
+    roomy = open_files.OpenFiles(soft=20_000, hard=20_000, raised_from=1024)
+    assert open_files.shortfall(roomy, max_connections=10_000) is None
+    short = open_files.OpenFiles(soft=4096, hard=4096, raised_from=1024)
+    message = open_files.shortfall(short, max_connections=10_000, open_now=12)
+    assert message is not None
+    assert f"below the {10_000 + open_files.RESERVED} that max_connections=10000 needs" in message
+    assert "hard limit 4096" in message and "past about 4084 connections" in message
+    enough = open_files.OpenFiles(soft=10_000 + open_files.RESERVED, hard=20_000)
+    assert open_files.shortfall(enough, max_connections=10_000) is None
+    unlimited = open_files.OpenFiles(soft=1024, hard=resource.RLIM_INFINITY)
+    assert "hard limit unlimited" in (open_files.shortfall(unlimited, max_connections=10_000) or "")
+
+
+def test_in_use_counts_this_process_descriptors() -> None:
+    before = open_files.in_use()
+    assert before is not None and before >= 3
+    with open(__file__, "rb"), open(__file__, "rb"):
+        assert open_files.in_use() == before + 2
+    assert open_files.in_use() == before
