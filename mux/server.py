@@ -65,6 +65,7 @@ def hypercorn_config(settings: NodeSettings) -> Tls13Config:
         cfg.certfile = settings.certfile
         cfg.keyfile = settings.keyfile
     cfg.alpn_protocols = ["h2", "http/1.1"]
+    cfg.backlog = settings.listen_backlog
     # Our own limit answers oversize messages with an error and keeps the socket; Hypercorn's
     # hard cap (4x) only protects memory from absurd frames.
     cfg.websocket_max_message_size = settings.max_message_bytes * 4

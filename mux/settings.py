@@ -44,6 +44,11 @@ class NodeSettings:
     """No authentication: callers name themselves (the seed's behaviour). ``serve --open``."""
     max_connections: int = attrs.field(default=10_000, validator=whole(1))
     """WebSocket connections the node holds at once; more get ``too_many_connections``."""
+    listen_backlog: int = attrs.field(default=4096, validator=whole(1))
+    """Connections the kernel queues for the node before it accepts them (``listen``'s
+    backlog; Linux caps it at ``net.core.somaxconn``). Past it a client's connection attempt is
+    dropped and retried a second or more later, so a burst of connections (clients coming back
+    after a restart) needs room here."""
     rate_messages_per_s: float = attrs.field(default=500.0, validator=number(0))
     """Messages per second one WebSocket (or one agent over REST) may send; 0 = unlimited."""
     rate_burst: int = attrs.field(default=1000, validator=whole(1))

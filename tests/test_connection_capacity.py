@@ -1,17 +1,21 @@
-"""The node's limit on open files (``mux.open_files``).
+"""How many connections a node takes: its limit on open files and its listen backlog.
 
-Every WebSocket connection holds a file descriptor. ``python -m mux serve`` raises its soft
+Every WebSocket connection holds a file descriptor (``mux.open_files``). ``python -m mux serve`` raises its soft
 ``RLIMIT_NOFILE`` to the hard limit, so a node started from a shell's default soft limit (1024
 on most Linux systems) still holds ``max_connections``; ``/status`` ``open_files`` shows the
 limit and what is open; and the node warns at start when even the hard limit leaves too little
 for ``max_connections``. The nodes here are real ``mux serve`` processes started with a soft
 limit of 64, held by real WebSocket clients on loopback.
+
+A crowd of clients connecting at once (coming back after a restart) waits in the listening
+socket's backlog until the node accepts them: ``listen_backlog`` sets it (4096).
 """
 
 from __future__ import annotations
 
 import re
 import resource
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,13 @@ from trio_websocket import WebSocketConnection, connect_websocket_url
 
 from mux import open_files
 
-from .procs import node_process
+from .procs import NodeProcess, node_process
 from .wsutil import recv, ws_url
 
 SOFT = 64
 """The node's soft limit at its start: far below the connections it is asked to hold."""
 CLIENTS = 150
+"""Connections held (twice as many for the backlog): more than ``SOFT``, fewer than 1024."""
 
 
 async def _status(url: str) -> dict[str, Any]:
@@ -120,3 +125,43 @@ def test_in_use_counts_this_process_descriptors() -> None:
     with open(__file__, "rb"), open(__file__, "rb"):
         assert open_files.in_use() == before + 2
     assert open_files.in_use() == before
+
+
+async def _queued_while_stopped(node: NodeProcess, attempts: int) -> int:
+    """Stop the node (SIGSTOP: it accepts nothing), make ``attempts`` TCP connections to it
+    at once, and count those the kernel completed for it within a few seconds: those its
+    listen backlog queued (a dropped attempt is retried only after a second or more, and
+    dropped again while the queue stays full). The node is continued afterwards."""
+    host, port = node.url.removeprefix("http://").rsplit(":", 1)
+    made: list[trio.SocketStream] = []
+    node.process.send_signal(signal.SIGSTOP)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.cancel_scope.deadline = trio.current_time() + 3.0
+
+            async def attempt() -> None:
+                made.append(await trio.open_tcp_stream(host, int(port)))
+
+            for _ in range(attempts):
+                nursery.start_soon(attempt)
+    finally:
+        node.process.send_signal(signal.SIGCONT)
+    for stream in made:
+        await stream.aclose()
+    return len(made)
+
+
+async def test_the_listen_backlog_queues_a_burst_of_connections(tmp_path: Path) -> None:
+    """``listen_backlog`` (4096 by default, ``MUX_LISTEN_BACKLOG``) is the queue the node's
+    listening socket gets: 300 connections made at once while the node accepts nothing are
+    all queued by default; with a backlog of 50, about 51 are and the rest are dropped (what
+    Hypercorn's default of 100 did to a crowd of clients coming back after a restart). The
+    node then serves as before."""
+    _room_for_clients()
+    async with node_process(tmp_path / "a", "--memory") as node:
+        assert await _queued_while_stopped(node, CLIENTS * 2) == CLIENTS * 2
+        assert (await _status(node.url))["connections"] == 0
+    async with node_process(tmp_path / "b", "--memory", env={"MUX_LISTEN_BACKLOG": "50"}) as node:
+        queued = await _queued_while_stopped(node, CLIENTS * 2)
+        assert 50 <= queued <= 52, queued  # Linux queues backlog + 1
+        assert (await _status(node.url))["connections"] == 0
