@@ -32,20 +32,21 @@ log = logging.getLogger("mux.server")
 
 
 class Tls13Config(Config):
-    """Hypercorn config whose TLS context accepts TLS 1.3 only (ALPN h2, http/1.1), and whose
-    TCP sockets give up on a peer that takes no data for ``tcp_user_timeout_s``."""
+    """Hypercorn config whose TLS context accepts TLS 1.3 only (ALPN h2, http/1.1), whose
+    TCP sockets give up on a peer that takes no data for ``tcp_user_timeout_s``, and probe a
+    connection silent for ``tcp_keepalive_s`` (TCP keepalive)."""
 
     tcp_user_timeout_s: float = 0.0
+    tcp_keepalive_s: float = 0.0
 
     def create_sockets(self) -> Sockets:
-        """Hypercorn's sockets with ``TCP_USER_TIMEOUT`` set (inherited by accepted ones):
-        a write to a client that stopped reading fails after the timeout, so its connection
-        and buffers go too (Hypercorn's own writes cannot be cancelled)."""
+        """Hypercorn's sockets with ``TCP_USER_TIMEOUT`` and keepalive set (inherited by
+        accepted ones). A write to a client that stopped reading fails after the timeout, so
+        its connection and buffers go too (Hypercorn's own writes cannot be cancelled); a
+        silent connection whose peer is gone fails its probes and ends the same way."""
         sockets: Sockets = super().create_sockets()
-        option = getattr(socket, "TCP_USER_TIMEOUT", None)
-        if option is not None and self.tcp_user_timeout_s > 0:
-            for sock in sockets.secure_sockets + sockets.insecure_sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, option, int(self.tcp_user_timeout_s * 1000))
+        for sock in sockets.secure_sockets + sockets.insecure_sockets:
+            _tcp_options(sock, self.tcp_user_timeout_s, self.tcp_keepalive_s)
         return sockets
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
@@ -54,6 +55,32 @@ class Tls13Config(Config):
         if context is not None:
             context.minimum_version = ssl.TLSVersion.TLSv1_3
         return context
+
+
+KEEPALIVE_PROBES = 3
+"""Unanswered keepalive probes after which a connection is dropped (``TCP_USER_TIMEOUT``,
+where set, drops it first)."""
+
+
+def _tcp_options(sock: socket.socket, user_timeout_s: float, keepalive_s: float) -> None:
+    """Set ``TCP_USER_TIMEOUT`` and keepalive (idle ``keepalive_s``, then a probe every third
+    of it, at least 1 s) on a listening socket, where the platform has them; 0 leaves each off."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is not None and user_timeout_s > 0:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(user_timeout_s * 1000))
+    if keepalive_s <= 0:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, round(keepalive_s))
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),  # Linux
+        ("TCP_KEEPALIVE", idle),  # macOS: the same, by another name
+        ("TCP_KEEPINTVL", max(1, idle // 3)),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+    ):
+        number = getattr(socket, name, None)
+        if number is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, number, value)
 
 
 def hypercorn_config(settings: NodeSettings) -> Tls13Config:
@@ -76,6 +103,7 @@ def hypercorn_config(settings: NodeSettings) -> Tls13Config:
     # WebSocket client that stops reading is dropped by the writer's send_timeout_s.
     cfg.read_timeout = None
     cfg.tcp_user_timeout_s = settings.send_timeout_s + 2.0  # after the watchdog: it names the reason
+    cfg.tcp_keepalive_s = settings.tcp_keepalive_s
     cfg.accesslog = None
     cfg.errorlog = "-"
     cfg.loglevel = "WARNING"

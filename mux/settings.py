@@ -55,6 +55,11 @@ class NodeSettings:
     """Messages a connection may send in a burst above the rate."""
     send_timeout_s: float = attrs.field(default=15.0, validator=number(0, above=True))
     """A client that does not take a message for this long is disconnected (slow consumer)."""
+    tcp_keepalive_s: float = attrs.field(default=30.0, validator=number(0))
+    """A connection silent for this long is probed by TCP keepalive, so a peer that vanished
+    without closing (a phone off the network, a machine powered off) is dropped within about
+    ``tcp_keepalive_s + send_timeout_s + 2`` seconds, and its agent can connect again (one
+    socket per agent); 0 = no probes (such a connection stays until the node stops)."""
     writer_idle_s: float = attrs.field(default=1.0, validator=number(0))
     """A connection whose writer task has had nothing to write for about this long keeps no
     writer task (2.4 KiB less per idle connection) until a message must wait for its socket

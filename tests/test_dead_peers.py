@@ -1,0 +1,129 @@
+"""A peer that vanishes without closing its connection (a phone off the network, a machine
+powered off) is dropped by the node's TCP keepalive (``tcp_keepalive_s``), and its agent can
+connect again: the node holds one socket per agent, and a connection it never hears the end of
+would lock the agent out until the node stops.
+
+Such a peer sends nothing, not even a reset. These tests make one for real: an ``iptables``
+rule drops every packet addressed to the client's end of its connection, so the node's probes
+go unanswered while the client, in this process, stays silent. That needs root and
+``iptables`` (``.ci/run`` installs it); outside CI those tests are skipped without them.
+The nodes are real ``mux serve`` processes on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, wrap_client_stream
+
+from .procs import NodeProcess, node_process
+from .wsutil import recv
+
+QUICK = {"MUX_TCP_KEEPALIVE_S": "1", "MUX_SEND_TIMEOUT_S": "1"}
+"""Probes after 1 s of silence; given up on after 3 s unanswered (``TCP_USER_TIMEOUT``)."""
+
+
+IPTABLES = shutil.which("iptables") or shutil.which("iptables", path="/usr/sbin:/sbin")
+
+
+def _need_iptables() -> None:
+    if IPTABLES is not None and os.geteuid() == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("these tests need root and iptables (apt-get install iptables): .ci/run installs it")
+    pytest.skip("needs root and iptables")
+
+
+def _iptables(action: str, port: int) -> None:
+    rule = ["INPUT", "-i", "lo", "-p", "tcp", "--dport", str(port), "-j", "DROP"]
+    assert IPTABLES is not None
+    subprocess.run([IPTABLES, action, *rule], check=True, capture_output=True, timeout=10)
+
+
+@asynccontextmanager
+async def _vanished(port: int) -> AsyncIterator[None]:
+    """Every packet to loopback ``port`` dropped, as if its owner had gone off the network."""
+    _iptables("-A", port)
+    try:
+        yield
+    finally:
+        _iptables("-D", port)
+
+
+async def _connect(nursery: trio.Nursery, node: NodeProcess, agent: str) -> tuple[WebSocketConnection, int, Any]:
+    """A WebSocket to the node as ``agent``, the client's own port, and the first event."""
+    host, port = node.url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    ws = await wrap_client_stream(nursery, stream, host, f"/api/mux/ws?agent={agent}")
+    return ws, stream.socket.getsockname()[1], await recv(ws, timeout=10)
+
+
+async def _connections(node: NodeProcess) -> int:
+    async with httpx.AsyncClient(base_url=node.url, timeout=10) as http:
+        count: int = (await http.get("/api/mux/status")).json()["connections"]
+        return count
+
+
+def _timer(local_port: int, remote_port: int) -> int | None:
+    """The kernel's timer on the loopback TCP socket ``local_port`` -> ``remote_port``
+    (``/proc/net/tcp``'s ``tr``: 0 none, 1 retransmit, 2 keepalive), None if not found."""
+    want = (f"0100007F:{local_port:04X}", f"0100007F:{remote_port:04X}")
+    with open("/proc/net/tcp") as fh:
+        for line in fh.readlines()[1:]:
+            fields = line.split()
+            if (fields[1], fields[2]) == want:
+                return int(fields[5].split(":")[0], 16)
+    return None
+
+
+async def test_an_idle_connection_is_probed_by_keepalive(tmp_path: Path) -> None:
+    """The node's end of an idle WebSocket runs the keepalive timer; with
+    ``tcp_keepalive_s = 0`` it runs none."""
+    for env, expected in (({}, 2), ({"MUX_TCP_KEEPALIVE_S": "0"}, 0)):
+        async with node_process(tmp_path / str(expected), "--memory", env=env) as node, trio.open_nursery() as nursery:
+            ws, client_port, hello = await _connect(nursery, node, "idle")
+            assert hello["event"] == "connected"
+            node_port = int(node.url.rsplit(":", 1)[1])
+            await trio.sleep(0.2)  # the handshake's last data acknowledged: nothing in flight
+            assert _timer(node_port, client_port) == expected, env
+            await ws.aclose()
+
+
+async def test_a_vanished_peer_is_dropped_and_its_agent_connects_again(tmp_path: Path) -> None:
+    _need_iptables()
+    async with node_process(tmp_path, "--memory", env=QUICK) as node, trio.open_nursery() as nursery:
+        _ws, client_port, hello = await _connect(nursery, node, "phone")
+        assert hello["event"] == "connected" and await _connections(node) == 1
+        async with _vanished(client_port):
+            with trio.fail_after(30):  # 1 s of silence, then 3 s of unanswered probes
+                while await _connections(node):  # noqa: ASYNC110  (another process's count: polled, bounded)
+                    await trio.sleep(0.25)
+        again, _, hello = await _connect(nursery, node, "phone")
+        assert hello["event"] == "connected", hello
+        await again.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_keepalive_a_vanished_peer_locks_its_agent_out(tmp_path: Path) -> None:
+    """The same with ``tcp_keepalive_s = 0``: the node still holds the connection well after
+    the time above, and the agent's new connection is refused (``agent_attached``)."""
+    _need_iptables()
+    env = {**QUICK, "MUX_TCP_KEEPALIVE_S": "0"}
+    async with node_process(tmp_path, "--memory", env=env) as node, trio.open_nursery() as nursery:
+        _ws, client_port, hello = await _connect(nursery, node, "phone")
+        assert hello["event"] == "connected"
+        async with _vanished(client_port):
+            await trio.sleep(8)
+            assert await _connections(node) == 1
+        _again, _, refused = await _connect(nursery, node, "phone")
+        assert refused.get("error") == "agent_attached", refused
+        nursery.cancel_scope.cancel()
