@@ -63,6 +63,14 @@ def _log_connected(agent: str, addr: object) -> None:
     log.info("%s connected from %s", agent, addr)
 
 
+def _log_left(agent: str, seconds: float, gone: Disconnected | None) -> None:
+    """Log the end of a connection: how long it lasted and how it ended (``gone``: how the
+    client went away; None when the node ended it). "connection lost" is an end without the
+    client's close frame, as when its peer vanished and the node's keepalive gave up on it."""
+    how = "ended by the node" if gone is None else str(gone)
+    log.info("%s disconnected after %.1f s (%s)", agent, seconds, how)
+
+
 async def serve_socket(node: Node, sock: Socket) -> None:
     """One WebSocket: hello, then actions in and events out until either side goes away."""
     m = node.require()
@@ -91,6 +99,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
             pass
         return
     _log_connected(grant.agent, sock.remote_addr)
+    began, gone = trio.current_time(), None
     session = WireSession(
         m,
         endpoint,
@@ -129,7 +138,8 @@ async def serve_socket(node: Node, sock: Socket) -> None:
             while True:
                 try:
                     message = await sock.receive()
-                except Disconnected:  # the peer went away (raw ASGI; Quart cancels the handler instead)
+                except Disconnected as exc:  # the peer went away (raw ASGI; Quart cancels the handler instead)
+                    gone = exc
                     nursery.cancel_scope.cancel()
                     break
                 await _handle_ready(session, sock, message)
@@ -146,14 +156,15 @@ async def serve_socket(node: Node, sock: Socket) -> None:
                 # reads itself (_handle_inline, at most READ_AHEAD a read), and
                 # its next read is that scheduling turn.
                 await trio.lowlevel.checkpoint()
-    except Disconnected:
-        pass  # gone during the handshake
+    except Disconnected as exc:
+        gone = exc  # during the handshake
     finally:
         sock.handle_inline(None)
         session.outbox.write_now = None
         session.close("ws_disconnect")
         node.sessions.pop(session, None)
         node.closed_sessions += 1
+        _log_left(endpoint.agent, trio.current_time() - began, gone)
 
 
 def _restart(nursery: trio.Nursery, writer: Writer) -> None:

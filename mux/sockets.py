@@ -131,7 +131,13 @@ class Socket(Protocol):
 
 
 class Disconnected(Exception):
-    """The peer closed the WebSocket (raw ASGI path; Quart cancels the handler instead)."""
+    """The peer went away (raw ASGI path; Quart cancels the handler instead). ``lost``: the
+    connection ended without the client's close frame (its peer vanished, or the network
+    between them failed), as far as the server can tell."""
+
+    def __init__(self, *, lost: bool = False) -> None:
+        super().__init__("connection lost" if lost else "closed by the client")
+        self.lost = lost
 
 
 class QuartSocket:
@@ -380,7 +386,8 @@ class AsgiSocket:
             assert failure is not None
             raise failure
         self.closed = True
-        raise Disconnected()
+        stream = self._stream  # its WebSocket still open: no close frame came before the end
+        raise Disconnected(lost=stream is not None and stream.connection.state is _WSConnectionState.OPEN)
 
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code`` (once)."""

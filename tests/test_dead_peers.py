@@ -99,8 +99,11 @@ async def test_an_idle_connection_is_probed_by_keepalive(tmp_path: Path) -> None
 
 
 async def test_a_vanished_peer_is_dropped_and_its_agent_connects_again(tmp_path: Path) -> None:
+    """Dropped, logged as a connection lost, and the agent connects again (its second
+    connection closed as usual: by the client)."""
     _need_iptables()
-    async with node_process(tmp_path, "--memory", env=QUICK) as node, trio.open_nursery() as nursery:
+    log = tmp_path / "node.log"
+    async with node_process(tmp_path, "--memory", env=QUICK, log=log) as node, trio.open_nursery() as nursery:
         _ws, client_port, hello = await _connect(nursery, node, "phone")
         assert hello["event"] == "connected" and await _connections(node) == 1
         async with _vanished(client_port):
@@ -111,6 +114,8 @@ async def test_a_vanished_peer_is_dropped_and_its_agent_connects_again(tmp_path:
         assert hello["event"] == "connected", hello
         await again.aclose()
         nursery.cancel_scope.cancel()
+    lines = [line for line in log.read_text().splitlines() if "phone disconnected after" in line]
+    assert len(lines) == 2 and "(connection lost)" in lines[0] and "(closed by the client)" in lines[1], lines
 
 
 async def test_without_keepalive_a_vanished_peer_locks_its_agent_out(tmp_path: Path) -> None:

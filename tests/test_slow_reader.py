@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import statistics
 from collections.abc import AsyncIterator
@@ -225,7 +226,7 @@ async def flooded_node(tmp_path: Path) -> AsyncIterator[tuple[NodeProcess, httpx
     flooder (its reader running) in a nursery cancelled at the end."""
     config = tmp_path / "node.toml"
     config.write_text(f"send_timeout_s = {SEND_TIMEOUT_S}\ngraceful_timeout_s = 1.0\nrate_messages_per_s = 0\n")
-    async with node_process(tmp_path / "data", "--config", str(config)) as node:
+    async with node_process(tmp_path / "data", "--config", str(config), log=tmp_path / "node.log") as node:
         async with (
             httpx.AsyncClient(base_url=node.url + "/api/mux", timeout=10) as rest,
             open_ws(node.url.replace("http", "ws", 1) + "/api/mux/ws?agent=flooder") as ws,
@@ -340,6 +341,8 @@ async def test_a_dropped_slow_consumer_leaves_no_connection_behind(tmp_path: Pat
                     await trio.sleep(0.1)
             left = open_sockets(pid) - before
             assert left <= 0, f"{left} socket(s) of the dropped client still open in the node"
+    logged = (tmp_path / "node.log").read_text()
+    assert re.search(r"stuck disconnected after [\d.]+ s \(ended by the node\)", logged), logged[-2000:]
 
 
 async def test_a_receiver_that_left_leaves_no_frames_behind(nursery: trio.Nursery) -> None:
