@@ -4,6 +4,7 @@ while the bench's budget has room for them (a real node subprocess, a few connec
 from __future__ import annotations
 
 import ctypes.util
+import re
 import time
 from pathlib import Path
 
@@ -124,6 +125,8 @@ async def test_the_memory_section_runs_on_the_readme_s_node_too(quick: None, mon
     assert not any("in-memory ledger" in label for label, _ in rows)  # its ledger is on disk
     held = next(value for label, value in rows if "WS connections held" in label)
     assert held.endswith(f"; allocator: {ALLOCATOR}")
+    per_connection = re.search(r", node (\d+\.\d+) ms CPU/connection;", held)
+    assert per_connection is not None and float(per_connection[1]) > 0, held
     assert [t.name for t in common.TARGETS] == [
         "under 4 KiB per idle open channel (SQLite store)",
         "memory within 5% after 10,000 channels open and close (SQLite store)",

@@ -138,6 +138,8 @@ class Cycle:
     """Objects the node's garbage collector found in reference cycles from when every
     connection was open to when the channels had closed (``/status`` ``memory.gc_collected``)."""
     connect_s: float = 0.0
+    connect_cpu_s: float = 0.0
+    """The node's CPU while the connections were made (accept, handshake, hello)."""
     open_s: float = 0.0
     open_cpu_s: float = 0.0
     channels_open: int = 0
@@ -289,12 +291,12 @@ async def _cycle(
         await conn.all_closed.wait()
 
     async with trio.open_nursery() as nursery:
-        t0 = trio.current_time()
+        t0, c0 = trio.current_time(), node.cpu_s()
         with trio.fail_after(PHASE_TIMEOUT_S):
             for conn in conns:
                 nursery.start_soon(hold, conn)
             await all_connected.wait()
-        cyc.connect_s = trio.current_time() - t0
+        cyc.connect_s, cyc.connect_cpu_s = trio.current_time() - t0, node.cpu_s() - c0
         _progress(f"{tag}: {connections} connected in {cyc.connect_s:.1f} s")
         cyc.rss_conns = await _settle(node, http, connections=connections, channels=0)
         await _observed(observe, tag, "connections")
@@ -465,7 +467,8 @@ def _rows(r: MemoryResult, connections: int, openers: int, per_opener: int, name
         (
             f"(e) {connections} WS connections held (node /status: {c.connections})",
             f"{per_conn / 1024:8.1f} KiB/connection  RSS {base / 1024:.1f} -> {c.rss_conns / 1024:.1f} MiB,"
-            f" connected in {c.connect_s:.1f} s; allocator: {c.allocator}",
+            f" connected in {c.connect_s:.1f} s, node {c.connect_cpu_s / max(1, c.connections) * 1e3:.2f} ms"
+            f" CPU/connection; allocator: {c.allocator}",
         ),
         (
             f"(e) + {c.opened} channels ({openers} agents x {per_opener}; node /status: {c.channels_open})",
