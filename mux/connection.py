@@ -23,7 +23,7 @@ from .auth import Grant, bearer_token
 from .errors import BadRequest, MuxError
 from .outbox import CONTROL, CONTROL_URGENCY, WriteThrough
 from .session import WireSession
-from .sockets import Disconnected, Socket
+from .sockets import AsgiSocket, Disconnected, Socket
 from .writer import Writer
 
 if TYPE_CHECKING:
@@ -63,11 +63,15 @@ def _log_connected(agent: str, addr: object) -> None:
     log.info("%s connected from %s", agent, addr)
 
 
-def _log_left(agent: str, seconds: float, gone: Disconnected | None) -> None:
+def _log_left(agent: str, seconds: float, sock: Socket, gone: Disconnected | None) -> None:
     """Log the end of a connection: how long it lasted and how it ended (``gone``: how the
-    client went away; None when the node ended it). "connection lost" is an end without the
+    client went away, else the node ended it; Quart's route is cancelled instead when its
+    client goes, so there it is only "ended"). "connection lost" is an end without the
     client's close frame, as when its peer vanished and the node's keepalive gave up on it."""
-    how = "ended by the node" if gone is None else str(gone)
+    if gone is not None:
+        how = str(gone)
+    else:
+        how = "ended by the node" if isinstance(sock, AsgiSocket) else "ended"
     log.info("%s disconnected after %.1f s (%s)", agent, seconds, how)
 
 
@@ -164,7 +168,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         session.close("ws_disconnect")
         node.sessions.pop(session, None)
         node.closed_sessions += 1
-        _log_left(endpoint.agent, trio.current_time() - began, gone)
+        _log_left(endpoint.agent, trio.current_time() - began, sock, gone)
 
 
 def _restart(nursery: trio.Nursery, writer: Writer) -> None:
