@@ -13,6 +13,7 @@ socket's backlog until the node accepts them: ``listen_backlog`` sets it (4096).
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from trio_websocket import WebSocketConnection, connect_websocket_url
 
@@ -119,12 +121,26 @@ def test_shortfall_names_the_numbers() -> None:
     assert "hard limit unlimited" in (open_files.shortfall(unlimited, max_connections=10_000) or "")
 
 
-def test_in_use_counts_this_process_descriptors() -> None:
+def test_in_use_counts_this_process_descriptors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of counting: the kernel's count (``/proc/self/fd``'s size) and, where the
+    kernel gives none (before Linux 6.2), the listing."""
     before = open_files.in_use()
     assert before is not None and before >= 3
     with open(__file__, "rb"), open(__file__, "rb"):
         assert open_files.in_use() == before + 2
     assert open_files.in_use() == before
+    real_stat = os.stat
+
+    def no_count(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        found = real_stat(path, *args, **kwargs)
+        if path != "/proc/self/fd":
+            return found
+        return os.stat_result((*found[:6], 0, *found[7:10]))  # st_size 0, as older kernels give
+
+    monkeypatch.setattr(open_files.os, "stat", no_count)
+    assert open_files.in_use() == before
+    with open(__file__, "rb"):
+        assert open_files.in_use() == before + 1
 
 
 async def _queued_while_stopped(node: NodeProcess, attempts: int) -> int:
