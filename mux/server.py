@@ -37,7 +37,7 @@ class Tls13Config(Config):
     connection silent for ``tcp_keepalive_s`` (TCP keepalive)."""
 
     tcp_user_timeout_s: float = 0.0
-    tcp_keepalive_s: float = 0.0
+    tcp_keepalive_s: int = 0
 
     def create_sockets(self) -> Sockets:
         """Hypercorn's sockets with ``TCP_USER_TIMEOUT`` and keepalive set (inherited by
@@ -62,16 +62,16 @@ KEEPALIVE_PROBES = 3
 where set, drops it first)."""
 
 
-def _tcp_options(sock: socket.socket, user_timeout_s: float, keepalive_s: float) -> None:
+def _tcp_options(sock: socket.socket, user_timeout_s: float, keepalive_s: int) -> None:
     """Set ``TCP_USER_TIMEOUT`` and keepalive (idle ``keepalive_s``, then a probe every third
     of it, at least 1 s) on a listening socket, where the platform has them; 0 leaves each off."""
     option = getattr(socket, "TCP_USER_TIMEOUT", None)
     if option is not None and user_timeout_s > 0:
-        sock.setsockopt(socket.IPPROTO_TCP, option, int(user_timeout_s * 1000))
+        sock.setsockopt(socket.IPPROTO_TCP, option, min(int(user_timeout_s * 1000), 2**31 - 1))
     if keepalive_s <= 0:
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    idle = max(1, round(keepalive_s))
+    idle = max(1, keepalive_s)
     for name, value in (
         ("TCP_KEEPIDLE", idle),  # Linux
         ("TCP_KEEPALIVE", idle),  # macOS: the same, by another name

@@ -44,7 +44,7 @@ class NodeSettings:
     """No authentication: callers name themselves (the seed's behaviour). ``serve --open``."""
     max_connections: int = attrs.field(default=10_000, validator=whole(1))
     """WebSocket connections the node holds at once; more get ``too_many_connections``."""
-    listen_backlog: int = attrs.field(default=4096, validator=whole(1))
+    listen_backlog: int = attrs.field(default=4096, validator=whole(1, 1 << 20))
     """Connections the kernel queues for the node before it accepts them (``listen``'s
     backlog; Linux caps it at ``net.core.somaxconn``). Past it a client's connection attempt is
     dropped and retried a second or more later, so a burst of connections (clients coming back
@@ -55,7 +55,7 @@ class NodeSettings:
     """Messages a connection may send in a burst above the rate."""
     send_timeout_s: float = attrs.field(default=15.0, validator=number(0, above=True))
     """A client that does not take a message for this long is disconnected (slow consumer)."""
-    tcp_keepalive_s: float = attrs.field(default=30.0, validator=number(0))
+    tcp_keepalive_s: int = attrs.field(default=30, validator=whole(0, 32767))
     """A connection silent for this long is probed by TCP keepalive, so a peer that vanished
     without closing (a phone off the network, a machine powered off) is dropped within about
     ``tcp_keepalive_s + send_timeout_s + 2`` seconds, and its agent can connect again (one
