@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -132,3 +133,22 @@ async def test_without_keepalive_a_vanished_peer_locks_its_agent_out(tmp_path: P
         _again, _, refused = await _connect(nursery, node, "phone")
         assert refused.get("error") == "agent_attached", refused
         nursery.cancel_scope.cancel()
+
+
+def test_the_listening_socket_options() -> None:
+    """Unit: ``_tcp_options`` sets keepalive (idle, a probe every third of it, 3 probes) and
+    ``TCP_USER_TIMEOUT``, the latter capped where a huge ``send_timeout_s`` would overflow it;
+    0 leaves keepalive off."""
+    from mux.server import KEEPALIVE_PROBES, _tcp_options
+
+    with socket.socket() as sock:
+        _tcp_options(sock, 1e9, 30)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_PROBES
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 2**31 - 1
+    with socket.socket() as sock:
+        _tcp_options(sock, 17, 0)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 17_000
