@@ -60,12 +60,19 @@ async def _vanished(port: int) -> AsyncIterator[None]:
         _iptables("-D", port)
 
 
-async def _connect(nursery: trio.Nursery, node: NodeProcess, agent: str) -> tuple[WebSocketConnection, int, Any]:
-    """A WebSocket to the node as ``agent``, the client's own port, and the first event."""
+@asynccontextmanager
+async def _connected(node: NodeProcess, agent: str) -> AsyncIterator[tuple[WebSocketConnection, int, Any]]:
+    """A WebSocket to the node as ``agent``, the client's own port, and the first event; its
+    socket is closed on the way out (the node may have dropped the connection long before)."""
     host, port = node.url.removeprefix("http://").rsplit(":", 1)
     stream = await trio.open_tcp_stream(host, int(port))
-    ws = await wrap_client_stream(nursery, stream, host, f"/api/mux/ws?agent={agent}")
-    return ws, stream.socket.getsockname()[1], await recv(ws, timeout=10)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(nursery, stream, host, f"/api/mux/ws?agent={agent}")
+            yield ws, stream.socket.getsockname()[1], await recv(ws, timeout=10)
+            nursery.cancel_scope.cancel()
+    finally:
+        await stream.aclose()
 
 
 async def _connections(node: NodeProcess) -> int:
@@ -90,13 +97,14 @@ async def test_an_idle_connection_is_probed_by_keepalive(tmp_path: Path) -> None
     """The node's end of an idle WebSocket runs the keepalive timer; with
     ``tcp_keepalive_s = 0`` it runs none."""
     for env, expected in (({}, 2), ({"MUX_TCP_KEEPALIVE_S": "0"}, 0)):
-        async with node_process(tmp_path / str(expected), "--memory", env=env) as node, trio.open_nursery() as nursery:
-            ws, client_port, hello = await _connect(nursery, node, "idle")
+        async with (
+            node_process(tmp_path / str(expected), "--memory", env=env) as node,
+            _connected(node, "idle") as (_ws, client_port, hello),
+        ):
             assert hello["event"] == "connected"
             node_port = int(node.url.rsplit(":", 1)[1])
             await trio.sleep(0.2)  # the handshake's last data acknowledged: nothing in flight
             assert _timer(node_port, client_port) == expected, env
-            await ws.aclose()
 
 
 async def test_a_vanished_peer_is_dropped_and_its_agent_connects_again(tmp_path: Path) -> None:
@@ -104,17 +112,19 @@ async def test_a_vanished_peer_is_dropped_and_its_agent_connects_again(tmp_path:
     connection closed as usual: by the client)."""
     _need_iptables()
     log = tmp_path / "node.log"
-    async with node_process(tmp_path, "--memory", env=QUICK, log=log) as node, trio.open_nursery() as nursery:
-        _ws, client_port, hello = await _connect(nursery, node, "phone")
-        assert hello["event"] == "connected" and await _connections(node) == 1
-        async with _vanished(client_port):
-            with trio.fail_after(30):  # 1 s of silence, then 3 s of unanswered probes
-                while await _connections(node):  # noqa: ASYNC110  (another process's count: polled, bounded)
-                    await trio.sleep(0.25)
-        again, _, hello = await _connect(nursery, node, "phone")
-        assert hello["event"] == "connected", hello
-        await again.aclose()
-        nursery.cancel_scope.cancel()
+    async with node_process(tmp_path, "--memory", env=QUICK, log=log) as node:
+        async with _connected(node, "phone") as (_ws, client_port, hello):
+            assert hello["event"] == "connected" and await _connections(node) == 1
+            async with _vanished(client_port):
+                with trio.fail_after(30):  # 1 s of silence, then 3 s of unanswered probes
+                    while await _connections(node):  # noqa: ASYNC110  (another process's count: polled, bounded)
+                        await trio.sleep(0.25)
+        async with _connected(node, "phone") as (again, _, hello):
+            assert hello["event"] == "connected", hello
+            await again.aclose()
+        with trio.fail_after(10):
+            while await _connections(node):  # noqa: ASYNC110  (another process's count: polled, bounded)
+                await trio.sleep(0.05)
     lines = [line for line in log.read_text().splitlines() if "phone disconnected after" in line]
     assert len(lines) == 2 and "(connection lost)" in lines[0] and "(closed by the client)" in lines[1], lines
 
@@ -124,15 +134,14 @@ async def test_without_keepalive_a_vanished_peer_locks_its_agent_out(tmp_path: P
     the time above, and the agent's new connection is refused (``agent_attached``)."""
     _need_iptables()
     env = {**QUICK, "MUX_TCP_KEEPALIVE_S": "0"}
-    async with node_process(tmp_path, "--memory", env=env) as node, trio.open_nursery() as nursery:
-        _ws, client_port, hello = await _connect(nursery, node, "phone")
-        assert hello["event"] == "connected"
-        async with _vanished(client_port):
-            await trio.sleep(8)
-            assert await _connections(node) == 1
-        _again, _, refused = await _connect(nursery, node, "phone")
-        assert refused.get("error") == "agent_attached", refused
-        nursery.cancel_scope.cancel()
+    async with node_process(tmp_path, "--memory", env=env) as node:
+        async with _connected(node, "phone") as (_ws, client_port, hello):
+            assert hello["event"] == "connected"
+            async with _vanished(client_port):
+                await trio.sleep(8)
+                assert await _connections(node) == 1
+            async with _connected(node, "phone") as (_again, _, refused):
+                assert refused.get("error") == "agent_attached", refused
 
 
 def test_the_listening_socket_options() -> None:
