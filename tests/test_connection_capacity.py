@@ -1,11 +1,12 @@
 """How many connections a node takes: its limit on open files and its listen backlog.
 
-Every WebSocket connection holds a file descriptor (``mux.open_files``). ``python -m mux serve`` raises its soft
-``RLIMIT_NOFILE`` to the hard limit, so a node started from a shell's default soft limit (1024
-on most Linux systems) still holds ``max_connections``; ``/status`` ``open_files`` shows the
-limit and what is open; and the node warns at start when even the hard limit leaves too little
-for ``max_connections``. The nodes here are real ``mux serve`` processes started with a soft
-limit of 64, held by real WebSocket clients on loopback.
+Every WebSocket connection holds a file descriptor (``mux.open_files``). ``python -m mux
+serve`` raises its soft ``RLIMIT_NOFILE`` to the hard limit, so a node started from a shell's
+default soft limit (1024 on most Linux systems) still holds ``max_connections``; ``/status``
+``open_files`` shows the limit and what is open; and the node warns once listening when even
+the hard limit leaves too little for ``max_connections``. The nodes here are real ``mux serve``
+processes started with a soft limit of 64, held by real WebSocket clients on loopback; the
+module's helpers are tested alone too.
 
 A crowd of clients connecting at once (coming back after a restart) waits in the listening
 socket's backlog until the node accepts them: ``listen_backlog`` sets it (4096).
