@@ -12,7 +12,7 @@ import orjson
 
 from .errors import BadRequest, MuxError, VerificationError
 from .intents import IntentRegistry, resolve_intent
-from .open_files import OpenFiles, in_use, raise_limit, shortfall
+from .open_files import raise_limit, warn_if_short
 from .signing import NodeKey, verify_chain
 
 __all__ = ["DEFAULT_URL", "build_parser", "main"]
@@ -189,7 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # returns once it does (the first time, this process is executed again); by default
         # only where jemalloc is installed
         run_under_jemalloc(required=args.jemalloc is True)
-    open_files = _raise_open_files()
+    open_files = raise_limit()  # each connection holds a descriptor: the hard limit, not a shell's soft 1024
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -202,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 logging.getLogger("mux").warning(
                     "OPEN MODE: no authentication; any caller may claim any agent name (--open)"
                 )
-            _check_open_files(open_files, settings.max_connections)  # now that its listeners are open too
+            warn_if_short(open_files, settings.max_connections)  # now that its listeners are open too
             freeze_startup()  # this process serves this node: keep full collections short
             print(f"mux node {node_mux.agent} listening on {', '.join(info.urls)} [{scheme}]", flush=True)
             print(f"public key {node_mux.public_key}", flush=True)
@@ -210,27 +210,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     trio.run(main)
     print("mux node stopped", flush=True)
     return 0
-
-
-def _raise_open_files() -> OpenFiles | None:
-    """Raise the process's soft limit on open files to the hard one (each connection holds
-    one) and log it; the limits after, or None where there are none."""
-    import logging
-
-    found = raise_limit()
-    if found is not None and found.raised_from is not None:
-        message = "open files: soft limit raised from %d to %d (hard limit %s)"
-        logging.getLogger("mux.open_files").info(message, found.raised_from, found.soft, found.hard_text)
-    return found
-
-
-def _check_open_files(found: OpenFiles | None, max_connections: int) -> None:
-    """Warn when the limit on open files leaves too little room for ``max_connections``."""
-    import logging
-
-    problem = None if found is None else shortfall(found, max_connections, in_use())
-    if problem is not None:
-        logging.getLogger("mux.open_files").warning("open files: %s", problem)
 
 
 @command("token")

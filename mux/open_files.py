@@ -7,12 +7,13 @@ process past its soft limit cannot accept another connection (``EMFILE``). So a 
 that soft limit would stop taking connections at about a thousand, well below its
 ``max_connections`` (10,000). Like Go's runtime, ``python -m mux serve`` raises its soft limit
 to the hard one at start (:func:`raise_limit`), and warns when even that leaves less room than
-``max_connections`` needs (:func:`shortfall`). ``/status`` ``open_files`` gives the limit and
+``max_connections`` needs (:func:`warn_if_short`). ``/status`` ``open_files`` gives the limit and
 how many descriptors are open (:func:`status`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -24,7 +25,9 @@ try:
 except ImportError:  # Windows: no such limit to raise
     resource = None  # type: ignore[assignment]
 
-__all__ = ["RESERVED", "OpenFiles", "in_use", "limits", "raise_limit", "shortfall", "status"]
+__all__ = ["RESERVED", "OpenFiles", "in_use", "limits", "raise_limit", "shortfall", "status", "warn_if_short"]
+
+log = logging.getLogger(__name__)
 
 RESERVED = 256
 """Descriptors :func:`shortfall` counts for the node's own use beside one per connection
@@ -69,8 +72,9 @@ def limits() -> OpenFiles | None:
 
 def raise_limit() -> OpenFiles | None:
     """Raise this process's soft limit on open files to its hard limit (the whole process's:
-    for ``mux serve``, not for a library embedding a node); returns the limits after. When
-    the system refuses, the soft limit stays as it was. None where there are no limits."""
+    for ``mux serve``, not for a library embedding a node), and log it; returns the limits
+    after. When the system refuses, the soft limit stays as it was. None where there are no
+    limits."""
     now = limits()
     if now is None or resource is None:
         return None
@@ -80,7 +84,9 @@ def raise_limit() -> OpenFiles | None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, now.hard))
         except (ValueError, OSError):
             return now
-        return OpenFiles(ceiling, now.hard, raised_from=now.soft)
+        raised = OpenFiles(ceiling, now.hard, raised_from=now.soft)
+        log.info("open files: soft limit raised from %d to %d (hard limit %s)", now.soft, ceiling, raised.hard_text)
+        return raised
     return now
 
 
@@ -100,6 +106,13 @@ def shortfall(found: OpenFiles, max_connections: int, open_now: int | None = Non
         f" listeners and tunnels): past about {fits} connections the node cannot accept more. Raise the hard"
         " limit (ulimit -Hn as root, or LimitNOFILE= in a systemd unit) or lower max_connections"
     )
+
+
+def warn_if_short(found: OpenFiles | None, max_connections: int) -> None:
+    """Log :func:`shortfall`'s warning, reckoned with what is open now, when there is one."""
+    problem = None if found is None else shortfall(found, max_connections, in_use())
+    if problem is not None:
+        log.warning("open files: %s", problem)
 
 
 def in_use() -> int | None:
