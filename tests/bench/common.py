@@ -43,6 +43,7 @@ __all__ = [
     "Proc",
     "TARGETS",
     "Target",
+    "cpu_each",
     "elapsed",
     "events",
     "fmt_ms",
@@ -61,6 +62,17 @@ __all__ = [
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def cpu_each(cpu_s: float, count: int, unit: str) -> str:
+    """CPU per item, ``cpu_s`` over ``count`` items, in ``unit`` ("ms" or "us"). The kernel counts
+    a process's CPU in clock ticks (10 ms at 100 Hz): when a run measured no tick at all, the
+    figure is a bound, ``under`` one tick per item, not a zero."""
+    scale, digits = {"ms": (1e3, 2), "us": (1e6, 0)}[unit]
+    count = max(1, count)
+    if cpu_s <= 0:
+        return f"under {scale / _TICK / count:.{digits}f} {unit}"
+    return f"{cpu_s * scale / count:.{digits}f} {unit}"
 
 
 def node_args(text: str) -> tuple[str, ...]:

@@ -41,7 +41,17 @@ import trio_websocket
 
 from mux.client import open_ws
 
-from .common import BENCH_BUDGET_S, Proc, events, node_process, node_status, raise_nofile, seconds_left, target
+from .common import (
+    BENCH_BUDGET_S,
+    Proc,
+    cpu_each,
+    events,
+    node_process,
+    node_status,
+    raise_nofile,
+    seconds_left,
+    target,
+)
 from .server import expect
 
 __all__ = ["Cycle", "MemoryResult", "memory_run", "report", "run"]
@@ -467,13 +477,13 @@ def _rows(r: MemoryResult, connections: int, openers: int, per_opener: int, name
         (
             f"(e) {connections} WS connections held (node /status: {c.connections})",
             f"{per_conn / 1024:8.1f} KiB/connection  RSS {base / 1024:.1f} -> {c.rss_conns / 1024:.1f} MiB,"
-            f" connected in {c.connect_s:.1f} s, node {c.connect_cpu_s / max(1, c.connections) * 1e3:.2f} ms"
+            f" connected in {c.connect_s:.1f} s, node {cpu_each(c.connect_cpu_s, c.connections, 'ms')}"
             f" CPU/connection; allocator: {c.allocator}",
         ),
         (
             f"(e) + {c.opened} channels ({openers} agents x {per_opener}; node /status: {c.channels_open})",
             f"{per_chan / 1024:8.2f} KiB/channel     RSS -> {c.rss_channels / 1024:.1f} MiB, opened in"
-            f" {c.open_s:.1f} s, node {c.open_cpu_s / max(1, c.opened) * 1e6:.0f} us CPU/open{errors}",
+            f" {c.open_s:.1f} s, node {cpu_each(c.open_cpu_s, c.opened, 'us')} CPU/open{errors}",
         ),
         (
             "(e) RSS after the channels close, connections still open",
