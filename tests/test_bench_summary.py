@@ -37,6 +37,18 @@ def test_the_targets_come_last_with_whether_each_was_met(
     assert summary[2].split()[-4:] == ["+20.0%", "(RSS)", "met:", "no"]
 
 
+def test_a_target_is_judged_on_its_figure_as_printed() -> None:
+    """Figures are rounded toward the miss: a ratio of 1.503 against "at most 1.5" prints
+    1.51, never a "1.50x" marked missed; "at least" targets round down the same way."""
+    assert common.toward_miss(1.503, 2, at_most=True) == 1.51
+    assert common.toward_miss(1.5, 2, at_most=True) == 1.5
+    assert common.toward_miss(1.1, 2, at_most=True) == 1.1  # not 1.11 from 110.00000000000001
+    assert common.toward_miss(79.97, 0, at_most=False) == 79
+    assert common.toward_miss(2.999, 2, at_most=False) == 2.99
+    assert common.toward_miss(5.01, 1, at_most=True) == 5.1
+    assert common.toward_miss(4.2, 1, at_most=True) == 4.2
+
+
 @pytest.mark.parametrize(
     ("from_session", "seconds", "figure", "met"),
     [

@@ -57,6 +57,7 @@ __all__ = [
     "seconds_left",
     "node_args",
     "target",
+    "toward_miss",
     "tls_node_process",
 ]
 
@@ -150,6 +151,14 @@ class Target:
 TARGETS: list[Target] = []
 """What the sections measured against the issue's targets, in the order they ran
 (``python -m tests.bench`` prints them last)."""
+
+
+def toward_miss(value: float, digits: int, *, at_most: bool) -> float:
+    """``value`` rounded to ``digits`` decimals toward missing its target: up for a target of at
+    most some figure, down for one of at least. A target is judged on the figure as printed,
+    so a run never shows "1.50x" for a ratio of 1.503 and calls it a miss."""
+    scaled = round(value * 10**digits, 6)  # 1.1 * 100 is 110.00000000000001
+    return (math.ceil(scaled) if at_most else math.floor(scaled)) / 10**digits
 
 
 def target(name: str, figure: str, met: bool | str) -> None:

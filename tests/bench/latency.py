@@ -56,7 +56,7 @@ import trio_websocket
 from mux.client import open_ws
 from mux.wire import pack_binary
 
-from .common import Meter, Proc, events, fmt_ms, node_process, node_status, percentile, target
+from .common import Meter, Proc, events, fmt_ms, node_process, node_status, percentile, target, toward_miss
 from .server import expect
 
 __all__ = ["VoiceResult", "report", "run", "voice_run"]
@@ -548,7 +548,8 @@ def report(r: VoiceResult, voice_frames: int) -> list[tuple[str, str]]:
                 " (tens: a refusal leaves no cycle; each left about 13 when it did)",
             )
         )
-    target("voice p99 beside a bulk flood within 1.5x of alone", f"{ratio:.2f}x", ratio <= 1.5)
+    shown = toward_miss(ratio, 2, at_most=True)
+    target("voice p99 beside a bulk flood within 1.5x of alone", f"{shown:.2f}x", shown <= 1.5)
     target(
         "zero voice frames refused; the connection never closed",
         f"{refused} refused; connections closed: {len(r.closed_connections)}",
