@@ -47,7 +47,7 @@ def _need_iptables() -> None:
 def _iptables(action: str, port: int) -> None:
     rule = ["INPUT", "-i", "lo", "-p", "tcp", "--dport", str(port), "-j", "DROP"]
     assert IPTABLES is not None
-    subprocess.run([IPTABLES, action, *rule], check=True, capture_output=True, timeout=10)
+    subprocess.run([IPTABLES, "-w", "5", action, *rule], check=True, capture_output=True, timeout=10)
 
 
 @asynccontextmanager
