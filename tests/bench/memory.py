@@ -411,8 +411,8 @@ async def _memory_cycles(
 
 
 def _growth(now: int, start: int) -> float:
-    """``now`` over ``start`` in percent, to the 0.1 away from zero: the figure a 5% target is
-    judged on."""
+    """The growth from ``start`` to ``now`` in percent, rounded away from zero to 0.1 (toward
+    missing "within 5%"): the figure that target is judged on."""
     pct = (now - start) / max(1, start) * 100
     return math.copysign(toward_miss(abs(pct), 1, at_most=True), pct)
 
