@@ -71,11 +71,10 @@ def _tcp_options(sock: socket.socket, user_timeout_s: float, keepalive_s: int) -
     if keepalive_s <= 0:
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    idle = max(1, keepalive_s)
     for name, value in (
-        ("TCP_KEEPIDLE", idle),  # Linux
-        ("TCP_KEEPALIVE", idle),  # macOS: the same, by another name
-        ("TCP_KEEPINTVL", max(1, idle // 3)),
+        ("TCP_KEEPIDLE", keepalive_s),  # Linux
+        ("TCP_KEEPALIVE", keepalive_s),  # macOS: the same, by another name
+        ("TCP_KEEPINTVL", max(1, keepalive_s // 3)),
         ("TCP_KEEPCNT", KEEPALIVE_PROBES),
     ):
         number = getattr(socket, name, None)

@@ -28,6 +28,7 @@ from trio_websocket import WebSocketConnection, connect_websocket_url
 
 from mux import open_files
 
+from .bench.common import raise_nofile
 from .procs import NodeProcess, node_process
 from .wsutil import recv, ws_url
 
@@ -45,16 +46,8 @@ async def _status(url: str) -> dict[str, Any]:
         return status
 
 
-def _room_for_clients() -> None:
-    """This process holds the clients' ends: make sure its own limit has room for them."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = CLIENTS + 256
-    if soft < wanted and (hard == resource.RLIM_INFINITY or hard >= wanted):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
 async def test_serve_raises_its_soft_limit_and_holds_more_connections_than_it(tmp_path: Path) -> None:
-    _room_for_clients()
+    raise_nofile(CLIENTS + 256)  # this process holds the clients' ends
     log = tmp_path / "node.log"
     env = {"MUX_MAX_CONNECTIONS": "500"}  # 1024 files are room enough: no warning
     async with node_process(tmp_path, "--memory", log=log, open_files=(SOFT, 1024), env=env) as node:
@@ -174,7 +167,7 @@ async def test_the_listen_backlog_queues_a_burst_of_connections(tmp_path: Path) 
     all queued by default; with a backlog of 50, about 51 are and the rest are dropped (what
     Hypercorn's default of 100 did to a crowd of clients coming back after a restart). The
     node then serves as before."""
-    _room_for_clients()
+    raise_nofile(CLIENTS + 256)  # this process holds the clients' ends
     async with node_process(tmp_path / "a", "--memory") as node:
         assert await _queued_while_stopped(node, CLIENTS * 2) == CLIENTS * 2
         assert (await _status(node.url))["connections"] == 0
