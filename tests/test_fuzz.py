@@ -22,6 +22,9 @@ included) is closed with ``ws_disconnect`` when that agent's socket closes, beca
 the opener end; durable channels stay open only for their *target* (the peer detaches, the
 opener still closes them). REST has no connection: every channel a REST example opened is
 closed by the example itself. So ``channels_open`` must be 0 once all examples are done.
+The ``⟦foreign⟧`` channel, between two agents no example is, must still be open at the end
+(the test closes it then), unless a REST example closed it where the protocol allows: on an
+open-mode node, a ``POST /close`` naming no agent acts as the channel's opener.
 Intents are limited to those served by the ``stream`` and ``ipoll`` backends (plus malformed
 names): other backends have codes of their own, documented in docs/backends.md.
 
@@ -504,6 +507,10 @@ class Tally:
     statuses: collections.Counter[int] = attrs.field(factory=collections.Counter)
     events: collections.Counter[str] = attrs.field(factory=collections.Counter)
     counter: Iterator[int] = attrs.field(factory=itertools.count)
+    foreign_closed: str | None = None
+    """The REST request that closed the ``⟦foreign⟧`` channel, if one did: in open mode a
+    ``POST /close`` naming no agent acts as the channel's opener (docs/protocol.md, "Who is
+    calling"), and the examples know its id."""
 
     def report(self, name: str) -> str:
         """One line with the figures."""
@@ -512,6 +519,7 @@ class Tally:
             f"{self.http_requests} HTTP requests, {self.connections} connections; "
             f"events {dict(self.events.most_common())}; error codes {dict(self.codes.most_common())}; "
             f"HTTP statuses {dict(sorted(self.statuses.items()))}"
+            + (f"; the foreign channel closed by {self.foreign_closed}" if self.foreign_closed else "")
         )
 
 
@@ -873,6 +881,9 @@ async def rest_example(
             r = await c.request(method, url, **kwargs)
             what = f"{method} {url} {short(kwargs, 400)}"
             answer = await _check_response(r, what, node, tally)
+            if url == "/close" and r.status_code == 200 and answer["channel_id"] == foreign:
+                assert creds.key is None, f"{what} closed a channel of two other agents"
+                tally.foreign_closed = what
             if method == "POST" and url == "/open" and r.status_code == 200:
                 auth_only = {k: v for k, v in hdrs.items() if k == "Authorization"}
                 opened.append((answer["channel_id"], answer["agent"], auth_only))
@@ -899,10 +910,13 @@ failure message already shows the offending message and the node's log."""
 
 
 async def _foreign_channel(node: NodeProc, creds: Credentials, close: str | None = None) -> str:
-    """A channel between two agents no example is (``⟦foreign⟧``); closes ``close`` instead."""
+    """A channel between two agents no example is (``⟦foreign⟧``); with ``close``, checks that
+    channel is still open, then closes it."""
     ctx = Context(me="fx-1", peer="fx-2")
     async with httpx.AsyncClient(base_url=node.api, timeout=10) as c:
-        if close is not None:
+        if close is not None:  # asked first: a close is idempotent, and answers 200 again
+            r = await c.get(f"/channel/{close}", params={"agent": "fx-1"}, headers=creds.headers("me", ctx))
+            assert r.status_code == 200 and r.json()["state"] == "open", r.text
             r = await c.post("/close", json={"channel_id": close}, headers=creds.headers("me", ctx))
             assert r.status_code == 200, r.text
             return close
@@ -963,7 +977,8 @@ def _fuzz_node(tmp: Path, *, open_mode: bool) -> Tally:
 
         fuzz_websocket()
         fuzz_rest()
-        trio.run(_foreign_channel, node, creds, foreign)
+        if tally.foreign_closed is None:  # still open: no example could touch it; closed now
+            trio.run(_foreign_channel, node, creds, foreign)
         assert node.process.poll() is None, f"the node died\n{node.tail()}"
         status = trio.run(_settled_status, node)
         assert status["connections"] == 0, status
@@ -1053,6 +1068,34 @@ def test_empty_binary_message_gets_an_error_and_the_socket_lives(regression_node
             await ws.send_message('{"action":"ping","ref":"alive"}')
             with trio.fail_after(5):
                 assert orjson.loads(await ws.get_message())["event"] == "pong"
+
+    trio.run(probe)
+
+
+def test_an_unnamed_rest_close_acts_as_the_opener_in_open_mode(regression_node: NodeProc) -> None:
+    """Found by fuzzing (the test's own mistake, not the node's): a REST example closed the
+    ``⟦foreign⟧`` channel with a ``POST /close`` naming no agent, which on an open-mode node acts
+    as the channel's opener (docs/protocol.md, "Who is calling"); the test's own close of it at
+    the end then failed, once later closes had pushed it out of the node's lookups. A caller
+    that names itself and is no end is still refused."""
+
+    async def probe() -> None:
+        async with httpx.AsyncClient(base_url=regression_node.api, timeout=10) as c:
+            r = await c.post("/open", json={"agent": "unnamed-a", "target": "unnamed-b"})
+            assert r.status_code == 200, r.text
+            cid = r.json()["channel_id"]
+            for body, headers in (({"agent": "unnamed-x"}, {}), ({}, {"X-Mux-Agent": "unnamed-x"})):
+                r = await c.post("/close", json={"channel_id": cid, **body}, headers=headers)
+                assert (r.status_code, r.json()["error"]) == (403, "forbidden"), r.text
+            r = await c.get(f"/channel/{cid}", params={"agent": "unnamed-b"})
+            assert r.json()["state"] == "open", r.text
+            r = await c.post("/close", json={"channel_id": cid, "reason": "by id"})
+            assert r.status_code == 200 and r.json()["reason"] == "by id", r.text
+            closed = r.json()
+            r = await c.get(f"/channel/{cid}", params={"agent": "unnamed-b"})
+            assert r.json()["state"] == "closed", r.text
+            r = await c.post("/close", json={"channel_id": cid})  # idempotent: the same close frame
+            assert r.status_code == 200 and r.json() == closed, r.text
 
     trio.run(probe)
 
