@@ -24,7 +24,9 @@ opener still closes them). REST has no connection: every channel a REST example 
 closed by the example itself. So ``channels_open`` must be 0 once all examples are done.
 The ``⟦foreign⟧`` channel, between two agents no example is, must still be open at the end
 (the test closes it then), unless a REST example closed it where the protocol allows: on an
-open-mode node, a ``POST /close`` naming no agent acts as the channel's opener.
+open-mode node, a ``POST /close`` naming no agent acts as the channel's opener. Until then
+each REST example ends by sending to it and closing it as its own agent, refused 403 both
+times (random messages alone seldom reach it with valid credentials).
 Intents are limited to those served by the ``stream`` and ``ipoll`` backends (plus malformed
 names): other backends have codes of their own, documented in docs/backends.md.
 
@@ -887,6 +889,12 @@ async def rest_example(
             if method == "POST" and url == "/open" and r.status_code == 200:
                 auth_only = {k: v for k, v in hdrs.items() if k == "Authorization"}
                 opened.append((answer["channel_id"], answer["agent"], auth_only))
+        if tally.foreign_closed is None:  # another pair's channel, the caller named: refused
+            for route, extra in (("/send", {"payload": 1}), ("/close", {})):
+                tally.http_requests += 1
+                body = {"channel_id": foreign, "agent": ctx.me, **extra}
+                r = await c.post(route, json=body, headers=creds.headers("me", ctx))
+                assert (r.status_code, r.json().get("error")) == (403, "forbidden"), f"POST {route} {body}: {r.text}"
         for cid, opener, auth in opened:  # REST opens have no connection to close them
             tally.http_requests += 1
             r = await c.post("/close", json={"channel_id": cid, "agent": opener}, headers=auth)
