@@ -73,11 +73,12 @@ from .rest_client import MuxClient
 from .signing import verify_frame
 from .uplink import PieceWindow
 from .urls import API_PREFIX, api_url, ws_url
-from .wire import CHUNK_BYTES, MAX_BATCH_ITEMS, MAX_WINDOW, decode_object, pack_binary, unpack_binary
+from .wire import CHUNK_BYTES, MAX_BATCH_ITEMS, MAX_PARTS, MAX_WINDOW, decode_object, pack_binary, unpack_binary
 
 __all__ = [
     "API_PREFIX",
     "PART_BYTES",
+    "UNCONFIRMED_PART_BYTES",
     "ClientChannel",
     "MuxClient",
     "MuxConnection",
@@ -95,12 +96,22 @@ ACCEPT_BACKLOG = 1024
 
 PART_ACK_TIMEOUT_S = 2.0
 """Pieces written this long ago and not confirmed (``part_ack``) count as lost."""
-PART_BYTES = CHUNK_BYTES
+PART_BYTES = 4 << 10
 """While a connection holds a call, a ``bytes`` payload larger than this goes to a node that
-takes pieces (``send_parts``) in pieces of this size (16 KiB, as the node's own
-``frame_part`` pieces): a call's frame sent meanwhile waits behind one piece, not the whole
-payload. Without a call a payload goes whole (a piece costs the node a message: measured,
-512 KiB chunks of a file in pieces took the node about twice the CPU)."""
+takes pieces (``send_parts``) and confirms them (``part_acks``) in pieces of this size
+(larger ones where a payload would need more than ``MAX_PARTS``): a call's frame sent
+meanwhile waits behind one piece, not the whole payload, and :attr:`MuxConnection.uplink`'s
+smallest window is one piece. 4 KiB, not the node's 16 KiB ``frame_part`` pieces: at the
+bench's 4 MB/s uplink a piece takes 1 ms to cross, not 4, and a call frame's p99 beside
+512 KiB uploads fell from 17.1 and 17.2 ms to 12.2 and 12.5 ms in two runs, for as many
+bytes uploaded (docs/performance.md, row (d-up)). Without a call a payload goes whole (a
+piece costs the node a message: measured, 512 KiB chunks of a file in 16 KiB pieces took
+the node about twice the CPU)."""
+UNCONFIRMED_PART_BYTES = CHUNK_BYTES
+"""The pieces' size for a node that takes pieces but does not confirm them, so no window
+keeps them off the uplink's queue: 16 KiB. Through the bench's uplink, 4 KiB pieces sent
+that way often queued behind them about as much as a whole payload does (docs/performance.md,
+row (d-up))."""
 
 _FRAME_KEYS = ("v", "channel_id", "seq", "kind", "sender", "target", "intent", "ts", "prev", "enc", "payload")
 
@@ -225,10 +236,10 @@ class MuxConnection:
     ) -> None:
         self._ws = ws
         self.batch = batch
+        """True: requests go through one sender task, concurrent ones as ``batch`` actions."""
         self.accept_backlog = accept_backlog
         """Channels opened to us that may wait for :meth:`accept`; more are closed at once
         (reason ``accept_backlog_full``), as a full listen backlog refuses connections."""
-        """True: requests go through one sender task, concurrent ones as ``batch`` actions."""
         self.agent: str = hello["agent"]
         self.node: str = hello.get("node", "")
         self.public_key: str = hello.get("public_key", "")
@@ -236,9 +247,9 @@ class MuxConnection:
         parts = hello.get("send_parts")
         self.send_parts: int = parts if type(parts) is int and parts > 0 else 0
         """How many sends in pieces the node takes at once (``connected``'s ``send_parts``; 0:
-        none). While the connection holds a call, ``bytes`` payloads over ``PART_BYTES`` are
-        sent that way, so the call's frames go out between the pieces, not behind the whole
-        payload."""
+        none). While the connection holds a call, ``bytes`` payloads over ``PART_BYTES``
+        (``UNCONFIRMED_PART_BYTES`` without ``part_acks``) are sent that way, so the call's
+        frames go out between the pieces, not behind the whole payload."""
         self._piecing = trio.Semaphore(max(1, self.send_parts))
         """Sends writing their pieces now (at most ``send_parts``)."""
         self._unpieced: collections.deque[int] = collections.deque(maxlen=4 * max(1, self.send_parts))
@@ -249,7 +260,7 @@ class MuxConnection:
         self.part_acks: bool = hello.get("part_acks") is True
         """The node confirms each piece that asks (``part_ack``): the bytes of pieces written
         and not yet confirmed are then kept within :attr:`uplink`'s window."""
-        self.uplink = PieceWindow(PART_BYTES)
+        self.uplink = PieceWindow(PART_BYTES, max_pieces=(1 << 20) // PART_BYTES)
         """Pieces in flight and the delay-based window over them (``mux.uplink``): they fill
         the uplink without queueing much more than ``target_s`` in front of a call's frames."""
         self._in_flight: dict[tuple[int, int], tuple[float, int]] = {}
@@ -306,7 +317,11 @@ class MuxConnection:
         except orjson.JSONEncodeError as exc:
             raise BadRequest(f"payload is not JSON-serializable: {exc}", code="bad_payload") from exc
         pieces = (
-            not whole and binary is not None and len(binary) > PART_BYTES and self.send_parts > 0 and self._holds_call()
+            not whole
+            and binary is not None
+            and len(binary) > self._part_bytes()
+            and self.send_parts > 0
+            and self._holds_call()
         )
         size = len(binary) if pieces and binary is not None else len(data)
         if self.max_message_bytes and size > self.max_message_bytes:
@@ -358,17 +373,25 @@ class MuxConnection:
         finally:
             self._turns.release()
 
+    def _part_bytes(self) -> int:
+        """The size of the pieces a large payload goes in: ``PART_BYTES`` when the node
+        confirms them (the window keeps them off the uplink's queue), else
+        ``UNCONFIRMED_PART_BYTES``."""
+        return PART_BYTES if self.part_acks else UNCONFIRMED_PART_BYTES
+
     def _holds_call(self) -> bool:
         """True while a real-time channel (a call) of this connection is open: only then do
         large payloads go in pieces (each piece costs the node a message of its own)."""
         return any(ch.delivery == "realtime" and ch.is_open for ch in self._channels.values())
 
     async def _send_pieces(self, message: dict[str, Any], payload: bytes, pending: _Pending) -> None:
-        """Write ``payload`` as ``send`` pieces of ``PART_BYTES`` (``mux.pieces``), each its own
-        message: the socket's writes are taken in turn, so a send of another task waiting
-        meanwhile goes out after the piece being written, not after the whole payload. Stops
-        once the send is answered (a piece refused)."""
-        parts = -(-len(payload) // PART_BYTES)
+        """Write ``payload`` as ``send`` pieces of ``_part_bytes()`` (``mux.pieces``; larger
+        when it would take more than ``MAX_PARTS``), each its own message: the socket's writes
+        are taken in turn, so a send of another task waiting meanwhile goes out after the
+        piece being written, not after the whole payload. Stops once the send is answered (a
+        piece refused)."""
+        step = max(self._part_bytes(), -(-len(payload) // MAX_PARTS))
+        parts = -(-len(payload) // step)
         view = memoryview(payload)
         ref: int = message["ref"]
         windowed = self.part_acks
@@ -377,7 +400,7 @@ class MuxConnection:
                 for part in range(parts):
                     if pending.done.is_set():
                         return
-                    piece = bytes(view[part * PART_BYTES : (part + 1) * PART_BYTES])
+                    piece = bytes(view[part * step : (part + 1) * step])
                     header = {**message, "part": part, "parts": parts}
                     if windowed:
                         await self._uplink_wait(len(piece), pending)

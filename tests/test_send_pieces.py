@@ -12,9 +12,10 @@
 - Edge cases: bad ``part``/``parts``, pieces in a JSON message, too many unfinished, a
   payload over the limit, and the rate limit charging a send in pieces once.
 - End to end (a real node, ``mux.client`` at both ends): while the sender holds a call, a
-  1 MiB payload goes in 16 KiB pieces and a call frame sent while they are being written is
-  answered (handled by the node) before the payload is; without a call the payload goes
-  whole, in one message.
+  1 MiB payload goes in ``PART_BYTES`` (4 KiB) pieces, or in ``MAX_PARTS`` larger ones where
+  it would take more, and a call frame sent while they are being written is answered
+  (handled by the node) before the payload is; without a call the payload goes whole, in
+  one message.
 - Confirmed pieces (``part_ack``): the node answers each piece that asks; through a 1 MB/s
   shaping proxy ``mux.client`` keeps its pieces in flight within its window (``mux.uplink``),
   which closes as the link's queue grows; confirmations that stop coming hold a send up
@@ -39,7 +40,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mux
-from mux.client import PART_BYTES, connect
+from mux.client import PART_BYTES, UNCONFIRMED_PART_BYTES, connect
 from mux.errors import ChannelThrottled
 from mux.pieces import MAX_OPEN, PIECE_HELD_BYTES, SEND_HELD_BYTES
 from mux.server import ServeInfo
@@ -392,6 +393,69 @@ async def test_a_call_frame_goes_between_the_pieces_of_a_large_payload(server: S
             bob.verify(frame)
 
 
+def _binary_written(conn: Any) -> list[bytes]:
+    """The binary messages ``conn`` (a ``mux.client`` connection) writes from now on."""
+    written: list[bytes] = []
+    stock = conn._ws.send_message
+
+    async def counted(message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            written.append(message)
+        await stock(message)
+
+    conn._ws.send_message = counted
+    return written
+
+
+async def _pieces_of_one_send(
+    server: ServeInfo, payload: bytes, *, part_acks: bool = True
+) -> list[tuple[int, int, int]]:
+    """Send ``payload`` beside a call from ``mux.client``; (part, parts, bytes) of each piece
+    written, after checking the payload arrived whole and verified."""
+    async with connect(server.url, "bob") as bob, connect(server.url, "alice") as alice:
+        alice.part_acks = part_acks and alice.part_acks
+        written = _binary_written(alice)
+        await alice.open("bob", "call:voice")
+        await bob.accept()
+        bulk = await alice.open("bob", "stream")
+        received = await bob.accept()
+        with trio.fail_after(20):
+            with contextlib.suppress(ChannelThrottled):  # beside the call the node may refuse it
+                await bulk.send(payload)
+            frame = await received.receive()
+        assert frame["payload"] == payload
+        bob.verify(frame)
+    return [(h["part"], h["parts"], len(p)) for h, p in map(unpack_binary, written) if h.get("parts")]
+
+
+async def test_a_payload_past_max_parts_pieces_goes_in_fewer_larger_pieces(
+    server: ServeInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A payload that would take more than ``MAX_PARTS`` pieces of ``PART_BYTES`` (the node
+    refuses more) goes in ``MAX_PARTS`` larger pieces, and arrives whole."""
+    import mux.client
+
+    monkeypatch.setattr(mux.client, "MAX_PARTS", 4)  # the wire's 4,096 would need a 16 MiB payload
+    payload = os.urandom(9 * PART_BYTES + 100)
+    step = -(-len(payload) // 4)
+    assert await _pieces_of_one_send(server, payload) == [
+        (0, 4, step),
+        (1, 4, step),
+        (2, 4, step),
+        (3, 4, len(payload) - 3 * step),
+    ]
+
+
+async def test_pieces_are_larger_for_a_node_that_does_not_confirm_them(server: ServeInfo) -> None:
+    """Without ``part_acks`` no window keeps small pieces off the uplink's queue: they go in
+    ``UNCONFIRMED_PART_BYTES`` pieces; with it, in ``PART_BYTES`` pieces."""
+    payload = os.urandom(2 * UNCONFIRMED_PART_BYTES + 100)
+    unconfirmed = await _pieces_of_one_send(server, payload, part_acks=False)
+    assert [size for *_, size in unconfirmed] == [UNCONFIRMED_PART_BYTES] * 2 + [100]
+    confirmed = await _pieces_of_one_send(server, payload)
+    assert len(confirmed) == -(-len(payload) // PART_BYTES) and {size for *_, size in confirmed[:-1]} == {PART_BYTES}
+
+
 async def test_a_call_frame_waits_for_at_most_the_piece_being_written(server: ServeInfo) -> None:
     """Four tasks upload in pieces at once; a call frame sent meanwhile is written next, ahead
     of the other uploads' waiting pieces (in arrival order it would wait for three more)."""
@@ -536,8 +600,8 @@ async def test_pieces_through_a_slow_uplink_stay_within_the_clients_window(nurse
     """Through a 1 MB/s link (the bench's shaping proxy), ``mux.client`` holding a call sends
     a 256 KiB payload in pieces: each piece but the last is confirmed, the bytes in flight
     never pass the window (or one piece), the window closes as the queue at the link grows
-    past its target (a 16 KiB piece alone takes 16 ms to cross), and the payload arrives
-    whole and verified."""
+    past its target (a 4 KiB piece alone takes 4 ms to cross, a 5 ms target), and the payload
+    arrives whole and verified."""
     from tests.bench.uplink import SlowUplink
 
     server = await serve_node(nursery)
