@@ -600,8 +600,8 @@ async def test_pieces_through_a_slow_uplink_stay_within_the_clients_window(nurse
     """Through a 1 MB/s link (the bench's shaping proxy), ``mux.client`` holding a call sends
     a 256 KiB payload in pieces: each piece but the last is confirmed, the bytes in flight
     never pass the window (or one piece), the window closes as the queue at the link grows
-    past its target (a 4 KiB piece alone takes 4 ms to cross, a 5 ms target), and the payload
-    arrives whole and verified."""
+    past its target (at 1 MB/s a 4 KiB piece alone takes 4 ms to cross; the target is 5 ms),
+    and the payload arrives whole and verified."""
     from tests.bench.uplink import SlowUplink
 
     server = await serve_node(nursery)
