@@ -25,7 +25,7 @@ from quart import Blueprint, Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import open_files
+from . import downlink, open_files
 from .auth import REVOKED_FILE, Authenticator, Grant, Revocations, bearer_token
 from .bandwidth import TokenBucket
 from .connection import serve_socket, watchdog
@@ -198,6 +198,7 @@ class Node:
             "gc_collected": sum(g["collected"] for g in collections_done),
         }
         out["open_files"] = open_files.status()
+        out["probes"] = downlink.status((s.probes, s.outbox.bulk_held) for s in self.sessions if s.probes is not None)
         out["protocols"] = ["h2", "http/1.1"] if self.settings.tls else ["http/1.1", "h2c"]
         return out
 

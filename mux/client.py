@@ -266,6 +266,10 @@ class MuxConnection:
         self._in_flight: dict[tuple[int, int], tuple[float, int]] = {}
         """Pieces written and not yet confirmed: (ref, part) -> (when written, bytes)."""
         self._uplink_room = trio.lowlevel.ParkingLot()
+        self.probes: bool = hello.get("probes") is True
+        """The node probes this connection's downlink (``?probes=1``, ``mux.downlink``): the
+        reader answers each probe as it reads it, so the node keeps the bulk it sends beside a
+        call from queueing ahead of the call's frames on a slow downlink."""
         window = hello.get("window")
         self.receive_window: int | None = window if isinstance(window, int) and window > 0 else None
         """Frames per channel the node sends ahead of the application (``?window=N``, as the
@@ -518,10 +522,11 @@ class MuxConnection:
         a closed socket is the reader's to report)."""
         await self._send_quietly({"action": "credit", "channel_id": channel_id, "frames": frames})
 
-    async def _send_quietly(self, action: dict[str, Any]) -> None:
-        """Send ``action`` with no ``ref``: no answer is waited for (errors land in ``errors``)."""
+    async def _send_quietly(self, action: dict[str, Any], *, urgent: bool = False) -> None:
+        """Send ``action`` with no ``ref``: no answer is waited for (errors land in ``errors``).
+        ``urgent``: ahead of other writes waiting, as a call's frame."""
         try:
-            await self._write(orjson.dumps(action).decode())
+            await self._write(orjson.dumps(action).decode(), urgent=urgent)
         except trio_websocket.ConnectionClosed:
             pass
 
@@ -643,6 +648,11 @@ class MuxConnection:
         if name == "part_ack":  # a piece arrived; its send's answer comes with the last piece
             self._on_part_ack(msg)
             return
+        if name == "probe":  # answered at once: its time is what the node's window measures
+            n = msg.get("n")
+            if type(n) is int:
+                await self._send_quietly({"action": "probe", "n": n}, urgent=True)
+            return
         ref = msg.get("ref")
         pending = self._pending.get(ref) if isinstance(ref, int) and not isinstance(ref, bool) else None
         if name is None and "error" in msg:
@@ -716,6 +726,7 @@ async def connect(
     batch: bool = False,
     window: bool = True,
     accept_backlog: int = ACCEPT_BACKLOG,
+    probes: bool = True,
 ) -> AsyncIterator[MuxConnection]:
     """Connect ``agent`` to a node over WebSocket: ``async with connect(url, "alice") as conn:``.
 
@@ -730,10 +741,12 @@ async def connect(
     (see the module docstring). At most ``accept_backlog`` channels opened to us wait for
     ``accept()``; more are closed at once with reason ``accept_backlog_full``. A number out
     of its range (``buffer_frames`` 0 would make an unread channel stall the reader) raises
-    ``ValueError`` before anything connects.
+    ``ValueError`` before anything connects. With ``probes`` (the default) the connection
+    answers the node's probes (``?probes=1``), so bulk the node sends it beside a call does
+    not queue up on a slow downlink ahead of the call's frames (``mux.downlink``).
     """
     _check_numbers(buffer_frames, accept_backlog, max_message_bytes, connect_timeout, request_timeout)
-    target = ws_url(url, agent) + ("&batch=1" if batch else "")
+    target = ws_url(url, agent) + ("&batch=1" if batch else "") + ("&probes=1" if probes else "")
     if window:  # as many frames as an inbox holds, within what a node accepts
         target += f"&window={max(1, min(buffer_frames, MAX_WINDOW))}"
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else None

@@ -93,6 +93,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         window = _window_arg(sock.args.get("window"))
         resumable = _flag_arg("resumable", sock.args.get("resumable"))
         batching = _flag_arg("batch", sock.args.get("batch"))
+        probes = _flag_arg("probes", sock.args.get("probes"))
         endpoint = m.attach(grant.agent)
     except MuxError as exc:
         try:
@@ -113,6 +114,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
         rate=(settings.rate_messages_per_s, settings.rate_burst),
         live_acks=live_acks,
         window=window,
+        probes=probes,
     )
     node.sessions[session] = None
     try:
@@ -128,6 +130,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
                 endpoint.agent,
                 batching,
                 lambda: session.holds_realtime,
+                session.probes,
             )
             nursery.start_soon(writer.run)
             session.outbox.start_writer = partial(_restart, nursery, writer)
@@ -217,8 +220,9 @@ turn (Hypercorn queues at most 10 per connection)."""
 
 
 async def watchdog(node: Node) -> None:
-    """Drop slow consumers, end idle writers' tasks and forget sends in pieces left
-    unfinished (``pieces_idle_s``), every connection of the node from one task.
+    """Drop slow consumers, end idle writers' tasks, forget sends in pieces left unfinished
+    (``pieces_idle_s``) and count probes left unanswered as lost (``mux.downlink``), every
+    connection of the node from one task.
 
     Hypercorn writes to the socket in a shielded scope, so a send to a client that stopped
     reading cannot be cancelled: the agent leaves the mux here (its channels close with
@@ -242,6 +246,9 @@ async def watchdog(node: Node) -> None:
         if pieces.sends and pieces_idle_s > 0:
             for session in list(node.sessions):
                 session.expire_pieces(now)
+        for session in list(node.sessions):
+            if session.probes is not None:
+                session.expire_probes(now)
 
 
 async def _expire_with_token(sock: Socket, grant: Grant, scope: trio.CancelScope) -> None:

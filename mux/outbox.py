@@ -38,7 +38,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-__all__ = ["CONTROL", "CONTROL_URGENCY", "Outbox", "Outgoing", "SharedBudget", "WriteThrough"]
+__all__ = ["CONTROL", "CONTROL_URGENCY", "NO_BULK", "Outbox", "Outgoing", "SharedBudget", "WriteThrough"]
 
 Outgoing = str | bytes
 """A message for the socket: text (JSON) or bytes (binary framing)."""
@@ -46,6 +46,10 @@ Outgoing = str | bytes
 CONTROL = "*control*"
 """The key of replies, acks and channel events."""
 CONTROL_URGENCY = -1
+NO_BULK = 1 << 30
+"""``Outbox.bulk_from`` when no message counts as bulk (past every urgency in use)."""
+_ENDED = NO_BULK + 1
+"""``Outbox.bulk_from`` once :meth:`Outbox.end_bulk` ended it for good."""
 
 
 @attrs.define(eq=False)
@@ -167,6 +171,12 @@ class Outbox:
         """Set by a writer that may retire (:meth:`retire`): starts its task again."""
         self._retiring = False
         self._retired = False
+        self.bulk_from = NO_BULK
+        """Messages of this urgency and above are bulk: counted in ``bulk_taken`` and held
+        back while ``bulk_held`` (``mux.downlink``; ``NO_BULK``: nothing is)."""
+        self.bulk_held = False
+        self.bulk_taken = 0
+        """Characters or bytes of bulk taken since the writer last reset it."""
 
     def _limit(self, key: str) -> int:
         return self.control_limit if key == CONTROL else self.per_key
@@ -189,13 +199,40 @@ class Outbox:
         self.queued += len(messages)
         self.bytes += len(messages[0]) if len(messages) == 1 else sum(map(len, messages))
         if self._ready or self._retired:  # the writer waits for work (or has retired)
-            through = self.write_through
-            if through is not None and through.holding and self.write_now is not None:
-                if not self._noted:
-                    self._noted = True
-                    through.note(self)
-            else:
-                self._wake()
+            self._poke()
+
+    def _poke(self) -> None:
+        """The waiting (or retired) writer has work: note it for the reader's turn's end
+        (``WriteThrough``) or wake it."""
+        through = self.write_through
+        if through is not None and through.holding and self.write_now is not None:
+            if not self._noted:
+                self._noted = True
+                through.note(self)
+        else:
+            self._wake()
+
+    def set_bulk_from(self, urgency: int) -> None:
+        """Count messages of ``urgency`` and above as bulk (``NO_BULK``: none, and bulk held
+        back goes); ignored once the writer is closing (:meth:`end_bulk`)."""
+        if self.bulk_from == _ENDED:
+            return
+        self.bulk_from = urgency
+        if urgency == NO_BULK:
+            self.hold_bulk(False)
+
+    def end_bulk(self) -> None:
+        """Nothing counts as bulk or waits as bulk from now on (the writer is closing: its
+        last marker must go out after everything, bulk included)."""
+        self.bulk_from = _ENDED
+        self.hold_bulk(False)
+
+    def hold_bulk(self, held: bool) -> None:
+        """Hold bulk back (``True``) or let it go again; letting it go gives a waiting
+        writer the bulk queued meanwhile."""
+        was, self.bulk_held = self.bulk_held, held
+        if was and not held and self.queued and (self._ready or self._retired):
+            self._poke()
 
     def kick(self) -> None:
         """If the writer still waits and something is queued: ``write_now``, or wake it."""
@@ -253,6 +290,10 @@ class Outbox:
             q = self._queues[key]
             if limit is not None and len(q.items[0]) > limit:
                 return None
+            if urgency >= self.bulk_from:
+                if self.bulk_held:
+                    return None  # only bulk is left (rings go by urgency), and it waits
+                self.bulk_taken += len(q.items[0])
             ring.popleft()
             message = q.items.popleft()
             self.queued -= 1

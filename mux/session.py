@@ -27,10 +27,11 @@ from .auth import Grant
 from .bandwidth import BulkShare, Cadence, TokenBucket
 from .channel import Channel, ChannelState, End
 from .core import Mux
+from .downlink import DownlinkProbes
 from .endpoint import Endpoint
 from .errors import BadRequest, ChannelClosed, ChannelError, ChannelNotFound, ChannelThrottled, MuxError
 from .frames import AgentSignature, Frame, payload_bytes
-from .outbox import CONTROL, CONTROL_URGENCY, Outbox, Outgoing
+from .outbox import CONTROL, CONTROL_URGENCY, NO_BULK, Outbox, Outgoing
 from .pieces import MAX_OPEN, Pieces
 from .resume import Resumed, new_token
 
@@ -69,8 +70,12 @@ class WireSession:
         chunk_bytes: int = wire.CHUNK_BYTES,
         live_acks: bool = True,
         window: int | None = None,
+        probes: bool = False,
     ) -> None:
         self.mux = mux
+        self.probes = DownlinkProbes() if probes else None
+        """``?probes=1``: the client answers probes, and bulk written beside its calls is kept
+        within their window (``mux.downlink``)."""
         self.live_acks = live_acks
         """False (``?acks=errors``): a live send delivered to the receiver's buffer gets no
         ``frame_ack``; errors, drops and durable (``stored``) acks are always sent."""
@@ -140,6 +145,8 @@ class WireSession:
             extra = {"resume_token": self.resume_token, "resume_grace_s": self.resume_grace_s}
         if self.window:
             extra["window"] = self.window
+        if self.probes is not None:
+            extra["probes"] = True
         return wire.event(
             "connected",
             agent=self.agent,
@@ -167,6 +174,8 @@ class WireSession:
                 cost = max(1, len(action.get("items")))
             elif name == wire.SEND_PART and action.get("part"):
                 cost = 0  # a send in pieces costs what it would as one message: its piece 0 pays
+            elif name == "probe" and self.probes is not None and self.probes.awaits(action.get("n")):
+                cost = 0  # the node asked for it
             if cost and not bucket.take(cost, trio.current_time()):
                 return [wire.error_event(MuxError("too many messages; slow down", code="rate_limited"), action.ref)]
         return self._apply(action)
@@ -376,6 +385,33 @@ class WireSession:
             self._credited.unpark_all()
         return []
 
+    def _do_probe(self, action: wire.Action) -> list[Outgoing]:
+        """The client read everything up to probe ``n``: the window over the bulk beside its
+        calls moves (``mux.downlink``), and bulk held back goes once it has room. No answer;
+        a probe not awaited (late, or never sent) is ignored."""
+        probes = self.probes
+        if probes is None:
+            raise BadRequest("probe answers need a connection that asked for probes (?probes=1)", code="bad_request")
+        probes.answered(action.get("n"), trio.current_time())
+        if probes.open and self.outbox.bulk_held:
+            self.outbox.hold_bulk(False)
+        return []
+
+    def expire_probes(self, now: float) -> None:
+        """Count probes unanswered for ``PROBE_TIMEOUT_S`` as lost (``mux.downlink``)."""
+        probes = self.probes
+        if probes is not None and probes.expire(now) and self.outbox.bulk_held:
+            self.outbox.hold_bulk(False)
+
+    def _bulk_changed(self) -> None:
+        """With probes, bulk is what is less urgent than every call this connection holds;
+        without a call, nothing is (and nothing is held back)."""
+        if self.probes is None:
+            return
+        sinks, realtime = self._sinks, self._realtime
+        urgencies = [sinks[key].urgency for key in realtime if key in sinks] if realtime else []
+        self.outbox.set_bulk_from(1 + max(urgencies) if urgencies else NO_BULK)
+
     def _do_ack(self, action: wire.Action) -> list[Outgoing]:
         removed = self.mux.ack(self.agent, action.get("channel_id"), action.get("seq"))
         return [
@@ -446,6 +482,7 @@ class WireSession:
             if self._realtime is None:
                 self._realtime = set()
             self._realtime.add(ch.id)
+            self._bulk_changed()
         end.use_sink(sink)
 
     def budget_found_full(self) -> None:
@@ -721,10 +758,11 @@ class _ChannelSink:
             del session._sinks[self.key]
             if not session._sinks:  # an emptied dict keeps the table it grew to: let it go
                 session._sinks.clear()
-            if session._realtime is not None:
+            if session._realtime is not None and self.key in session._realtime:
                 session._realtime.discard(self.key)
                 if not session._realtime:
                     session._realtime = None
+                session._bulk_changed()
         told = session._closed_told
         if told is not None and self.key in told:
             told.discard(self.key)

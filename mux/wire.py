@@ -69,6 +69,7 @@ ACTIONS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "close": {"channel_id": ((str,), True), "reason": ((str,), False)},
     "ack": {"channel_id": ((str,), True), "seq": ((int,), True)},
     "credit": {"channel_id": ((str,), True), "frames": ((int,), True)},
+    "probe": {"n": ((int,), True)},
     "list": {},
     "ping": {},
     "resume": {"token": ((str,), True), "last": ((dict,), False)},

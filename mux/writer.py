@@ -19,6 +19,7 @@ import attrs
 import trio
 
 from . import wire
+from .downlink import DownlinkProbes
 from .outbox import Outbox, Outgoing
 from .sockets import Socket
 
@@ -72,6 +73,9 @@ class Writer:
     holds_realtime: Callable[[], bool] = lambda: True
     """True while the connection holds a real-time channel: writes stay within
     ``WRITE_BYTES``; else within ``BULK_WRITE_BYTES``."""
+    probes: DownlinkProbes | None = None
+    """The client answers probes (``?probes=1``): bulk written beside a call is kept within
+    their window (``mux.downlink``)."""
     busy: bool = False
     since: float = attrs.field(factory=trio.current_time)
     """When the last write began (or the writer was made, or started again)."""
@@ -102,10 +106,29 @@ class Writer:
 
     def _one_write(self, message: Outgoing) -> list[Outgoing]:
         """``message`` and what is ready behind it, for one write: coalesced into one
-        ``batch`` for a batching client, else as :meth:`_following` takes it."""
+        ``batch`` for a batching client, else as :meth:`_following` takes it; with a probe
+        after them when they carried bulk and one is due (``mux.downlink``)."""
         if self.batching and isinstance(message, str):
-            return [self._coalesce(message)]
-        return [message, *self._following(len(message))]
+            out: list[Outgoing] = [self._coalesce(message)]
+        else:
+            out = [message, *self._following(len(message))]
+        if self.outbox.bulk_taken:
+            self._probe(out)
+        return out
+
+    def _probe(self, out: list[Outgoing]) -> None:
+        """The write ``out`` carried bulk: count it in the window, add the probe due, and
+        hold the bulk behind it back while the window is full."""
+        outbox = self.outbox
+        taken, outbox.bulk_taken = outbox.bulk_taken, 0
+        probes = self.probes
+        if probes is None:
+            return
+        probe = probes.wrote(taken, trio.current_time())
+        if probe is not None:
+            out.append(probe)
+        if not probes.open:
+            outbox.hold_bulk(True)
 
     def _coalesce(self, first: str) -> str:
         """``first`` plus whatever JSON is ready next (in urgency order), as one flat batch
@@ -178,5 +201,7 @@ class Writer:
         return self.busy and now - self.since > self.send_timeout_s
 
     def close_when_sent(self) -> None:
-        """At shutdown: close the socket (1001) once everything queued before now is sent."""
+        """At shutdown: close the socket (1001) once everything queued before now is sent
+        (bulk held back by the probes' window too: it goes now)."""
+        self.outbox.end_bulk()
         self._put_back(_CLOSE)

@@ -36,7 +36,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from . import census, core, durable, instructions, latency, memory, profile, server, transfer, uplink
+from . import census, core, downlink, durable, instructions, latency, memory, profile, server, transfer, uplink
 from .common import BENCH_BUDGET_S, FROM_SESSION, NODE_ARGS, SESSION_LIMIT_S, TARGETS, elapsed, target
 
 __all__ = ["OPTIONAL", "SECTIONS", "USUAL_S", "main"]
@@ -46,6 +46,7 @@ SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "server": server.run,
     "voice": latency.run,
     "uplink": uplink.run,
+    "downlink": downlink.run,
     "memory": memory.run,
     "transfer": transfer.run,
     "durable": durable.run,

@@ -39,7 +39,7 @@ from mux.errors import MuxError
 
 from .common import fmt_ms, node_process, percentile
 
-__all__ = ["SlowUplink", "run"]
+__all__ = ["SlowUplink", "run", "timed_call"]
 
 UPLINK_BYTES_S = 4_000_000
 UPLINK_BUFFER = 32 << 10
@@ -48,6 +48,9 @@ VOICE_FRAMES = 100
 ROUNDS = 2
 PHASES = ("alone", "pieces", "unwindowed", "whole")
 WARMUP_S = 0.5
+LATE_S = 0.002
+"""How late the proxy's wake-ups may be and still be made up (trio's sleeps end up to a
+millisecond or so late here)."""
 """Uploads run this long before a block's first call frame."""
 
 
@@ -79,10 +82,14 @@ class SlowUplink:
         server = await trio.open_tcp_stream("127.0.0.1", self.port)
 
         async def up() -> None:
-            due = trio.current_time()
+            free = trio.current_time()  # when the link has sent everything before
             while data := await client.receive_some(4096):
-                due = max(due, trio.current_time()) + len(data) / self.rate
-                await trio.sleep_until(due)
+                # each chunk leaves when the link would have sent it: a wake-up up to
+                # LATE_S late is made up by the chunks after it (restarting the clock at
+                # each wake-up passed only about 2.4 MB/s of a 4 MB/s link here); a link
+                # idle for longer starts afresh
+                free = max(free, trio.current_time() - LATE_S) + len(data) / self.rate
+                await trio.sleep_until(free)
                 await server.send_all(data)
 
         async def down() -> None:
@@ -112,9 +119,29 @@ async def _call(caller: MuxConnection, callee: MuxConnection) -> tuple[ClientCha
     return call, answering
 
 
+async def timed_call(call: ClientChannel, answering: ClientChannel, frames: int) -> list[float]:
+    """Send ``frames`` 200-byte media frames on ``call``, one every 20 ms, each carrying its
+    send time; return each one's latency (s) as ``answering`` takes it."""
+    latencies: list[float] = []
+
+    async def listen() -> None:
+        while len(latencies) < frames:
+            payload = (await answering.receive())["payload"]
+            if isinstance(payload, bytes):
+                (sent,) = struct.unpack_from(">q", payload)
+                latencies.append((time.perf_counter_ns() - sent) / 1e9)
+
+    with trio.fail_after(frames * 0.02 + 30):
+        async with trio.open_nursery() as talking:
+            talking.start_soon(listen)
+            for _ in range(frames):
+                await call.send(struct.pack(">q", time.perf_counter_ns()) + bytes(192))
+                await trio.sleep(0.020)
+    return latencies
+
+
 async def _block(node_url: str, uplink_url: str, phase: str, tag: str) -> tuple[list[float], int]:
     """One block of ``phase``: the call frames' latencies (s) and the payloads uploaded."""
-    latencies: list[float] = []
     uploaded = 0
     async with connect(uplink_url, f"up-caller{tag}") as caller, connect(node_url, f"up-callee{tag}") as callee:
         if phase == "whole":
@@ -143,25 +170,12 @@ async def _block(node_url: str, uplink_url: str, phase: str, tag: str) -> tuple[
             async for _ in taking:
                 pass
 
-        async def listen() -> None:
-            while len(latencies) < VOICE_FRAMES:
-                frame = await answering.receive()
-                payload = frame["payload"]
-                if isinstance(payload, bytes):
-                    (sent,) = struct.unpack_from(">q", payload)
-                    latencies.append((time.perf_counter_ns() - sent) / 1e9)
-
         async with trio.open_nursery() as nursery:
             if phase != "alone":
                 nursery.start_soon(upload)
                 nursery.start_soon(drain)
                 await trio.sleep(WARMUP_S)
-            with trio.fail_after(VOICE_FRAMES * 0.02 + 30):
-                async with trio.open_nursery() as talking:
-                    talking.start_soon(listen)
-                    for _ in range(VOICE_FRAMES):
-                        await call.send(struct.pack(">q", time.perf_counter_ns()) + bytes(192))
-                        await trio.sleep(0.020)
+            latencies = await timed_call(call, answering, VOICE_FRAMES)
             stop.set()
             if phase != "alone":
                 with trio.move_on_after(5):
