@@ -4,7 +4,8 @@ Sections (default: all but ``profile``, in this order): ``core`` (library, no ne
 ``server`` (echo ceiling, ack, relay, batching, REST), ``voice`` (voice latency alone and
 under a bulk flood on the same connection), ``uplink`` (voice latency beside large uploads
 from the same ``mux.client`` connection through a slow uplink, in pieces and whole),
-``memory`` (10,000 channels over 2,000
+``downlink`` (voice latency beside downloads to the same ``mux.client`` connection through a
+slow, deep downlink, its probes answered and not), ``memory`` (10,000 channels over 2,000
 connections), ``transfer`` (tunnel and file transfer MB/s next to a direct TCP copy),
 ``durable`` (acks after a SQLite commit), and, only when named, ``profile`` (where the
 node's CPU goes per relayed frame, by layer, next to the echo's; needs py-spy) and
@@ -57,7 +58,7 @@ SECTIONS: dict[str, Callable[[], list[tuple[str, str]]]] = {
 }
 """Section name -> function returning (label, value) rows."""
 
-DEFAULT = ["core", "server", "voice", "uplink", "memory", "transfer", "durable"]
+DEFAULT = ["core", "server", "voice", "uplink", "downlink", "memory", "transfer", "durable"]
 """What runs without arguments: ``profile`` (sampling slows the node), ``instructions``
 (valgrind runs the code some 50 times slower), ``arenas`` (a census of the node's objects
 at each step: a minute more) and ``memory-sqlite`` (the memory section again, on a node with
@@ -68,13 +69,14 @@ USUAL_S: dict[str, float] = {
     "server": 50.0,
     "voice": 64.0,
     "uplink": 34.0,
+    "downlink": 13.0,
     "memory": 30.0,
     "transfer": 18.0,
     "durable": 5.0,
 }
 """Seconds each default section takes here at the machine's usual pace (memory: its first
 cycle; the later ones give way by themselves)."""
-OPTIONAL = frozenset({"core", "uplink", "transfer", "durable"})
+OPTIONAL = frozenset({"core", "uplink", "downlink", "transfer", "durable"})
 """Default sections beyond the issue's rows (a) to (f): they give way in a run too slow to
 hold them within the budget."""
 _PACED = frozenset({"voice", "memory"})

@@ -42,8 +42,8 @@ __all__ = ["SlowDownlink", "run"]
 DOWNLINK_BYTES_S = 4_000_000
 DOWNLINK_DEPTH = 2 << 20
 DOWNLOAD_BYTES = 256 << 10
-VOICE_FRAMES = 100
-ROUNDS = 2
+VOICE_FRAMES = 150
+ROUNDS = 1
 PHASES = ("alone", "probes", "unprobed")
 WARMUP_S = 0.5
 """Downloads run this long before a block's first call frame."""
