@@ -24,6 +24,12 @@ writer's: take what is queued, as the writer would, and write it straight to the
 without waiting), and wakes the writer when that could not be done whole. Messages queued
 together still go out in one write; no task switch is spent on the way.
 
+Bulk held back: on a connection whose client answers probes (``mux.downlink``), messages of
+``bulk_from`` urgency and above (what is less urgent than the connection's calls) are counted
+as taken (``bulk_taken``) and, while :meth:`Outbox.hold_bulk` holds them, not taken at all:
+the writer sends the call's frames, replies and events alone until the probes' window has
+room again.
+
 An idle writer's task may end (:meth:`Outbox.retire`, asked by ``mux.connection``'s watchdog after
 ``writer_idle_s``): a retired writer counts as waiting, so what is queued next is written
 through as above, and whatever must wait for the socket starts the task again
