@@ -304,9 +304,13 @@ what is in flight near 5 ms of queueing (about 20 KiB here, 64 KiB at most measu
 can never grow past 1 MiB; without answers it fills to the link's 2 MiB."""
 
 
-@pytest.mark.parametrize("probes", [True, False], ids=["answered", "unanswered"])
+@pytest.mark.parametrize(
+    ("probes", "batch"),
+    [(True, False), (True, True), (False, False)],
+    ids=["answered", "answered-batching", "unanswered"],
+)
 async def test_bulk_beside_a_call_stays_off_a_deep_downlink_when_the_client_answers_probes(
-    nursery: trio.Nursery, probes: bool
+    nursery: trio.Nursery, probes: bool, batch: bool
 ) -> None:
     info = await serve_node(nursery)
     link = SlowDownlink(int(info.url.rsplit(":", 1)[1]), DOWNLINK_RATE, DOWNLINK_DEPTH)
@@ -317,7 +321,7 @@ async def test_bulk_beside_a_call_stays_off_a_deep_downlink_when_the_client_answ
     with trio.fail_after(60):
         async with (
             connect(info.url, "carol") as carol,
-            connect(f"http://127.0.0.1:{link.listen_port}", "bob", probes=probes) as bob,
+            connect(f"http://127.0.0.1:{link.listen_port}", "bob", probes=probes, batch=batch) as bob,
             connect(info.url, "alice") as alice,
         ):
             assert bob.probes is probes
