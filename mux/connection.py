@@ -130,7 +130,7 @@ async def serve_socket(node: Node, sock: Socket) -> None:
                 endpoint.agent,
                 batching,
                 lambda: session.holds_realtime,
-                session.probes,
+                lambda: session.probes,
             )
             nursery.start_soon(writer.run)
             session.outbox.start_writer = partial(_restart, nursery, writer)

@@ -121,8 +121,9 @@ class DownlinkProbes:
 
 
 def status(connections: Iterable[tuple[DownlinkProbes, bool]]) -> dict[str, int]:
-    """What ``/status`` shows of the probed connections (each with whether its bulk is held
-    back now): how many, how many hold bulk back, the bulk bytes in flight to them, and
+    """What ``/status`` shows of the probed connections (those that asked for probes and
+    have held a call; each with whether its bulk is held back now): how many, how many hold
+    bulk back, the bulk bytes in flight to them, and
     their probes sent, answered and counted lost."""
     out = dict.fromkeys(("connections", "holding_bulk", "in_flight_bytes", "sent", "answered", "lost"), 0)
     for probes, held in connections:

@@ -73,9 +73,12 @@ class WireSession:
         probes: bool = False,
     ) -> None:
         self.mux = mux
-        self.probes = DownlinkProbes() if probes else None
+        self.probing = probes
         """``?probes=1``: the client answers probes, and bulk written beside its calls is kept
         within their window (``mux.downlink``)."""
+        self.probes: DownlinkProbes | None = None
+        """The probes and their window: made when a probing connection first holds a call
+        (most connections never do; an idle one keeps none)."""
         self.live_acks = live_acks
         """False (``?acks=errors``): a live send delivered to the receiver's buffer gets no
         ``frame_ack``; errors, drops and durable (``stored``) acks are always sent."""
@@ -145,7 +148,7 @@ class WireSession:
             extra = {"resume_token": self.resume_token, "resume_grace_s": self.resume_grace_s}
         if self.window:
             extra["window"] = self.window
-        if self.probes is not None:
+        if self.probing:
             extra["probes"] = True
         return wire.event(
             "connected",
@@ -389,9 +392,11 @@ class WireSession:
         """The client read everything up to probe ``n``: the window over the bulk beside its
         calls moves (``mux.downlink``), and bulk held back goes once it has room. No answer;
         a probe not awaited (late, or never sent) is ignored."""
-        probes = self.probes
-        if probes is None:
+        if not self.probing:
             raise BadRequest("probe answers need a connection that asked for probes (?probes=1)", code="bad_request")
+        probes = self.probes
+        if probes is None:  # no probe was ever sent: nothing to answer
+            return []
         probes.answered(action.get("n"), trio.current_time())
         if probes.open and self.outbox.bulk_held:
             self.outbox.hold_bulk(False)
@@ -406,10 +411,12 @@ class WireSession:
     def _bulk_changed(self) -> None:
         """With probes, bulk is what is less urgent than every call this connection holds;
         without a call, nothing is (and nothing is held back)."""
-        if self.probes is None:
+        if not self.probing:
             return
         sinks, realtime = self._sinks, self._realtime
         urgencies = [sinks[key].urgency for key in realtime if key in sinks] if realtime else []
+        if urgencies and self.probes is None:
+            self.probes = DownlinkProbes()
         self.outbox.set_bulk_from(1 + max(urgencies) if urgencies else NO_BULK)
 
     def _do_ack(self, action: wire.Action) -> list[Outgoing]:

@@ -73,9 +73,9 @@ class Writer:
     holds_realtime: Callable[[], bool] = lambda: True
     """True while the connection holds a real-time channel: writes stay within
     ``WRITE_BYTES``; else within ``BULK_WRITE_BYTES``."""
-    probes: DownlinkProbes | None = None
-    """The client answers probes (``?probes=1``): bulk written beside a call is kept within
-    their window (``mux.downlink``)."""
+    probes: Callable[[], DownlinkProbes | None] = lambda: None
+    """The connection's probes (``mux.downlink``), once its client (``?probes=1``) has held a
+    call: bulk written beside a call is kept within their window."""
     busy: bool = False
     since: float = attrs.field(factory=trio.current_time)
     """When the last write began (or the writer was made, or started again)."""
@@ -121,7 +121,7 @@ class Writer:
         hold the bulk behind it back while the window is full."""
         outbox = self.outbox
         taken, outbox.bulk_taken = outbox.bulk_taken, 0
-        probes = self.probes
+        probes = self.probes()
         if probes is None:
             return
         probe = probes.wrote(taken, trio.current_time())

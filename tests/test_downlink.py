@@ -181,6 +181,9 @@ async def test_a_connection_that_asks_gets_probes_after_bulk_beside_its_call_and
             await alice.send_message(pack_binary({"action": "send", "channel_id": stream}, b"x" * 1000))
             message = await bob.get_message()
             assert isinstance(message, bytes) and unpack_binary(message)[0]["channel_id"] == stream
+            (session,) = [s for s in info.node.sessions if s.agent == "bob"]
+            assert session.probing and session.probes is None  # made with the first call: idle, none
+            await send(bob, action="probe", n=0, ref="early")  # no probe sent yet: ignored, no reply
             # with a call, bulk is followed by a probe, which bob answers
             await send(alice, action="open", target="bob", intent="call:voice", ref=2)
             call = (await recv_event(alice, "channel_opened"))["channel_id"]
@@ -189,7 +192,7 @@ async def test_a_connection_that_asks_gets_probes_after_bulk_beside_its_call_and
             message = await bob.get_message()
             assert isinstance(message, bytes) and unpack_binary(message)[1] == b"y" * 1000
             probe = await recv(bob)
-            assert probe == {"event": "probe", "n": 0}
+            assert probe == {"event": "probe", "n": 0} and session.probes is not None
             await send(bob, action="probe", n=0)
             # a call frame brings no probe: it is not bulk
             await alice.send_message(pack_binary({"action": "send", "channel_id": call}, b"v" * 200))
