@@ -186,7 +186,7 @@ def test_serve_stops_at_once_with_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and "argument --max-channels: must be at least 1, not 0" in done.stderr
 
 
-@pytest.mark.parametrize("query", ["&batch=enabled", "&batch=2", "&resumable=y", "&resumable=on"])
+@pytest.mark.parametrize("query", ["&batch=enabled", "&batch=2", "&resumable=y", "&resumable=on", "&probes=please"])
 async def test_a_flag_parameter_the_node_does_not_know_is_refused(nursery: trio.Nursery, query: str) -> None:
     info = await serve_node(nursery)
     name = query[1:].split("=")[0]
