@@ -86,6 +86,14 @@ class MuxConfig:
     """Meanwhile ``pace_ms`` also moves the bulk sender's next frame into the gap after one
     of the call's frames (``mux.bandwidth.Cadence``), so bulk on the same socket is through
     before the call's next frame comes; False = pace by the budget alone."""
+    downlink_target_ms: float = attrs.field(default=5.0, validator=number(0, above=True))
+    """To a client that answers probes (``?probes=1``, ``mux.client``'s default), bulk sent
+    beside its call is kept within a delay-based window that aims at this much queueing on
+    the way to it (``mux.downlink``)..."""
+    downlink_min_pieces: int = attrs.field(default=1, validator=whole(1, 64))
+    """... and that keeps at least this many 16 KiB pieces in flight. 2 (LEDBAT's own
+    minimum) keeps a fast link fuller with bulk, for a few milliseconds more on the call's
+    frames (docs/performance.md, row (d-down))."""
     backends: dict[str, dict[str, Any]] = attrs.field(factory=dict, validator=table_of_tables)
     """Options per backend name, e.g. ``{"overlay": {"allow": ["127.0.0.1:8080"]}}``
     (``[backends.NAME]`` tables of ``serve --config``)."""

@@ -33,7 +33,7 @@ import attrs
 from . import wire
 from .uplink import PieceWindow
 
-__all__ = ["MAX_PIECES", "PROBE_BYTES", "PROBE_TIMEOUT_S", "DownlinkProbes", "status"]
+__all__ = ["MAX_PIECES", "PROBE_BYTES", "PROBE_TIMEOUT_S", "TARGET_S", "DownlinkProbes", "new_window", "status"]
 
 PROBE_BYTES = wire.CHUNK_BYTES
 """Bulk bytes between two probes at most (one of the node's pieces). A probe also follows
@@ -44,6 +44,20 @@ MAX_PIECES = 64
 """The largest window, in the node's 16 KiB pieces (1 MiB)."""
 
 
+TARGET_S = 0.005
+"""The queueing the window aims at by default (``MuxConfig.downlink_target_ms``)."""
+
+
+def new_window(target_s: float, min_pieces: int) -> PieceWindow:
+    """A window over the node's 16 KiB pieces that aims at ``target_s`` of queueing and
+    keeps at least ``min_pieces`` of them in flight (at most :data:`MAX_PIECES`); it starts
+    at two pieces, or at its least if that is more."""
+    piece = wire.CHUNK_BYTES
+    return PieceWindow(
+        piece, target_s=target_s, min_pieces=min_pieces, max_pieces=MAX_PIECES, window=max(2, min_pieces) * piece
+    )
+
+
 @attrs.define
 class DownlinkProbes:
     """One connection's probes and the window over its bulk (see the module docstring).
@@ -52,7 +66,7 @@ class DownlinkProbes:
     write), :meth:`answered` for each answer, :meth:`expire` now and then; :attr:`open` says
     whether more bulk may be written."""
 
-    window: PieceWindow = attrs.field(factory=lambda: PieceWindow(wire.CHUNK_BYTES, max_pieces=MAX_PIECES))
+    window: PieceWindow = attrs.field(factory=lambda: new_window(TARGET_S, 1))
     every: int = PROBE_BYTES
     _unprobed: int = 0
     """Bulk bytes written since the last probe."""

@@ -27,7 +27,7 @@ from .auth import Grant
 from .bandwidth import BulkShare, Cadence, TokenBucket
 from .channel import Channel, ChannelState, End
 from .core import Mux
-from .downlink import DownlinkProbes
+from .downlink import DownlinkProbes, new_window
 from .endpoint import Endpoint
 from .errors import BadRequest, ChannelClosed, ChannelError, ChannelNotFound, ChannelThrottled, MuxError
 from .frames import AgentSignature, Frame, payload_bytes
@@ -416,7 +416,8 @@ class WireSession:
         sinks, realtime = self._sinks, self._realtime
         urgencies = [sinks[key].urgency for key in realtime if key in sinks] if realtime else []
         if urgencies and self.probes is None:
-            self.probes = DownlinkProbes()
+            config = self.mux.config
+            self.probes = DownlinkProbes(new_window(config.downlink_target_ms / 1000, config.downlink_min_pieces))
         self.outbox.set_bulk_from(1 + max(urgencies) if urgencies else NO_BULK)
 
     def _do_ack(self, action: wire.Action) -> list[Outgoing]:

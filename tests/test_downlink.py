@@ -22,6 +22,7 @@ import trio
 import trio.testing
 
 from mux.client import connect, open_ws
+from mux.core import MuxConfig
 from mux.downlink import PROBE_BYTES, PROBE_TIMEOUT_S, DownlinkProbes
 from mux.errors import MuxError
 from mux.outbox import CONTROL, CONTROL_URGENCY, NO_BULK, Outbox
@@ -251,6 +252,25 @@ async def recv_event(ws: Any, name: str) -> dict[str, Any]:
         message = await recv(ws)
         if message.get("event") == name:
             return message
+
+
+async def test_the_node_settings_set_the_window(nursery: trio.Nursery) -> None:
+    """``downlink_min_pieces`` 3 and ``downlink_target_ms`` 20: bob's window starts at three
+    pieces, so three pieces go before the bulk is held back (two by default)."""
+    info = await serve_node(nursery, mux=MuxConfig(downlink_min_pieces=3, downlink_target_ms=20))
+    with trio.fail_after(20):
+        async with open_ws(ws_url(info.url, "bob") + "&probes=1") as bob, open_ws(ws_url(info.url, "alice")) as alice:
+            stream = await _call_and_stream(alice, bob)
+            await alice.send_message(pack_binary({"action": "send", "channel_id": stream}, b"s" * (5 * PIECE)))
+            (session,) = [s for s in info.node.sessions if s.agent == "bob"]
+            pieces = 0
+            while not session.outbox.bulk_held:  # until the window is full (bounded by the fail_after)
+                message = await bob.get_message()
+                pieces += isinstance(message, bytes)
+            await trio.testing.wait_all_tasks_blocked()
+            window = session.probes.window if session.probes is not None else None
+            assert window is not None and window.min_pieces == 3 and window.target_s == pytest.approx(0.020)
+            assert session.outbox.bulk_held and window.in_flight >= 3 * PIECE > window.in_flight - PIECE
 
 
 async def _call_and_stream(alice: Any, bob: Any) -> str:
