@@ -37,8 +37,10 @@ header, payload bytes); received binary frames carry the raw bytes as ``payload`
 ``PART_BYTES`` goes in pieces (``send_parts``, ``mux.pieces``), so the call's frames are
 written between them; when the node confirms pieces (``part_acks``), the bytes of pieces in
 flight stay within a delay-based window (:attr:`MuxConnection.uplink`, ``mux.uplink``), so
-they do not queue up at a slow uplink ahead of the call's frames. A message over the node's
-``max_message_bytes`` fails at once
+they do not queue up at a slow uplink ahead of the call's frames. The reader answers the
+node's probes at once (``?probes=1``, ``connect(..., probes=False)`` to not ask for them), so
+the node keeps what it sends beside a call off a slow downlink's queue too (``mux.downlink``).
+A message over the node's ``max_message_bytes`` fails at once
 (``message_too_large``). :meth:`MuxConnection.verify` checks a received frame against the node's
 public key.
 """
