@@ -241,14 +241,14 @@ async def watchdog(node: Node) -> None:
                 session.close("slow_consumer")
                 node.sessions.pop(session, None)
                 writer.connection.cancel()
-            elif idle_s > 0 and not writer.busy and now - writer.since > idle_s:
+                continue
+            if idle_s > 0 and not writer.busy and now - writer.since > idle_s:
                 writer.outbox.retire()  # idle: its task ends until the next message
+            if session.probes is not None:
+                session.expire_probes(now)
         if pieces.sends and pieces_idle_s > 0:
             for session in list(node.sessions):
                 session.expire_pieces(now)
-        for session in list(node.sessions):
-            if session.probes is not None:
-                session.expire_probes(now)
 
 
 async def _expire_with_token(sock: Socket, grant: Grant, scope: trio.CancelScope) -> None:

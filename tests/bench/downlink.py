@@ -34,8 +34,8 @@ import trio
 from mux.client import connect
 from mux.errors import MuxError
 
-from .common import fmt_ms, node_process, percentile
-from .uplink import _call, timed_call
+from .common import node_process
+from .uplink import _call, call_rows, timed_call
 
 __all__ = ["SlowDownlink", "run"]
 
@@ -203,28 +203,20 @@ async def _run(node_url: str) -> list[tuple[str, str]]:
                 seconds[phase] += took_s
                 peaks[phase] = max(peaks[phase], proxy.peak)
         nursery.cancel_scope.cancel()
-    alone = percentile(pooled["alone"], 99)
-    rows = []
-    for phase, label in (
-        ("alone", "call alone"),
-        ("probes", f"beside {DOWNLOAD_BYTES >> 10} KiB downloads, probes answered (mux.client's default)"),
-        ("unprobed", "the same, probes not answered (probes=False)"),
-    ):
-        lat = pooled[phase]
-        extra = ""
-        if phase != "alone":
-            rate = downloads[phase] * DOWNLOAD_BYTES / seconds[phase] / 1e6 if seconds[phase] else 0.0
-            extra = (
-                f"  p99 {percentile(lat, 99) / alone:.2f}x alone; {downloads[phase]} downloaded, {rate:.2f} MB/s;"
-                f" link buffer at most {peaks[phase] >> 10} KiB"
-            )
-        rows.append(
-            (
-                f"(d-down) voice through a {DOWNLINK_BYTES_S / 1e6:g} MB/s downlink, {label}",
-                f"{len(lat):>5} frames  {fmt_ms(lat)}{extra}",
-            )
+    labels = {
+        "alone": "call alone",
+        "probes": f"beside {DOWNLOAD_BYTES >> 10} KiB downloads, probes answered (mux.client's default)",
+        "unprobed": "the same, probes not answered (probes=False)",
+    }
+    extras = {
+        phase: (
+            f"{downloads[phase]} downloaded,"
+            f" {downloads[phase] * DOWNLOAD_BYTES / seconds[phase] / 1e6 if seconds[phase] else 0.0:.2f} MB/s;"
+            f" link buffer at most {peaks[phase] >> 10} KiB"
         )
-    return rows
+        for phase in PHASES
+    }
+    return call_rows(f"(d-down) voice through a {DOWNLINK_BYTES_S / 1e6:g} MB/s downlink", pooled, labels, extras)
 
 
 def run() -> list[tuple[str, str]]:

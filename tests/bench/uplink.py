@@ -39,7 +39,7 @@ from mux.errors import MuxError
 
 from .common import fmt_ms, node_process, percentile
 
-__all__ = ["SlowUplink", "run", "timed_call"]
+__all__ = ["SlowUplink", "call_rows", "run", "timed_call"]
 
 UPLINK_BYTES_S = 4_000_000
 UPLINK_BUFFER = 32 << 10
@@ -198,22 +198,28 @@ async def _run(node_url: str) -> list[tuple[str, str]]:
                 pooled[phase] += latencies
                 uploads[phase] += uploaded
         nursery.cancel_scope.cancel()
+    labels = {
+        "alone": "call alone",
+        "pieces": f"beside {UPLOAD_BYTES >> 10} KiB uploads, sent in pieces (mux.client's default)",
+        "unwindowed": "the same, the pieces not confirmed (part_ack) nor kept within a window",
+        "whole": f"beside {UPLOAD_BYTES >> 10} KiB uploads, sent whole (send_parts off)",
+    }
+    extras = {phase: f"{uploads[phase]} uploaded" for phase in PHASES}
+    return call_rows(f"(d-up) voice through a {UPLINK_BYTES_S / 1e6:g} MB/s uplink", pooled, labels, extras)
+
+
+def call_rows(
+    title: str, pooled: dict[str, list[float]], labels: dict[str, str], extras: dict[str, str]
+) -> list[tuple[str, str]]:
+    """One row per phase of ``labels`` (phase -> label, in order, ``alone`` among them): its
+    call frames' count, p50 and p99 (``pooled``), and but for ``alone`` the p99 over
+    ``alone``'s and ``extras[phase]``."""
     alone = percentile(pooled["alone"], 99)
     rows = []
-    for phase, label in (
-        ("alone", "call alone"),
-        ("pieces", f"beside {UPLOAD_BYTES >> 10} KiB uploads, sent in pieces (mux.client's default)"),
-        ("unwindowed", "the same, the pieces not confirmed (part_ack) nor kept within a window"),
-        ("whole", f"beside {UPLOAD_BYTES >> 10} KiB uploads, sent whole (send_parts off)"),
-    ):
+    for phase, label in labels.items():
         lat = pooled[phase]
-        extra = "" if phase == "alone" else f"  p99 {percentile(lat, 99) / alone:.2f}x alone; {uploads[phase]} uploaded"
-        rows.append(
-            (
-                f"(d-up) voice through a {UPLINK_BYTES_S / 1e6:g} MB/s uplink, {label}",
-                f"{len(lat):>5} frames  {fmt_ms(lat)}{extra}",
-            )
-        )
+        extra = "" if phase == "alone" else f"  p99 {percentile(lat, 99) / alone:.2f}x alone; {extras[phase]}"
+        rows.append((f"{title}, {label}", f"{len(lat):>5} frames  {fmt_ms(lat)}{extra}"))
     return rows
 
 
