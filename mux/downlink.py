@@ -37,7 +37,8 @@ __all__ = ["MAX_PIECES", "PROBE_BYTES", "PROBE_TIMEOUT_S", "TARGET_S", "Downlink
 
 PROBE_BYTES = wire.CHUNK_BYTES
 """Bulk bytes between two probes at most (one of the node's pieces). A probe also follows
-a write that filled the window, and a write of bulk while no probe is outstanding."""
+a write that filled the window, a write of bulk while no probe is outstanding, and a write
+that took the last bulk queued."""
 PROBE_TIMEOUT_S = 2.0
 """An unanswered probe this old counts as lost (the node's watchdog looks once a second)."""
 MAX_PIECES = 64
@@ -83,13 +84,15 @@ class DownlinkProbes:
         """True while more bulk may be written (the window is not full)."""
         return self.window.room(1)
 
-    def wrote(self, size: int, now: float) -> str | None:
-        """``size`` bytes of bulk were taken for a write at ``now``: the probe to write after
-        them, if one is due (:data:`PROBE_BYTES` since the last, none outstanding, or the
-        window now full), else None."""
+    def wrote(self, size: int, now: float, more: bool = True) -> str | None:
+        """``size`` bytes of bulk were taken for a write at ``now``, and ``more`` is queued
+        behind them or not: the probe to write after them, if one is due
+        (:data:`PROBE_BYTES` since the last, none outstanding, the window now full, or the
+        last bulk queued, so that no byte stays in flight with no probe to answer for it),
+        else None."""
         self.window.sent(size)
         self._unprobed += size
-        if self._unprobed < self.every and self._out and self.open:
+        if more and self._unprobed < self.every and self._out and self.open:
             return None
         n = self._next
         self._next = n + 1

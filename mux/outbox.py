@@ -334,6 +334,11 @@ class Outbox:
             await self._ready.park()
 
     @property
+    def bulk_queued(self) -> bool:
+        """True when a message that counts as bulk (``bulk_from``) is queued."""
+        return bool(self._rings) and max(self._rings) >= self.bulk_from
+
+    @property
     def empty(self) -> bool:
         """True when nothing is queued."""
         return not self.queued

@@ -124,7 +124,7 @@ class Writer:
         probes = self.probes()
         if probes is None:
             return
-        probe = probes.wrote(taken, trio.current_time())
+        probe = probes.wrote(taken, trio.current_time(), outbox.bulk_queued)
         if probe is not None:
             out.append(probe)
         if not probes.open:

@@ -33,6 +33,8 @@ from .nodes import serve_node
 from .wsutil import recv, send, ws_url
 
 PIECE = CHUNK_BYTES
+TAIL = 5000
+"""A send's last piece, shorter than the others."""
 
 
 # ---- the window's rules ---------------------------------------------------------------------
@@ -48,6 +50,19 @@ def test_a_probe_follows_the_first_bulk_then_every_piece_and_a_full_window() -> 
     assert third is not None and orjson.loads(third)["n"] == 1
     assert p.wrote(PIECE, 0.003) is not None  # the window (2 pieces to start) is now full
     assert not p.open and p.sent == 3
+
+
+def test_the_write_that_takes_the_last_bulk_queued_brings_a_probe() -> None:
+    """Else the bytes of a tail written behind an outstanding probe would stay in flight,
+    with nothing to answer for them, until the next bulk came (``/status`` would show them)."""
+    p = DownlinkProbes()
+    assert p.wrote(PIECE, 0.0) is not None
+    assert p.wrote(1000, 0.001) is None  # more bulk queued behind it: no probe yet
+    last = p.wrote(500, 0.002, more=False)
+    assert last is not None and orjson.loads(last)["n"] == 1
+    assert p.answered(0, 0.003) is False and p.window.in_flight == 1500
+    p.answered(1, 0.004)
+    assert p.window.in_flight == 0 and p.answers == 2 and p.sent == 2
 
 
 def test_an_answer_frees_what_it_and_earlier_probes_covered_and_reopens_the_window() -> None:
@@ -119,6 +134,19 @@ def test_held_bulk_waits_while_the_call_replies_and_events_go() -> None:
     box.hold_bulk(False)
     assert [box.get_nowait(), box.get_nowait()] == ["b0", "b1"]
     assert box.bulk_taken == 6
+
+
+def test_the_outbox_says_whether_bulk_is_queued() -> None:
+    box = Outbox(per_key=100)
+    box.put_nowait("bulk", 8, "b0")
+    assert not box.bulk_queued  # no call: nothing counts as bulk
+    box.set_bulk_from(1)
+    assert box.bulk_queued
+    box.put_nowait("voice", 0, "v0")
+    assert box.get_nowait() == "v0" and box.bulk_queued
+    assert box.get_nowait() == "b0" and not box.bulk_queued
+    box.put_nowait("voice", 0, "v1")
+    assert not box.bulk_queued  # only the call's frame is queued
 
 
 async def test_letting_bulk_go_wakes_the_waiting_writer() -> None:
@@ -223,11 +251,14 @@ async def test_status_counts_the_probed_connections(nursery: trio.Nursery) -> No
             httpx.AsyncClient(base_url=info.url + "/api/mux") as http,
         ):
             stream = await _call_and_stream(alice, bob)
-            await alice.send_message(pack_binary({"action": "send", "channel_id": stream}, b"s" * (3 * PIECE)))
+            await alice.send_message(pack_binary({"action": "send", "channel_id": stream}, b"s" * (3 * PIECE + TAIL)))
             probes = []
+            got = 0  # the payload's bytes bob has
             while len(probes) < 2:  # the window (2 pieces to start) fills: bulk is held back
                 message = await bob.get_message()
-                if isinstance(message, str) and orjson.loads(message).get("event") == "probe":
+                if isinstance(message, bytes):
+                    got += len(unpack_binary(message)[1])
+                elif orjson.loads(message).get("event") == "probe":
                     probes.append(orjson.loads(message)["n"])
             status = (await http.get("/status")).json()["probes"]
             assert status == {
@@ -241,9 +272,36 @@ async def test_status_counts_the_probed_connections(nursery: trio.Nursery) -> No
             assert status["in_flight_bytes"] >= 2 * PIECE
             await send(bob, action="probe", n=probes[-1])
             await send(bob, action="ping", ref="p")
-            await recv_event(bob, "pong")
+            later = []  # the rest of the bulk comes meanwhile: its probes, answered after the check
+            while True:
+                message = await bob.get_message()
+                if isinstance(message, bytes):
+                    got += len(unpack_binary(message)[1])
+                elif orjson.loads(message).get("event") == "probe":
+                    later.append(orjson.loads(message)["n"])
+                elif orjson.loads(message).get("event") == "pong":
+                    break
             status = (await http.get("/status")).json()["probes"]
             assert status["answered"] == 2 and status["holding_bulk"] == 0
+            # the rest of the bulk, its tail last, every probe answered: nothing stays in flight
+            while got < 3 * PIECE + TAIL:
+                message = await bob.get_message()
+                if isinstance(message, bytes):
+                    got += len(unpack_binary(message)[1])
+                elif orjson.loads(message).get("event") == "probe":
+                    later.append(orjson.loads(message)["n"])
+            assert got == 3 * PIECE + TAIL
+            await trio.sleep(0.05)  # a probe written with the tail comes with it, or not at all
+            await send(bob, action="ping", ref="q")
+            while (event := orjson.loads(await bob.get_message())).get("event") != "pong":
+                if event.get("event") == "probe":
+                    later.append(event["n"])
+            for n in later:
+                await send(bob, action="probe", n=n)
+            await send(bob, action="ping", ref="r")
+            await recv_event(bob, "pong")
+            status = (await http.get("/status")).json()["probes"]
+            assert status["in_flight_bytes"] == 0 and status["sent"] == status["answered"]
 
 
 async def recv_event(ws: Any, name: str) -> dict[str, Any]:
