@@ -85,9 +85,10 @@ class Resumes:
                 ids.append(state.id)
         endpoint._held.clear()
         endpoint._detach()
-        if ids:
-            self._lingering[token] = Lingering(endpoint.agent, ids, trio.current_time() + grace_s)
-            self.mux._nursery.start_soon(self._expire, token, grace_s, name=f"mux-linger-{endpoint.agent}")
+        # kept with no channels too: the client cannot know whether it held any when it
+        # dropped (one opened to it may have been on the way), and its token is still good
+        self._lingering[token] = Lingering(endpoint.agent, ids, trio.current_time() + grace_s)
+        self.mux._nursery.start_soon(self._expire, token, grace_s, name=f"mux-linger-{endpoint.agent}")
 
     async def _expire(self, token: str, grace_s: float) -> None:
         await trio.sleep(grace_s)

@@ -133,6 +133,27 @@ async def test_unresumed_channels_close_after_grace(node_url: str) -> None:
             assert (err["error"], err["ref"]) == ("resume_failed", 1)
 
 
+async def test_a_connection_that_held_no_channel_resumes_with_none(node_url: str) -> None:
+    """Its token is as good as any within the grace period (the client cannot know whether
+    a channel was opened to it just before it dropped); used once, or after the grace
+    period, it is refused."""
+    async with open_ws(resumable(node_url, "bob")) as b:
+        token = (await recv(b))["resume_token"]
+    async with open_ws(resumable(node_url, "bob")) as b:
+        await recv(b)
+        await send(b, action="resume", token=token, ref=1)
+        assert await recv(b) == {"event": "resumed", "ref": 1, "channels": [], "closed": []}
+        await send(b, action="resume", token=token, ref=2)
+        assert (await recv(b))["error"] == "resume_failed"
+    async with open_ws(resumable(node_url, "bob")) as b:
+        token = (await recv(b))["resume_token"]
+    await trio.sleep(1.2)  # the grace period (1 s) passes
+    async with open_ws(resumable(node_url, "bob")) as b:
+        await recv(b)
+        await send(b, action="resume", token=token, ref=3)
+        assert (await recv(b))["error"] == "resume_failed"
+
+
 async def test_token_of_another_agent_is_refused(node_url: str) -> None:
     async with open_ws(resumable(node_url, "bob")) as b:
         token = (await recv(b))["resume_token"]
