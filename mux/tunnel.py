@@ -7,9 +7,11 @@ agent, metadata ``{"host", "port"}``) and relays both ways with two tasks:
 
 - local -> node: read up to ``chunk_bytes``, send each chunk as a binary frame; on local EOF
   send ``{"eof": true}`` (half-close). A ``receiver_full`` refusal (the node's tunnel buffer
-  toward the destination is full: ``backends.overlay`` flow control) is retried after a short,
-  growing pause (:func:`send_with_retry`); nothing is dropped, the local socket is simply not
-  read meanwhile, so TCP backpressure reaches the local application.
+  toward the destination is full: ``backends.overlay`` flow control) is retried after a
+  short, growing pause, and a ``throttled`` one (the tunnel's share of the connection's bulk
+  while a call is on it) after the wait the node named (:func:`send_with_retry`); nothing is
+  dropped, the local socket is simply not read meanwhile, so TCP backpressure reaches the
+  local application.
 - node -> local: binary frames are written to the local socket; ``{"eof": true}`` becomes
   ``send_eof``; when the channel closes (``tunnel_closed``, ``destination_unreachable``,
   ``destination_reset``, ...) the local connection is closed.
@@ -30,7 +32,7 @@ import attrs
 import trio
 
 from .client import ClientChannel, MuxConnection
-from .errors import BadRequest, ChannelFull, MuxError
+from .errors import BadRequest, ChannelFull, ChannelThrottled, MuxError
 
 __all__ = [
     "CHUNK_BYTES",
@@ -71,9 +73,11 @@ RETRYABLE = frozenset({"receiver_full", "store_busy", "rate_limited"})
 
 
 async def send_with_retry(ch: ClientChannel, payload: Any) -> int:
-    """Send ``payload`` on ``ch``, retrying (after a short, growing pause) while the node
-    answers ``receiver_full``/``store_busy`` (its buffer toward the receiver is full: flow
-    control) or ``rate_limited``.
+    """Send ``payload`` on ``ch``, retrying while the node answers ``throttled`` (the
+    channel's budget, or its share of the connection's bulk beside a call: the channel waits
+    the refusal's ``retry_after_ms`` before the next send), or, after a short, growing
+    pause, ``receiver_full``/``store_busy`` (its buffer toward the receiver is full: flow
+    control) or ``rate_limited``. Nothing was chained for a refused send.
 
     Returns how many times it had to wait. Other errors (channel closed, connection lost)
     propagate.
@@ -84,6 +88,11 @@ async def send_with_retry(ch: ClientChannel, payload: Any) -> int:
         try:
             await ch.send(payload)
             return waits
+        except ChannelThrottled as exc:
+            waits += 1
+            if not exc.retry_after_ms:  # no wait named: pause as for a full receiver
+                await trio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX_S)
         except MuxError as exc:
             if not isinstance(exc, ChannelFull) and exc.code not in RETRYABLE:
                 raise

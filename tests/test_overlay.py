@@ -183,6 +183,48 @@ async def test_concurrent_tunnels_one_websocket_byte_exact(nursery: trio.Nursery
             assert {f["sender"] for f in frames if f["kind"] == "data"} == {"alice", "node"}
 
 
+async def test_tunnels_beside_a_call_are_shaped_not_broken(nursery: trio.Nursery) -> None:
+    """While the connection holds a call, its tunnels share the bulk budget beside it: a
+    tunnel frame over its share is refused ``throttled`` with ``retry_after_ms``, and the
+    tunnel client sends it again after that wait instead of giving up on the connection.
+    Three at once, 512 KiB each way, come through byte-exact; the call's frames are never
+    refused."""
+    with trio.fail_after(30):
+        echo_port = await start_tcp(nursery, echo)
+        info = await start_node(nursery, [f"127.0.0.1:{echo_port}"])
+        async with connect(info.url, "alice") as conn, connect(info.url, "bob") as bob:
+            call = await conn.open("bob", "call:voice")
+            heard = await bob.accept()
+            listener, done = await start_tunnel(nursery, conn, echo_port)
+            blobs = [os.urandom(512 << 10) for _ in range(3)]
+            back: dict[int, bytes] = {}
+            frames = 0
+
+            async def one(i: int) -> None:
+                back[i] = await exchange(listener.port, blobs[i])
+
+            async def talk() -> None:
+                nonlocal frames
+                for i in range(1000):  # a 200-byte frame every 20 ms while the tunnels run
+                    await call.send(i.to_bytes(4, "big") + bytes(196))
+                    assert (await heard.receive())["payload"][:4] == i.to_bytes(4, "big")
+                    frames += 1
+                    await trio.sleep(0.020)
+
+            async with trio.open_nursery() as both:
+                both.start_soon(talk)
+                await trio.sleep(0.1)  # the call is on: the tunnels are shaped from their first frame
+                async with trio.open_nursery() as clients:
+                    for i in range(3):
+                        clients.start_soon(one, i)
+                both.cancel_scope.cancel()
+            results = [await done.receive() for _ in range(3)]
+            assert all(r.reason == "tunnel_closed" for r in results), [r.to_dict() for r in results]
+            assert [back[i] == blobs[i] for i in range(3)] == [True] * 3
+            assert sum(r.retries for r in results) > 0  # some were refused, and sent again
+            assert frames > 5
+
+
 async def test_half_close_server_answers_after_client_eof(nursery: trio.Nursery) -> None:
     with trio.fail_after(15):
         port = await start_tcp(nursery, digest_after_eof)
