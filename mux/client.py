@@ -37,9 +37,11 @@ header, payload bytes); received binary frames carry the raw bytes as ``payload`
 ``PART_BYTES`` goes in pieces (``send_parts``, ``mux.pieces``), so the call's frames are
 written between them; when the node confirms pieces (``part_acks``), the bytes of pieces in
 flight stay within a delay-based window (:attr:`MuxConnection.uplink`, ``mux.uplink``), so
-they do not queue up at a slow uplink ahead of the call's frames. The reader answers the
-node's probes at once (``?probes=1``, ``connect(..., probes=False)`` to not ask for them), so
-the node keeps what it sends beside a call off a slow downlink's queue too (``mux.downlink``).
+they do not queue up at a slow uplink ahead of the call's frames. A send in pieces whose
+task is cancelled half-way tells the node (``abandon``), which forgets it at once. The
+reader answers the node's probes at once (``?probes=1``, ``connect(..., probes=False)`` to
+not ask for them), so the node keeps what it sends beside a call off a slow downlink's queue
+too (``mux.downlink``).
 A message over the node's ``max_message_bytes`` fails at once
 (``message_too_large``). :meth:`MuxConnection.verify` checks a received frame against the node's
 public key.
@@ -98,6 +100,8 @@ ACCEPT_BACKLOG = 1024
 
 PART_ACK_TIMEOUT_S = 2.0
 """Pieces written this long ago and not confirmed (``part_ack``) count as lost."""
+ABANDON_WRITE_S = 1.0
+"""The most a cancelled send in pieces spends telling the node it gave up (``abandon``)."""
 PART_BYTES = 4 << 10
 """While a connection holds a call, a ``bytes`` payload larger than this goes to a node that
 takes pieces (``send_parts``) and confirms them (``part_acks``) in pieces of this size
@@ -403,24 +407,38 @@ class MuxConnection:
         windowed = self.part_acks
         try:
             async with self._piecing:
-                for part in range(parts):
-                    if pending.done.is_set():
-                        return
-                    piece = bytes(view[part * step : (part + 1) * step])
-                    header = {**message, "part": part, "parts": parts}
-                    if windowed:
-                        await self._uplink_wait(len(piece), pending)
+                written = 0
+                try:
+                    for part in range(parts):
                         if pending.done.is_set():
                             return
-                        if part < parts - 1:  # the last is answered as the whole send
-                            header["part_ack"] = True
-                    written_at = trio.current_time()
-                    await self._write(pack_binary(header, piece))
-                    if windowed:  # in flight until confirmed, or until the send is answered
-                        self._in_flight[(ref, part)] = (written_at, len(piece))
-                        self.uplink.sent(len(piece))
+                        piece = bytes(view[part * step : (part + 1) * step])
+                        header = {**message, "part": part, "parts": parts}
+                        if windowed:
+                            await self._uplink_wait(len(piece), pending)
+                            if pending.done.is_set():
+                                return
+                            if part < parts - 1:  # the last is answered as the whole send
+                                header["part_ack"] = True
+                        written_at = trio.current_time()
+                        await self._write(pack_binary(header, piece))
+                        written += 1
+                        if windowed:  # in flight until confirmed, or until the send is answered
+                            self._in_flight[(ref, part)] = (written_at, len(piece))
+                            self.uplink.sent(len(piece))
+                finally:
+                    if 0 < written < parts and not pending.done.is_set() and not self._closed:
+                        await self._abandon_pieces(message["channel_id"], ref)  # given up half-way
         except trio_websocket.ConnectionClosed as exc:
             raise MuxError("the connection to the node is closed", code="connection_closed") from exc
+
+    async def _abandon_pieces(self, channel_id: str, ref: int) -> None:
+        """Tell the node to forget a send in pieces given up half-way (the task sending was
+        cancelled), so that its place among the node's ``send_parts`` is free again at once,
+        not after the node's ``pieces_idle_s``: written while that task is being cancelled,
+        within ``ABANDON_WRITE_S``, and before another send in pieces may start."""
+        with trio.CancelScope(shield=True), trio.move_on_after(ABANDON_WRITE_S):
+            await self._send_quietly({"action": "abandon", "channel_id": channel_id, "ref": ref})
 
     async def _uplink_wait(self, size: int, pending: _Pending) -> None:
         """Wait until :attr:`uplink` has room for a piece of ``size`` bytes, or the send

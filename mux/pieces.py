@@ -26,9 +26,11 @@ pieces, and how many may be unfinished, with ``"send_parts": MAX_OPEN`` in ``con
 What all connections' unfinished sends hold together is bounded too (:class:`PiecesBudget`,
 ``MuxConfig.pieces_max_bytes``): a piece that would take the node past it fails with
 ``pieces_full`` and its send is forgotten (a crowd of connections cannot make the node hold
-connections x ``MAX_OPEN`` x ``max_message_bytes``). A send none of whose pieces came for
-``MuxConfig.pieces_idle_s`` is forgotten with ``pieces_expired`` (:meth:`Pieces.expire`), so
-a sender that stops half-way holds nothing for long.
+connections x ``MAX_OPEN`` x ``max_message_bytes``). A sender that gives a send up half-way
+says so with ``{"action": "abandon", "channel_id", "ref"}`` (:meth:`Pieces.abandon`; no
+answer, and one for a send not under way is ignored), and a send none of whose pieces came
+for ``MuxConfig.pieces_idle_s`` is forgotten with ``pieces_expired`` (:meth:`Pieces.expire`),
+so a sender that stops half-way holds nothing for long either way.
 """
 
 from __future__ import annotations
@@ -136,6 +138,11 @@ class Pieces:
         for key in stale:
             self._forget(key)
         return stale
+
+    def abandon(self, channel_id: str, ref: str | int | None) -> bool:
+        """Forget the unfinished send ``ref`` on ``channel_id`` (its sender gave it up);
+        False if none is under way."""
+        return self._forget((channel_id, ref)) is not None
 
     def clear(self) -> None:
         """Forget every unfinished send (the connection is gone)."""

@@ -200,6 +200,14 @@ class WireSession:
             return [wire.event("part_ack", action.ref, channel_id=action.get("channel_id"), part=action.get("part"))]
         return []
 
+    def _do_abandon(self, action: wire.Action) -> list[Outgoing]:
+        """The client gave up its send in pieces ``ref`` on the channel: what came of it is
+        forgotten, nothing is chained and nothing answered (nor for a send not under way)."""
+        pieces = self._pieces
+        if pieces is not None and pieces.abandon(action.get("channel_id"), action.ref) and not pieces:
+            self._pieces = None
+        return []
+
     def expire_pieces(self, now: float) -> None:
         """Forget this connection's sends in pieces none of whose pieces came for
         ``pieces_idle_s``, telling the client (``pieces_expired``, with each send's ``ref``)."""

@@ -70,6 +70,7 @@ ACTIONS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "ack": {"channel_id": ((str,), True), "seq": ((int,), True)},
     "credit": {"channel_id": ((str,), True), "frames": ((int,), True)},
     "probe": {"n": ((int,), True)},
+    "abandon": {"channel_id": ((str,), True)},
     "list": {},
     "ping": {},
     "resume": {"token": ((str,), True), "last": ((dict,), False)},

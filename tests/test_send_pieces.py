@@ -309,6 +309,90 @@ async def test_a_send_whose_pieces_stop_coming_is_forgotten(nursery: trio.Nurser
         assert node.pieces.sends == 1 and alice.outbox.get_nowait() is None
 
 
+async def test_a_send_given_up_half_way_is_forgotten_at_once(nursery: trio.Nursery) -> None:
+    """``abandon`` (the send's channel and ``ref``) forgets an unfinished send in pieces: its
+    place among ``MAX_OPEN`` is free again, nothing of it is chained, nothing answered.
+    One for a send not under way is ignored; a malformed one fails alone."""
+    async with mux.open_mux(agent="node") as node:
+        alice, bob = started_sessions(node, nursery, "alice", "bob")
+        (opened,) = outbox_events(alice.handle(orjson.dumps({"action": "open", "target": "bob"}).decode()))
+        cid = opened["channel_id"]
+        for ref in range(MAX_OPEN):
+            assert alice.handle(_send(cid, ref, b"a" * 100, 0, 3)) == []
+        assert node.pieces.sends == MAX_OPEN
+        abandon = {"action": "abandon", "channel_id": cid, "ref": 2}
+        assert alice.handle(orjson.dumps(abandon).decode()) == []
+        assert node.pieces.sends == MAX_OPEN - 1
+        assert alice.handle(orjson.dumps(abandon).decode()) == []  # not under way any more: ignored
+        assert alice.handle(orjson.dumps({**abandon, "channel_id": "ch-other"}).decode()) == []
+        (err,) = outbox_events(alice.handle(orjson.dumps({"action": "abandon", "ref": 3}).decode()))
+        assert err["error"] == "bad_request" and "channel_id" in err["detail"] and err["ref"] == 3
+        assert alice.handle(_send(cid, 9, b"n", 0, 2)) == []  # its place is free
+        (err,) = outbox_events(alice.handle(_send(cid, 2, b"b", 1, 3)))
+        assert err["error"] == "bad_request" and "expected piece 0" in err["detail"]
+        for ref in (0, 1, 3, 9):
+            alice.handle(orjson.dumps({**abandon, "ref": ref}).decode())
+        assert (node.pieces.sends, node.pieces.held) == (0, 0) and alice._pieces is None
+        assert bob.outbox.get_nowait() is not None  # channel_opened, and no frame after it
+        assert bob.outbox.get_nowait() is None
+
+
+async def test_a_cancelled_send_in_pieces_frees_its_place_on_the_node(nursery: trio.Nursery) -> None:
+    """``mux.client``: a send in pieces whose task is cancelled after a piece was written
+    tells the node (``abandon``), which forgets it at once. More such sends than the node
+    keeps unfinished (``MAX_OPEN``), then a large send beside the call goes through; without
+    the abandon it would be refused until ``pieces_idle_s`` (60 s) passed."""
+    server = await serve_node(nursery)
+    with trio.fail_after(30):
+        async with (
+            connect(server.url, "alice") as alice,
+            connect(server.url, "bob") as bob,
+            httpx.AsyncClient(base_url=server.url) as http,
+        ):
+            call = await alice.open("bob", "call:voice")
+            stream = await alice.open("bob", "stream")
+            await call.send(bytes(200))  # the connection holds a call: large payloads go in pieces
+            theirs = [await bob.accept(), await bob.accept()]
+
+            async def pieces_held() -> int:
+                held: int = (await http.get("/api/mux/status")).json()["pieces"]["sends"]
+                return held
+
+            async with trio.open_nursery() as readers:
+                for ch in theirs:
+                    readers.start_soon(_drain, ch)
+                for _ in range(MAX_OPEN + 2):
+                    async with trio.open_nursery() as sending:
+                        sending.start_soon(_send_waiting_out_refusals, stream, bytes(800_000))
+                        while await pieces_held() == 0:  # noqa: ASYNC110  (bounded by fail_after)
+                            await trio.sleep(0.005)
+                        sending.cancel_scope.cancel()  # given up half-way
+                    for _ in range(200):
+                        if await pieces_held() == 0:
+                            break
+                        await trio.sleep(0.005)
+                    assert await pieces_held() == 0
+                ack = await _send_waiting_out_refusals(stream, bytes(800_000))
+                assert ack["event"] == "frame_ack" and ack["disposition"] == "delivered"
+                readers.cancel_scope.cancel()
+
+
+async def _drain(ch: Any) -> None:
+    async for _ in ch:
+        pass
+
+
+async def _send_waiting_out_refusals(ch: Any, payload: bytes) -> dict[str, Any]:
+    """Send ``payload``, again after each ``throttled`` refusal (the bulk budget beside a
+    call; the channel waits ``retry_after_ms`` itself)."""
+    while True:
+        try:
+            reply: dict[str, Any] = await ch.send(payload)
+            return reply
+        except ChannelThrottled:
+            pass
+
+
 async def test_a_real_node_forgets_a_stalled_send_in_pieces(nursery: trio.Nursery) -> None:
     """End to end: a client that sends a first piece and no more is told ``pieces_expired``
     by the node's watchdog, and ``/status`` counts the send, then none; its connection and
