@@ -177,9 +177,22 @@ async def test_everything_at_once_arrives_once_in_order_and_leaves_nothing_behin
                 work.start_soon(bad_client)
                 for k in range(VANISHING):
                     work.start_soon(vanish, k)
-            while len(got[bulk.id]) < BULK_SENDS or any(len(got[ch.id]) < BATCH_SENDS for ch in batched):  # noqa: ASYNC110
-                await trio.sleep(0.01)  # acknowledged frames still on their way to bob (bounded above)
-            await trio.sleep(0.1)  # the call's last frames
+            expected = {call.id: VOICE_FRAMES, bulk.id: BULK_SENDS, **{ch.id: BATCH_SENDS for ch in batched}}
+            churn_frames = sum(k % 4 for k in range(CHURN_CHANNELS))
+
+            def settled() -> bool:
+                """Every frame acknowledged has reached bob, and every channel that ended
+                has closed for him."""
+                churned = [cid for cid in got if cid not in expected and cid not in vanished]
+                return (
+                    all(len(got.get(cid, ())) >= n for cid, n in expected.items())
+                    and sum(len(got[cid]) for cid in churned) >= churn_frames
+                    and all(cid in closed for cid in churned if got[cid])
+                    and all(cid in closed for cid in vanished)
+                )
+
+            while not settled():  # noqa: ASYNC110  (bounded by fail_after)
+                await trio.sleep(0.01)  # acknowledged frames still on their way to bob
             probes = (await _status(url, ctx))["probes"]
             assert probes["sent"] > 0 and probes["lost"] == 0  # bob's bulk came beside his call
             readers.cancel_scope.cancel()
