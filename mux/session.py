@@ -347,6 +347,7 @@ class WireSession:
         reckon = arrival.reckon  # the size its next slot is reckoned for
         if not bulk.take(state.id, size, now, kept=arrival.kept):
             state.throttled += 1
+            self.mux._stats["throttled"] += 1  # the node's count has every refusal, as the channel's
             retry = max(1, bulk.wait_ms(size, now))
             bulk.promise(state.id, size, reckon, now + retry / 1000)
             # not moved into a gap: a client that ignores window would send its whole run of

@@ -151,6 +151,30 @@ def test_cadence_learns_a_calls_period_and_finds_the_gap_after_its_frames() -> N
     assert cadence.period is None and cadence.next_gap(3.001) == 3.001
 
 
+async def test_the_node_counts_every_refusal_its_channels_count(nursery: trio.Nursery) -> None:
+    """``/status`` ``throttled`` is the sum of the channels' own counts: frames refused over
+    their intent's budget and frames refused beside a call (the connection's bulk share)."""
+    async with mux.open_mux(agent="node", intent_policies={"session": {"rate": 1000, "burst": 1000}}) as node:
+        alice, _bob = started_sessions(node, nursery, "alice", "bob")
+        channels = {}
+        for intent in ("session", "stream", "call:voice"):
+            (opened,) = outbox_events(
+                alice.handle(orjson.dumps({"action": "open", "target": "bob", "intent": intent}).decode())
+            )
+            channels[intent] = opened["channel_id"]
+
+        def send(intent: str, payload: object) -> str:
+            message = {"action": "send", "channel_id": channels[intent], "payload": payload}
+            (reply,) = outbox_events(alice.handle(orjson.dumps(message).decode()))
+            return str(reply.get("error") or reply["event"])
+
+        assert send("call:voice", "v" * 200) == "frame_ack"  # a call: bulk is shaped
+        refused = collections.Counter(send(intent, {"x": "y" * 16000}) for intent in ("session", "stream") * 5)
+        counts = {intent: node.channel_state(cid).throttled for intent, cid in channels.items()}
+        assert counts["session"] > 0 and counts["stream"] > 0 and counts["call:voice"] == 0
+        assert node.status()["throttled"] == refused["throttled"] == sum(counts.values())
+
+
 async def test_refused_sends_leave_no_garbage_cycles(nursery: trio.Nursery) -> None:
     """A refusal (``throttled``: over its intent's budget, or beside a call; an oversized
     message) is freed as soon as it is answered, payload and all: it never ties itself, its
