@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import gc
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import trio
@@ -151,26 +153,42 @@ def test_cadence_learns_a_calls_period_and_finds_the_gap_after_its_frames() -> N
     assert cadence.period is None and cadence.next_gap(3.001) == 3.001
 
 
+SHAPED = {"session": {"rate": 1000, "burst": 1000}}
+"""Intent policies for the refusal tests: ``session`` has a small budget of its own."""
+
+
+def bulk_beside_a_call(node: mux.Mux, nursery: trio.Nursery) -> Callable[[str, object], dict[str, Any]]:
+    """alice's ``session``, ``stream`` and ``call:voice`` channels to bob on ``node``; a
+    function that sends a payload on one (by intent) and returns the reply."""
+    alice, _bob = started_sessions(node, nursery, "alice", "bob")
+    channels = {}
+    for intent in ("session", "stream", "call:voice"):
+        (opened,) = outbox_events(
+            alice.handle(orjson.dumps({"action": "open", "target": "bob", "intent": intent}).decode())
+        )
+        channels[intent] = opened["channel_id"]
+
+    def send(intent: str, payload: object) -> dict[str, Any]:
+        if intent == "raw":  # a message over the connection's limit
+            (reply,) = outbox_events(alice.handle(b"\0" * ((1 << 20) + 1)))
+        else:
+            message = {"action": "send", "channel_id": channels[intent], "payload": payload}
+            (reply,) = outbox_events(alice.handle(orjson.dumps(message).decode()))
+        return reply
+
+    return send
+
+
 async def test_the_node_counts_every_refusal_its_channels_count(nursery: trio.Nursery) -> None:
     """``/status`` ``throttled`` is the sum of the channels' own counts: frames refused over
     their intent's budget and frames refused beside a call (the connection's bulk share)."""
-    async with mux.open_mux(agent="node", intent_policies={"session": {"rate": 1000, "burst": 1000}}) as node:
-        alice, _bob = started_sessions(node, nursery, "alice", "bob")
-        channels = {}
-        for intent in ("session", "stream", "call:voice"):
-            (opened,) = outbox_events(
-                alice.handle(orjson.dumps({"action": "open", "target": "bob", "intent": intent}).decode())
-            )
-            channels[intent] = opened["channel_id"]
-
-        def send(intent: str, payload: object) -> str:
-            message = {"action": "send", "channel_id": channels[intent], "payload": payload}
-            (reply,) = outbox_events(alice.handle(orjson.dumps(message).decode()))
-            return str(reply.get("error") or reply["event"])
-
-        assert send("call:voice", "v" * 200) == "frame_ack"  # a call: bulk is shaped
-        refused = collections.Counter(send(intent, {"x": "y" * 16000}) for intent in ("session", "stream") * 5)
-        counts = {intent: node.channel_state(cid).throttled for intent, cid in channels.items()}
+    async with mux.open_mux(agent="node", intent_policies=SHAPED) as node:
+        send = bulk_beside_a_call(node, nursery)
+        assert send("call:voice", "v" * 200)["event"] == "frame_ack"  # a call: bulk is shaped
+        refused = collections.Counter(
+            send(intent, {"x": "y" * 16000}).get("error") for intent in ("session", "stream") * 5
+        )
+        counts = {state.intent.name: state.throttled for state in node._channels.values()}
         assert counts["session"] > 0 and counts["stream"] > 0 and counts["call:voice"] == 0
         assert node.status()["throttled"] == refused["throttled"] == sum(counts.values())
 
@@ -181,21 +199,9 @@ async def test_refused_sends_leave_no_garbage_cycles(nursery: trio.Nursery) -> N
     traceback and the frames that raised it into a cycle left for the garbage collector
     (measured in the voice bench before: about 13 cyclic objects per refusal, each holding
     the refused message, and gen-0 pauses of 0.5 to 1.4 ms under a flood)."""
-    async with mux.open_mux(agent="node", intent_policies={"session": {"rate": 1000, "burst": 1000}}) as node:
-        alice, _bob = started_sessions(node, nursery, "alice", "bob")
-        channels = {}
-        for intent in ("session", "stream", "call:voice"):
-            (opened,) = outbox_events(
-                alice.handle(orjson.dumps({"action": "open", "target": "bob", "intent": intent}).decode())
-            )
-            channels[intent] = opened["channel_id"]
+    async with mux.open_mux(agent="node", intent_policies=SHAPED) as node:
+        send = bulk_beside_a_call(node, nursery)
         blob = {"x": "y" * 900}
-
-        def send(intent: str, payload: object) -> dict[str, object]:
-            message = {"action": "send", "channel_id": channels[intent], "payload": payload}
-            (reply,) = outbox_events(alice.handle(orjson.dumps(message).decode()))
-            return reply
-
         assert send("session", blob)["event"] == "frame_ack"  # the intent's burst
         assert send("call:voice", "v" * 200)["event"] == "frame_ack"  # a call: bulk is shaped
         gc.collect()
@@ -206,8 +212,7 @@ async def test_refused_sends_leave_no_garbage_cycles(nursery: trio.Nursery) -> N
                 refused[send("session", blob).get("error")] += 1
                 for _ in range(4):
                     refused[send("stream", {"x": "y" * 16000}).get("error")] += 1
-                (reply,) = outbox_events(alice.handle(b"\0" * ((1 << 20) + 1)))
-                refused[reply.get("error")] += 1
+                refused[send("raw", None).get("error")] += 1
             cyclic = gc.collect()
         finally:
             gc.enable()
