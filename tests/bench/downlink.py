@@ -35,7 +35,7 @@ from mux.client import connect
 from mux.errors import MuxError
 
 from .common import node_process
-from .uplink import _call, call_rows, timed_call
+from .uplink import _call, call_rows, loopback_listener, proxy_each, pump_both, timed_call
 
 __all__ = ["SlowDownlink", "run"]
 
@@ -66,16 +66,10 @@ class SlowDownlink:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept and proxy connections until cancelled."""
-        listener = trio.socket.socket()
-        await listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
+        listener = await loopback_listener()
         self.listen_port = listener.getsockname()[1]
         task_status.started()
-        with listener:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    sock, _ = await listener.accept()
-                    nursery.start_soon(self._proxy, trio.SocketStream(sock))
+        await proxy_each(listener, self._proxy)
 
     async def _proxy(self, client: trio.SocketStream) -> None:
         server = await trio.open_tcp_stream("127.0.0.1", self.port)
@@ -125,16 +119,9 @@ class SlowDownlink:
                 changed.unpark_all()
 
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(up)
-                nursery.start_soon(take)
-                nursery.start_soon(down)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            await pump_both(client, server, up, take, down)
         finally:
             self.held -= sum(map(len, queue))
-            await client.aclose()
-            await server.aclose()
 
 
 async def _block(node_url: str, downlink_url: str, phase: str, tag: str) -> tuple[list[float], int, float]:

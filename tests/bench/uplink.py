@@ -30,6 +30,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -39,7 +40,7 @@ from mux.errors import MuxError
 
 from .common import fmt_ms, node_process, percentile
 
-__all__ = ["SlowUplink", "call_rows", "run", "timed_call"]
+__all__ = ["SlowUplink", "call_rows", "loopback_listener", "proxy_each", "pump_both", "run", "timed_call"]
 
 UPLINK_BYTES_S = 4_000_000
 UPLINK_BUFFER = 32 << 10
@@ -66,17 +67,10 @@ class SlowUplink:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept and proxy connections until cancelled."""
-        listener = trio.socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.buffer)  # accepted sockets inherit it
-        await listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
+        listener = await loopback_listener(rcvbuf=self.buffer)
         self.listen_port = listener.getsockname()[1]
         task_status.started()
-        with listener:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    sock, _ = await listener.accept()
-                    nursery.start_soon(self._proxy, trio.SocketStream(sock))
+        await proxy_each(listener, self._proxy)
 
     async def _proxy(self, client: trio.SocketStream) -> None:
         server = await trio.open_tcp_stream("127.0.0.1", self.port)
@@ -96,16 +90,43 @@ class SlowUplink:
             while data := await server.receive_some(1 << 16):
                 await client.send_all(data)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(up)
-                nursery.start_soon(down)
-                # either side closing ends both directions
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await client.aclose()
-            await server.aclose()
+        await pump_both(client, server, up, down)
+
+
+async def loopback_listener(*, rcvbuf: int | None = None) -> trio.socket.SocketType:
+    """A listening TCP socket on a free 127.0.0.1 port (the sockets it accepts inherit a
+    receive buffer of ``rcvbuf`` bytes, when given)."""
+    listener = trio.socket.socket()
+    if rcvbuf is not None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    return listener
+
+
+async def proxy_each(listener: trio.socket.SocketType, proxy: Callable[[trio.SocketStream], Awaitable[None]]) -> None:
+    """Run ``proxy`` for every connection ``listener`` accepts, until cancelled; then close it."""
+    with listener:
+        async with trio.open_nursery() as nursery:
+            while True:
+                sock, _ = await listener.accept()
+                nursery.start_soon(proxy, trio.SocketStream(sock))
+
+
+async def pump_both(
+    client: trio.SocketStream, server: trio.SocketStream, *directions: Callable[[], Awaitable[None]]
+) -> None:
+    """Run one proxied connection's ``directions`` until they end or either side closes
+    (which ends them all), then close both sides."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for direction in directions:
+                nursery.start_soon(direction)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await client.aclose()
+        await server.aclose()
 
 
 async def _call(caller: MuxConnection, callee: MuxConnection) -> tuple[ClientChannel, ClientChannel]:
